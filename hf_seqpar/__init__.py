@@ -1,0 +1,38 @@
+"""hf_seqpar: sequence parallelism for HuggingFace Transformers and Accelerate.
+
+The public API::
+
+    import hf_seqpar
+    model = hf_seqpar.enable_sequence_parallel(model, strategy="ulysses", sp_size=None)
+    local = hf_seqpar.shard_batch(batch, model)
+    out = model(**local)
+    full_logits = hf_seqpar.gather_sequence(out.logits, model)
+"""
+
+from .api import disable_sequence_parallel, enable_sequence_parallel
+from .comm import CommCounter
+from .config import SequenceParallelConfig
+from .layout import Layout
+from .mesh import SeqParState, build_mesh, find_state
+from .sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
+from .strategies import STRATEGIES
+from .strategies.ulysses import HeadsNotDivisibleError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "enable_sequence_parallel",
+    "disable_sequence_parallel",
+    "shard_batch",
+    "gather_sequence",
+    "SequenceParallelConfig",
+    "SeqParState",
+    "SeqParBatch",
+    "Layout",
+    "CommCounter",
+    "STRATEGIES",
+    "build_mesh",
+    "find_state",
+    "BatchMismatchError",
+    "HeadsNotDivisibleError",
+]

@@ -1,0 +1,51 @@
+"""The transformers extension points SP uses: new names in the attention and mask registries.
+
+For every wrapped implementation ``X`` (``sdpa``, ``eager``, ``flash_attention_2/3``) we register
+``hf_seqpar_X`` in ``AttentionInterface`` and ``AttentionMaskInterface`` through their public
+``register`` class methods. Existing entries are never overwritten. The attention entry finds the
+strategy and the batch structure on the ``seqpar=`` keyword that ``shard_batch`` adds; the mask
+entry returns None because the structure of the full sequence is built by the strategy itself
+(transformers would only see the local shard).
+"""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface, AttentionMaskInterface
+
+__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward"]
+
+PREFIX = "hf_seqpar_"
+
+
+def registered_name(inner: str) -> str:
+    """The registry name that wraps implementation ``inner``."""
+    return PREFIX + inner
+
+
+def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: dispatch to the strategy of this batch.
+
+    Raises:
+        RuntimeError: the forward was not given a batch from ``hf_seqpar.shard_batch``.
+    """
+    batch = kwargs.pop("seqpar", None)
+    if batch is None:
+        raise RuntimeError(
+            "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
+            "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
+            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
+        )
+    return batch.state.strategy.attention(module, query, key, value, batch, **kwargs), None
+
+
+def sp_mask(*args, **kwargs):
+    """Mask hook: the strategies build the full-sequence mask from the batch structure."""
+    return None
+
+
+def register(inner: str) -> str:
+    """Register the SP wrapper of ``inner`` (idempotent) and return its name."""
+    name = registered_name(inner)
+    AttentionInterface.register(name, sp_attention_forward)
+    AttentionMaskInterface.register(name, sp_mask)
+    return name

@@ -1,0 +1,99 @@
+"""Where each token of a sequence lives: the sharding layouts.
+
+A layout maps the padded global sequence ``[0, padded_len)`` onto ``P`` ranks, each holding
+``padded_len / P`` positions. Knows nothing of models or process groups.
+
+- ``contiguous``: rank ``r`` holds ``[r * L, (r + 1) * L)`` with ``L = padded_len / P``.
+- ``zigzag``: the sequence is cut into ``2P`` chunks; rank ``r`` holds chunks ``r`` and
+  ``2P - 1 - r``, which balances causal attention work (Brandon et al. 2023, "Striped
+  attention", and the zigzag variant of ring-flash-attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+__all__ = ["Layout", "LAYOUT_MULTIPLE"]
+
+#: How many equal chunks per rank each layout cuts the sequence into.
+LAYOUT_MULTIPLE = {"contiguous": 1, "zigzag": 2}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A sequence layout over ``sp_size`` ranks.
+
+    Args:
+        kind: ``"contiguous"`` or ``"zigzag"``.
+        seq_len: original (unpadded) sequence length ``S``.
+        sp_size: number of ranks ``P``.
+        multiple: the padded length is a multiple of this (the strategy's requirement, which
+            must itself be a multiple of ``P * LAYOUT_MULTIPLE[kind]``).
+    """
+
+    kind: str
+    seq_len: int
+    sp_size: int
+    multiple: int
+
+    def __post_init__(self):
+        if self.kind not in LAYOUT_MULTIPLE:
+            raise ValueError(f"unknown layout {self.kind!r}; valid layouts: {sorted(LAYOUT_MULTIPLE)}")
+        need = self.sp_size * LAYOUT_MULTIPLE[self.kind]
+        if self.multiple % need:
+            raise ValueError(f"layout {self.kind!r} over {self.sp_size} ranks needs a multiple of {need}, got {self.multiple}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+
+    @property
+    def padded_len(self) -> int:
+        """``S`` rounded up to ``multiple``."""
+        return -(-self.seq_len // self.multiple) * self.multiple
+
+    @property
+    def pad(self) -> int:
+        """Number of padding positions appended at the end of the sequence."""
+        return self.padded_len - self.seq_len
+
+    @property
+    def local_len(self) -> int:
+        """Positions held by each rank."""
+        return self.padded_len // self.sp_size
+
+    def local_indices(self, rank: int) -> torch.Tensor:
+        """Global (padded) indices held by ``rank``, in the order the rank stores them."""
+        if self.kind == "contiguous":
+            return torch.arange(rank * self.local_len, (rank + 1) * self.local_len)
+        c = self.padded_len // (2 * self.sp_size)  # zigzag chunk length
+        j = 2 * self.sp_size - 1 - rank
+        return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange(j * c, (j + 1) * c)])
+
+    @cached_property
+    def rank_order(self) -> torch.Tensor:
+        """``(padded_len,)``: global index of each position when the shards of ranks
+        ``0..P-1`` are concatenated (what an all-gather or an all-to-all produces)."""
+        return torch.cat([self.local_indices(r) for r in range(self.sp_size)])
+
+    @cached_property
+    def inverse_order(self) -> torch.Tensor:
+        """Inverse permutation of :attr:`rank_order`."""
+        return torch.argsort(self.rank_order)
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """This rank's slice of a padded full-length tensor (``x.shape[dim] == padded_len``)."""
+        if self.kind == "contiguous":
+            return x.narrow(dim, rank * self.local_len, self.local_len)
+        return x.index_select(dim, self.local_indices(rank).to(x.device))
+
+    def unshard(self, gathered: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Turn shards concatenated in rank order into the original order, padding removed."""
+        if gathered.shape[dim] != self.padded_len:
+            raise ValueError(
+                f"expected {self.padded_len} positions along dim {dim} (all ranks' shards), got {gathered.shape[dim]}"
+            )
+        if self.kind != "contiguous":
+            gathered = gathered.index_select(dim, self.inverse_order.to(gathered.device))
+        return gathered.narrow(dim, 0, self.seq_len)

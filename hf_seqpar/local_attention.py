@@ -1,0 +1,108 @@
+"""Run the model's own attention implementation over a gathered full sequence.
+
+After Ulysses' all-to-all a rank holds a few heads of the whole sequence. This module runs the
+implementation the model had before SP (``sdpa``, ``eager``, ``flash_attention_2/3``) on it, with
+the exact mask of the full batch (see :mod:`hf_seqpar.masks`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .masks import dense_mask, flash_segments
+
+__all__ = ["SUPPORTED_INNER", "full_sequence_attention"]
+
+#: Implementations SP can wrap: dense masks (sdpa, eager) or varlen segments (flash).
+DENSE_INNER = ("sdpa", "eager")
+FLASH_INNER = ("flash_attention_2", "flash_attention_3")
+SUPPORTED_INNER = DENSE_INNER + FLASH_INNER
+
+
+class _ConfigView:
+    """The module's config, but reporting the original attention implementation (flash
+    attention picks its kernel from ``config._attn_implementation``)."""
+
+    def __init__(self, config, impl: str):
+        self._config, self._attn_implementation = config, impl
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class _ModuleView:
+    """The attention module as the inner implementation must see it: with the head grouping of
+    the local heads (``num_key_value_groups``) and the original attention implementation."""
+
+    def __init__(self, module: torch.nn.Module, kv_groups: int, impl: str):
+        self._module = module
+        self.num_key_value_groups = kv_groups
+        self.config = _ConfigView(module.config, impl) if hasattr(module, "config") else None
+        self.training = module.training
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _inner_function(module: torch.nn.Module, impl: str):
+    if impl == "eager":
+        # Models define their own eager function next to the attention class (some add softcap
+        # or sinks); transformers looks it up the same way through `get_interface(..., default)`.
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def full_sequence_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch,
+    impl: str,
+    **kwargs,
+) -> torch.Tensor:
+    """Exact attention over the whole (padded) sequence.
+
+    Args:
+        module: the model's attention module (for ``is_causal``, ``layer_idx``, ``config``).
+        query: ``(B, h_q, S, D)`` for the full padded sequence, in global order.
+        key: ``(B, h_kv, S, D)``; ``h_q`` must be a multiple of ``h_kv``.
+        value: like ``key``.
+        batch: the :class:`~hf_seqpar.sharding.SeqParBatch` of this forward.
+        impl: the model's original attention implementation.
+        **kwargs: what the model passed to attention (``scaling``, ``dropout``,
+            ``sliding_window``, ...).
+
+    Returns:
+        ``(B, S, h_q, D)`` attention output.
+    """
+    view = _ModuleView(module, query.shape[1] // key.shape[1], impl)
+    fn = _inner_function(module, impl)
+    is_causal = getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+    for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)  # these describe the local shard; the full structure is on `batch`
+    if impl in FLASH_INNER:
+        cu, max_len = batch.cached(("flash",), lambda: flash_segments(batch.valid, batch.doc_ids))
+        bsz, _, seq, _ = query.shape
+        # (B, h, S, D) -> (1, h, B*S, D): varlen flash runs on one flattened row
+        flat = [t.transpose(0, 1).reshape(1, t.shape[1], bsz * seq, t.shape[-1]) for t in (query, key, value)]
+        cu = cu.to(query.device)
+        out, _ = fn(view, *flat, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+                    max_length_k=max_len, is_causal=is_causal, **kwargs)
+        return out.reshape(bsz, seq, *out.shape[-2:])  # (1, B*S, h, D) -> (B, S, h, D)
+    mask_fn = AttentionMaskInterface._global_mapping[impl]
+    mask = batch.cached(
+        ("dense", impl, window, query.dtype, is_causal),
+        lambda: dense_mask(mask_fn, valid=batch.valid, doc_ids=batch.doc_ids, is_causal=is_causal,
+                           sliding_window=window, dtype=query.dtype),
+    )
+    out, _ = fn(view, query, key, value, mask, **kwargs)
+    return out

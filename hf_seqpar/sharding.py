@@ -1,0 +1,248 @@
+"""Stage 3: shard a full batch by sequence, and gather sequence-sharded tensors back.
+
+``shard_batch`` sees the whole batch (identical on every rank of an SP group), so everything
+about the global structure (positions, padding, documents, label shift, token count) is computed
+here once, without communication, and travels with the local batch to the attention hook and
+the loss in a :class:`SeqParBatch` (the ``seqpar=`` keyword of the model's forward).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .comm import all_gather_concat, all_gather_object_fingerprints
+from .layout import Layout
+from .masks import document_ids
+from .mesh import SeqParState, find_state
+
+__all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "IGNORE_INDEX", "BatchMismatchError"]
+
+IGNORE_INDEX = -100
+#: Keys of a batch that carry a sequence dimension and are sharded.
+SEQ_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
+#: Keys passed through unchanged (no sequence dimension).
+PASS_KEYS = ("num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict", "logits_to_keep")
+
+
+class BatchMismatchError(RuntimeError):
+    """Ranks of one SP group received different batches."""
+
+
+class SeqParBatch:
+    """The global structure of one sharded batch, passed to the model as ``seqpar=``.
+
+    Attributes:
+        state: the model's :class:`~hf_seqpar.mesh.SeqParState`.
+        layout: the :class:`~hf_seqpar.layout.Layout` used.
+        positions: ``(B, S_pad)`` global position ids, padded global order.
+        valid: ``(B, S_pad)`` bool, False at user padding and at shard padding.
+        doc_ids: ``(B, S_pad)`` document index, or None when no row is packed.
+    """
+
+    def __init__(self, state: SeqParState, layout: Layout, positions, valid, doc_ids):
+        self.state, self.layout = state, layout
+        self.positions, self.valid, self.doc_ids = positions, valid, doc_ids
+        self._cache: dict = {}
+
+    def cached(self, key, build: Callable):
+        """Build-once storage for masks derived from this batch (shared by all layers)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def to(self, device) -> "SeqParBatch":
+        """Move the structure tensors to ``device`` (accelerate and the Trainer call this)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SeqParBatch(self.state, self.layout, move(self.positions), move(self.valid), move(self.doc_ids))
+
+    def __repr__(self) -> str:
+        b, s = self.valid.shape
+        return f"SeqParBatch(B={b}, S={self.layout.seq_len}, padded={s}, layout={self.layout.kind!r})"
+
+
+def _require_state(model) -> SeqParState:
+    state = find_state(model)
+    if state is None:
+        raise RuntimeError(
+            f"{type(model).__name__} has no sequence parallelism: call "
+            "`model = hf_seqpar.enable_sequence_parallel(model, ...)` before shard_batch/gather_sequence."
+        )
+    return state
+
+
+def _validate(batch: Mapping[str, Any]) -> tuple[int, int]:
+    unknown = [k for k, v in batch.items() if torch.is_tensor(v) and k not in SEQ_KEYS + PASS_KEYS]
+    if unknown:
+        raise ValueError(
+            f"shard_batch does not know how to shard batch key(s) {unknown}; it shards {list(SEQ_KEYS)}. "
+            "Remove them from the batch (or pass them to the model yourself, sharded)."
+        )
+    main = batch.get("input_ids", batch.get("inputs_embeds"))
+    if main is None:
+        raise ValueError("shard_batch needs `input_ids` (B, S) or `inputs_embeds` (B, S, H) in the batch")
+    if main.dim() < 2:
+        raise ValueError(f"expected a batch dimension and a sequence dimension, got shape {tuple(main.shape)}")
+    bsz, seq = main.shape[:2]
+    if bsz == 0 or seq == 0:
+        raise ValueError(
+            f"empty batch: shape {tuple(main.shape)}; every row needs at least one token. Drop empty "
+            "batches before shard_batch."
+        )
+    for key in SEQ_KEYS:
+        t = batch.get(key)
+        if t is not None and key != "position_ids" and tuple(t.shape[:2]) != (bsz, seq):
+            raise ValueError(f"`{key}` has shape {tuple(t.shape)}, but input has (B, S) = {(bsz, seq)}")
+    pos = batch.get("position_ids")
+    if pos is not None and (pos.shape[-1] != seq or pos.shape[0] not in (1, bsz)):
+        raise ValueError(f"`position_ids` has shape {tuple(pos.shape)}; expected ({bsz} or 1, {seq})")
+    return bsz, seq
+
+
+_WEIGHTS: dict = {}
+
+
+def _fingerprint(batch: Mapping[str, Any], bsz: int, seq: int) -> torch.Tensor:
+    """A cheap int64 summary of the batch: shapes and position-weighted sums of each key."""
+    values = [bsz, seq]
+    for key in SEQ_KEYS:
+        t = batch.get(key)
+        if t is None:
+            values.append(-1)
+            continue
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n not in _WEIGHTS:  # fixed odd weights so that swapped tokens change the sum
+            _WEIGHTS[n] = (torch.arange(n, dtype=torch.int64) * 2654435761 + 97) % 1000003
+        w = _WEIGHTS[n].to(flat.device)
+        if flat.is_floating_point():
+            values.append(int((flat.double() * w.double()).sum().item() * 1e6) & ((1 << 62) - 1))
+        else:
+            values.append(int((flat.long() * w).sum().item()))
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _check_same_batch(state: SeqParState, batch, bsz: int, seq: int) -> None:
+    fp = _fingerprint(batch, bsz, seq)
+    device = "cuda" if state.mesh.device_type == "cuda" else "cpu"
+    everyone = all_gather_object_fingerprints(fp.to(device), state.sp_group).cpu()
+    differ = [r for r in range(everyone.shape[0]) if not torch.equal(everyone[r], everyone[0])]
+    if differ:
+        raise BatchMismatchError(
+            f"the ranks of one SP group received different batches (SP ranks {differ} differ from SP rank 0; "
+            f"shapes {everyone[:, :2].tolist()}). Every rank of an SP group must get the same full batch: shard "
+            "the data over data-parallel replicas only (e.g. a DistributedSampler with num_replicas=dp_size, "
+            "rank=dp_rank), and seed shuffling identically."
+        )
+    state.batches_checked += 1
+
+
+def _pad_seq(t: torch.Tensor, pad: int, value) -> torch.Tensor:
+    if pad == 0:
+        return t
+    if t.dim() == 2:
+        return F.pad(t, (0, pad), value=value)
+    return F.pad(t, (0, 0, 0, pad), value=value)  # (B, S, H): pad the sequence dim
+
+
+def shard_batch(batch: Mapping[str, Any], model) -> dict:
+    """This rank's sequence shard of a full batch, with everything the forward needs.
+
+    Args:
+        batch: the full, unsharded batch, identical on every rank of the SP group: ``input_ids``
+            ``(B, S)`` (or ``inputs_embeds`` ``(B, S, H)``), optional ``labels`` ``(B, S)`` (not
+            shifted, as for the plain model), ``attention_mask`` ``(B, S)`` (1 = token, 0 = padding,
+            left or right), ``position_ids`` ``(B, S)`` (packed documents restart at 0), and
+            optionally ``num_items_in_batch``.
+        model: a model after :func:`hf_seqpar.enable_sequence_parallel` (any wrapper).
+
+    Returns:
+        A dict for ``model(**local)``: the local ``input_ids``/``inputs_embeds``, global
+        ``position_ids``, pre-shifted ``labels`` and ``shift_labels`` (so no label is lost at shard
+        boundaries), ``num_items_in_batch`` (label tokens of the full batch), ``use_cache=False``,
+        and ``seqpar`` (the batch structure). The sequence is padded at the end to the multiple
+        the strategy needs; padding is never attended to and never counted in the loss.
+
+    Raises:
+        RuntimeError: the model has no SP.
+        ValueError: malformed batch (unknown keys, shape mismatch, empty sequence).
+        BatchMismatchError: ranks of the SP group hold different batches (checked on the first
+            call, or every call with ``check_batch="always"``).
+    """
+    state = _require_state(model)
+    bsz, seq = _validate(batch)
+    mode = state.config.check_batch
+    if mode == "always" or (mode == "first" and state.batches_checked == 0):
+        _check_same_batch(state, batch, bsz, seq)
+
+    strategy = state.strategy
+    layout = Layout(strategy.layout, seq, state.sp_size, strategy.seq_multiple(state.sp_size))
+    main = batch.get("input_ids", batch.get("inputs_embeds"))
+    device, pad = main.device, layout.pad
+
+    user_pos = batch.get("position_ids")
+    positions = (user_pos if user_pos is not None else torch.arange(seq, device=device)[None]).expand(bsz, seq)
+    # shard padding continues each row's positions (its tokens are masked out anyway)
+    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=device)], dim=1)
+    mask = batch.get("attention_mask")
+    valid = (mask.bool() if mask is not None else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+    valid = _pad_seq(valid, pad, False)
+    doc_ids = document_ids(positions[:, :seq]) if user_pos is not None else None
+    if doc_ids is not None:
+        # shard padding forms one more document per row (flash segments keep it apart)
+        doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(bsz, pad)], dim=1)
+
+    rank = state.sp_rank
+    local = {k: v for k, v in batch.items() if k in PASS_KEYS}
+    if "input_ids" in batch:
+        local["input_ids"] = layout.shard(_pad_seq(batch["input_ids"], pad, 0), rank)
+    if "inputs_embeds" in batch:
+        local["inputs_embeds"] = layout.shard(_pad_seq(batch["inputs_embeds"], pad, 0.0), rank)
+    local["position_ids"] = layout.shard(positions, rank)
+    labels = batch.get("labels")
+    if labels is not None:
+        # shift on the full sequence, then shard: token t is scored against label t+1 everywhere
+        shifted = F.pad(labels, (0, 1 + pad), value=IGNORE_INDEX)[:, 1:]
+        local_labels = layout.shard(shifted, rank).contiguous()
+        local["labels"] = local["shift_labels"] = local_labels
+        if "num_items_in_batch" not in local:
+            # global token count: each rank's loss is sum/N and the SP group sums them
+            local["num_items_in_batch"] = (shifted != IGNORE_INDEX).sum().clamp_min(1)
+    local["use_cache"] = False
+    local["seqpar"] = SeqParBatch(state, layout, positions, valid, doc_ids)
+    state.last_layout = layout
+    return local
+
+
+def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | None = None) -> torch.Tensor:
+    """The full-sequence tensor from every rank's shard, in original token order.
+
+    Args:
+        tensor: this rank's shard, e.g. ``out.logits`` ``(B, S_local, V)``.
+        model: the SP model.
+        dim: the sequence dimension of ``tensor``.
+        layout: the layout of the batch the tensor came from; defaults to the most recent
+            ``shard_batch`` call on this model.
+
+    Returns:
+        A plain (detached) tensor with the sequence dimension of the original batch: shard
+        padding removed, layout undone.
+
+    Raises:
+        RuntimeError: the model has no SP, or no batch was sharded yet.
+        ValueError: the tensor's sequence length does not match the layout.
+    """
+    state = _require_state(model)
+    layout = layout or state.last_layout
+    if layout is None:
+        raise RuntimeError("gather_sequence needs a layout: call shard_batch first (or pass layout=)")
+    dim = dim % tensor.dim()
+    if tensor.shape[dim] != layout.local_len:
+        raise ValueError(
+            f"tensor has {tensor.shape[dim]} positions along dim {dim}, but each rank holds "
+            f"{layout.local_len} (sequence {layout.seq_len} padded to {layout.padded_len} over {layout.sp_size} ranks)"
+        )
+    full = all_gather_concat(tensor, dim, state.sp_group, state.counter)
+    return layout.unshard(full, dim)

@@ -1,0 +1,52 @@
+"""The shape every strategy has."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+__all__ = ["Strategy", "PlannedStrategy", "check_no_options"]
+
+
+class Strategy(Protocol):
+    """What the API, ``shard_batch`` and the attention hook need from a strategy."""
+
+    name: str
+    """Table key."""
+    description: str
+    """One line for messages and docs."""
+    available: bool
+    """False for strategies that are named but not implemented yet."""
+    layout: str
+    """Sequence layout ``shard_batch`` applies (``"contiguous"`` or ``"zigzag"``)."""
+
+    def seq_multiple(self, sp_size: int) -> int:
+        """The padded sequence length must be a multiple of this."""
+
+    def check_model(self, config, sp_size: int, options: dict) -> None:
+        """Raise a clear error if this strategy cannot run ``config`` on ``sp_size`` ranks with
+        ``options``; called before the model is modified."""
+
+    def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
+        """Attention for the local shard: q ``(B, h_q, S_local, D)``, k/v ``(B, h_kv, S_local, D)``
+        -> ``(B, S_local, h_q, D)``."""
+
+
+class PlannedStrategy:
+    """A strategy name that is reserved but not implemented in this version."""
+
+    available = False
+    layout = "contiguous"
+
+    def __init__(self, name: str, description: str):
+        self.name, self.description = name, description
+
+
+def check_no_options(name: str, options: dict, known: tuple[str, ...] = ()) -> None:
+    """Reject unknown strategy options with the list of known ones."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"strategy {name!r} does not take option(s) {unknown}; it takes: {list(known) or 'no options'}"
+        )

@@ -1,0 +1,74 @@
+"""Ulysses: all-to-all from sequence shards to head shards around the core attention.
+
+DeepSpeed-Ulysses, Jacobs et al. 2023, https://arxiv.org/abs/2309.14509. Each rank sends
+``(2 h_q + 2 h_kv) * N / P`` elements per layer forward (times ``(P - 1) / P`` leaving the rank),
+independent of ``P`` when ``N / P`` is fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm import all_to_all
+from ..local_attention import full_sequence_attention
+from .base import check_no_options
+
+__all__ = ["UlyssesStrategy", "kv_replication", "HeadsNotDivisibleError"]
+
+
+class HeadsNotDivisibleError(ValueError):
+    """The head count does not split over the SP ranks."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+    """How many times each kv head must be replicated so that ``sp_size`` ranks each get whole
+    kv heads matching their query heads (1 when ``num_kv_heads`` divides evenly).
+
+    The smallest ``r`` with ``r | (num_heads / num_kv_heads)`` and ``sp_size | num_kv_heads * r``;
+    after ``repeat_interleave(r)`` expanded kv head ``e`` is original head ``e // r`` and query head
+    ``h`` uses expanded head ``h // (G / r)``, which is ``h // G`` as before.
+
+    Raises:
+        HeadsNotDivisibleError: ``num_heads`` is not divisible by ``sp_size``.
+    """
+    if num_heads % sp_size:
+        raise HeadsNotDivisibleError(
+            f"Ulysses splits attention heads over the SP ranks, but the model has {num_heads} query heads, "
+            f"which sp_size={sp_size} does not divide. Use strategy='ring' or strategy='hybrid' (no "
+            f"head-count limit), or an sp_size that divides {num_heads}: {_divisors(num_heads)}."
+        )
+    groups = num_heads // num_kv_heads
+    return next(r for r in _divisors(groups) if (num_kv_heads * r) % sp_size == 0)
+
+
+class UlyssesStrategy:
+    """``strategy="ulysses"``: contiguous shards, heads exchanged by all-to-all."""
+
+    name = "ulysses"
+    description = "all-to-all between sequence shards and head shards (DeepSpeed-Ulysses)"
+    available = True
+    layout = "contiguous"
+
+    def seq_multiple(self, sp_size: int) -> int:
+        return sp_size
+
+    def check_model(self, config, sp_size: int, options: dict) -> None:
+        check_no_options(self.name, options)
+        heads = config.num_attention_heads
+        kv_replication(heads, getattr(config, "num_key_value_heads", None) or heads, sp_size)
+
+    def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
+        state = batch.state
+        group, counter, layer = state.sp_group, state.counter, getattr(module, "layer_idx", None)
+        rep = kv_replication(query.shape[1], key.shape[1], state.sp_size)
+        if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        # (B, h, S/P, D) -> (B, h/P, S, D): scatter heads, gather the sequence in rank order
+        q, k, v = (all_to_all(t, 1, 2, group, counter, layer) for t in (query, key, value))
+        out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
+        # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
+        return all_to_all(out, 1, 2, group, counter, layer)

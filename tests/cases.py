@@ -1,0 +1,123 @@
+"""Code that runs inside the ranks: tiny models, batches, and the SP-vs-unsharded comparison.
+
+Every rank builds the same model (same seed) and the same full batch, runs the unsharded
+reference on it, then the sequence-parallel model on its shard, and returns the relative
+errors. The parent process asserts on them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import hf_seqpar
+
+VOCAB = 97
+
+
+def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int | None = None, attn: str = "sdpa",
+               sliding_window: int | None = None, layers: int = 2, seed: int = 0):
+    """A small random Llama-style causal LM in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads or heads, attn_implementation=attn,
+                  max_position_embeddings=512, use_cache=False)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) -> dict:
+    """A full batch of one of the shapes the parity matrix covers."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (bsz, seq), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if kind == "padding":  # row 0 left-padded, row 1 right-padded
+        mask = torch.ones(bsz, seq, dtype=torch.long)
+        mask[0, : seq // 5] = 0
+        mask[1, seq - seq // 4:] = 0
+        batch["attention_mask"] = mask
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    elif kind == "packed":  # one row of three documents of uneven length
+        lengths = [seq * 2 // 5, seq // 7, seq - seq * 2 // 5 - seq // 7]
+        batch = {k: v[:1] for k, v in batch.items()}
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+    elif kind == "no_labels":
+        del batch["labels"]
+    elif kind != "plain":
+        raise ValueError(kind)
+    return batch
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict | None = None,
+           batch_kw: dict | None = None, lora: bool = False, mode: str = "train", checkpointing: bool = False,
+           options: dict | None = None) -> dict:
+    """Run one parity case on this rank; return the errors against the unsharded model.
+
+    Args:
+        mode: ``"train"`` (loss, logits, gradients), ``"eval"`` (eval mode under no_grad: logits, loss).
+
+    Returns:
+        ``{"loss": rel, "logits": rel, "grad": worst rel, "grad_param": name, "n_grads": count}``.
+    """
+    model = tiny_model(**(model_kw or {}))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                 lora_dropout=0.0, init_lora_weights=False))
+    batch = make_batch(**(batch_kw or {}))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(mode == "train")
+    reference = copy.deepcopy(model)
+
+    grad_ctx = torch.enable_grad() if mode == "train" else torch.no_grad()
+    with grad_ctx:
+        ref = reference(**batch, use_cache=False)
+        if mode == "train":
+            ref.loss.backward()
+        hf_seqpar.enable_sequence_parallel(model, strategy, sp_size, **(options or {}))
+        local = hf_seqpar.shard_batch(batch, model)
+        out = model(**local)
+        if mode == "train":
+            out.loss.backward()
+    logits = hf_seqpar.gather_sequence(out.logits, model)
+    valid = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
+    result = {"logits": _rel(logits[valid], ref.logits[valid].detach())}
+    if ref.loss is not None:
+        result["loss"] = abs(float(out.loss) - float(ref.loss)) / abs(float(ref.loss))
+    if mode == "train":
+        world = dist.get_world_size()
+        worst, worst_name, count = 0.0, None, 0
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            assert p.grad is not None, f"no gradient for {name}"
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            err = _rel(g / world, ref_params[name].grad)
+            count += 1
+            if err >= worst:
+                worst, worst_name = err, name
+        result.update(grad=worst, grad_param=worst_name, n_grads=count)
+    hf_seqpar.disable_sequence_parallel(model)
+    return result
+
+
+def expect_error(fn, *args, **kwargs) -> str:
+    """Call ``fn`` and return ``"ExceptionType: message"``; raise if it did not raise."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise")
