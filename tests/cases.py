@@ -121,3 +121,66 @@ def expect_error(fn, *args, **kwargs) -> str:
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise")
+
+
+def ulysses_traffic() -> dict:
+    """Forward+backward bytes of Ulysses with GQA, against ``(2 h_q + 2 h_kv') N/P D b (P-1)/P``
+    per layer per direction (``h_kv'`` after the kv replication Ulysses needs)."""
+    from hf_seqpar.strategies.ulysses import kv_replication
+
+    heads, kv_heads, layers = 8, 2, 2
+    model = tiny_model(heads=heads, kv_heads=kv_heads, layers=layers)
+    hf_seqpar.enable_sequence_parallel(model, count_comm=True)
+    state = hf_seqpar.find_state(model)
+    batch = make_batch(seq=37)
+    local = hf_seqpar.shard_batch(batch, model)
+    model(**local).loss.backward()
+    p = state.sp_size
+    bsz, n_local = local["input_ids"].shape
+    head_dim = model.config.hidden_size // heads
+    kv_eff = kv_heads * kv_replication(heads, kv_heads, p)
+    per_layer = (2 * heads + 2 * kv_eff) * bsz * n_local * head_dim * 4 * (p - 1) // p
+    by_layer = state.counter.by_layer
+    measured = state.counter.by_op["all_to_all.fwd"] + state.counter.by_op["all_to_all.bwd"]
+    per_layer_ok = all(by_layer[(i, d)] == per_layer for i in range(layers)
+                       for d in ("all_to_all.fwd", "all_to_all.bwd"))
+    hf_seqpar.disable_sequence_parallel(model)
+    return {"measured": measured, "theory": 2 * layers * per_layer, "per_layer_equal": per_layer_ok}
+
+
+def bad_inputs() -> dict:
+    """Each bad input on a live process group: the message it raises (collected per rank)."""
+    from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rank = dist.get_rank()
+    out = {}
+    out["sp_not_dividing_world"] = expect_error(hf_seqpar.enable_sequence_parallel, tiny_model(), sp_size=3)
+    out["heads_not_divisible"] = expect_error(hf_seqpar.enable_sequence_parallel, tiny_model(heads=3))
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
+    out["not_through_registry"] = expect_error(hf_seqpar.enable_sequence_parallel, bloom)
+    AttentionInterface.register("my_custom_attention", sdpa_attention_forward)
+    out["unknown_attn_impl"] = expect_error(hf_seqpar.enable_sequence_parallel, tiny_model(attn="my_custom_attention"))
+    out["unknown_strategy"] = expect_error(hf_seqpar.enable_sequence_parallel, tiny_model(), "spiral")
+    out["unknown_option"] = expect_error(hf_seqpar.enable_sequence_parallel, tiny_model(), "ulysses", ring_size=2)
+    out["shard_without_sp"] = expect_error(hf_seqpar.shard_batch, make_batch(), tiny_model())
+
+    model = hf_seqpar.enable_sequence_parallel(tiny_model(), check_batch="always")
+    out["empty_sequence"] = expect_error(hf_seqpar.shard_batch, {"input_ids": torch.zeros(2, 0, dtype=torch.long)},
+                                         model)
+    out["unknown_batch_key"] = expect_error(hf_seqpar.shard_batch, {**make_batch(), "pixel_values": torch.ones(2, 3)},
+                                            model)
+    out["forward_without_shard_batch"] = expect_error(model, **make_batch())
+    hf_seqpar.shard_batch(make_batch(seed=1), model)  # identical batches pass
+    out["different_batches"] = expect_error(hf_seqpar.shard_batch, make_batch(seed=1 + rank), model)
+    out["different_lengths"] = expect_error(hf_seqpar.shard_batch, make_batch(seq=30 + rank), model)
+    out["enable_twice_differently"] = expect_error(hf_seqpar.enable_sequence_parallel, model, sp_size=1)
+    out["enable_twice_same_is_noop"] = hf_seqpar.enable_sequence_parallel(model, check_batch="always") is model
+
+    # check_batch="first": only the first call pays for the all-gather
+    first = hf_seqpar.enable_sequence_parallel(tiny_model(), check_batch="first")
+    out["first_mismatch"] = expect_error(hf_seqpar.shard_batch, make_batch(seed=5 + rank), first)
+    hf_seqpar.disable_sequence_parallel(first)
+    out["disabled_restores"] = (first.config._attn_implementation == "sdpa" and hf_seqpar.find_state(first) is None)
+    return out
