@@ -64,6 +64,10 @@ class CommCounter:
         self.calls.clear()
 
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single; keep older releases working
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -210,7 +214,7 @@ def all_gather_concat(x: torch.Tensor, dim: int, group, counter: CommCounter | N
     _record(counter, "all_gather", _nbytes(x) * (world - 1), None)
     # (P * n0, ...) buffer filled in rank order, then viewed as (P, n0, ...) and concatenated along `dim`
     flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(flat, x.contiguous(), group=group)
+    _all_gather_single(flat, x.contiguous(), group=group)
     return torch.cat(flat.view(world, *x.shape).unbind(0), dim=dim)
 
 
@@ -218,5 +222,5 @@ def all_gather_object_fingerprints(fp: torch.Tensor, group) -> torch.Tensor:
     """All-gather a small fixed-size int64 fingerprint from every rank: ``(P, len(fp))``."""
     world = dist.get_world_size(group)
     out = torch.empty((world * fp.numel(),), dtype=fp.dtype, device=fp.device)
-    dist.all_gather_into_tensor(out, fp.reshape(-1).contiguous(), group=group)
+    _all_gather_single(out, fp.reshape(-1).contiguous(), group=group)
     return out.view(world, fp.numel())
