@@ -1,6 +1,6 @@
 """CPU demo: train a tiny Llama-style model with sequence parallelism on 2 gloo ranks.
 
-    torchrun --nproc_per_node 2 recipes/demo_cpu.py
+    torchrun --standalone --nproc_per_node 2 recipes/demo_cpu.py
 
 Everything is offline: the model is built from a config, the tokenizer is byte-level, and the
 text is Python's own standard-library source, packed into long rows whose position_ids restart

@@ -48,6 +48,8 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
     elif kind == "no_labels":
         del batch["labels"]
+    elif kind == "labels_first_quarter":  # later ranks hold no label token at all
+        batch["labels"][:, seq // 4:] = -100
     elif kind != "plain":
         raise ValueError(kind)
     return batch
@@ -58,12 +60,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict | None = None,
-           batch_kw: dict | None = None, lora: bool = False, mode: str = "train", checkpointing: bool = False,
-           options: dict | None = None) -> dict:
+           batch_kw: dict | None = None, lora: bool = False, mode: str = "train", checkpointing=False,
+           ddp: bool = False, options: dict | None = None) -> dict:
     """Run one parity case on this rank; return the errors against the unsharded model.
 
     Args:
         mode: ``"train"`` (loss, logits, gradients), ``"eval"`` (eval mode under no_grad: logits, loss).
+        checkpointing: False, True (``gradient_checkpointing_enable()`` as users call it) or
+            ``"reentrant"``.
+        ddp: wrap the SP model in ``DistributedDataParallel`` and let it average the gradients.
 
     Returns:
         ``{"loss": rel, "logits": rel, "grad": worst rel, "grad_param": name, "n_grads": count}``.
@@ -75,8 +80,10 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                                                  lora_dropout=0.0, init_lora_weights=False))
     batch = make_batch(**(batch_kw or {}))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing == "reentrant":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    elif checkpointing:
+        model.gradient_checkpointing_enable()
     model.train(mode == "train")
     reference = copy.deepcopy(model)
 
@@ -86,10 +93,12 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         if mode == "train":
             ref.loss.backward()
         hf_seqpar.enable_sequence_parallel(model, strategy, sp_size, **(options or {}))
-        local = hf_seqpar.shard_batch(batch, model)
-        out = model(**local)
+        runner = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+        local = hf_seqpar.shard_batch(batch, runner)
+        out = runner(**local)
         if mode == "train":
             out.loss.backward()
+    assert out.loss is None or torch.isfinite(out.loss), out.loss
     logits = hf_seqpar.gather_sequence(out.logits, model)
     valid = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
     result = {"logits": _rel(logits[valid], ref.logits[valid].detach())}
@@ -104,8 +113,10 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
                 continue
             assert p.grad is not None, f"no gradient for {name}"
             g = p.grad.clone()
-            dist.all_reduce(g)
-            err = _rel(g / world, ref_params[name].grad)
+            if not ddp:  # what DDP/FSDP do: average over all ranks
+                dist.all_reduce(g)
+                g /= world
+            err = _rel(g, ref_params[name].grad)
             count += 1
             if err >= worst:
                 worst, worst_name = err, name

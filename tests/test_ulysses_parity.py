@@ -27,6 +27,9 @@ CASES = {
     "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "lora": dict(lora=True, batch_kw=dict(kind="padding")),
     "grad_checkpointing": dict(checkpointing=True, batch_kw=dict(kind="packed")),
+    "grad_checkpointing_reentrant": dict(checkpointing="reentrant", batch_kw=dict(kind="padding")),
+    "rank_without_labels": dict(batch_kw=dict(kind="labels_first_quarter")),
+    "ddp_wrapped": dict(ddp=True, batch_kw=dict(kind="packed")),
     "eval_no_grad": dict(mode="eval", batch_kw=dict(kind="padding")),
     "eval_no_labels_odd_length": dict(mode="eval", batch_kw=dict(kind="no_labels", seq=27)),
 }
