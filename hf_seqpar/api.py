@@ -110,6 +110,7 @@ def enable_sequence_parallel(
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
     setattr(base, STATE_ATTR, state)
+    strat.apply(base, state)
     return model
 
 
@@ -126,6 +127,7 @@ def disable_sequence_parallel(model):
     state = getattr(base, STATE_ATTR, None)
     if state is None:
         return model
+    state.strategy.remove(base, state)
     base.set_attn_implementation(state.original_attn_implementation)
     if state.original_loss_function is None:
         base.__dict__.pop("_loss_function", None)

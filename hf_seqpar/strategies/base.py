@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Strategy", "PlannedStrategy", "check_no_options"]
+__all__ = ["Strategy", "AttentionOnlyStrategy", "PlannedStrategy", "check_no_options"]
 
 
 class Strategy(Protocol):
@@ -31,6 +31,23 @@ class Strategy(Protocol):
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         """Attention for the local shard: q ``(B, h_q, S_local, D)``, k/v ``(B, h_kv, S_local, D)``
         -> ``(B, S_local, h_q, D)``."""
+
+    def apply(self, model, state) -> None:
+        """Changes to the model beyond the attention hook (e.g. tensor-parallel plans), made by
+        ``enable_sequence_parallel`` after all checks passed. Most strategies change nothing."""
+
+    def remove(self, model, state) -> None:
+        """Undo :meth:`apply` (``disable_sequence_parallel``)."""
+
+
+class AttentionOnlyStrategy:
+    """Base for strategies that only replace attention: :meth:`apply`/:meth:`remove` do nothing."""
+
+    def apply(self, model, state) -> None:
+        return None
+
+    def remove(self, model, state) -> None:
+        return None
 
 
 class PlannedStrategy:

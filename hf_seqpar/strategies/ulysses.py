@@ -11,7 +11,7 @@ import torch
 
 from ..comm import all_to_all
 from ..local_attention import full_sequence_attention
-from .base import check_no_options
+from .base import AttentionOnlyStrategy, check_no_options
 
 __all__ = ["UlyssesStrategy", "kv_replication", "HeadsNotDivisibleError"]
 
@@ -45,7 +45,7 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
     return next(r for r in _divisors(groups) if (num_kv_heads * r) % sp_size == 0)
 
 
-class UlyssesStrategy:
+class UlyssesStrategy(AttentionOnlyStrategy):
     """``strategy="ulysses"``: contiguous shards, heads exchanged by all-to-all."""
 
     name = "ulysses"
