@@ -1,9 +1,126 @@
-"""Attention kernels with log-sum-exp and their backends, installed as ``hf_seqpar.kernels``.
+"""Attention kernels with log-sum-exp, installed as ``hf_seqpar.kernels``.
 
-Knows nothing of transformers or process groups. ``reference`` is the float64 oracle used by
-the tests.
+One block-attention interface (:func:`block_forward`, :func:`block_backward`) over several
+backends (:mod:`.backends`), chosen automatically by device and by whether a mask is needed,
+or by name; the lse merge (:func:`merge_into`); and the float64 reference. Knows nothing of
+transformers or process groups.
 """
 
-from .reference import reference_attention
+from __future__ import annotations
 
-__all__ = ["reference_attention"]
+import torch
+
+from .backends import BACKENDS, Backend
+from .merge import merge_into
+from .reference import allowed_mask, reference_attention, reference_backward, reference_forward
+
+__all__ = [
+    "BACKENDS",
+    "block_forward",
+    "block_backward",
+    "select_backend",
+    "merge_into",
+    "reference_attention",
+    "reference_forward",
+    "reference_backward",
+]
+
+#: Preference order per device: the first available backend that can honour the call wins.
+PREFERENCE = {"cpu": ("torch_cpu",), "cuda": ("flash_attn", "cuda_flash", "cuda_efficient")}
+
+
+def select_backend(device: torch.device, needs_mask: bool, name: str | None = None) -> Backend:
+    """The backend for a block on ``device``.
+
+    Args:
+        device: the tensors' device.
+        needs_mask: whether the block needs an arbitrary mask.
+        name: a backend name to force (see ``BACKENDS``).
+
+    Raises:
+        ValueError: unknown name, or a forced backend that cannot run this block.
+    """
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}")
+        backend = BACKENDS[name]
+        if device.type not in backend.devices or not backend.available():
+            raise ValueError(f"attention backend {name!r} cannot run on {device.type} here "
+                             f"(devices {backend.devices}, available={backend.available()})")
+        if needs_mask and not backend.supports_mask:
+            raise ValueError(f"attention backend {name!r} takes no masks, but this block needs one "
+                             "(padding, documents or a window); choose a backend that does, or leave it automatic")
+        return backend
+    for candidate in PREFERENCE.get(device.type, ()):
+        backend = BACKENDS[candidate]
+        if backend.available() and (backend.supports_mask or not needs_mask):
+            return backend
+    raise ValueError(f"no attention backend for device {device.type!r}; valid: {sorted(BACKENDS)}")
+
+
+def _prepare(q, k, causal, window, mask, backend_name):
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal blocks must be square (top-left alignment), got {q.shape[2]} x {k.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    needs_mask = mask is not None
+    backend = select_backend(q.device, needs_mask or (window is not None and not _native(backend_name)),
+                             backend_name)
+    if window is not None and not backend.native_window:
+        mask, window = allowed_mask(q.shape[2], k.shape[2], causal, window, mask, q.device), None
+    return backend, window, mask
+
+
+def _native(name):
+    return name is not None and BACKENDS.get(name, Backend()).native_window
+
+
+def block_forward(q, k, v, *, scale: float, causal: bool = False, window: int | None = None,
+                  mask: torch.Tensor | None = None, backend: str | None = None):
+    """Attention of a block of queries over a block of keys, with its log-sum-exp.
+
+    Args:
+        q: ``(B, h_q, S_q, D)``.
+        k: ``(B, h_kv, S_k, D)`` (not repeated for GQA).
+        v: like ``k``.
+        scale: softmax scale.
+        causal: top-left aligned causal mask (``S_q == S_k``).
+        window: sliding window, keys with ``k > q - window``.
+        mask: bool ``(B|1, 1, S_q, S_k)``, True = attend.
+        backend: force a backend by name.
+
+    Returns:
+        ``(out, lse)``: ``(B, h_q, S_q, D)`` in q's dtype and ``(B, h_q, S_q)`` in fp32 (fp64 for
+        fp64 inputs); rows with no
+        allowed key have ``out = 0`` and ``lse = -inf``.
+    """
+    impl, window, mask = _prepare(q, k, causal, window, mask, backend)
+    out, lse = impl.forward(q, k, v, scale=scale, causal=causal, window=window, mask=mask)
+    if mask is not None:
+        empty = ~mask.any(-1)  # (B|1, 1, S_q): rows without any key
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, float("-inf"))
+            out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def block_backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, window: int | None = None,
+                   mask: torch.Tensor | None = None, backend: str | None = None):
+    """Gradients of one block given the rows' *final* output and log-sum-exp.
+
+    With ``out``/``lse`` of the complete attention of each row (all key blocks merged), the
+    flash backward of one key block yields that block's exact share of dq and its exact dk, dv.
+
+    Args:
+        dout: ``(B, h_q, S_q, D)`` gradient of the final output.
+        q, k, v: as for :func:`block_forward`.
+        out: ``(B, h_q, S_q, D)`` final output; ``lse``: ``(B, h_q, S_q)`` final lse
+            (``-inf`` rows get zero gradients).
+        scale, causal, window, mask, backend: as for :func:`block_forward`.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``.
+    """
+    impl, window, mask = _prepare(q, k, causal, window, mask, backend)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # P = exp(s - inf) = 0
+    return impl.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, mask=mask)
