@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel
@@ -11,7 +13,9 @@ from .hooks import register
 from .local_attention import SUPPORTED_INNER
 from .loss import SequenceParallelLoss
 from .mesh import STATE_ATTR, SeqParState, build_mesh, require_distributed, unwrap_model
-from .strategies import get_strategy
+from .strategies import AUTO, choose_strategy, get_strategy
+
+logger = logging.getLogger("hf_seqpar")
 
 __all__ = ["enable_sequence_parallel", "disable_sequence_parallel"]
 
@@ -58,14 +62,17 @@ def enable_sequence_parallel(
 
     Args:
         model: a transformers ``PreTrainedModel`` or a wrapper of one (PEFT, DDP, ``torch.compile``).
-        strategy: one of ``hf_seqpar.strategies.STRATEGIES`` (``"ulysses"``, ...).
+        strategy: one of ``hf_seqpar.strategies.STRATEGIES`` (``"ulysses"``, ``"ring"``,
+            ``"hybrid"``, ...) or ``"auto"`` (picks from the head counts and logs its choice).
         sp_size: ranks per sequence; default the world size. The remaining factor is data parallel.
         mesh: an existing mesh with an ``"sp"`` dimension (and usually ``"dp"``) to use instead
             of building ``dp x sp`` over the whole world.
         check_batch: ``"first"``, ``"always"`` or ``"never"``: when ``shard_batch`` verifies that
             the SP group got identical batches.
         count_comm: count bytes of every collective on ``model.hf_seqpar_state.counter``.
-        **options: strategy-specific options.
+        **options: strategy-specific options: ring and hybrid take ``layout`` (``"zigzag"``,
+            default, or ``"contiguous"``) and ``backend`` (an ``hf_seqpar.kernels.BACKENDS`` name);
+            hybrid also ``ulysses_size`` (default: the largest the heads allow).
 
     Returns:
         The same ``model`` object.
@@ -78,7 +85,8 @@ def enable_sequence_parallel(
         TypeError: the model does not route attention through transformers' registry.
     """
     config = SequenceParallelConfig(strategy, sp_size, check_batch, count_comm, dict(options)).validate()
-    strat = get_strategy(strategy)
+    if strategy != AUTO:
+        get_strategy(strategy)  # planned-but-unavailable names fail here, before anything else
     require_distributed()
     config.validate(dist.get_world_size() if mesh is None else mesh.size())
     base = unwrap_model(model)
@@ -93,6 +101,11 @@ def enable_sequence_parallel(
             "hf_seqpar.disable_sequence_parallel(model) first to change it"
         )
     impl = _check_attention(base)
+    if strategy == AUTO:
+        strategy, reason = choose_strategy(base.config, config.sp_size)
+        if dist.get_rank() == 0:
+            logger.warning("hf_seqpar: strategy='auto' chose %r: %s", strategy, reason)
+    strat = get_strategy(strategy)
     strat.check_model(base.config, config.sp_size, config.options)
     if mesh is None:
         mesh = build_mesh(config.sp_size)

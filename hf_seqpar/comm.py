@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 __all__ = [
     "CommCounter",
+    "RingShift",
     "all_to_all",
     "all_reduce_sum",
     "all_gather_concat",
@@ -224,3 +225,38 @@ def all_gather_object_fingerprints(fp: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((world * fp.numel(),), dtype=fp.dtype, device=fp.device)
     _all_gather_single(out, fp.reshape(-1).contiguous(), group=group)
     return out.view(world, fp.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# ring point-to-point: send to the next rank, receive from the previous one
+# --------------------------------------------------------------------------------------------
+
+
+class RingShift:
+    """Start sending ``tensors`` to the next rank of ``group`` and receiving the previous rank's
+    (one batched ``batch_isend_irecv``); :meth:`wait` returns what arrived. Compute placed
+    between the constructor and ``wait`` overlaps the transfer.
+
+    Args:
+        tensors: tensors to send (kept alive until :meth:`wait`).
+        group: process group of the ring.
+        counter: optional byte counter; ``op`` and ``layer`` label the bytes.
+    """
+
+    def __init__(self, tensors, group, counter: CommCounter | None = None, op: str = "ring", layer=None):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        nxt = dist.get_global_rank(group, (rank + 1) % world)
+        prv = dist.get_global_rank(group, (rank - 1) % world)
+        self.sent = [t.contiguous() for t in tensors]
+        self.received = [torch.empty_like(t) for t in self.sent]
+        _record(counter, op, sum(_nbytes(t) for t in self.sent), layer)
+        ops = [dist.P2POp(dist.isend, t, nxt, group) for t in self.sent]
+        ops += [dist.P2POp(dist.irecv, t, prv, group) for t in self.received]
+        self.requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        """Block until the exchange is done; return the received tensors."""
+        for req in self.requests:
+            req.wait()
+        self.sent = None
+        return self.received

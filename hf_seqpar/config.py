@@ -19,7 +19,8 @@ class SequenceParallelConfig:
     """
 
     strategy: str = "ulysses"
-    """Name of the strategy; see ``hf_seqpar.strategies.STRATEGIES`` for the valid names."""
+    """Name of the strategy (see ``hf_seqpar.strategies.STRATEGIES``), or ``"auto"`` to pick
+    ulysses, hybrid or ring from the model's head counts."""
 
     sp_size: int | None = None
     """Ranks that share one sequence. ``None`` means the whole world. The world size must be a
@@ -50,11 +51,12 @@ class SequenceParallelConfig:
         Raises:
             ValueError: a field is out of range; the message gives the numbers and the fix.
         """
-        from .strategies import STRATEGIES  # late import: strategies import config
+        from .strategies import AUTO, STRATEGIES  # late import: strategies import config
 
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in STRATEGIES and self.strategy != AUTO:
             raise ValueError(
-                f"unknown strategy {self.strategy!r}; valid strategies are: {', '.join(sorted(STRATEGIES))}"
+                f"unknown strategy {self.strategy!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} "
+                f"(or {AUTO!r})"
             )
         if self.check_batch not in CHECK_BATCH_MODES:
             raise ValueError(f"check_batch={self.check_batch!r}; use one of {CHECK_BATCH_MODES}")

@@ -5,8 +5,13 @@ A layout maps the padded global sequence ``[0, padded_len)`` onto ``P`` ranks, e
 
 - ``contiguous``: rank ``r`` holds ``[r * L, (r + 1) * L)`` with ``L = padded_len / P``.
 - ``zigzag``: the sequence is cut into ``2P`` chunks; rank ``r`` holds chunks ``r`` and
-  ``2P - 1 - r``, which balances causal attention work (Brandon et al. 2023, "Striped
-  attention", and the zigzag variant of ring-flash-attention).
+  ``2P - 1 - r``, which balances causal attention work (the zigzag layout of
+  ring-flash-attention; cf. Brandon et al. 2023, "Striped attention", arXiv:2311.09431).
+
+With ``inner > 1`` (the hybrid strategy) the layout applies to ``P / inner`` *outer* groups of
+ranks (the ring), and each outer shard is split contiguously over the ``inner`` ranks of its
+group (the Ulysses group), so that an all-to-all inside the group reassembles the outer shard.
+Rank ``r`` is outer rank ``r // inner``, inner rank ``r % inner``.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ class Layout:
         sp_size: number of ranks ``P``.
         multiple: the padded length is a multiple of this (the strategy's requirement, which
             must itself be a multiple of ``P * LAYOUT_MULTIPLE[kind]``).
+        inner: ranks per outer group (1 except for hybrid).
     """
 
     kind: str
     seq_len: int
     sp_size: int
     multiple: int
+    inner: int = 1
 
     def __post_init__(self):
         if self.kind not in LAYOUT_MULTIPLE:
@@ -47,6 +54,8 @@ class Layout:
             raise ValueError(f"layout {self.kind!r} over {self.sp_size} ranks needs a multiple of {need}, got {self.multiple}")
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.sp_size % self.inner:
+            raise ValueError(f"inner={self.inner} must divide sp_size={self.sp_size}")
 
     @property
     def padded_len(self) -> int:
@@ -63,13 +72,26 @@ class Layout:
         """Positions held by each rank."""
         return self.padded_len // self.sp_size
 
+    @property
+    def outer(self) -> int:
+        """Number of outer groups (ring ranks)."""
+        return self.sp_size // self.inner
+
+    def outer_indices(self, outer_rank: int) -> torch.Tensor:
+        """Global indices of the shard of outer group ``outer_rank``, in storage order."""
+        n = self.outer
+        if self.kind == "contiguous":
+            size = self.padded_len // n
+            return torch.arange(outer_rank * size, (outer_rank + 1) * size)
+        c = self.padded_len // (2 * n)  # zigzag chunk length
+        j = 2 * n - 1 - outer_rank
+        return torch.cat([torch.arange(outer_rank * c, (outer_rank + 1) * c), torch.arange(j * c, (j + 1) * c)])
+
     def local_indices(self, rank: int) -> torch.Tensor:
         """Global (padded) indices held by ``rank``, in the order the rank stores them."""
-        if self.kind == "contiguous":
-            return torch.arange(rank * self.local_len, (rank + 1) * self.local_len)
-        c = self.padded_len // (2 * self.sp_size)  # zigzag chunk length
-        j = 2 * self.sp_size - 1 - rank
-        return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange(j * c, (j + 1) * c)])
+        outer_rank, inner_rank = divmod(rank, self.inner)
+        idx = self.outer_indices(outer_rank)
+        return idx[inner_rank * self.local_len:(inner_rank + 1) * self.local_len]
 
     @cached_property
     def rank_order(self) -> torch.Tensor:
@@ -85,7 +107,7 @@ class Layout:
     def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
         """This rank's slice of a padded full-length tensor (``x.shape[dim] == padded_len``)."""
         if self.kind == "contiguous":
-            return x.narrow(dim, rank * self.local_len, self.local_len)
+            return x.narrow(dim, rank * self.local_len, self.local_len)  # same for any `inner`
         return x.index_select(dim, self.local_indices(rank).to(x.device))
 
     def unshard(self, gathered: torch.Tensor, dim: int = 1) -> torch.Tensor:

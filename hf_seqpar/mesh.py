@@ -82,6 +82,8 @@ class SeqParState:
     last_layout: Any = None
     """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
+    strategy_state: dict = field(default_factory=dict)
+    """What a strategy's ``apply`` builds for itself (e.g. the hybrid strategy's 3D mesh)."""
 
     @property
     def sp_group(self):

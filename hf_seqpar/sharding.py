@@ -177,8 +177,7 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     if mode == "always" or (mode == "first" and state.batches_checked == 0):
         _check_same_batch(state, batch, bsz, seq)
 
-    strategy = state.strategy
-    layout = Layout(strategy.layout, seq, state.sp_size, strategy.seq_multiple(state.sp_size))
+    layout = state.strategy.make_layout(seq, state)
     main = batch.get("input_ids", batch.get("inputs_embeds"))
     device, pad = main.device, layout.pad
 

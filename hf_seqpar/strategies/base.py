@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..layout import Layout
 
 __all__ = ["Strategy", "AttentionOnlyStrategy", "PlannedStrategy", "check_no_options"]
 
@@ -18,11 +21,9 @@ class Strategy(Protocol):
     """One line for messages and docs."""
     available: bool
     """False for strategies that are named but not implemented yet."""
-    layout: str
-    """Sequence layout ``shard_batch`` applies (``"contiguous"`` or ``"zigzag"``)."""
-
-    def seq_multiple(self, sp_size: int) -> int:
-        """The padded sequence length must be a multiple of this."""
+    def make_layout(self, seq_len: int, state) -> "Layout":
+        """The :class:`~hf_seqpar.layout.Layout` ``shard_batch`` applies to a sequence of
+        ``seq_len`` tokens (it fixes the padded length and which tokens each rank holds)."""
 
     def check_model(self, config, sp_size: int, options: dict) -> None:
         """Raise a clear error if this strategy cannot run ``config`` on ``sp_size`` ranks with
@@ -54,7 +55,6 @@ class PlannedStrategy:
     """A strategy name that is reserved but not implemented in this version."""
 
     available = False
-    layout = "contiguous"
 
     def __init__(self, name: str, description: str):
         self.name, self.description = name, description

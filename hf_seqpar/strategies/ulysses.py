@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..comm import all_to_all
+from ..layout import Layout
 from ..local_attention import full_sequence_attention
 from .base import AttentionOnlyStrategy, check_no_options
 
@@ -51,10 +52,9 @@ class UlyssesStrategy(AttentionOnlyStrategy):
     name = "ulysses"
     description = "all-to-all between sequence shards and head shards (DeepSpeed-Ulysses)"
     available = True
-    layout = "contiguous"
 
-    def seq_multiple(self, sp_size: int) -> int:
-        return sp_size
+    def make_layout(self, seq_len: int, state) -> Layout:
+        return Layout("contiguous", seq_len, state.sp_size, state.sp_size)
 
     def check_model(self, config, sp_size: int, options: dict) -> None:
         check_no_options(self.name, options)

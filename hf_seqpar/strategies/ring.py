@@ -1,0 +1,183 @@
+"""Ring attention: K/V blocks travel around the ring; partial outputs merge by log-sum-exp.
+
+Liu et al. 2023, "Ring Attention with Blockwise Transformers", https://arxiv.org/abs/2310.01889.
+Each of ``P`` steps computes the local queries against one rank's K/V block while the next block
+is already in flight (``batch_isend_irecv``), so the transfer overlaps the compute. Forward
+traffic per layer: ``(P - 1)`` times the local K/V bytes (kv heads sent as they are, never
+repeated for GQA). The backward sends K/V around again and dK/dV accumulators (fp32) with them;
+each block's gradients come from the flash backward with the rows' final ``out``/``lse``.
+
+Which keys a query may see is planned per (query rank, key rank) block from global token indices
+(:func:`~hf_seqpar.masks.block_allowed`): padding, documents, causality and windows are exact,
+blocks with nothing allowed are skipped, and blocks are compacted to the rows and keys that take
+part. With the zigzag layout that leaves every rank the same causal work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hf_seqpar.kernels import block_backward, block_forward, merge_into
+
+from ..comm import RingShift
+from ..layout import Layout
+from ..masks import block_allowed, plan_block
+from .base import AttentionOnlyStrategy, check_no_options
+
+__all__ = ["RingStrategy", "ring_attention", "ring_plans", "check_ring_kwargs"]
+
+RING_OPTIONS = ("layout", "backend")
+
+
+def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int | None) -> list:
+    """Block plans of outer rank ``q_outer`` against every outer rank's keys (cached on the
+    batch: the same for all layers and for the backward)."""
+
+    def build():
+        q_idx = layout.outer_indices(q_outer).to(batch.valid.device)
+        return [
+            plan_block(block_allowed(q_idx, layout.outer_indices(src).to(q_idx.device), batch.valid, batch.doc_ids,
+                                     is_causal, window))
+            for src in range(layout.outer)
+        ]
+
+    return batch.cached(("ring", q_outer, layout, is_causal, window), build)
+
+
+def _select(t, idx, dim=2):
+    return t if idx is None else t.index_select(dim, idx)
+
+
+def _forward_block(q, k, v, plan, out, lse, scale, backend):
+    qs, ks, vs = _select(q, plan.rows), _select(k, plan.cols), _select(v, plan.cols)
+    o_b, l_b = block_forward(qs, ks, vs, scale=scale, causal=plan.causal, mask=plan.mask, backend=backend)
+    if plan.rows is None:
+        merge_into(out, lse, o_b, l_b)
+        return
+    o_acc, l_acc = out.index_select(2, plan.rows), lse.index_select(2, plan.rows)
+    merge_into(o_acc, l_acc, o_b, l_b)
+    out.index_copy_(2, plan.rows, o_acc)
+    lse.index_copy_(2, plan.rows, l_acc)
+
+
+def _add(acc, idx, grad):
+    if idx is None:
+        acc.add_(grad.float())
+    else:
+        acc.index_add_(2, idx, grad.float())
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plans, group, scale, backend, counter, layer):
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = [k, v]
+        for step in range(world):
+            shift = RingShift(kv, group, counter, "ring_kv.fwd", layer) if step < world - 1 else None
+            plan = plans[(me - step) % world]  # this step holds the K/V block of rank me - step
+            if plan is not None:
+                _forward_block(q, kv[0], kv[1], plan, out, lse, scale, backend)
+            if shift is not None:
+                kv = shift.wait()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plans, ctx.group, ctx.scale, ctx.backend, ctx.counter, ctx.layer = plans, group, scale, backend, counter, layer
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, counter, layer = ctx.group, ctx.counter, ctx.layer
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkv = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+               torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
+        out_q, kv = out.to(q.dtype), [k, v]
+        for step in range(world):
+            shift = RingShift(kv, group, counter, "ring_kv.bwd", layer) if step < world - 1 else None
+            plan = ctx.plans[(me - step) % world]
+            if plan is not None:
+                r, c = plan.rows, plan.cols
+                grads = block_backward(_select(dout, r), _select(q, r), _select(kv[0], c), _select(kv[1], c),
+                                       _select(out_q, r), _select(lse, r), scale=ctx.scale, causal=plan.causal,
+                                       mask=plan.mask, backend=ctx.backend)
+                _add(dq, r, grads[0])
+                _add(dkv[0], c, grads[1])
+                _add(dkv[1], c, grads[2])
+            if world > 1:  # the accumulators travel with their K/V block; after P hops they are home
+                dkv = RingShift(dkv, group, counter, "ring_dkv.bwd", layer).wait()
+            if shift is not None:
+                kv = shift.wait()
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+
+
+def check_ring_kwargs(module, kwargs) -> None:
+    """Reject attention features ring attention does not implement, with the fix."""
+    if kwargs.get("dropout", 0.0):
+        raise NotImplementedError(
+            f"ring attention has no attention dropout (got dropout={kwargs['dropout']}); set "
+            "config.attention_dropout=0.0 or use strategy='ulysses'")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("ring attention supports neither logit softcapping nor attention sinks; "
+                                  "use strategy='ulysses' for this model")
+
+
+def ring_attention(module, query, key, value, batch, group, q_outer: int, layout: Layout, **kwargs):
+    """Exact ring attention of the local queries over all ranks' keys.
+
+    Args:
+        module: the attention module (``is_causal``, ``layer_idx``).
+        query: ``(B, h_q, S_q, D)``, the queries of outer shard ``q_outer`` of ``layout``.
+        key: ``(B, h_kv, S_q, D)``.
+        value: like ``key``.
+        batch: the :class:`~hf_seqpar.sharding.SeqParBatch`.
+        group: the ring's process group (``layout.outer`` ranks).
+        q_outer: this rank's position in the ring.
+        layout: the batch layout.
+        **kwargs: the attention keywords from the model (``scaling``, ``sliding_window``, ...).
+
+    Returns:
+        ``(B, h_q, S_q, D)``.
+    """
+    check_ring_kwargs(module, kwargs)
+    state = batch.state
+    plans = ring_plans(batch, q_outer, layout, getattr(module, "is_causal", True), kwargs.get("sliding_window"))
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    backend = state.config.options.get("backend")
+    return _RingAttention.apply(query, key, value, plans, group, scale, backend, state.counter,
+                                getattr(module, "layer_idx", None))
+
+
+class RingStrategy(AttentionOnlyStrategy):
+    """``strategy="ring"``: zigzag (default) or contiguous shards, K/V around the ring."""
+
+    name = "ring"
+    description = "ring attention: K/V blocks around the ring, lse merge, zigzag load balance"
+    available = True
+
+    def check_model(self, config, sp_size: int, options: dict) -> None:
+        check_no_options(self.name, options, RING_OPTIONS)
+        check_layout_option(options)
+
+    def make_layout(self, seq_len: int, state) -> Layout:
+        kind = state.config.options.get("layout", "zigzag")
+        return Layout(kind, seq_len, state.sp_size, state.sp_size * (2 if kind == "zigzag" else 1))
+
+    def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
+        state = batch.state
+        out = ring_attention(module, query, key, value, batch, state.sp_group, state.sp_rank, batch.layout, **kwargs)
+        return out.transpose(1, 2)  # (B, h, S/P, D) -> (B, S/P, h, D)
+
+
+def check_layout_option(options: dict) -> None:
+    """Validate the ``layout`` and ``backend`` options."""
+    from hf_seqpar.kernels import BACKENDS
+
+    kind = options.get("layout", "zigzag")
+    if kind not in ("zigzag", "contiguous"):
+        raise ValueError(f"layout={kind!r}; use 'zigzag' (balanced causal work) or 'contiguous'")
+    backend = options.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; valid attention backends: {sorted(BACKENDS)} (or leave it unset)")
