@@ -204,6 +204,10 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     if labels is not None:
         # shift on the full sequence, then shard: token t is scored against label t+1 everywhere
         shifted = F.pad(labels, (0, 1 + pad), value=IGNORE_INDEX)[:, 1:]
+        if mask is not None:
+            # a padding token predicts nothing (e.g. the last left-pad token "predicting" the first
+            # real token): its hidden state depends on how a kernel treats fully masked rows
+            shifted = shifted.masked_fill(~_pad_seq(mask.bool(), pad, False), IGNORE_INDEX)
         local_labels = layout.shard(shifted, rank).contiguous()
         local["labels"] = local["shift_labels"] = local_labels
         if "num_items_in_batch" not in local:

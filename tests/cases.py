@@ -42,6 +42,9 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         mask[1, seq - seq // 4:] = 0
         batch["attention_mask"] = mask
         batch["labels"] = ids.masked_fill(mask == 0, -100)
+        # the first real token of the left-padded row has no real predecessor: shard_batch drops
+        # predictions made at padding positions, so the plain model must not count it either
+        batch["labels"][0, seq // 5] = -100
     elif kind == "packed":  # one row of three documents of uneven length
         lengths = [seq * 2 // 5, seq // 7, seq - seq * 2 // 5 - seq // 7]
         batch = {k: v[:1] for k, v in batch.items()}
@@ -53,6 +56,45 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
     elif kind != "plain":
         raise ValueError(kind)
     return batch
+
+
+#: The parity matrix every attention strategy must pass (keyword arguments of :func:`parity`).
+PARITY_CASES = {
+    "mha": dict(),
+    "gqa_kv_lt_sp": dict(model_kw=dict(heads=8, kv_heads=2)),
+    "mqa": dict(model_kw=dict(heads=4, kv_heads=1)),
+    "padding_left_right": dict(batch_kw=dict(kind="padding")),
+    "packed_3_docs": dict(batch_kw=dict(kind="packed", seq=40)),
+    "odd_length": dict(batch_kw=dict(seq=29)),
+    "sliding_window_lt_shard": dict(model_kw=dict(family="mistral", sliding_window=5)),
+    "sliding_window_packed": dict(model_kw=dict(family="mistral", sliding_window=6), batch_kw=dict(kind="packed")),
+    "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
+    "lora": dict(lora=True, batch_kw=dict(kind="padding")),
+    "grad_checkpointing": dict(checkpointing=True, batch_kw=dict(kind="packed")),
+    "grad_checkpointing_reentrant": dict(checkpointing="reentrant", batch_kw=dict(kind="padding")),
+    "rank_without_labels": dict(batch_kw=dict(kind="labels_first_quarter")),
+    "ddp_wrapped": dict(ddp=True, batch_kw=dict(kind="packed")),
+    "eval_no_grad": dict(mode="eval", batch_kw=dict(kind="padding")),
+    "eval_no_labels_odd_length": dict(mode="eval", batch_kw=dict(kind="no_labels", seq=27)),
+}
+
+#: Tolerances (fp32 on CPU). The sharded model does the same arithmetic as the unsharded one up
+#: to the order of a few reductions (the loss sum over ranks, the gradient average, attention
+#: split into blocks merged by lse), so errors are a few float32 ulps (~1e-7 relative); the
+#: bounds leave two orders of magnitude: loss 1e-5 relative, logits and every parameter gradient
+#: 1e-4 relative (max abs difference over max abs reference value, per tensor).
+LOSS_TOL, LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4, 1e-4
+
+
+def check_parity(results: list[dict]) -> None:
+    """Assert every rank's errors from :func:`parity` are within the tolerances."""
+    for rank, r in enumerate(results):
+        if "loss" in r:
+            assert r["loss"] <= LOSS_TOL, f"rank {rank}: loss rel error {r['loss']:.2e}"
+        assert r["logits"] <= LOGITS_TOL, f"rank {rank}: logits rel error {r['logits']:.2e}"
+        if "grad" in r:
+            assert r["n_grads"] > 0
+            assert r["grad"] <= GRAD_TOL, f"rank {rank}: grad of {r['grad_param']} rel error {r['grad']:.2e}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -195,3 +237,34 @@ def bad_inputs() -> dict:
     hf_seqpar.disable_sequence_parallel(first)
     out["disabled_restores"] = (first.config._attn_implementation == "sdpa" and hf_seqpar.find_state(first) is None)
     return out
+
+
+def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
+    """Ring bytes per layer from the counter, with the theory: forward ``(R-1)`` x local K/V;
+    backward ``(R-1)`` x local K/V plus ``R`` x fp32 dK/dV accumulators (``R``: ring size)."""
+    heads, kv_heads, layers = 4, 2, 2
+    model = tiny_model(heads=heads, kv_heads=kv_heads, layers=layers)
+    hf_seqpar.enable_sequence_parallel(model, strategy, count_comm=True, **(options or {}))
+    state = hf_seqpar.find_state(model)
+    batch = make_batch(seq=41)
+    local = hf_seqpar.shard_batch(batch, model)
+    # positions follow the layout: every rank holds the global position of each of its tokens
+    assert torch.equal(local["position_ids"], batch["seqpar"].layout.shard(batch["seqpar"].positions, state.sp_rank)
+                       if "seqpar" in batch else local["seqpar"].layout.shard(local["seqpar"].positions,
+                                                                              state.sp_rank))
+    model(**local).loss.backward()
+    u = state.strategy_state.get("ulysses_size", 1)
+    ring = state.sp_size // u
+    bsz, n_local = local["input_ids"].shape
+    head_dim = model.config.hidden_size // heads
+    kv_local = kv_heads * (u if kv_heads < u else 1) // u  # kv heads per rank after the all-to-all
+    kv_bytes = 2 * bsz * kv_local * (n_local * u) * head_dim * 4  # K and V of this rank's ring shard
+    by_layer = state.counter.by_layer
+    result = {
+        "fwd": [by_layer[(i, "ring_kv.fwd")] for i in range(layers)],
+        "fwd_theory": (ring - 1) * kv_bytes,
+        "bwd": [by_layer[(i, "ring_kv.bwd")] + by_layer[(i, "ring_dkv.bwd")] for i in range(layers)],
+        "bwd_theory": (ring - 1) * kv_bytes + (ring * kv_bytes if ring > 1 else 0),
+    }
+    hf_seqpar.disable_sequence_parallel(model)
+    return result
