@@ -268,3 +268,31 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
     }
     hf_seqpar.disable_sequence_parallel(model)
     return result
+
+
+def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None, heads: int = 4,
+                       kv_heads: int = 2) -> dict:
+    """Saved activation bytes and counted traffic of one step, next to :mod:`hf_seqpar.theory`."""
+    from hf_seqpar.bench import saved_activation_bytes
+    from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
+
+    model = tiny_model(heads=heads, kv_heads=kv_heads)
+    shape = ModelShape.from_config(model.config)
+    batch = make_batch(seq=seq)
+    if strategy == "none":
+        return {"measured_act": saved_activation_bytes(model, {**batch, "use_cache": False}),
+                "theory_act": activation_bytes(None, shape, seq, batch=2)}
+    hf_seqpar.enable_sequence_parallel(model, strategy, count_comm=True, **(options or {}))
+    state = hf_seqpar.find_state(model)
+    local = hf_seqpar.shard_batch(batch, model)
+    padded, p = local["seqpar"].layout.padded_len, state.sp_size
+    u = (options or {}).get("ulysses_size")
+    act = saved_activation_bytes(model, local)
+    state.counter.reset()
+    model(**local).loss.backward()
+    out = {"measured_act": act,
+           "theory_act": activation_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u),
+           "measured_comm": state.counter.total,
+           "theory_comm": comm_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u)["total"]}
+    hf_seqpar.disable_sequence_parallel(model)
+    return out

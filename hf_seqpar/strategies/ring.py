@@ -82,9 +82,10 @@ class _RingAttention(torch.autograd.Function):
                 _forward_block(q, kv[0], kv[1], plan, out, lse, scale, backend)
             if shift is not None:
                 kv = shift.wait()
+        out = out.to(q.dtype)  # saved in the activation dtype, as flash attention does
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plans, ctx.group, ctx.scale, ctx.backend, ctx.counter, ctx.layer = plans, group, scale, backend, counter, layer
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -94,14 +95,14 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
                torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
-        out_q, kv = out.to(q.dtype), [k, v]
+        kv = [k, v]
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.bwd", layer) if step < world - 1 else None
             plan = ctx.plans[(me - step) % world]
             if plan is not None:
                 r, c = plan.rows, plan.cols
                 grads = block_backward(_select(dout, r), _select(q, r), _select(kv[0], c), _select(kv[1], c),
-                                       _select(out_q, r), _select(lse, r), scale=ctx.scale, causal=plan.causal,
+                                       _select(out, r), _select(lse, r), scale=ctx.scale, causal=plan.causal,
                                        mask=plan.mask, backend=ctx.backend)
                 _add(dq, r, grads[0])
                 _add(dkv[0], c, grads[1])

@@ -1,0 +1,312 @@
+"""``hf-seqpar bench``: measure SP strategies (time, per-rank memory, traffic vs theory).
+
+For every (strategy, world, sequence length) it runs forward+backward steps of a Llama-style
+model built from a config (random weights: speed and memory do not depend on their values) and
+reports the median step time after warm-up, tokens/s, per-rank peak resident memory around the
+step, the activation bytes autograd saved (measured with ``saved_tensors_hooks``), the bytes the
+byte counter saw per step and the theory for them (:mod:`hf_seqpar.theory`), and on CUDA the MFU.
+Baselines in the same run: the plain model on one rank (strategy ``none``) and every strategy at
+``P = 1``. Ranks are spawned here (gloo on CPU, NCCL on GPUs), or, under ``torchrun``/``accelerate
+launch``, the configurations whose world equals the launched world run in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["BenchSpec", "run_bench", "format_table", "plot_rows"]
+
+
+@dataclass
+class BenchSpec:
+    """What to measure."""
+
+    model: str = "tiny"
+    """Preset name, config.json, folder or Hub name (config only)."""
+    layers: int | None = None
+    """Override the number of layers (shrink big shapes to fit a CPU)."""
+    strategies: list = field(default_factory=lambda: ["ulysses", "ring"])
+    """Strategies to run."""
+    worlds: list = field(default_factory=lambda: [2])
+    """Rank counts (the SP degree is the world: one SP group)."""
+    seq_lens: list = field(default_factory=lambda: [1024, 2048])
+    """Total sequence lengths."""
+    batch: int = 1
+    """Rows per step."""
+    steps: int = 5
+    """Timed steps (the median is reported)."""
+    warmup: int = 2
+    """Untimed steps first."""
+    dtype: str = "float32"
+    """Activation/parameter dtype (``bfloat16`` on GPUs)."""
+    baselines: bool = True
+    """Add the plain model on one rank and every strategy at P=1."""
+    peak_tflops: float = 989.0
+    """Peak dense TFLOP/s of one GPU for MFU (989: H100 SXM bf16)."""
+    options: dict = field(default_factory=dict)
+    """Strategy options (e.g. ``{"ulysses_size": 2}``)."""
+
+
+def _configs(spec: BenchSpec) -> list[tuple[str, int, int]]:
+    rows = []
+    for n in spec.seq_lens:
+        if spec.baselines:
+            rows.append(("none", 1, n))
+            rows += [(s, 1, n) for s in spec.strategies]
+        rows += [(s, w, n) for w in spec.worlds for s in spec.strategies if w > 1]
+    return list(dict.fromkeys(rows))
+
+
+class _PeakRSS:
+    """Peak resident memory of this process around a region (Linux ``VmHWM``, reset through
+    ``/proc/self/clear_refs``; falls back to the lifetime peak elsewhere)."""
+
+    @staticmethod
+    def reset() -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    @staticmethod
+    def read() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def saved_activation_bytes(model, inputs: dict) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**inputs)
+    del out
+    return sum(seen.values())
+
+
+def _flops(shape, tokens: int, seq_len: int, batch: int) -> float:
+    """Training FLOPs of a step: ``6 * params * tokens`` plus causal attention
+    ``3 * 2 * B * N^2 * h_q * d * L`` (forward ``4 B N^2 h_q d L`` halved for causality, backward
+    twice the forward)."""
+    return 6 * shape.params * tokens + 6 * batch * seq_len ** 2 * shape.heads * shape.head_dim * shape.layers
+
+
+def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device) -> dict:
+    import hf_seqpar
+    from transformers import LlamaForCausalLM
+
+    from .presets import load_config
+    from .theory import ModelShape, comm_bytes
+
+    dtype = getattr(torch, spec.dtype)
+    config = load_config(spec.model, num_hidden_layers=spec.layers)
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    world = dist.get_world_size()
+    if strategy != "none":
+        hf_seqpar.enable_sequence_parallel(model, strategy, world, count_comm=True, **spec.options)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (spec.batch, seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    local = hf_seqpar.shard_batch(batch, model) if strategy != "none" else {**batch, "use_cache": False}
+    state = hf_seqpar.find_state(model)
+
+    def step():
+        model(**local).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(spec.warmup):
+        step()
+    times, comm, peaks = [], [], []
+    for _ in range(spec.steps):
+        if state is not None:
+            state.counter.reset()
+        _PeakRSS.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        dist.barrier()
+        peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _PeakRSS.read())
+        comm.append(state.counter.total if state is not None else 0)
+    activation = saved_activation_bytes(model, local)
+    shape = ModelShape.from_config(config)
+    padded = local["seqpar"].layout.padded_len if strategy != "none" else seq_len
+    theory = 0 if strategy == "none" or world == 1 else comm_bytes(
+        strategy, shape, padded, world, spec.batch, torch.finfo(dtype).bits // 8,
+        ulysses_size=spec.options.get("ulysses_size"))["total"]
+    step_time = statistics.median(times)
+    row = dict(strategy=strategy, world=world, seq_len=seq_len, batch=spec.batch, padded_len=padded,
+               step_time_s=step_time, tokens_per_s=spec.batch * seq_len / step_time,
+               peak_mem_bytes=max(peaks), activation_bytes=activation,
+               comm_bytes_measured=comm[-1], comm_bytes_theory=theory,
+               comm_ratio=(comm[-1] / theory) if theory else None, device=device.type)
+    if device.type == "cuda":
+        row["mfu"] = _flops(shape, spec.batch * seq_len, seq_len, spec.batch) / step_time / (
+            spec.peak_tflops * 1e12 * world)
+    return row
+
+
+def _gather_rows(row: dict) -> list[dict]:
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    return rows
+
+
+def _merge(per_rank: list[dict]) -> dict:
+    """One row per configuration: the slowest step and the largest memory and traffic of any rank."""
+    row = dict(per_rank[0])
+    for key in ("step_time_s", "peak_mem_bytes", "activation_bytes", "comm_bytes_measured"):
+        row[key] = max(r[key] for r in per_rank)
+        row[key + "_per_rank"] = [r[key] for r in per_rank]
+    row["tokens_per_s"] = row["batch"] * row["seq_len"] / row["step_time_s"]
+    row["comm_ratio"] = row["comm_bytes_measured"] / row["comm_bytes_theory"] if row["comm_bytes_theory"] else None
+    return row
+
+
+def _worker(rank: int, world: int, port: int, spec_dict: dict, configs: list, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    rows = _measure(BenchSpec(**spec_dict), configs, device)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def _measure(spec: BenchSpec, configs: list, device: torch.device) -> list[dict]:
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(configs, desc=f"bench world={dist.get_world_size()}", disable=dist.get_rank() != 0, leave=False)
+    for strategy, _, seq_len in bar:
+        bar.set_postfix_str(f"{strategy} N={seq_len}")
+        rows.append(_merge(_gather_rows(_run_one(spec, strategy, seq_len, device))))
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bench(spec: BenchSpec) -> list[dict]:
+    """Run every configuration of ``spec`` and return one row per configuration.
+
+    Under an initialised process group (torchrun/accelerate) only configurations whose world
+    equals the launched world run, in this process; otherwise ranks are spawned per world size.
+
+    Raises:
+        ValueError: a strategy name that is not available.
+    """
+    from .strategies import get_strategy
+
+    for s in spec.strategies:
+        get_strategy(s)
+    configs = _configs(spec)
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return _measure(spec, [c for c in configs if c[1] == world], device)
+    rows = []
+    for world in sorted({c[1] for c in configs}):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            torch.multiprocessing.start_processes(
+                _worker, args=(world, _free_port(), asdict(spec), [c for c in configs if c[1] == world], out),
+                nprocs=world, start_method="spawn")
+            with open(out) as f:
+                rows += json.load(f)
+    order = {c: i for i, c in enumerate(configs)}
+    return sorted(rows, key=lambda r: order[(r["strategy"], r["world"], r["seq_len"])])
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:,.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of bench rows, with overhead at P=1 against the plain model."""
+    plain = {r["seq_len"]: r["step_time_s"] for r in rows if r["strategy"] == "none"}
+    head = ["strategy", "P", "seq", "step s", "tok/s", "peak MiB", "act MiB", "comm MiB", "theory MiB", "ratio",
+            "vs plain"]
+    lines = [head]
+    for r in rows:
+        over = ""
+        if r["world"] == 1 and r["strategy"] != "none" and r["seq_len"] in plain:
+            over = f"{100 * (r['step_time_s'] / plain[r['seq_len']] - 1):+.1f}%"
+        lines.append([r["strategy"], str(r["world"]), str(r["seq_len"]), f"{r['step_time_s']:.3f}",
+                      f"{r['tokens_per_s']:,.0f}", _mib(r["peak_mem_bytes"]), _mib(r["activation_bytes"]),
+                      _mib(r["comm_bytes_measured"]), _mib(r["comm_bytes_theory"]),
+                      f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-", over])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def plot_rows(rows: list[dict], path: str) -> None:
+    """Activation memory and step time against sequence length, one line per strategy and P.
+
+    Raises:
+        ImportError: matplotlib is missing (``pip install 'hf_seqpar[bench]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install 'hf_seqpar[bench]'") from e
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in dict.fromkeys((r["strategy"], r["world"]) for r in rows):
+        sel = sorted((r for r in rows if (r["strategy"], r["world"]) == key), key=lambda r: r["seq_len"])
+        label = f"{key[0]} P={key[1]}"
+        ax_mem.plot([r["seq_len"] for r in sel], [r["activation_bytes"] / 2**20 for r in sel], "o-", label=label)
+        ax_time.plot([r["seq_len"] for r in sel], [r["step_time_s"] for r in sel], "o-", label=label)
+    ax_mem.set(xlabel="sequence length (tokens)", ylabel="activation memory per rank (MiB)")
+    ax_time.set(xlabel="sequence length (tokens)", ylabel="median step time (s)")
+    for ax in (ax_mem, ax_time):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    device = rows[0]["device"] if rows else "cpu"
+    fig.suptitle(f"hf_seqpar bench ({'CPU / gloo' if device == 'cpu' else 'CUDA / NCCL'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,130 @@
+"""The ``hf-seqpar`` command: ``bench`` and ``plan``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure strategies: time, per-rank memory, traffic vs theory",
+                       description="Forward+backward steps of a Llama-style model (random weights built from a "
+                                   "config) per strategy, world size and sequence length. Spawns its own ranks "
+                                   "(gloo on CPU, NCCL on GPUs), or runs in place under torchrun.")
+    p.add_argument("--model", default="tiny", help="preset (tiny, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), "
+                                                   "config.json, model folder or Hub name (default: %(default)s)")
+    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--strategies", type=_names, default=["ulysses", "ring"], help="comma list (default: ulysses,ring)")
+    p.add_argument("--world", type=_ints, default=[2], help="comma list of rank counts (default: 2)")
+    p.add_argument("--seq-lens", type=_ints, default=[1024, 2048], help="comma list (default: 1024,2048)")
+    p.add_argument("--batch", type=int, default=1, help="rows per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, median reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ulysses-size", type=int, help="hybrid's Ulysses degree")
+    p.add_argument("--no-baselines", action="store_true", help="skip the plain model and the P=1 runs")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)")
+    p.add_argument("--json", help="write one row per configuration to this file")
+    p.add_argument("--plot", help="write memory and step time against sequence length to this PNG")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory and traffic per strategy; recommend one",
+                       description="Predicts per-GPU memory (model states, activations, logits) and SP traffic "
+                                   "for every strategy and degree split of a model on a cluster, and recommends "
+                                   "the fitting one with the least traffic time.")
+    p.add_argument("--model", default="llama-3.1-8b", help="preset, config.json, model folder or Hub name "
+                                                           "(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=131072, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in total (default: %(default)s)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-bw", type=float, default=450.0, help="GB/s per GPU inside a node (default: %(default)s)")
+    p.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (default: %(default)s)")
+    p.add_argument("--sharding", default="fsdp", choices=["none", "zero1", "zero2", "fsdp"])
+    p.add_argument("--no-checkpointing", action="store_true", help="predict without activation checkpointing")
+    p.add_argument("--no-chunked-loss", action="store_true", help="predict with full fp32 logits")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (default: %(default)s)")
+    p.add_argument("--max-seq", action="store_true", help="also report the longest sequence each candidate fits")
+    p.add_argument("--json", help="write the candidates to this file")
+
+
+def _bench(args) -> int:
+    from .bench import BenchSpec, format_table, plot_rows, run_bench
+
+    options = {"ulysses_size": args.ulysses_size} if args.ulysses_size else {}
+    spec = BenchSpec(model=args.model, layers=args.layers, strategies=args.strategies, worlds=args.world,
+                     seq_lens=args.seq_lens, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                     dtype=args.dtype, baselines=not args.no_baselines, peak_tflops=args.peak_tflops,
+                     options=options)
+    rows = run_bench(spec)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot_rows(rows, args.plot)
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend, GiB
+    from .presets import load_config
+    from .theory import ModelShape
+
+    shape = ModelShape.from_config(load_config(args.model))
+    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw)
+    setup = Setup(sharding=args.sharding, checkpointing=not args.no_checkpointing,
+                  chunked_loss=not args.no_chunked_loss, batch=args.batch)
+    cands = candidates(shape, cluster)
+    rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
+    if args.max_seq:
+        for c, r in zip(cands, rows):
+            r["max_seq_len"] = max_seq_len(shape, c, cluster, setup)
+    print(f"{args.model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {shape.heads} heads "
+          f"({shape.kv_heads} kv), seq {args.seq_len:,} on {args.gpus} x {args.gpu_mem:g} GiB")
+    head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
+    print(head + ("  max seq" if args.max_seq else ""))
+    for r in rows:
+        line = (f"{r['candidate']:<16}{r['dp']:>4}{r['states_bytes'] / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
+                f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
+                f"{r['comm_seconds'] * 1e3:>9.1f}")
+        print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
+    best, why = recommend(rows)
+    print(("Recommended: " if best else "") + why)
+    if args.max_seq:
+        longest = max(rows, key=lambda r: r["max_seq_len"])
+        print(f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"candidates": rows, "recommended": best, "reason": why}, f, indent=1)
+    return 0 if best else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-seqpar`` console script."""
+    parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench and plan")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    _plan_parser(sub)
+    args = parser.parse_args(argv)
+    return {"bench": _bench, "plan": _plan}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

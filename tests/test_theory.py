@@ -1,0 +1,113 @@
+"""The closed forms of hf_seqpar.theory and the planner, checked against measurements and by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cases
+from hf_seqpar import cli
+from hf_seqpar.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend
+from hf_seqpar.presets import load_config
+from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
+
+#: The planner's activation model must predict the saved bytes within 15% (it is exact for the
+#: structure it describes; the margin is for other models' extra tensors).
+ACT_TOL = 0.15
+
+
+@pytest.mark.parametrize("strategy,options", [("ulysses", None), ("ring", None)])
+def test_theory_matches_measurement_on_2_ranks(pool2, strategy, options):
+    for r in pool2.run(cases.measured_vs_theory, strategy, 64, options):
+        assert abs(r["measured_act"] / r["theory_act"] - 1) <= ACT_TOL, r
+        assert r["measured_comm"] == pytest.approx(r["theory_comm"], rel=1e-9), r
+
+
+@pytest.mark.parametrize("strategy,options,heads,kv", [("ulysses", None, 8, 2), ("ring", None, 4, 2),
+                                                       ("hybrid", {"ulysses_size": 2}, 4, 1)])
+def test_theory_matches_measurement_on_4_ranks(pool4, strategy, options, heads, kv):
+    for r in pool4.run(cases.measured_vs_theory, strategy, 61, options, heads, kv):
+        assert abs(r["measured_act"] / r["theory_act"] - 1) <= ACT_TOL, r
+        assert r["measured_comm"] == pytest.approx(r["theory_comm"], rel=1e-9), r
+
+
+def test_activation_per_rank_falls_as_1_over_p(pool2, pool4):
+    base = pool2.run(cases.measured_vs_theory, "none", 64)[0]["measured_act"]
+    p2 = max(r["measured_act"] for r in pool2.run(cases.measured_vs_theory, "ulysses", 64))
+    p4 = max(r["measured_act"] for r in pool4.run(cases.measured_vs_theory, "ulysses", 64))
+    assert 0.45 < p2 / base < 0.6 and 0.22 < p4 / base < 0.32, (base, p2, p4)
+
+
+def test_comm_formulas_by_hand():
+    m = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
+    # Ulysses, P=2, N=32, B=1, fp32: per layer (2*4 + 2*2) * 16 tokens * 16 * 4 B * 1/2, both ways
+    u = comm_bytes("ulysses", m, 32, 2, loss_allreduce=False)
+    assert u["forward"] == 2 * 12 * 16 * 16 * 4 / 2 and u["total"] == 2 * u["forward"]
+    # Ulysses, P=4 > kv heads: kv heads replicated to 4
+    assert comm_bytes("ulysses", m, 32, 4, loss_allreduce=False)["forward"] == 2 * 16 * 8 * 16 * 4 * 3 / 4
+    # ring, P=4: forward (P-1) x local K/V; backward that plus P hops of fp32 dK/dV
+    r = comm_bytes("ring", m, 32, 4, loss_allreduce=False)
+    kv = 2 * 2 * 8 * 16 * 4
+    assert r["forward"] == 2 * 3 * kv and r["backward"] == 2 * (3 * kv + 4 * kv)
+    # Megatron-SP: 2 all-gathers + 2 reduce-scatters of the local activations per layer
+    assert comm_bytes("megatron", m, 32, 2, loss_allreduce=False)["forward"] == 2 * 4 * 1 * 16 * 64 * 4
+    # the field's headline: Ulysses traffic per rank stays constant when N and P grow together
+    m16 = ModelShape(layers=1, hidden=256, heads=16, kv_heads=16, head_dim=16, intermediate=512, vocab=100)
+    a = comm_bytes("ulysses", m16, 1024, 4, loss_allreduce=False)["forward"] / (3 / 4)
+    b = comm_bytes("ulysses", m16, 4096, 16, loss_allreduce=False)["forward"] / (15 / 16)
+    assert a == b == 4 * 256 * 256 * 4
+
+
+def test_llama_8b_shape_and_params():
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    assert shape.params == pytest.approx(8.03e9, rel=0.005)  # the published 8.03B
+    assert activation_bytes(None, shape, 1024) > activation_bytes(None, shape, 1024, chunked_loss=True)
+    assert activation_bytes(None, shape, 1024, checkpointing=True) < activation_bytes(None, shape, 1024) / 5
+
+
+def test_planner_arithmetic():
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    cluster, setup = Cluster(gpus=8), Setup()
+    rows = [evaluate(shape, 131072, c, cluster, setup) for c in candidates(shape, cluster)]
+    by = {r["candidate"]: r for r in rows}
+    # FSDP over 8 GPUs: 16 bytes per parameter / 8
+    assert by["ulysses 8"]["states_bytes"] == pytest.approx(shape.params * 16 / 8)
+    # activations scale as 1/P
+    assert by["ulysses 8"]["activation_bytes"] == pytest.approx(by["ulysses 4"]["activation_bytes"] / 2, rel=1e-6)
+    best, why = recommend(rows)
+    assert best is not None and best["fits"] and "fits in" in why
+    assert best["total_bytes"] <= 0.9 * best["budget_bytes"]
+    # more GPUs -> longer sequences
+    u8 = next(c for c in candidates(shape, cluster) if c.label == "ulysses 8")
+    n8 = max_seq_len(shape, u8, cluster, setup)
+    assert n8 > 500_000 and evaluate(shape, n8, u8, cluster, setup)["fits"]
+    assert not evaluate(shape, n8 + 1024 * 64, u8, cluster, setup)["fits"]
+    tiny = Cluster(gpus=1, gpu_mem_gib=16)
+    none, msg = recommend([evaluate(shape, 131072, c, tiny, setup) for c in candidates(shape, tiny)])
+    assert none is None and "nothing fits" in msg
+
+
+def test_plan_cli(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--seq-len", "262144", "--max-seq", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Recommended:" in text and "Longest sequence that fits" in text
+    data = json.loads(out.read_text())
+    assert data["recommended"]["fits"] and len(data["candidates"]) > 5
+
+
+def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    cli.main(["bench", "--strategies", "ulysses,ring", "--world", "2", "--seq-lens", "256", "--layers", "1",
+              "--steps", "1", "--warmup", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["strategy"], r["world"]) for r in rows} == {("none", 1), ("ulysses", 1), ("ring", 1),
+                                                          ("ulysses", 2), ("ring", 2)}
+    for r in rows:
+        for key in ("strategy", "world", "seq_len", "step_time_s", "tokens_per_s", "peak_mem_bytes",
+                    "comm_bytes_measured", "comm_bytes_theory"):
+            assert key in r
+        if r["world"] == 2:
+            assert abs(r["comm_ratio"] - 1) <= 0.02, r
+    assert "vs plain" in capsys.readouterr().out
