@@ -16,7 +16,7 @@ from ..comm import all_to_all
 from ..layout import Layout
 from .base import check_no_options
 from .ring import RING_OPTIONS, check_layout_option, ring_attention
-from .ulysses import HeadsNotDivisibleError, _divisors, kv_replication
+from .ulysses import HeadsNotDivisibleError, _divisors, kv_replication, seq_to_heads
 
 __all__ = ["HybridStrategy", "largest_ulysses_size"]
 
@@ -75,7 +75,7 @@ class HybridStrategy:
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/U, U*S/P, D): the Ulysses group's pieces form this ring shard
-        q, k, v = (all_to_all(t, 1, 2, ugroup, counter, layer) for t in (query, key, value))
+        q, k, v = seq_to_heads((query, key, value), ugroup, counter, layer)
         out = ring_attention(module, q, k, v, batch, rgroup, mesh.get_local_rank("ring"), batch.layout, **kwargs)
         # (B, h/U, U*S/P, D) -> (B, U*S/P, h/U, D) -> (B, S/P, h, D)
         return all_to_all(out.transpose(1, 2), 1, 2, ugroup, counter, layer)

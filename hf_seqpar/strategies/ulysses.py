@@ -8,13 +8,14 @@ independent of ``P`` when ``N / P`` is fixed.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..comm import all_to_all
 from ..layout import Layout
 from ..local_attention import full_sequence_attention
 from .base import AttentionOnlyStrategy, check_no_options
 
-__all__ = ["UlyssesStrategy", "kv_replication", "HeadsNotDivisibleError"]
+__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "HeadsNotDivisibleError"]
 
 
 class HeadsNotDivisibleError(ValueError):
@@ -46,6 +47,20 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
     return next(r for r in _divisors(groups) if (num_kv_heads * r) % sp_size == 0)
 
 
+def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]:
+    """One fused all-to-all for q, k and v: ``(B, h_i, S/P, D)`` each -> ``(B, h_i/P, S, D)`` each.
+
+    Every rank's chunk holds its share of every tensor's heads, so one exchange replaces three.
+    """
+    world = dist.get_world_size(group)
+    sizes = [t.shape[1] // world for t in tensors]
+    # (B, h_i, S/P, D) -> (B, P, h_i/P, S/P, D), concatenated over i along the head dim
+    packed = torch.cat([t.unflatten(1, (world, -1)) for t in tensors], dim=2)
+    # scatter the rank dim, gather the sequence: (B, 1, sum h_i/P, S, D)
+    packed = all_to_all(packed, 1, 3, group, counter, layer).squeeze(1)
+    return list(packed.split(sizes, dim=1))
+
+
 class UlyssesStrategy(AttentionOnlyStrategy):
     """``strategy="ulysses"``: contiguous shards, heads exchanged by all-to-all."""
 
@@ -68,7 +83,7 @@ class UlyssesStrategy(AttentionOnlyStrategy):
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/P, S, D): scatter heads, gather the sequence in rank order
-        q, k, v = (all_to_all(t, 1, 2, group, counter, layer) for t in (query, key, value))
+        q, k, v = seq_to_heads((query, key, value), group, counter, layer)
         out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)
