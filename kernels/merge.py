@@ -15,8 +15,17 @@ import torch
 __all__ = ["merge_into"]
 
 
+def _triton():
+    try:
+        from .triton_merge import triton_merge_into
+    except ImportError:  # Triton not installed
+        return None
+    return triton_merge_into
+
+
 def merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """Merge a partial result into an accumulator, in place.
+    """Merge a partial result into an accumulator, in place (fused Triton kernel for contiguous
+    CUDA accumulators when Triton is installed, else torch ops).
 
     Args:
         out: fp32 accumulator ``(B, H, S, D)``.
@@ -24,6 +33,9 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b:
         out_b: partial output ``(B, H, S, D)``, any float dtype.
         lse_b: partial log-sum-exp ``(B, H, S)`` (``-inf`` for rows with no key in this part).
     """
+    if out.is_cuda and out.is_contiguous() and lse.is_contiguous() and (fused := _triton()) is not None:
+        fused(out, lse, out_b, lse_b)
+        return
     new = torch.logaddexp(lse, lse_b.float())
     ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # all -inf row: weights become 0
     w_a = torch.exp(lse - ref).unsqueeze(-1)
