@@ -252,6 +252,14 @@ def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_typ
 
 
 def _ensure_process_group(accelerator) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but the Accelerator runs as {accelerator.num_processes} "
+            f"(distributed_type={accelerator.distributed_type}); each process would train alone. On a machine "
+            "without GPUs set ACCELERATE_USE_CPU=true before creating the Accelerator (accelerate then runs the "
+            "ranks on gloo as MULTI_CPU), e.g. `ACCELERATE_USE_CPU=true accelerate launch ...`."
+        )
     if dist.is_initialized():
         return
     if accelerator.num_processes != 1:
