@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None,
                    help="Hub dataset name, or local .txt/.json/.jsonl/.parquet/.csv file(s) or folder; default: "
                         "Python standard-library sources (offline)")
+    p.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (e.g. 20231101.en)")
     p.add_argument("--dataset-split", default="train", help="split to use (default: %(default)s)")
     p.add_argument("--text-column", default="text", help="column with the documents (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
@@ -87,7 +88,7 @@ def load_documents(args) -> list[str]:
             raise ValueError(f"--dataset {args.dataset}: unsupported file type {ext!r}; use .txt/.json/.jsonl/.parquet/.csv")
         ds = load_dataset(builder, data_files=files, split="train")
     else:
-        ds = load_dataset(args.dataset, split=args.dataset_split)
+        ds = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
     if args.text_column not in ds.column_names:
         raise ValueError(f"dataset has no column {args.text_column!r} (columns: {ds.column_names}); pass --text-column")
     n = min(len(ds), args.max_docs)
@@ -135,7 +136,9 @@ def build_model(args):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.max_seq_len,
                              attn_implementation=args.attn_implementation, use_cache=False)
         return LlamaForCausalLM(config), None
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # full fine-tuning keeps fp32 master weights (bf16 autocast from the accelerate config);
+    # LoRA trains only the adapter, so the frozen base is loaded in bf16 on GPUs
+    dtype = torch.bfloat16 if (args.lora and torch.cuda.is_available()) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(args.model)
