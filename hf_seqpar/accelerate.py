@@ -269,6 +269,17 @@ def _ensure_process_group(accelerator) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
 
 
+def _fill_deepspeed_batch_size(accelerator, loaders) -> None:
+    """DeepSpeed reads its micro-batch size from the loaders given to ``prepare``; ours are not
+    (they are split over dp only), so fill an ``"auto"`` value from the first loader."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not loaders:
+        return
+    cfg = plugin.deepspeed_config
+    if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto" and loaders[0].batch_size:
+        cfg["train_micro_batch_size_per_gpu"] = loaders[0].batch_size
+
+
 def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
     """Wire an ``Accelerator`` for sequence parallelism, the way ``accelerator.prepare`` is used.
 
@@ -304,6 +315,7 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     loaders = [i for i, o in enumerate(objects) if isinstance(o, torch.utils.data.DataLoader)]
     schedulers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
     others = [i for i in range(len(objects)) if i not in loaders and i not in schedulers]
+    _fill_deepspeed_batch_size(accelerator, [objects[i] for i in loaders])
     prepared = accelerator.prepare(model, *(objects[i] for i in others))
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     out = list(objects)

@@ -66,6 +66,9 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default: Llama-3's %(default)s)")
     p.add_argument("--chunk", type=int, default=512, help="tokens per loss chunk (default: %(default)s)")
     args = p.parse_args(argv)
+    if "LOCAL_RANK" in os.environ:
+        raise SystemExit("run bench_memory.py with plain `python`: it starts its own ranks (--nproc), "
+                         "fresh ones per mode, so that each peak belongs to one mode")
     local = args.seq_len // args.nproc
     print(f"{args.nproc} ranks, {args.seq_len} tokens ({local} per rank), vocab {args.vocab}: plain fp32 logits "
           f"per rank {local * args.vocab * 4 / 2**20:.0f} MiB, chunked {args.chunk * args.vocab * 4 / 2**20:.0f} MiB")

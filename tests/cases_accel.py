@@ -128,17 +128,21 @@ def fsdp2_parity(steps: int = 3) -> dict:
     return {"param": worst}
 
 
-def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1) -> dict:
+def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None) -> dict:
     """``SequenceParallelTrainer`` train + evaluate vs the same optimisation on the unsharded model
-    (HF semantics: loss = summed token losses / label tokens of all micro-batches of the step)."""
+    with the HF Trainer's multi-device semantics: each optimizer step's loss is the summed token
+    losses of all micro-batches of all data-parallel replicas over their label-token count
+    (``average_tokens_across_devices``); eval loss is the mean over eval steps of the same."""
     import tempfile
 
     from datasets import Dataset
     from transformers import TrainingArguments
 
     _fresh_accelerator()
-    data = rows(steps * grad_accum * batch_size)
-    eval_rows = rows(4, seed=7)
+    world = dist.get_world_size()
+    dp = world // (sp_size or world)
+    data = rows(steps * grad_accum * batch_size * dp)
+    eval_rows = rows(4 * dp, seed=7)
     to_ds = lambda rs: Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rs])  # noqa: E731
     model = tiny_model(heads=4, kv_heads=2)
     reference = copy.deepcopy(model)
@@ -150,32 +154,37 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1) -> 
                              use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False)
     trainer = hf_seqpar.SequenceParallelTrainer(
         model=model, args=args, train_dataset=to_ds(data), eval_dataset=to_ds(eval_rows),
-        sp_plugin=hf_seqpar.SequenceParallelPlugin(loss_chunk_size=7))
+        sp_plugin=hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, loss_chunk_size=7))
     trainer.train()
     metrics = trainer.evaluate()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    # reference: the Trainer's shuffled order (same seeded sampler), token-weighted over micro-batches
-    order = list(torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0)))
-    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
-    ref_logged = []
-    for step in range(steps):
-        micro = [data[i] for i in order[step * grad_accum * batch_size:(step + 1) * grad_accum * batch_size]]
-        batches = [{k: torch.stack([r[k] for r in micro[m:m + batch_size]]) for k in micro[0]}
-                   for m in range(0, len(micro), batch_size)]
+    def stack(rs):
+        return {k: torch.stack([r[k] for r in rs]) for k in rs[0]}
+
+    def weighted_loss(batches, backward: bool) -> float:
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         total = 0.0
         for b in batches:
             loss = reference(**b, use_cache=False, num_items_in_batch=n).loss
-            loss.backward()
+            if backward:
+                loss.backward()
             total += float(loss)
-        ref_logged.append(total)
+        return total
+
+    # reference: the Trainer's seeded shuffle; loader batch j goes to data-parallel replica j % dp
+    order = list(torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0)))
+    loader_batches = [stack([data[i] for i in order[j:j + batch_size]]) for j in range(0, len(order), batch_size)]
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ref_logged = []
+    for step in range(steps):
+        ref_logged.append(weighted_loss(loader_batches[step * grad_accum * dp:(step + 1) * grad_accum * dp], True))
         opt.step()
         opt.zero_grad()
     reference.eval()
+    eval_batches = [stack(eval_rows[i:i + 2]) for i in range(0, len(eval_rows), 2)]
     with torch.no_grad():
-        ev = [float(reference(**{k: torch.stack([r[k] for r in eval_rows[i:i + 2]]) for k in eval_rows[0]},
-                              use_cache=False).loss) for i in range(0, 4, 2)]
+        ev = [weighted_loss(eval_batches[e:e + dp], False) for e in range(0, len(eval_batches), dp)]
     trainer.save_model(out_dir)
     trained = hf_seqpar.mesh.unwrap_model(trainer.model)
     result = {"param": _params_err(trained, reference),

@@ -57,6 +57,15 @@ def test_trainer_train_evaluate_save_match_unsharded(pool2):
     assert results[0]["reload"] <= PARAM_TOL, results[0]
 
 
+def test_trainer_dp2_x_sp2_matches_two_replica_trainer_semantics(pool4):
+    results = pool4.run(cases_accel.trainer_parity, steps=2, grad_accum=2, sp_size=2)
+    for rank, r in enumerate(results):
+        assert r["param"] <= PARAM_TOL, (rank, r)
+        assert r["logged"] is not None and max(r["logged"]) <= 1e-4, (rank, r)
+        assert r["eval"] <= LOSS_TOL, (rank, r)
+    assert results[0]["reload"] <= PARAM_TOL, results[0]
+
+
 # ---- the plugin's config file -------------------------------------------------------------
 
 def test_plugin_yaml_round_trip_and_env(tmp_path, monkeypatch):

@@ -107,8 +107,8 @@ def test_chunked_loss_lowers_peak_memory_per_rank():
     """The benchmark: 2 gloo ranks, 128K vocabulary, 2048 tokens (1024 per rank), peak RSS per rank
     with the plain loss and with the chunked loss. The plain loss holds 1024 x 128256 fp32 logits
     (0.5 GiB) and their gradient; the chunked one 512 x 128256 at a time."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "recipes" / "bench_memory.py"), "--seq-len", "2048", "--vocab", "128256", "--chunk", "512"]
+    cmd = [sys.executable, str(ROOT / "recipes" / "bench_memory.py"), "--nproc", "2", "--seq-len", "2048",
+           "--vocab", "128256", "--chunk", "512"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = {m.group(1): [float(x) for x in m.group(2).split(",")]
