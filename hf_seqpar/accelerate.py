@@ -72,8 +72,8 @@ class SequenceParallelPlugin:
     gradient_checkpointing: bool = False
     """Call ``model.gradient_checkpointing_enable()`` (HF activation checkpointing per layer)."""
     offload_checkpoints: bool = False
-    """Keep the checkpointed layer inputs in CPU memory (``save_on_cpu``); needs
-    ``gradient_checkpointing``, which then runs in reentrant mode."""
+    """Keep the checkpointed layer inputs in CPU memory (``torch.autograd.graph.save_on_cpu``, pinned
+    on GPUs); needs ``gradient_checkpointing``."""
     mlp_tiles: int | None = None
     """Split the sequence into this many tiles inside every MLP, recomputed in backward; None = off."""
 
@@ -168,6 +168,17 @@ class SequenceParallelPlugin:
         return opts
 
 
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant (``activation_checkpointing_enable``
+    where transformers has it, else ``gradient_checkpointing_enable``). transformers' own ``offload=``
+    is not used: it pins memory, which CPU-only machines cannot; ``offload_checkpoints`` does it instead."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
     """Apply the plugin to an unprepared model: checkpointing, SP, memory features (in place).
 
@@ -186,9 +197,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
     plugin.validate()
     base = unwrap_model(model)
     if plugin.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": plugin.offload_checkpoints})
-        if hasattr(model, "enable_input_require_grads"):  # PEFT/frozen embeddings with reentrant checkpoints
-            model.enable_input_require_grads()
+        enable_checkpointing(model)
     enable_sequence_parallel(model, plugin.strategy, plugin.sp_size, mesh=mesh, check_batch=plugin.check_batch,
                              count_comm=plugin.count_comm, **plugin.strategy_options())
     install_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles, plugin.offload_checkpoints)

@@ -187,7 +187,8 @@ def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles
         mlp_tiles: split the sequence into this many tiles inside every ``.mlp`` module, each
             recomputed in backward; None or 1 = off.
         offload_checkpoints: run the forward under ``save_on_cpu``, so the tensors autograd keeps
-            (with reentrant gradient checkpointing: only the layer inputs) live in CPU memory.
+            live in CPU memory; with gradient checkpointing these are essentially the layer inputs
+            (torch's checkpoint saves them through the saved-tensor hooks, reentrant or not).
 
     Raises:
         ValueError: the model transforms its logits (soft-capping), or a size is not positive.

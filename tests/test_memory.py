@@ -76,25 +76,29 @@ def test_memory_features_match_plain_model(features, checkpointing):
     assert model(**batch, use_cache=False).logits is not None  # the class forward again
 
 
-def test_offload_moves_saved_activations_to_cpu_hooks():
-    """Under offload, every tensor autograd saves in the forward passes through save_on_cpu's hook."""
-    model = cases.tiny_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_offload_sends_the_checkpointed_layer_inputs_through_save_on_cpu(reentrant):
+    """With checkpointing and offload, every decoder layer's input (B, S, hidden) is packed by
+    save_on_cpu's hook (so on a GPU it lives in host memory until backward)."""
+    model = cases.tiny_model(layers=3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     install_memory_features(model, offload_checkpoints=True)
+    batch = cases.make_batch()
     seen = []
     orig = torch.autograd.graph.save_on_cpu.__init__
 
     def spy(self, pin_memory=False, device_type="cuda"):
         orig(self, pin_memory, device_type)
         pack = self.pack_hook
-        self.pack_hook = lambda t: (seen.append(t.shape), pack(t))[1]
+        self.pack_hook = lambda t: (seen.append(tuple(t.shape)), pack(t))[1]
 
     torch.autograd.graph.save_on_cpu.__init__ = spy
     try:
-        model(**cases.make_batch()).loss.backward()
+        model(**batch).loss.backward()
     finally:
         torch.autograd.graph.save_on_cpu.__init__ = orig
-    assert seen, "no tensor went through save_on_cpu"
+    hidden_shape = (*batch["input_ids"].shape, model.config.hidden_size)
+    assert seen.count(hidden_shape) >= 3, seen
 
 
 def test_bad_memory_options():
