@@ -312,7 +312,10 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     """
     from accelerate.scheduler import AcceleratedScheduler
 
+    from .strategies import get_strategy
+
     plugin.validate()
+    get_strategy(plugin.strategy)  # a planned-but-unavailable strategy fails here, on every rank alike
     _ensure_process_group(accelerator)
     sp_size = plugin.sp_size or dist.get_world_size()
     from .config import SequenceParallelConfig

@@ -110,3 +110,22 @@ def test_recipe_sp_configs_are_valid():
     for name in names:
         plugin = SequenceParallelPlugin.from_yaml(os.path.join(root, f"{name}.yaml"))
         assert plugin.strategy in hf_seqpar.STRATEGIES
+
+
+def test_accelerator_running_ranks_as_single_processes_is_refused(monkeypatch):
+    """`accelerate launch` started 2 processes but each Accelerator thinks it is alone (CPU-only
+    machine without ACCELERATE_USE_CPU): refuse before anything trains, and say the fix."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fake = SimpleNamespace(num_processes=1, distributed_type="NO")
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
+        hf_seqpar.prepare_sequence_parallel(fake, SequenceParallelPlugin(), object())
+
+
+def test_unavailable_strategy_is_refused_before_any_setup():
+    unavailable = [n for n, s in hf_seqpar.STRATEGIES.items() if not s.available]
+    if not unavailable:
+        pytest.skip("every strategy is available")
+    with pytest.raises(NotImplementedError, match="available now"):
+        hf_seqpar.prepare_sequence_parallel(object(), SequenceParallelPlugin(strategy=unavailable[0]), object())
