@@ -38,7 +38,7 @@ def _fresh_accelerator(**kwargs):
 
 
 def _params_err(model, reference) -> float:
-    ref = dict(reference.named_parameters())
+    ref = dict(hf_seqpar.mesh.unwrap_model(reference).named_parameters())
     worst = 0.0
     for name, p in hf_seqpar.mesh.unwrap_model(model).named_parameters():
         r = ref[name]
@@ -128,7 +128,8 @@ def fsdp2_parity(steps: int = 3) -> dict:
     return {"param": worst}
 
 
-def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None) -> dict:
+def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None,
+                   lora: bool = False) -> dict:
     """``SequenceParallelTrainer`` train + evaluate vs the same optimisation on the unsharded model
     with the HF Trainer's multi-device semantics: each optimizer step's loss is the summed token
     losses of all micro-batches of all data-parallel replicas over their label-token count
@@ -145,6 +146,11 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
     eval_rows = rows(4 * dp, seed=7)
     to_ds = lambda rs: Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rs])  # noqa: E731
     model = tiny_model(heads=4, kv_heads=2)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 lora_dropout=0.0))
     reference = copy.deepcopy(model)
     out_dir = tempfile.mkdtemp(prefix="sp_trainer_")
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size,
@@ -192,10 +198,15 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
               "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
               "out_dir": out_dir}
     dist.barrier()
-    if dist.get_rank() == 0:  # the checkpoint loads with plain transformers and equals the trained weights
-        from transformers import AutoModelForCausalLM
+    if dist.get_rank() == 0:  # the checkpoint loads with plain transformers / PEFT and equals the trained weights
+        if lora:
+            from peft import PeftModel
 
-        loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+            loaded = PeftModel.from_pretrained(tiny_model(heads=4, kv_heads=2), out_dir)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(out_dir)
         result["reload"] = _params_err(loaded, reference)
     hf_seqpar.disable_sequence_parallel(trainer.model)
     return result

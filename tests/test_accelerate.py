@@ -48,8 +48,9 @@ def test_fsdp2_sharded_sp_model_matches_unsharded(pool2):
     _check(pool2.run(cases_accel.fsdp2_parity))
 
 
-def test_trainer_train_evaluate_save_match_unsharded(pool2):
-    results = pool2.run(cases_accel.trainer_parity, steps=3, grad_accum=2)
+@pytest.mark.parametrize("lora", [False, True])
+def test_trainer_train_evaluate_save_match_unsharded(pool2, lora):
+    results = pool2.run(cases_accel.trainer_parity, steps=3, grad_accum=2, lora=lora)
     for rank, r in enumerate(results):
         assert r["param"] <= PARAM_TOL, (rank, r)
         assert r["logged"] is not None and max(r["logged"]) <= 1e-4, (rank, r)  # Trainer rounds logs to 4 digits
