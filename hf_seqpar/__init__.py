@@ -9,6 +9,7 @@ The public API::
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
 """
 
+from .accelerate import SequenceParallelPlugin, prepare_sequence_parallel
 from .api import disable_sequence_parallel, enable_sequence_parallel
 from .comm import CommCounter
 from .config import SequenceParallelConfig
@@ -26,6 +27,9 @@ __all__ = [
     "shard_batch",
     "gather_sequence",
     "SequenceParallelConfig",
+    "SequenceParallelPlugin",
+    "prepare_sequence_parallel",
+    "SequenceParallelTrainer",
     "SeqParState",
     "SeqParBatch",
     "Layout",
@@ -36,3 +40,11 @@ __all__ = [
     "BatchMismatchError",
     "HeadsNotDivisibleError",
 ]
+
+
+def __getattr__(name):
+    if name == "SequenceParallelTrainer":  # imported on first use: transformers.Trainer is slow to import
+        from .trainer import SequenceParallelTrainer
+
+        return SequenceParallelTrainer
+    raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")

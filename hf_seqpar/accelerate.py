@@ -1,0 +1,344 @@
+"""The Accelerate integration: a plugin config and one call that wires an ``Accelerator``.
+
+Accelerate's own config file rejects unknown keys, so the SP settings live in their own YAML
+file, passed to the script (``--sp-config path.yaml``) or named by the environment variable
+``HF_SEQPAR_CONFIG``::
+
+    accelerator = Accelerator(gradient_accumulation_steps=4, mixed_precision="bf16")
+    plugin = SequenceParallelPlugin.load(args.sp_config)      # or $HF_SEQPAR_CONFIG
+    model, optimizer, loader, scheduler = prepare_sequence_parallel(
+        accelerator, plugin, model, optimizer, loader, scheduler)
+    for batch in loader:                                        # already sequence-sharded
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss                          # the true (unsharded) loss
+            accelerator.backward(loss)
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+The dataloader is sharded over the *data-parallel* replicas only (every rank of an SP group gets
+the same batches; accelerate's ``prepare_data_loader`` with ``num_processes=dp_size``), then
+each batch goes through :func:`hf_seqpar.shard_batch`. The model is prepared by accelerate as
+usual (DDP, FSDP2, DeepSpeed): they average gradients over all ranks, which the SP loss is built
+for (see :mod:`hf_seqpar.loss`). The scheduler steps once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+from .api import enable_sequence_parallel
+from .config import CHECK_BATCH_MODES
+from .memory import install_memory_features
+from .mesh import build_mesh, find_state, unwrap_model
+from .sharding import shard_batch
+
+__all__ = ["SequenceParallelPlugin", "SP_CONFIG_ENV", "prepare_sequence_parallel", "prepare_model",
+           "SequenceParallelDataLoader", "shard_dataloader"]
+
+#: Environment variable naming the plugin's YAML file (used when no path is given).
+SP_CONFIG_ENV = "HF_SEQPAR_CONFIG"
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass
+class SequenceParallelPlugin:
+    """Everything about sequence parallelism that a training script needs, loadable from YAML.
+
+    Keys of the YAML file are the field names; unknown keys are rejected.
+    """
+
+    strategy: str = "ulysses"
+    """SP strategy, a name of ``hf_seqpar.STRATEGIES`` (``ulysses``, ``ring``, ``hybrid``, ``megatron``)."""
+    sp_size: int | None = None
+    """Ranks per sequence; None = all launched ranks. The world size must be a multiple; the
+    quotient is the data-parallel degree."""
+    ulysses_size: int | None = None
+    """``hybrid`` only: ranks of the Ulysses (all-to-all) dimension inside each SP group; the
+    rest of the SP group is the ring dimension."""
+    layout: str | None = None
+    """``ring`` only: sequence layout, ``zigzag`` (balanced causal work) or ``contiguous``."""
+    options: dict = field(default_factory=dict)
+    """Further strategy-specific options, passed through to ``enable_sequence_parallel``."""
+    check_batch: str = "first"
+    """When ``shard_batch`` checks that the SP group got identical batches: first/always/never."""
+    count_comm: bool = False
+    """Count bytes of every collective on ``model.hf_seqpar_state.counter``."""
+    loss_chunk_size: int | None = None
+    """Tokens per chunk of the chunked lm_head + cross-entropy (recomputed in backward); None =
+    the model's own loss (full ``shard x vocab`` fp32 logits). 4096-16384 is typical at 128K."""
+    gradient_checkpointing: bool = False
+    """Call ``model.gradient_checkpointing_enable()`` (HF activation checkpointing per layer)."""
+    offload_checkpoints: bool = False
+    """Keep the checkpointed layer inputs in CPU memory (``torch.autograd.graph.save_on_cpu``, pinned
+    on GPUs); needs ``gradient_checkpointing``."""
+    mlp_tiles: int | None = None
+    """Split the sequence into this many tiles inside every MLP, recomputed in backward; None = off."""
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "the SP config") -> "SequenceParallelPlugin":
+        """Build and validate a plugin from a dict.
+
+        Args:
+            data: field names to values.
+            source: where the dict came from (for messages).
+
+        Returns:
+            A validated plugin.
+
+        Raises:
+            ValueError: unknown keys or invalid values.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must be a mapping of option: value, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(names)}")
+        return cls(**data).validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "SequenceParallelPlugin":
+        """Load a plugin from a YAML file (keys = field names).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a mapping, unknown keys, invalid values.
+        """
+        import yaml
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SP config file {str(path)!r} does not exist (see recipes/sp/*.yaml for examples)")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return cls.from_dict(data, source=f"SP config {str(path)!r}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "SequenceParallelPlugin":
+        """The plugin from ``path``, else from the file named by ``$HF_SEQPAR_CONFIG``, else defaults.
+
+        Returns:
+            A validated plugin.
+
+        Raises:
+            FileNotFoundError, ValueError: as :meth:`from_yaml`.
+        """
+        path = path or os.environ.get(SP_CONFIG_ENV)
+        return cls.from_yaml(path) if path else cls().validate()
+
+    def validate(self) -> "SequenceParallelPlugin":
+        """Check every field; return ``self``.
+
+        Raises:
+            ValueError: a field has the wrong type or value (the message names it and the fix).
+        """
+        from .strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: {self.strategy!r} is unknown; valid strategies: {', '.join(sorted(STRATEGIES))}")
+        for name in ("sp_size", "ulysses_size", "loss_chunk_size", "mlp_tiles"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: must be a positive integer or null, got {v!r}")
+        for name in ("count_comm", "gradient_checkpointing", "offload_checkpoints"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.check_batch not in CHECK_BATCH_MODES:
+            raise ValueError(f"check_batch: {self.check_batch!r}; use one of {list(CHECK_BATCH_MODES)}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout: {self.layout!r}; use one of {list(LAYOUTS)} (or null for the strategy's default)")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options: must be a mapping, got {type(self.options).__name__}")
+        if self.ulysses_size is not None and self.sp_size is not None and self.sp_size % self.ulysses_size:
+            raise ValueError(f"ulysses_size={self.ulysses_size} must divide sp_size={self.sp_size}")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
+                             "checkpointed layer inputs)")
+        return self
+
+    def strategy_options(self) -> dict:
+        """The ``**options`` for ``enable_sequence_parallel`` (``ulysses_size``/``layout`` when set)."""
+        opts = dict(self.options)
+        if self.ulysses_size is not None:
+            opts["ulysses_size"] = self.ulysses_size
+        if self.layout is not None:
+            opts["layout"] = self.layout
+        return opts
+
+
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant (``activation_checkpointing_enable``
+    where transformers has it, else ``gradient_checkpointing_enable``). transformers' own ``offload=``
+    is not used: it pins memory, which CPU-only machines cannot; ``offload_checkpoints`` does it instead."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
+    """Apply the plugin to an unprepared model: checkpointing, SP, memory features (in place).
+
+    Args:
+        model: a transformers causal LM or a PEFT model of one.
+        plugin: the validated plugin.
+        mesh: a ``("dp", "sp")`` DeviceMesh; default :func:`hf_seqpar.build_mesh` over the world.
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` not initialised.
+        ValueError, NotImplementedError, TypeError: see ``enable_sequence_parallel``.
+    """
+    plugin.validate()
+    base = unwrap_model(model)
+    if plugin.gradient_checkpointing:
+        enable_checkpointing(model)
+    enable_sequence_parallel(model, plugin.strategy, plugin.sp_size, mesh=mesh, check_batch=plugin.check_batch,
+                             count_comm=plugin.count_comm, **plugin.strategy_options())
+    install_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles, plugin.offload_checkpoints)
+    return model
+
+
+class SequenceParallelDataLoader:
+    """Iterates a data-parallel-sharded loader and yields each batch ready for the model.
+
+    Args:
+        loader: a loader of full batches (already sharded over data-parallel replicas).
+        model: the SP model (any wrapper); its state gives the SP group.
+        shard: apply :func:`hf_seqpar.shard_batch` (False: yield full batches, e.g. for the Trainer,
+            which counts label tokens before its ``compute_loss`` shards).
+    """
+
+    def __init__(self, loader, model, shard: bool = True):
+        self.loader, self.model, self.shard = loader, model, shard
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield shard_batch(batch, self.model) if self.shard else batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # batch_size, dataset, set_epoch, ... of the wrapped loader
+        if name in ("loader", "model", "shard"):
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_types=None,
+                     use_seedable_sampler: bool = False, data_seed: int | None = None):
+    """Shard a loader of full batches over the data-parallel replicas only, and (optionally) by sequence.
+
+    Args:
+        dataloader: a ``torch.utils.data.DataLoader`` of full batches.
+        model: a model after ``enable_sequence_parallel`` (any wrapper).
+        device: where batches go; default stays on the loader's device.
+        shard: also apply ``shard_batch`` to every batch.
+        rng_types, use_seedable_sampler, data_seed: as for accelerate's ``prepare_data_loader``.
+
+    Returns:
+        A :class:`SequenceParallelDataLoader` over accelerate's ``DataLoaderShard`` for replica
+        ``dp_rank`` of ``dp_size`` (all SP ranks of a replica see the same batches).
+
+    Raises:
+        RuntimeError: the model has no SP.
+    """
+    from accelerate.data_loader import prepare_data_loader
+
+    state = find_state(model)
+    if state is None:
+        raise RuntimeError("shard_dataloader needs a model after hf_seqpar.enable_sequence_parallel()")
+    dp_size, dp_rank = state.mesh.size(0), state.mesh.get_local_rank("dp")
+    loader = prepare_data_loader(dataloader, device=device, num_processes=dp_size, process_index=dp_rank,
+                                 put_on_device=device is not None, rng_types=rng_types,
+                                 use_seedable_sampler=use_seedable_sampler, data_seed=data_seed)
+    return SequenceParallelDataLoader(loader, model, shard=shard)
+
+
+def _ensure_process_group(accelerator) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but the Accelerator runs as {accelerator.num_processes} "
+            f"(distributed_type={accelerator.distributed_type}); each process would train alone. On a machine "
+            "without GPUs set ACCELERATE_USE_CPU=true before creating the Accelerator (accelerate then runs the "
+            "ranks on gloo as MULTI_CPU), e.g. `ACCELERATE_USE_CPU=true accelerate launch ...`."
+        )
+    if dist.is_initialized():
+        return
+    if accelerator.num_processes != 1:
+        raise RuntimeError("torch.distributed is not initialised although accelerate launched "
+                           f"{accelerator.num_processes} processes; create the Accelerator before this call")
+    # a single process (python script.py): a one-rank group so SP code paths run unchanged
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+
+
+def _fill_deepspeed_batch_size(accelerator, loaders) -> None:
+    """DeepSpeed reads its micro-batch size from the loaders given to ``prepare``; ours are not
+    (they are split over dp only), so fill an ``"auto"`` value from the first loader."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not loaders:
+        return
+    cfg = plugin.deepspeed_config
+    if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto" and loaders[0].batch_size:
+        cfg["train_micro_batch_size_per_gpu"] = loaders[0].batch_size
+
+
+def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
+    """Wire an ``Accelerator`` for sequence parallelism, the way ``accelerator.prepare`` is used.
+
+    Builds the ``dp x sp`` mesh over the launched ranks, applies :func:`prepare_model`, prepares
+    the model, optimizers and schedulers with accelerate (DDP / FSDP2 / DeepSpeed as configured),
+    and replaces every ``DataLoader`` by one sharded over data-parallel replicas whose batches
+    are already sequence-sharded.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` (created first: it initialises torch.distributed).
+        plugin: the SP settings.
+        model: an unprepared causal LM (or PEFT model).
+        *objects: optimizers, LR schedulers and DataLoaders, in any order.
+
+    Returns:
+        ``(model, *objects)`` prepared, in the order given.
+
+    Raises:
+        ValueError: invalid plugin, or the world size is not a multiple of ``sp_size``.
+        RuntimeError: torch.distributed could not be set up.
+    """
+    from accelerate.scheduler import AcceleratedScheduler
+
+    from .strategies import get_strategy
+
+    plugin.validate()
+    get_strategy(plugin.strategy)  # a planned-but-unavailable strategy fails here, on every rank alike
+    _ensure_process_group(accelerator)
+    sp_size = plugin.sp_size or dist.get_world_size()
+    from .config import SequenceParallelConfig
+
+    SequenceParallelConfig(plugin.strategy, sp_size).validate(dist.get_world_size())  # clear message, no collective
+    mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu")
+    model = prepare_model(model, plugin, mesh=mesh)
+
+    loaders = [i for i, o in enumerate(objects) if isinstance(o, torch.utils.data.DataLoader)]
+    schedulers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
+    others = [i for i in range(len(objects)) if i not in loaders and i not in schedulers]
+    _fill_deepspeed_batch_size(accelerator, [objects[i] for i in loaders])
+    prepared = accelerator.prepare(model, *(objects[i] for i in others))
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    out = list(objects)
+    for i, obj in zip(others, prepared[1:]):
+        out[i] = obj
+    optimizers = [o for o in prepared[1:] if isinstance(o, torch.optim.Optimizer) or hasattr(o, "optimizer")]
+    for i in schedulers:  # one scheduler step per optimizer step (the loader is split over dp only)
+        out[i] = AcceleratedScheduler(objects[i], optimizers, step_with_optimizer=accelerator.step_scheduler_with_optimizer,
+                                      split_batches=True)
+    cfg = accelerator.dataloader_config
+    for i in loaders:
+        out[i] = shard_dataloader(objects[i], prepared[0], device=accelerator.device, rng_types=accelerator.rng_types,
+                                  use_seedable_sampler=cfg.use_seedable_sampler, data_seed=cfg.data_seed)
+    return (prepared[0], *out)

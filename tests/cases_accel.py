@@ -1,0 +1,212 @@
+"""Rank-side cases for the Accelerate plugin and the Trainer: SP training against an unsharded
+reference computed on every rank in the same case (same seed, same global batches)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+import hf_seqpar
+from cases import VOCAB, tiny_model
+
+
+def rows(n: int, seq: int = 23, seed: int = 3) -> list[dict]:
+    """``n`` full rows: random tokens, two packed documents (position_ids restart), some ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (seq,), generator=g)
+        cut = 4 + i % (seq - 8)
+        labels = ids.clone()
+        labels[cut:cut + 3] = -100
+        pos = torch.cat([torch.arange(cut), torch.arange(seq - cut)])
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return out
+
+
+def _fresh_accelerator(**kwargs):
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # the pool's ranks are CPU ranks of an existing gloo group
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
+def _params_err(model, reference) -> float:
+    ref = dict(hf_seqpar.mesh.unwrap_model(reference).named_parameters())
+    worst = 0.0
+    for name, p in hf_seqpar.mesh.unwrap_model(model).named_parameters():
+        r = ref[name]
+        worst = max(worst, float((p.detach() - r.detach()).abs().max() / r.detach().abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
+                      plugin_kw: dict | None = None) -> dict:
+    """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
+    unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
+
+    Returns:
+        ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n}``.
+    """
+    accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum)
+    world = dist.get_world_size()
+    dp = world // (sp_size or world)
+    data = rows(steps * grad_accum * dp * batch_size)
+    model = tiny_model(heads=4, kv_heads=2)
+    reference = copy.deepcopy(model)
+    # SGD: parameters move by exactly lr x gradient, so parameter errors are gradient errors
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    plugin = hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, **(plugin_kw or {}))
+    model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
+    assert len(sp_loader) == len(loader) // dp, (len(sp_loader), len(loader), dp)
+
+    losses = []
+    for batch in sp_loader:
+        assert batch["input_ids"].shape[1] < 23  # it really is a sequence shard
+        with accelerator.accumulate(model):
+            out = model(**batch)
+            accelerator.backward(out.loss)
+            opt.step()
+            opt.zero_grad()
+        losses.append(out.loss.item())
+
+    # reference: global batch j of the loader goes to replica j % dp (accelerate's batch sharding)
+    full = list(loader)
+    dp_rank = hf_seqpar.find_state(model).mesh.get_local_rank("dp")
+    ref_losses = []
+    for step in range(steps):
+        for micro in range(grad_accum):
+            for r in range(dp):
+                out = reference(**full[(step * grad_accum + micro) * dp + r], use_cache=False)
+                (out.loss / (grad_accum * dp)).backward()
+                if r == dp_rank:
+                    ref_losses.append(out.loss.item())
+        ref_opt.step()
+        ref_opt.zero_grad()
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    result = {"param": _params_err(model, reference), "loss": loss_err, "steps": len(losses) // grad_accum}
+    hf_seqpar.disable_sequence_parallel(model)
+    return result
+
+
+def fsdp2_parity(steps: int = 3) -> dict:
+    """SP model sharded with torch's FSDP2 ``fully_shard`` (what accelerate's FSDP2 path applies)
+    against the unsharded model on the same global batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model(heads=4, kv_heads=2)
+    reference = copy.deepcopy(model)
+    plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=5)
+    hf_seqpar.accelerate.prepare_model(model, plugin)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    data = rows(steps * 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    for batch in loader:
+        out = model(**hf_seqpar.shard_batch(batch, model))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref = reference(**batch, use_cache=False)
+        ref.loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    ref = dict(reference.named_parameters())
+    worst = max(float((full[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in ref)
+    return {"param": worst}
+
+
+def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None,
+                   lora: bool = False) -> dict:
+    """``SequenceParallelTrainer`` train + evaluate vs the same optimisation on the unsharded model
+    with the HF Trainer's multi-device semantics: each optimizer step's loss is the summed token
+    losses of all micro-batches of all data-parallel replicas over their label-token count
+    (``average_tokens_across_devices``); eval loss is the mean over eval steps of the same."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    _fresh_accelerator()
+    world = dist.get_world_size()
+    dp = world // (sp_size or world)
+    data = rows(steps * grad_accum * batch_size * dp)
+    eval_rows = rows(4 * dp, seed=7)
+    to_ds = lambda rs: Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rs])  # noqa: E731
+    model = tiny_model(heads=4, kv_heads=2)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 lora_dropout=0.0))
+    reference = copy.deepcopy(model)
+    out_dir = tempfile.mkdtemp(prefix="sp_trainer_")
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size,
+                             per_device_eval_batch_size=2, gradient_accumulation_steps=grad_accum, max_steps=steps,
+                             learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                             max_grad_norm=0.0, optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False)
+    trainer = hf_seqpar.SequenceParallelTrainer(
+        model=model, args=args, train_dataset=to_ds(data), eval_dataset=to_ds(eval_rows),
+        sp_plugin=hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, loss_chunk_size=7))
+    trainer.train()
+    metrics = trainer.evaluate()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    def stack(rs):
+        return {k: torch.stack([r[k] for r in rs]) for k in rs[0]}
+
+    def weighted_loss(batches, backward: bool) -> float:
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for b in batches:
+            loss = reference(**b, use_cache=False, num_items_in_batch=n).loss
+            if backward:
+                loss.backward()
+            total += float(loss)
+        return total
+
+    # reference: the Trainer's seeded shuffle; loader batch j goes to data-parallel replica j % dp
+    order = list(torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0)))
+    loader_batches = [stack([data[i] for i in order[j:j + batch_size]]) for j in range(0, len(order), batch_size)]
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ref_logged = []
+    for step in range(steps):
+        ref_logged.append(weighted_loss(loader_batches[step * grad_accum * dp:(step + 1) * grad_accum * dp], True))
+        opt.step()
+        opt.zero_grad()
+    reference.eval()
+    eval_batches = [stack(eval_rows[i:i + 2]) for i in range(0, len(eval_rows), 2)]
+    with torch.no_grad():
+        ev = [weighted_loss(eval_batches[e:e + dp], False) for e in range(0, len(eval_batches), dp)]
+    trainer.save_model(out_dir)
+    trained = hf_seqpar.mesh.unwrap_model(trainer.model)
+    result = {"param": _params_err(trained, reference),
+              "logged": [abs(a - b) / b for a, b in zip(logged, ref_logged)] if len(logged) == steps else None,
+              "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
+              "out_dir": out_dir}
+    dist.barrier()
+    if dist.get_rank() == 0:  # the checkpoint loads with plain transformers / PEFT and equals the trained weights
+        if lora:
+            from peft import PeftModel
+
+            loaded = PeftModel.from_pretrained(tiny_model(heads=4, kv_heads=2), out_dir)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+        result["reload"] = _params_err(loaded, reference)
+    hf_seqpar.disable_sequence_parallel(trainer.model)
+    return result
