@@ -79,6 +79,9 @@ class SeqParState:
     """Byte counter of every collective SP runs for this model."""
     batches_checked: int = 0
     """How many batches ``shard_batch`` verified to be identical across the SP group."""
+    strategy_data: dict = field(default_factory=dict)
+    """Per-model data of the strategy's :meth:`apply` that its :meth:`remove` needs (e.g. the
+    hooks and weight re-layouts of Megatron-SP)."""
     last_layout: Any = None
     """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""

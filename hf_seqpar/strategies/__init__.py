@@ -9,6 +9,7 @@ registered attention hook calls with the local shard's q/k/v.
 from __future__ import annotations
 
 from .base import PlannedStrategy, Strategy
+from .megatron import MegatronStrategy
 from .ulysses import UlyssesStrategy
 
 __all__ = ["STRATEGIES", "get_strategy", "Strategy"]
@@ -17,7 +18,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ulysses": UlyssesStrategy(),
     "ring": PlannedStrategy("ring", "ring attention with a zigzag layout"),
     "hybrid": PlannedStrategy("hybrid", "Ulysses x Ring on a 2D mesh"),
-    "megatron": PlannedStrategy("megatron", "tensor parallel + sequence parallel"),
+    "megatron": MegatronStrategy(),
 }
 
 

@@ -39,6 +39,21 @@ class Strategy(Protocol):
     def remove(self, model, state) -> None:
         """Undo :meth:`apply` (``disable_sequence_parallel``)."""
 
+    def local_position_ids(self, positions: torch.Tensor, layout, rank: int) -> torch.Tensor:
+        """The ``position_ids`` ``shard_batch`` hands this rank's model (optional hook).
+
+        Args:
+            positions: ``(B, S_pad)`` global position ids of the padded sequence, global order.
+            layout: the batch's :class:`~hf_seqpar.layout.Layout`.
+            rank: this rank's index in the SP group.
+
+        Returns:
+            By default (strategies without the method) ``layout.shard(positions, rank)``: the
+            positions of the local tokens. A strategy whose attention sees the full sequence
+            while the residual stream is sharded (Megatron-SP: RoPE is applied to q/k after the
+            all-gather) returns the full ``positions`` instead.
+        """
+
 
 class AttentionOnlyStrategy:
     """Base for strategies that only replace attention: :meth:`apply`/:meth:`remove` do nothing."""
