@@ -180,3 +180,32 @@ def megatron_bad_inputs() -> dict:
                                                 family_model("phi3", heads=4, kv_heads=1), "megatron")
     out["unknown_option"] = expect_error(hf_seqpar.enable_sequence_parallel, family_model(), "megatron", tp=2)
     return out
+
+
+def megatron_training_steps(steps: int = 3, family: str = "qwen3", kv_heads: int = 1, sp_size: int | None = None,
+                            optimizer: str = "sgd", clip: float | None = 0.5) -> dict:
+    """A few AdamW steps (with gradient clipping) on the Megatron-SP model and on the unsharded
+    one; the parameters must stay equal. Checks that optimizers handle the ``Partial`` gradients
+    of replicated parameters and the sharded ones as the unsharded gradients."""
+    model = family_model(family, heads=4, kv_heads=kv_heads)
+    reference = copy.deepcopy(model)
+    hf_seqpar.enable_sequence_parallel(model, "megatron", sp_size)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)}[optimizer]
+    opts = [make(m.parameters()) for m in (model, reference)]
+    for step in range(steps):
+        batch = make_batch(kind="padding", seed=10 + step)
+        for m, opt in zip((model, reference), opts):
+            opt.zero_grad()
+            if m is model:
+                m(**hf_seqpar.shard_batch(batch, m)).loss.backward()
+                average_gradients_over_dp(m)
+            else:
+                m(**batch, use_cache=False).loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+    ref_params = dict(reference.named_parameters())
+    worst = max(_rel(full_tensor(model, n, p.detach()), ref_params[n].detach()) for n, p in model.named_parameters())
+    hf_seqpar.disable_sequence_parallel(model)
+    return {"param": worst}

@@ -103,3 +103,12 @@ def test_bad_input_messages(pool2):
             assert msg.startswith(kind + ":"), msg
             for w in words:
                 assert w in msg, f"{w!r} missing from: {msg}"
+
+
+@pytest.mark.parametrize("family,kv_heads,sp_size", [("qwen3", 1, None), ("phi3", 2, 2)])
+def test_optimizer_steps_match_unsharded(pool4, family, kv_heads, sp_size):
+    """Three SGD-momentum steps with gradient clipping: torch's optimizer and clip_grad_norm_
+    work on the DTensor parameters (Partial gradients of replicated ones included) and the
+    parameters stay equal to the unsharded model's (Phi-3 as dp=2 x tp=2)."""
+    for r in pool4.run(megatron_cases.megatron_training_steps, family=family, kv_heads=kv_heads, sp_size=sp_size):
+        assert r["param"] <= GRAD_TOL, r
