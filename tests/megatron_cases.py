@@ -51,7 +51,7 @@ def family_model(family: str = "llama", heads: int = 4, kv_heads: int | None = N
 
 
 def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, batch_kw: dict | None = None,
-                    mode: str = "train") -> dict:
+                    mode: str = "train", checkpointing: bool = False) -> dict:
     """Run one Megatron-SP parity case on this rank; errors against the unsharded model.
 
     Returns:
@@ -59,6 +59,8 @@ def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, ba
     """
     model = family_model(**(model_kw or {}))
     batch = make_batch(**(batch_kw or {}))
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.train(mode == "train")
     reference = copy.deepcopy(model)
     grad_ctx = torch.enable_grad() if mode == "train" else torch.no_grad()
@@ -179,6 +181,17 @@ def megatron_bad_inputs() -> dict:
     out["phi3_kv_not_divisible"] = expect_error(hf_seqpar.enable_sequence_parallel,
                                                 family_model("phi3", heads=4, kv_heads=1), "megatron")
     out["unknown_option"] = expect_error(hf_seqpar.enable_sequence_parallel, family_model(), "megatron", tp=2)
+    odd_mlp = family_model()
+    odd_mlp.config.intermediate_size = 63  # only the config is read by the check
+    out["intermediate_not_divisible"] = expect_error(hf_seqpar.enable_sequence_parallel, odd_mlp, "megatron")
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(family_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    out["lora_wrapped"] = expect_error(hf_seqpar.enable_sequence_parallel, lora, "megatron")
+    base = lora.get_base_model()
+    out["lora_untouched_after_error"] = hf_seqpar.find_state(lora) is None and not any(
+        isinstance(p, torch.distributed.tensor.DTensor) for p in lora.parameters()) and (
+        base.config._attn_implementation == "sdpa")
     return out
 
 

@@ -33,6 +33,8 @@ CASES = {
     "qwen3_head_norms_packed": dict(model_kw=dict(family="qwen3"), batch_kw=dict(kind="packed", seq=40)),
     "phi3_fused_gqa_odd_length": dict(model_kw=dict(family="phi3", heads=8, kv_heads=4), batch_kw=dict(seq=29)),
     "phi3_fused_padding": dict(model_kw=dict(family="phi3"), batch_kw=dict(kind="padding")),
+    "qwen3_grad_checkpointing_packed": dict(checkpointing=True, model_kw=dict(family="qwen3", heads=8, kv_heads=2),
+                                            batch_kw=dict(kind="packed")),
     "phi3_eval_no_labels": dict(mode="eval", model_kw=dict(family="phi3"), batch_kw=dict(kind="no_labels", seq=27)),
 }
 
@@ -92,12 +94,15 @@ EXPECTED_ERRORS = {
     "unknown_family": ("ValueError", ["'gpt2'", "llama", "phi3", "qwen3", "ulysses", "hf_seqpar.patches"]),
     "phi3_kv_not_divisible": ("ValueError", ["num_key_value_heads=1", "sp_size=2", "ulysses"]),
     "unknown_option": ("ValueError", ["['tp']", "megatron"]),
+    "intermediate_not_divisible": ("ValueError", ["intermediate size 63", "sp_size=2", "[1, 3, 7, 9, 21, 63]"]),
+    "lora_wrapped": ("TypeError", ["model.layers.0.self_attn.q_proj", "peft", "ulysses", "merge_and_unload"]),
 }
 
 
 def test_bad_input_messages(pool2):
     for messages in pool2.run(megatron_cases.megatron_bad_inputs):
         assert messages["untouched_after_error"] is True
+        assert messages["lora_untouched_after_error"] is True
         for case, (kind, words) in EXPECTED_ERRORS.items():
             msg = messages[case]
             assert msg.startswith(kind + ":"), msg

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..comm import CollectiveMeter, all_reduce_mean_, all_reduce_sum_replicated
 from ..local_attention import full_sequence_attention
 from ..loss import SequenceParallelLoss
 from .base import check_no_options
+from .tp_styles import ReplicatedProjection
 from .ulysses import HeadsNotDivisibleError, _divisors
 
 __all__ = ["MegatronStrategy", "full_tensor", "average_gradients_over_dp", "counting"]
@@ -192,6 +193,7 @@ class MegatronStrategy:
         from hf_seqpar import patches
 
         plan = patches.family(model.config.model_type).megatron_plan(model.config, state.sp_size)
+        _check_targets(model, plan)
         tp_mesh, tp = state.mesh["sp"], state.sp_size
         data = state.strategy_data
         data.update(kv_replicated=plan.kv_replicated, relayout={}, configs=[], handles=[], meter=None)
@@ -240,6 +242,33 @@ class MegatronStrategy:
         if data.get("tied"):
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         data.clear()
+
+
+def _check_targets(model, plan) -> None:
+    """Every module the plan names exists, and every projection it shards is a plain
+    ``nn.Linear`` (checked before anything is changed).
+
+    Raises:
+        TypeError: a projection is wrapped (PEFT/LoRA adapters) or replaced by another type.
+        ValueError: a module the plan names is missing (a variant of the family).
+    """
+    layers = model.get_submodule(plan.layers)
+    targets = [(f"{plan.layers}.{i}.{k}", s) for i in range(len(layers)) for k, s in plan.layer_plan.items()]
+    for name, style in targets + list(plan.model_plan.items()):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the Megatron-SP plan for model_type {model.config.model_type!r} names {name!r}, which this "
+                f"{type(model).__name__} does not have; use strategy='ulysses' for this model"
+            ) from None
+        if isinstance(style, (ColwiseParallel, RowwiseParallel, ReplicatedProjection)) and type(module) is not torch.nn.Linear:
+            raise TypeError(
+                f"Megatron-SP shards nn.Linear projections, but {name} is a {type(module).__module__}."
+                f"{type(module).__name__} (PEFT/LoRA adapters wrap projections). strategy='megatron' does not "
+                "support wrapped projections in this version: use strategy='ulysses' (which supports LoRA), or "
+                "merge the adapters first (`model = model.merge_and_unload()`)."
+            )
 
 
 def _set_local_attr(module, attr: str, value: int, undo: list) -> None:
