@@ -27,6 +27,7 @@ __all__ = [
     "all_gather_object_fingerprints",
     "all_reduce_sum_replicated",
     "all_reduce_mean_",
+    "broadcast_",
     "CollectiveMeter",
 ]
 
@@ -267,6 +268,19 @@ def all_reduce_sum_replicated(x: torch.Tensor, group, counter: CommCounter | Non
     if dist.get_world_size(group) == 1:
         return x
     return _AllReduceSumReplicated.apply(x, group, counter)
+
+
+def broadcast_(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:
+    """In-place broadcast from the group's first rank (no autograd).
+
+    Returns:
+        ``x``, now holding group rank 0's values.
+    """
+    world = dist.get_world_size(group)
+    if world > 1:
+        _record(counter, "broadcast", _nbytes(x) if dist.get_rank(group) == 0 else 0, None)
+        dist.broadcast(x, group=group, group_src=0)
+    return x
 
 
 def all_reduce_mean_(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:

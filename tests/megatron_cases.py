@@ -222,3 +222,18 @@ def megatron_training_steps(steps: int = 3, family: str = "qwen3", kv_heads: int
     worst = max(_rel(full_tensor(model, n, p.detach()), ref_params[n].detach()) for n, p in model.named_parameters())
     hf_seqpar.disable_sequence_parallel(model)
     return {"param": worst}
+
+
+def replicas_follow_rank0() -> dict:
+    """Ranks that hold different weights end up with SP rank 0's everywhere (sharded ones are
+    scattered from rank 0 by torch's styles, replicated ones broadcast by hf_seqpar)."""
+    model = family_model()
+    with torch.no_grad():
+        model.model.norm.weight.add_(dist.get_rank())  # this rank's own, different replica
+        model.lm_head.weight.add_(dist.get_rank())
+    hf_seqpar.enable_sequence_parallel(model, "megatron")
+    mine = [model.model.norm.weight.to_local().clone(), model.lm_head.weight.to_local().clone()]
+    hf_seqpar.disable_sequence_parallel(model)
+    rank0 = family_model()
+    return {"equal_rank0": all(torch.equal(a, b) for a, b in zip(mine, [rank0.model.norm.weight,
+                                                                        rank0.lm_head.weight]))}

@@ -117,3 +117,7 @@ def test_optimizer_steps_match_unsharded(pool4, family, kv_heads, sp_size):
     parameters stay equal to the unsharded model's (Phi-3 as dp=2 x tp=2)."""
     for r in pool4.run(megatron_cases.megatron_training_steps, family=family, kv_heads=kv_heads, sp_size=sp_size):
         assert r["param"] <= GRAD_TOL, r
+
+
+def test_replicated_weights_follow_rank0(pool2):
+    assert all(r["equal_rank0"] for r in pool2.run(megatron_cases.replicas_follow_rank0))

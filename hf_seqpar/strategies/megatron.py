@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..comm import CollectiveMeter, all_reduce_mean_, all_reduce_sum_replicated
+from ..comm import CollectiveMeter, all_reduce_mean_, all_reduce_sum_replicated, broadcast_
 from ..local_attention import full_sequence_attention
 from ..loss import SequenceParallelLoss
 from .base import check_no_options
@@ -213,6 +213,10 @@ class MegatronStrategy:
             for attr, value in plan.local_head_attrs.items():
                 _set_local_attr(layer.self_attn, attr, value // tp, data["configs"])
         parallelize_module(model, tp_mesh, plan.model_plan)
+        with torch.no_grad():  # torch's styles scatter shards from rank 0 but keep each rank's replicas:
+            for p in model.parameters():  # take rank 0's replicas too, so all weights agree
+                if isinstance(p, DTensor) and all(pl.is_replicate() for pl in p.placements):
+                    broadcast_(p.to_local(), state.sp_group, state.counter)
         if data["tied"]:
             head.weight = embed.weight
         after = _hook_keys(model)
