@@ -9,6 +9,10 @@ communication:
 - :class:`ReplicatedProjection`: a k/v projection computed for *all* kv heads on every rank,
   used when the kv-head count does not split over the ranks (each rank's attention then picks
   the kv heads its query heads need).
+  (Repeating kv heads into separately sharded copies would divide their cost, but the copies
+  are then distinct parameters: global gradient norms (``clip_grad_norm_``) count them ``r``
+  times and the training diverges from the unsharded model. Replicated DTensors keep every
+  parameter exactly the model's.)
 - :class:`HeadNorm`: a per-head norm (Qwen3's ``q_norm``/``k_norm``) applied to this rank's
   heads, or to all (replicated) kv heads.
 
