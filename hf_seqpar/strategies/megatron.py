@@ -16,8 +16,9 @@ no communication. RoPE is applied to q/k before that, so ``shard_batch`` gives t
 full-sequence ``position_ids`` (:meth:`MegatronStrategy.local_position_ids`).
 
 Gradients: every parameter becomes a DTensor on the SP group. Projection weights are sharded
-(``Shard``); norms, embedding and lm_head are replicated and their gradients are
-``Partial(sum)`` (each rank's tokens' share; summed when reduced). On every rank
+(``Shard``); norms, embedding, lm_head (and k/v projections whose heads do not split over the
+ranks) are replicated and their gradients are ``Partial(sum)`` (each rank's share; summed when
+reduced). On every rank
 ``p.grad.full_tensor()`` is the gradient of the unsharded model (no averaging over the SP
 group); with ``dp > 1``, average the gradients over ``dp`` only (:func:`average_gradients_over_dp`).
 """
@@ -31,6 +32,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from ..comm import CollectiveMeter, all_reduce_mean_, all_reduce_sum_replicated, broadcast_
 from ..local_attention import full_sequence_attention
 from ..loss import SequenceParallelLoss
+from ..mesh import find_state
 from .base import check_no_options
 from .tp_styles import ReplicatedProjection
 from .ulysses import HeadsNotDivisibleError, _divisors
@@ -90,8 +92,6 @@ def full_tensor(model, name: str, tensor) -> torch.Tensor:
         A plain tensor: ``full_tensor()`` of the DTensor (a collective: call it on every rank),
         with fused rows laid back out (Phi-3).
     """
-    from ..mesh import find_state
-
     if isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
     state = find_state(model)
@@ -105,10 +105,8 @@ def average_gradients_over_dp(model) -> None:
     What DDP does, for DTensor gradients: their local shards (or partial sums) are averaged over
     the ranks that hold the same shard in other replicas. No-op when ``dp == 1``.
     """
-    from ..mesh import find_state
-
     state = find_state(model)
-    if state.mesh.size(0) == 1:
+    if state is None or state.mesh.size(0) == 1:
         return
     for p in model.parameters():
         if p.grad is not None:
@@ -124,9 +122,8 @@ def counting(model):
     Raises:
         RuntimeError: the model was enabled without ``count_comm=True``.
     """
-    from ..mesh import find_state
-
-    meter = find_state(model).strategy_data.get("meter")
+    state = find_state(model)
+    meter = state.strategy_data.get("meter") if state is not None else None
     if meter is None:
         raise RuntimeError("enable_sequence_parallel(..., count_comm=True) is needed to count collectives")
     return _MeterContext(meter)
@@ -161,7 +158,7 @@ class MegatronStrategy:
         return positions
 
     def check_model(self, config, sp_size: int, options: dict) -> None:
-        from hf_seqpar import patches
+        from hf_seqpar import patches  # late import: the plans import strategies.tp_styles
 
         check_no_options(self.name, options)
         fam = patches.family(getattr(config, "model_type", None))
@@ -190,7 +187,7 @@ class MegatronStrategy:
                                        **kwargs)
 
     def apply(self, model, state) -> None:
-        from hf_seqpar import patches
+        from hf_seqpar import patches  # late import: the plans import strategies.tp_styles
 
         plan = patches.family(model.config.model_type).megatron_plan(model.config, state.sp_size)
         _check_targets(model, plan)
