@@ -137,3 +137,32 @@ def test_demo_trains_with_megatron(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_rank_major_relayout_gives_each_rank_matching_blocks():
+    """Phi-3's fused rows [q | k | v] re-laid out so that a plain column split hands rank r
+    the r-th slice of every block."""
+    from hf_seqpar.strategies.megatron import _rank_major
+
+    perm = _rank_major([4, 2, 2], 2)  # q rows 0-3, k rows 4-5, v rows 6-7
+    assert perm.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+    assert sorted(perm.tolist()) == list(range(8))
+
+
+def test_plans_per_family():
+    """Which projections are column-split, and when kv heads stay replicated (no ranks needed)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from hf_seqpar import patches
+    from hf_seqpar.strategies.tp_styles import HeadNorm, ReplicatedProjection
+
+    llama = megatron_cases.family_model(heads=8, kv_heads=2, layers=1).config
+    plan = patches.family("llama").megatron_plan(llama, 2)
+    assert not plan.kv_replicated and isinstance(plan.layer_plan["self_attn.k_proj"], ColwiseParallel)
+    plan = patches.family("llama").megatron_plan(llama, 4)
+    assert plan.kv_replicated and isinstance(plan.layer_plan["self_attn.k_proj"], ReplicatedProjection)
+    qwen3 = patches.family("qwen3").megatron_plan(megatron_cases.family_model("qwen3", layers=1).config, 2)
+    assert isinstance(qwen3.layer_plan["self_attn.q_norm"], HeadNorm)
+    phi3 = patches.family("phi3").megatron_plan(megatron_cases.family_model("phi3", layers=1).config, 2)
+    assert set(phi3.fused) == {"self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"}
+    assert patches.FAMILIES["mistral"] == patches.FAMILIES["qwen2"] == "llama"
