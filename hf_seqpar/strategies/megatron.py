@@ -263,7 +263,8 @@ def _check_targets(model, plan) -> None:
                 f"the Megatron-SP plan for model_type {model.config.model_type!r} names {name!r}, which this "
                 f"{type(model).__name__} does not have; use strategy='ulysses' for this model"
             ) from None
-        if isinstance(style, (ColwiseParallel, RowwiseParallel, ReplicatedProjection)) and type(module) is not torch.nn.Linear:
+        sharded = isinstance(style, (ColwiseParallel, RowwiseParallel, ReplicatedProjection))
+        if sharded and type(module) is not torch.nn.Linear:
             raise TypeError(
                 f"Megatron-SP shards nn.Linear projections, but {name} is a {type(module).__module__}."
                 f"{type(module).__name__} (PEFT/LoRA adapters wrap projections). strategy='megatron' does not "
