@@ -289,6 +289,42 @@ def _fill_deepspeed_batch_size(accelerator, loaders) -> None:
         cfg["train_micro_batch_size_per_gpu"] = loaders[0].batch_size
 
 
+def _repoint_optimizers(model, names: dict, objects) -> None:
+    """Optimizers built before SP keep pointing at the model's parameters: Megatron-SP's tensor
+    parallel plan replaces them (with DTensors), so point the optimizers at the new ones by name."""
+    current = dict(model.named_parameters())
+    for opt in (o for o in objects if isinstance(o, torch.optim.Optimizer)):
+        for group in opt.param_groups:
+            group["params"] = [current.get(names.get(id(p)), p) for p in group["params"]]
+
+
+def _has_dtensor_parameters(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _average_gradients_over_dp_by_hooks(model) -> None:
+    """Average each gradient over the data-parallel replicas as it is accumulated (what DDP does;
+    linear, so gradient accumulation is unaffected). Nothing to do with one replica."""
+    from torch.distributed.tensor import DTensor
+
+    from .comm import all_reduce_mean_
+    from .mesh import find_state
+
+    state = find_state(model)
+    if state.mesh.size(0) == 1:
+        return
+
+    def hook(p):
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        all_reduce_mean_(grad, state.dp_group, state.counter)
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(hook)
+
+
 def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
     """Wire an ``Accelerator`` for sequence parallelism, the way ``accelerator.prepare`` is used.
 
@@ -322,13 +358,22 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
 
     SequenceParallelConfig(plugin.strategy, sp_size).validate(dist.get_world_size())  # clear message, no collective
     mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
     model = prepare_model(model, plugin, mesh=mesh)
+    _repoint_optimizers(model, names, objects)
 
     loaders = [i for i, o in enumerate(objects) if isinstance(o, torch.utils.data.DataLoader)]
     schedulers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
     others = [i for i in range(len(objects)) if i not in loaders and i not in schedulers]
     _fill_deepspeed_batch_size(accelerator, [objects[i] for i in loaders])
-    prepared = accelerator.prepare(model, *(objects[i] for i in others))
+    if _has_dtensor_parameters(model):
+        # Megatron-SP: DDP cannot wrap DTensor parameters; the dp average is done by hooks instead
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        _average_gradients_over_dp_by_hooks(model)
+        prepared = (model, *((accelerator.prepare(*(objects[i] for i in others)),) if len(others) == 1 else
+                             accelerator.prepare(*(objects[i] for i in others))))
+    else:
+        prepared = accelerator.prepare(model, *(objects[i] for i in others))
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     out = list(objects)
     for i, obj in zip(others, prepared[1:]):

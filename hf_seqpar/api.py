@@ -123,7 +123,11 @@ def enable_sequence_parallel(
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
     setattr(base, STATE_ATTR, state)
-    strat.apply(base, state)
+    try:
+        strat.apply(base, state)
+    except BaseException:
+        disable_sequence_parallel(base)  # leave the model as it was
+        raise
     return model
 
 

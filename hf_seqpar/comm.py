@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "CommCounter",
@@ -25,6 +26,10 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_concat",
     "all_gather_object_fingerprints",
+    "all_reduce_sum_replicated",
+    "all_reduce_mean_",
+    "broadcast_",
+    "CollectiveMeter",
 ]
 
 
@@ -260,3 +265,129 @@ class RingShift:
             req.wait()
         self.sent = None
         return self.received
+
+
+# --------------------------------------------------------------------------------------------
+# tensor parallel: a sum whose backward is the identity, and a meter for DTensor's collectives
+# --------------------------------------------------------------------------------------------
+
+
+class _AllReduceSumReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, counter):
+        world = dist.get_world_size(group)
+        _record(counter, "all_reduce_replicated.fwd", 2 * _nbytes(x) * (world - 1) / world, None)
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def all_reduce_sum_replicated(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:
+    """Sum over the group in forward, identity in backward (Megatron's "g" operator).
+
+    For tensor parallelism: the ranks run one shared graph, the summed value is replicated and
+    every rank starts backward from it with gradient 1, so each partial term receives gradient 1
+    (not ``P`` as with :func:`all_reduce_sum`, whose ranks are independent replicas).
+
+    Args:
+        x: this rank's partial value (same shape on every rank).
+        group: process group.
+        counter: optional byte counter.
+
+    Returns:
+        The sum over ranks, on every rank.
+    """
+    if dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSumReplicated.apply(x, group, counter)
+
+
+def broadcast_(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:
+    """In-place broadcast from the group's first rank (no autograd).
+
+    Returns:
+        ``x``, now holding group rank 0's values.
+    """
+    world = dist.get_world_size(group)
+    if world > 1:
+        _record(counter, "broadcast", _nbytes(x) if dist.get_rank(group) == 0 else 0, None)
+        dist.broadcast(x, group=group, group_src=0)
+    return x
+
+
+def all_reduce_mean_(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:
+    """In-place mean over the group (no autograd), e.g. gradients over data-parallel replicas.
+
+    Returns:
+        ``x``, now holding the mean.
+    """
+    world = dist.get_world_size(group)
+    if world > 1:
+        _record(counter, "all_reduce_mean", 2 * _nbytes(x) * (world - 1) / world, None)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        x.div_(world)
+    return x
+
+
+#: Functional collectives (what DTensor runs) -> bytes this rank sends, from the input's bytes
+#: ``n`` and the group size ``p`` (same convention as the collectives above).
+_FUNCOL_SENT = {
+    "all_gather_into_tensor": lambda n, p: n * (p - 1),  # input: the local shard
+    "reduce_scatter_tensor": lambda n, p: n * (p - 1) / p,  # input: the full, unreduced tensor
+    "all_reduce": lambda n, p: 2 * n * (p - 1) / p,
+    "all_to_all_single": lambda n, p: n * (p - 1) / p,
+}
+_FUNCOL_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
+
+
+class CollectiveMeter(TorchDispatchMode):
+    """Counts the collectives that run *inside* other libraries (DTensor redistributions of
+    torch's tensor-parallel styles) into a :class:`CommCounter`.
+
+    hf_seqpar's own collectives count themselves; the ones DTensor issues cannot be routed
+    through this module, so this dispatch mode observes every functional collective that is
+    actually executed while it is active and records the bytes of its real input tensor, under
+    ``"tp_<op>.<phase>"`` and the current layer. Whoever drives it sets :attr:`layer` and
+    :attr:`phase` (Megatron-SP does it with module and tensor hooks). :meth:`start` /
+    :meth:`stop` nest, so a forward hook and a user's ``with meter:`` can both use it.
+
+    Args:
+        counter: where to record.
+        group_sizes: ``{process group name: size}`` of the groups whose collectives count.
+    """
+
+    def __init__(self, counter: CommCounter, group_sizes: dict[str, int]):
+        super().__init__()
+        self.counter, self.group_sizes = counter, group_sizes
+        self.layer: int | None = None
+        self.phase = "fwd"
+        self._depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor desugar into collectives first; we see those
+        if func.namespace in _FUNCOL_NAMESPACES and func._opname in _FUNCOL_SENT:
+            size = self.group_sizes.get(args[-1] if isinstance(args[-1], str) else None)
+            if size is not None:
+                sent = _FUNCOL_SENT[func._opname](_nbytes(args[0]), size)
+                _record(self.counter, f"tp_{func._opname}.{self.phase}", sent, self.layer)
+        return func(*args, **kwargs)
+
+    def start(self) -> None:
+        """Begin observing (nested calls only count once)."""
+        if self._depth == 0:
+            self.__enter__()
+        self._depth += 1
+
+    def stop(self) -> None:
+        """End one :meth:`start`."""
+        self._depth -= 1
+        if self._depth == 0:
+            self.__exit__(None, None, None)

@@ -20,14 +20,18 @@ class SequenceParallelLoss:
 
     Args:
         inner: the loss function the model used before SP.
+        combine: ``(loss, group, counter) -> loss`` summing the ranks' losses. The default
+            :func:`~hf_seqpar.comm.all_reduce_sum` sums gradients in backward too (every rank is its
+            own replica, averaged later by DDP/FSDP); tensor-parallel strategies, whose ranks run one
+            shared graph, use :func:`~hf_seqpar.comm.all_reduce_sum_replicated` (backward identity).
     """
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, combine=all_reduce_sum):
+        self.inner, self.combine = inner, combine
 
     def __call__(self, logits, labels, vocab_size: int, **kwargs):
         loss = self.inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         batch = kwargs.get("seqpar")
         if batch is None:  # a forward without shard_batch: nothing to combine
             return loss
-        return all_reduce_sum(loss, batch.state.sp_group, batch.state.counter)
+        return self.combine(loss, batch.state.sp_group, batch.state.counter)

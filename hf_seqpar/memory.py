@@ -116,7 +116,18 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device, torch.float32)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    return ChunkedLMHeadCrossEntropy.apply(flat, lm_head.weight, lm_head.bias, labels, int(chunk), num_items_in_batch)
+    weight, bias = _local(lm_head.weight), _local(lm_head.bias)
+    return ChunkedLMHeadCrossEntropy.apply(flat, weight, bias, labels, int(chunk), num_items_in_batch)
+
+
+def _local(param):
+    """A replicated tensor-parallel parameter (Megatron-SP keeps lm_head replicated) as a plain
+    tensor whose gradient is a partial sum over the ranks (each saw only its own tokens)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(param, DTensor):
+        return param.to_local(grad_placements=[Partial()] * len(param.placements))
+    return param
 
 
 def _check_chunkable(model) -> None:
@@ -147,7 +158,8 @@ def _chunked_forward(chunk: int):
         out = base(input_ids=input_ids, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items)
         if seqpar is not None:  # the exact SP loss: sum_local / N, summed over the SP group
-            loss = all_reduce_sum(loss, seqpar.state.sp_group, seqpar.state.counter)
+            combine = getattr(self.loss_function, "combine", all_reduce_sum)  # the strategy's (see loss.py)
+            loss = combine(loss, seqpar.state.sp_group, seqpar.state.counter)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
 
     return forward

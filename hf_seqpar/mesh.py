@@ -83,7 +83,8 @@ class SeqParState:
     """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
     strategy_state: dict = field(default_factory=dict)
-    """What a strategy's ``apply`` builds for itself (e.g. the hybrid strategy's 3D mesh)."""
+    """What a strategy's ``apply`` builds for itself and its ``remove`` needs (the hybrid
+    strategy's 3D mesh; Megatron-SP's hooks and weight re-layouts)."""
 
     @property
     def sp_group(self):

@@ -199,7 +199,9 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
         local["input_ids"] = layout.shard(_pad_seq(batch["input_ids"], pad, 0), rank)
     if "inputs_embeds" in batch:
         local["inputs_embeds"] = layout.shard(_pad_seq(batch["inputs_embeds"], pad, 0.0), rank)
-    local["position_ids"] = layout.shard(positions, rank)
+    # the strategy may want other positions than its tokens' own (see Strategy.local_position_ids)
+    position_hook = getattr(state.strategy, "local_position_ids", None)
+    local["position_ids"] = position_hook(positions, layout, rank) if position_hook else layout.shard(positions, rank)
     labels = batch.get("labels")
     if labels is not None:
         # shift on the full sequence, then shard: token t is scored against label t+1 everywhere

@@ -51,11 +51,17 @@ class SequenceParallelTrainer(Trainer):
     Raises:
         RuntimeError: torch.distributed is not initialised (not launched with a launcher).
         ValueError: invalid plugin / sizes (see ``enable_sequence_parallel``).
+        NotImplementedError: ``strategy="megatron"`` (use ``prepare_sequence_parallel``).
     """
 
     def __init__(self, *args, sp_plugin: SequenceParallelPlugin | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sp_plugin = (sp_plugin or SequenceParallelPlugin.load()).validate()
+        if self.sp_plugin.strategy == "megatron":
+            raise NotImplementedError(
+                "SequenceParallelTrainer does not support strategy='megatron' yet: the Trainer wraps the model in "
+                "DDP, which cannot hold Megatron-SP's DTensor parameters. Use hf_seqpar.prepare_sequence_parallel "
+                "(as recipes/finetune_long_context.py does) or another strategy (ulysses, ring, hybrid).")
         prepare_model(self.model, self.sp_plugin)
         self.sp_state = find_state(self.model)
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_seqpar
+from hf_seqpar.strategies.megatron import average_gradients_over_dp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +74,9 @@ def main(argv=None) -> None:
     model = LlamaForCausalLM(config).to(device)
     hf_seqpar.enable_sequence_parallel(model, args.strategy, args.sp_size)
     state = hf_seqpar.find_state(model)
-    ddp = DistributedDataParallel(model)
+    # Megatron-SP: every SP rank already holds the exact gradient (DTensors); average over dp only
+    megatron = args.strategy == "megatron"
+    ddp = model if megatron else DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     # every SP group gets the same rows; data-parallel replicas take every dp_size-th row
@@ -88,6 +91,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         out = ddp(**hf_seqpar.shard_batch(batch, model))
         out.loss.backward()
+        if megatron:
+            average_gradients_over_dp(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0

@@ -8,8 +8,9 @@ registered attention hook calls with the local shard's q/k/v.
 
 from __future__ import annotations
 
-from .base import PlannedStrategy, Strategy
+from .base import Strategy
 from .hybrid import HybridStrategy
+from .megatron import MegatronStrategy
 from .ring import RingStrategy
 from .ulysses import UlyssesStrategy
 
@@ -22,7 +23,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ulysses": UlyssesStrategy(),
     "ring": RingStrategy(),
     "hybrid": HybridStrategy(),
-    "megatron": PlannedStrategy("megatron", "tensor parallel + sequence parallel"),
+    "megatron": MegatronStrategy(),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 if TYPE_CHECKING:
     from ..layout import Layout
 
-__all__ = ["Strategy", "AttentionOnlyStrategy", "PlannedStrategy", "check_no_options"]
+__all__ = ["Strategy", "AttentionOnlyStrategy", "check_no_options"]
 
 
 class Strategy(Protocol):
@@ -20,7 +20,7 @@ class Strategy(Protocol):
     description: str
     """One line for messages and docs."""
     available: bool
-    """False for strategies that are named but not implemented yet."""
+    """False for a strategy that is named in the table but cannot run in this version."""
     def make_layout(self, seq_len: int, state) -> "Layout":
         """The :class:`~hf_seqpar.layout.Layout` ``shard_batch`` applies to a sequence of
         ``seq_len`` tokens (it fixes the padded length and which tokens each rank holds)."""
@@ -40,6 +40,21 @@ class Strategy(Protocol):
     def remove(self, model, state) -> None:
         """Undo :meth:`apply` (``disable_sequence_parallel``)."""
 
+    def local_position_ids(self, positions: torch.Tensor, layout, rank: int) -> torch.Tensor:
+        """The ``position_ids`` ``shard_batch`` hands this rank's model (optional hook).
+
+        Args:
+            positions: ``(B, S_pad)`` global position ids of the padded sequence, global order.
+            layout: the batch's :class:`~hf_seqpar.layout.Layout`.
+            rank: this rank's index in the SP group.
+
+        Returns:
+            By default (strategies without the method) ``layout.shard(positions, rank)``: the
+            positions of the local tokens. A strategy whose attention sees the full sequence
+            while the residual stream is sharded (Megatron-SP: RoPE is applied to q/k after the
+            all-gather) returns the full ``positions`` instead.
+        """
+
 
 class AttentionOnlyStrategy:
     """Base for strategies that only replace attention: :meth:`apply`/:meth:`remove` do nothing."""
@@ -49,15 +64,6 @@ class AttentionOnlyStrategy:
 
     def remove(self, model, state) -> None:
         return None
-
-
-class PlannedStrategy:
-    """A strategy name that is reserved but not implemented in this version."""
-
-    available = False
-
-    def __init__(self, name: str, description: str):
-        self.name, self.description = name, description
 
 
 def check_no_options(name: str, options: dict, known: tuple[str, ...] = ()) -> None:
