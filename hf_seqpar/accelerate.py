@@ -351,7 +351,7 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     from .strategies import get_strategy
 
     plugin.validate()
-    get_strategy(plugin.strategy)  # a planned-but-unavailable strategy fails here, on every rank alike
+    get_strategy(plugin.strategy)  # a unavailable strategy fails here, on every rank alike
     _ensure_process_group(accelerator)
     sp_size = plugin.sp_size or dist.get_world_size()
     from .config import SequenceParallelConfig

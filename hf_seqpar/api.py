@@ -86,7 +86,7 @@ def enable_sequence_parallel(
     """
     config = SequenceParallelConfig(strategy, sp_size, check_batch, count_comm, dict(options)).validate()
     if strategy != AUTO:
-        get_strategy(strategy)  # planned-but-unavailable names fail here, before anything else
+        get_strategy(strategy)  # unavailable names fail here, before anything else
     require_distributed()
     config.validate(dist.get_world_size() if mesh is None else mesh.size())
     base = unwrap_model(model)

@@ -53,7 +53,7 @@ def get_strategy(name: str) -> Strategy:
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
-        NotImplementedError: the strategy is planned but not available in this version.
+        NotImplementedError: the strategy is in the table but cannot run in this version.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} "
