@@ -12,6 +12,7 @@ launch``, the configurations whose world equals the launched world run in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -94,11 +95,16 @@ class _PeakRSS:
 
 def saved_activation_bytes(model, inputs: dict) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    from torch.distributed.tensor import DTensor
+
+    def storage(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+
+    params = {storage(p).data_ptr() for p in model.parameters()}
     seen: dict = {}
 
     def pack(t):
-        st = t.untyped_storage()
+        st = storage(t)
         if st.data_ptr() not in params:
             seen[st.data_ptr()] = st.nbytes()
         return t
@@ -107,6 +113,16 @@ def saved_activation_bytes(model, inputs: dict) -> int:
         out = model(**inputs)
     del out
     return sum(seen.values())
+
+
+def _backward_meter(model, strategy: str):
+    """Megatron-SP's DTensor collectives are counted by a dispatch-mode meter, automatically in
+    forward and inside this context in backward; other strategies count through comm.py."""
+    if strategy == "megatron":
+        from .strategies.megatron import counting
+
+        return counting(model)
+    return contextlib.nullcontext()
 
 
 def _flops(shape, tokens: int, seq_len: int, batch: int) -> float:
@@ -121,7 +137,7 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     from transformers import LlamaForCausalLM
 
     from .presets import load_config
-    from .theory import ModelShape, comm_bytes
+    from .theory import ModelShape, activation_bytes, comm_bytes
 
     dtype = getattr(torch, spec.dtype)
     config = load_config(spec.model, num_hidden_layers=spec.layers)
@@ -139,7 +155,9 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     state = hf_seqpar.find_state(model)
 
     def step():
-        model(**local).loss.backward()
+        loss = model(**local).loss
+        with _backward_meter(model, strategy):
+            loss.backward()
         model.zero_grad(set_to_none=True)
 
     for _ in range(spec.warmup):
@@ -166,10 +184,13 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     theory = 0 if strategy == "none" or world == 1 else comm_bytes(
         strategy, shape, padded, world, spec.batch, torch.finfo(dtype).bits // 8,
         ulysses_size=spec.options.get("ulysses_size"))["total"]
+    act_theory = activation_bytes(None if strategy == "none" or world == 1 else strategy, shape, padded, world,
+                                  spec.batch, torch.finfo(dtype).bits // 8,
+                                  ulysses_size=spec.options.get("ulysses_size"))
     step_time = statistics.median(times)
     row = dict(strategy=strategy, world=world, seq_len=seq_len, batch=spec.batch, padded_len=padded,
                step_time_s=step_time, tokens_per_s=spec.batch * seq_len / step_time,
-               peak_mem_bytes=max(peaks), activation_bytes=activation,
+               peak_mem_bytes=max(peaks), activation_bytes=activation, activation_bytes_theory=act_theory,
                comm_bytes_measured=comm[-1], comm_bytes_theory=theory,
                comm_ratio=(comm[-1] / theory) if theory else None, device=device.type)
     if device.type == "cuda":
@@ -267,8 +288,8 @@ def _mib(x) -> str:
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of bench rows, with overhead at P=1 against the plain model."""
     plain = {r["seq_len"]: r["step_time_s"] for r in rows if r["strategy"] == "none"}
-    head = ["strategy", "P", "seq", "step s", "tok/s", "peak MiB", "act MiB", "comm MiB", "theory MiB", "ratio",
-            "vs plain"]
+    head = ["strategy", "P", "seq", "step s", "tok/s", "peak MiB", "act MiB", "act theory", "comm MiB", "theory MiB",
+            "ratio", "vs plain"]
     lines = [head]
     for r in rows:
         over = ""
@@ -276,6 +297,7 @@ def format_table(rows: list[dict]) -> str:
             over = f"{100 * (r['step_time_s'] / plain[r['seq_len']] - 1):+.1f}%"
         lines.append([r["strategy"], str(r["world"]), str(r["seq_len"]), f"{r['step_time_s']:.3f}",
                       f"{r['tokens_per_s']:,.0f}", _mib(r["peak_mem_bytes"]), _mib(r["activation_bytes"]),
+                      _mib(r["activation_bytes_theory"]),
                       _mib(r["comm_bytes_measured"]), _mib(r["comm_bytes_theory"]),
                       f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-", over])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -133,7 +133,8 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
     if loss_allreduce and sp > 1:
         ar = 2 * FP32 * (sp - 1) / sp
         fwd += ar
-        bwd += ar
+        if strategy != "megatron":  # TP ranks share one graph: the loss sum's backward is the identity
+            bwd += ar
     if not backward:
         bwd = 0.0
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}

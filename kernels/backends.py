@@ -7,9 +7,10 @@ optional bool ``mask`` ``(B|1, 1, S_q, S_k)`` (True = attend). The dispatcher in
 folds windows into masks for backends without native windows and fixes up rows with no allowed
 key (``lse = -inf``, ``out = 0``).
 
-CPU: ``torch_cpu`` (aten's CPU flash kernel). CUDA: ``cuda_flash`` and ``cuda_efficient`` (aten
-SDPA ops; the efficient kernel takes masks as an additive bias) and ``flash_attn`` (the flash-attn
-package, when installed). ``reference``: float64 oracle for tests. The CUDA backends are written
+CPU: ``torch_cpu`` (aten's CPU flash kernel). CUDA: ``cuda_flash``, ``cuda_efficient`` and
+``cuda_cudnn`` (aten SDPA ops; efficient and cuDNN take masks as an additive bias) and
+``flash_attn`` (the flash-attn package, when installed; dense, plus ``varlen_forward`` /
+``varlen_backward`` for packed documents). ``reference``: float64 oracle for tests. The CUDA backends are written
 for real use but are exercised only where a GPU is present (tests marked ``gpu``).
 """
 
@@ -148,6 +149,31 @@ class CudaEfficientBackend(Backend):
         return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
 
 
+class CudnnBackend(Backend):
+    """``aten._scaled_dot_product_cudnn_attention`` (masks as an additive bias; K/V expanded
+    locally for GQA). cuDNN returns the lse as ``(B, h, S, 1)`` on some versions: squeezed here."""
+
+    name = "cuda_cudnn"
+    devices = ("cuda",)
+
+    def forward(self, q, k, v, *, scale, causal, window, mask):
+        ke, ve = _expand_kv(q, k, v)
+        res = aten._scaled_dot_product_cudnn_attention(q, ke, ve, CudaEfficientBackend()._bias(mask, q, k.shape[2]),
+                                                       True, 0.0, causal, False, scale=scale)
+        lse = res[1]
+        return res[0], (lse.squeeze(-1) if lse.dim() == 4 else lse).float()
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
+        ke, ve = _expand_kv(q, k, v)
+        bias = CudaEfficientBackend()._bias(mask, q, k.shape[2])
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse.float().unsqueeze(-1).contiguous(), seed, seed,
+            bias, empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+        return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
+
+
 class FlashAttnBackend(Backend):
     """The flash-attn package (dense); native GQA and sliding windows, no masks.
 
@@ -188,7 +214,30 @@ class FlashAttnBackend(Backend):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+    # ---- variable length (packed documents), flash-attn layout (total_tokens, h, D) ----------
+
+    def varlen_forward(self, q, k, v, cu_seqlens, max_seqlen, *, scale, causal=True, window=None):
+        """Attention within each segment of ``cu_seqlens`` (int32 ``(n + 1,)``) over packed
+        ``(total, h, D)`` tensors; returns ``(out, lse)`` with lse ``(h, total)`` fp32."""
+        from flash_attn import flash_attn_varlen_func
+
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, scale,
+                                             causal, window_size=self._window(window), return_attn_probs=True)
+        return out, lse.float()
+
+    def varlen_backward(self, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, *, scale, causal=True, window=None):
+        """``(dq, dk, dv)`` of :meth:`varlen_forward` given the final ``out``/``lse``."""
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        left, right = self._window(window)
+        _flash_attn_varlen_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv, cu_seqlens,
+                                    cu_seqlens, max_seqlen, max_seqlen, 0.0, scale, causal, left, right, 0.0, None,
+                                    False, None)
+        return dq, dk, dv
+
+
 BACKENDS: dict[str, Backend] = {
     b.name: b for b in (ReferenceBackend(), TorchCPUBackend(), CudaFlashBackend(), CudaEfficientBackend(),
-                        FlashAttnBackend())
+                        CudnnBackend(), FlashAttnBackend())
 }

@@ -273,7 +273,7 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
 def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None, heads: int = 4,
                        kv_heads: int = 2) -> dict:
     """Saved activation bytes and counted traffic of one step, next to :mod:`hf_seqpar.theory`."""
-    from hf_seqpar.bench import saved_activation_bytes
+    from hf_seqpar.bench import _backward_meter, saved_activation_bytes
     from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
 
     model = tiny_model(heads=heads, kv_heads=kv_heads)
@@ -289,7 +289,9 @@ def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None
     u = (options or {}).get("ulysses_size")
     act = saved_activation_bytes(model, local)
     state.counter.reset()
-    model(**local).loss.backward()
+    loss = model(**local).loss
+    with _backward_meter(model, strategy):  # Megatron-SP's DTensor collectives in backward
+        loss.backward()
     out = {"measured_act": act,
            "theory_act": activation_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u),
            "measured_comm": state.counter.total,

@@ -112,12 +112,12 @@ def test_backend_selection():
         select_backend(torch.device("cpu"), False, "cuda_flash")
     with pytest.raises(ValueError, match="causal blocks must be square"):
         block_forward(*_inputs(1, 2, 2, 3, 5, 4, False, torch.float32)[:3], scale=1.0, causal=True)
-    assert set(BACKENDS) == {"reference", "torch_cpu", "cuda_flash", "cuda_efficient", "flash_attn"}
+    assert set(BACKENDS) == {"reference", "torch_cpu", "cuda_flash", "cuda_efficient", "cuda_cudnn", "flash_attn"}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["cuda_flash", "cuda_efficient", "flash_attn"])
+@pytest.mark.parametrize("backend", ["cuda_flash", "cuda_efficient", "cuda_cudnn", "flash_attn"])
 def test_cuda_backends_match_reference(backend):
     if not BACKENDS[backend].available():
         pytest.skip(f"{backend} not installed")
@@ -134,3 +134,28 @@ def test_cuda_backends_match_reference(backend):
         grads = block_backward(dout, q, k, v, out, lse, backend=backend, **kw)
         for g, r in zip(grads, reference_backward(dout, q, k, v, ref_out, ref_lse, **kw)):
             assert (g.double() - r).abs().max() < 5e-2 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attn_varlen_matches_block_diagonal_reference():
+    if not BACKENDS["flash_attn"].available():
+        pytest.skip("flash-attn not installed")
+    fa = BACKENDS["flash_attn"]
+    lengths = [5, 17, 42]
+    total, h, d = sum(lengths), 4, 64
+    cu = torch.tensor([0, 5, 22, 64], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).cuda()
+    mask = (doc[:, None] == doc[None, :])[None, None]
+    # (total, h, d) -> (1, h, total, d) for the dense reference
+    dense = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    ref_out, ref_lse = reference_forward(*dense, scale=0.125, causal=True, mask=mask)
+    out, lse = fa.varlen_forward(q, k, v, cu, max(lengths), scale=0.125)
+    assert (out.transpose(0, 1)[None].double() - ref_out).abs().max() < 3e-2
+    assert (lse[None].double() - ref_lse).abs().max() < 1e-2
+    dout = torch.randn_like(out)
+    grads = fa.varlen_backward(dout, q, k, v, out, lse, cu, max(lengths), scale=0.125)
+    ref = reference_backward(dout.transpose(0, 1)[None], *dense, ref_out, ref_lse, scale=0.125, causal=True, mask=mask)
+    for g, r in zip(grads, ref):
+        assert (g.transpose(0, 1)[None].double() - r).abs().max() < 5e-2 * max(1.0, r.abs().max().item())

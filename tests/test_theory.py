@@ -17,7 +17,7 @@ from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
 ACT_TOL = 0.15
 
 
-@pytest.mark.parametrize("strategy,options", [("ulysses", None), ("ring", None)])
+@pytest.mark.parametrize("strategy,options", [("ulysses", None), ("ring", None), ("megatron", None)])
 def test_theory_matches_measurement_on_2_ranks(pool2, strategy, options):
     for r in pool2.run(cases.measured_vs_theory, strategy, 64, options):
         assert abs(r["measured_act"] / r["theory_act"] - 1) <= ACT_TOL, r
