@@ -49,9 +49,17 @@ def _select(t, idx, dim=2):
     return t if idx is None else t.index_select(dim, idx)
 
 
-def _forward_block(q, k, v, plan, out, lse, scale, backend):
+def _forward_block(q, k, v, plan, out, lse, scale, backend, first: bool):
     qs, ks, vs = _select(q, plan.rows), _select(k, plan.cols), _select(v, plan.cols)
     o_b, l_b = block_forward(qs, ks, vs, scale=scale, causal=plan.causal, mask=plan.mask, backend=backend)
+    if first:  # nothing to merge with yet
+        if plan.rows is None:
+            out.copy_(o_b)
+            lse.copy_(l_b)
+        else:
+            out.index_copy_(2, plan.rows, o_b.float())
+            lse.index_copy_(2, plan.rows, l_b.float())
+        return
     if plan.rows is None:
         merge_into(out, lse, o_b, l_b)
         return
@@ -74,12 +82,13 @@ class _RingAttention(torch.autograd.Function):
         world, me = dist.get_world_size(group), dist.get_rank(group)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = [k, v]
+        kv, first = [k, v], True
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.fwd", layer) if step < world - 1 else None
             plan = plans[(me - step) % world]  # this step holds the K/V block of rank me - step
             if plan is not None:
-                _forward_block(q, kv[0], kv[1], plan, out, lse, scale, backend)
+                _forward_block(q, kv[0], kv[1], plan, out, lse, scale, backend, first)
+                first = False
             if shift is not None:
                 kv = shift.wait()
         out = out.to(q.dtype)  # saved in the activation dtype, as flash attention does

@@ -53,6 +53,8 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
     Every rank's chunk holds its share of every tensor's heads, so one exchange replaces three.
     """
     world = dist.get_world_size(group)
+    if world == 1:
+        return list(tensors)
     sizes = [t.shape[1] // world for t in tensors]
     # (B, h_i, S/P, D) -> (B, P, h_i/P, S/P, D), concatenated over i along the head dim
     packed = torch.cat([t.unflatten(1, (world, -1)) for t in tensors], dim=2)
