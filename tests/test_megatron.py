@@ -55,6 +55,13 @@ def test_dp2_x_tp2_matches_unsharded(pool4):
                      model_kw=dict(family="qwen3", heads=4, kv_heads=1), batch_kw=dict(kind="padding")))
 
 
+def test_tp1_is_the_plain_model_with_dp2(pool2):
+    """sp_size=1 (pure data parallel): nothing is split, the model stays plain and exact."""
+    results = pool2.run(megatron_cases.megatron_parity, sp_size=1, batch_kw=dict(kind="packed"))
+    assert all(r["dtensor_params"] == 0 for r in results)
+    cases.check_parity(results)
+
+
 def test_comm_per_layer_is_two_all_gathers_and_two_reduce_scatters(pool2, pool4):
     """Measured DTensor collectives: per layer forward, 2 all-gathers + 2 reduce-scatters of the
     local activations (B, S/T, h); the backward runs their adjoints; nothing else moves."""

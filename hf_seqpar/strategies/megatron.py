@@ -193,6 +193,9 @@ class MegatronStrategy:
         _check_targets(model, plan)
         tp_mesh, tp = state.mesh["sp"], state.sp_size
         data = state.strategy_state
+        if tp == 1:  # tensor parallel of degree 1: nothing to split; skip DTensor's per-op dispatch
+            data.update(kv_replicated=False)
+            return
         data.update(kv_replicated=plan.kv_replicated, relayout={}, configs=[], handles=[], meter=None)
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         data["tied"] = head is not None and head.weight is embed.weight
