@@ -25,6 +25,8 @@ group); with ``dp > 1``, average the gradients over ``dp`` only (:func:`average_
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -124,6 +126,8 @@ def counting(model):
         RuntimeError: the model was enabled without ``count_comm=True``.
     """
     state = find_state(model)
+    if state is not None and state.sp_size == 1:
+        return contextlib.nullcontext()  # degree 1: no tensor-parallel collectives to count
     meter = state.strategy_state.get("meter") if state is not None else None
     if meter is None:
         raise RuntimeError("enable_sequence_parallel(..., count_comm=True) is needed to count collectives")
