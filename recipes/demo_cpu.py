@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_seqpar
+from hf_seqpar.data import pack_documents
 from hf_seqpar.strategies.megatron import average_gradients_over_dp
 
 
@@ -43,20 +44,10 @@ def stdlib_documents(max_docs: int = 400) -> list[bytes]:
 
 
 def packed_rows(docs: list[bytes], seq_len: int):
-    """Yield ``{"input_ids", "labels", "position_ids"}`` rows of ``seq_len`` byte tokens; documents
-    are concatenated and cut, positions restart at 0 at every document start."""
-    ids, pos = [], []
-    for doc in docs:
-        ids.extend(doc)
-        pos.extend(range(len(doc)))
-        while len(ids) >= seq_len:
-            row_ids, row_pos = torch.tensor(ids[:seq_len]), torch.tensor(pos[:seq_len])
-            ids, pos = ids[seq_len:], pos[seq_len:]
-            # a row may begin inside a document: that run becomes a document of its own (from 0)
-            starts = (row_pos == 0).nonzero()
-            head = int(starts[0]) if len(starts) else seq_len
-            row_pos[:head] -= row_pos[0].clone()
-            yield {"input_ids": row_ids[None], "labels": row_ids[None].clone(), "position_ids": row_pos[None]}
+    """Batches of one packed row (see :func:`hf_seqpar.data.pack_documents`)."""
+    for row in pack_documents(docs, seq_len):
+        yield {k: v[None] for k, v in row.items()}
+
 
 def main(argv=None) -> None:
     args = parse_args(argv)

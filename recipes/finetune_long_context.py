@@ -28,8 +28,7 @@ import torch.distributed as dist
 
 import hf_seqpar
 from hf_seqpar.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
-
-IGNORE_INDEX = -100
+from hf_seqpar.data import pack_documents
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,21 +103,9 @@ def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
 
 
 def pack(docs: list[list[int]], seq_len: int) -> list[dict]:
-    """Rows of ``seq_len`` tokens; position_ids restart at 0 at every document (a row that starts
-    inside a document starts that document over), and the first token of each document is not a
-    label (the previous document's last token does not predict it)."""
-    rows, ids, pos = [], [], []
-    for doc in docs:
-        ids.extend(doc)
-        pos.extend(range(len(doc)))
-        while len(ids) >= seq_len:
-            row_ids, row_pos = torch.tensor(ids[:seq_len]), torch.tensor(pos[:seq_len])
-            ids, pos = ids[seq_len:], pos[seq_len:]
-            starts = (row_pos == 0).nonzero()
-            head = int(starts[0]) if len(starts) else seq_len
-            row_pos[:head] -= row_pos[0].clone()
-            labels = row_ids.masked_fill(row_pos == 0, IGNORE_INDEX)
-            rows.append({"input_ids": row_ids, "labels": labels, "position_ids": row_pos})
+    """Rows of ``seq_len`` tokens with position_ids restarting per document
+    (:func:`hf_seqpar.data.pack_documents`)."""
+    rows = list(pack_documents(docs, seq_len))
     if not rows:
         raise ValueError(f"the corpus has fewer than --max-seq-len={seq_len} tokens; lower it or add documents")
     return rows

@@ -135,3 +135,14 @@ def test_public_api_names():
 
     for sub in ("hf_seqpar.kernels", "hf_seqpar.patches"):  # installed under hf_seqpar, not top level
         assert importlib.import_module(sub).__name__ == sub
+
+
+def test_pack_documents_restarts_positions_and_masks_document_starts():
+    from hf_seqpar.data import pack_documents
+    from hf_seqpar.masks import document_ids
+
+    rows = list(pack_documents([b"abcde", b"xyz", b"0123456789"], 6))
+    assert [r["position_ids"].tolist() for r in rows] == [[0, 1, 2, 3, 4, 0], [0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert rows[0]["labels"].tolist() == [-100, 98, 99, 100, 101, -100]  # no label across documents
+    assert document_ids(rows[0]["position_ids"][None]).tolist() == [[0, 0, 0, 0, 0, 1]]
+    assert len(list(pack_documents([b"abc"], 6))) == 0  # a tail shorter than a row is dropped

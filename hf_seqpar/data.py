@@ -1,0 +1,44 @@
+"""Packing documents into long rows whose ``position_ids`` restart at every document.
+
+``shard_batch`` reads the restarts as document boundaries, so no token attends across
+documents; the first token of each document is not a label (the previous document's last
+token does not predict it).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .sharding import IGNORE_INDEX
+
+__all__ = ["pack_documents"]
+
+
+def pack_documents(docs: Iterable[Iterable[int]], seq_len: int) -> Iterator[dict]:
+    """Concatenate token documents and cut them into rows of ``seq_len`` tokens.
+
+    Args:
+        docs: token ids per document (bytes work too).
+        seq_len: tokens per row; the tail that does not fill a row is dropped.
+
+    Yields:
+        ``{"input_ids", "labels", "position_ids"}``, each ``(seq_len,)`` int64. Positions restart
+        at 0 at every document start; a row that begins inside a document starts that document
+        over at 0. Labels are the ids, with ``-100`` at every document's first token.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    for doc in docs:
+        doc = list(doc)
+        ids.extend(doc)
+        pos.extend(range(len(doc)))
+        while len(ids) >= seq_len:
+            row_ids, row_pos = torch.tensor(ids[:seq_len]), torch.tensor(pos[:seq_len])
+            ids, pos = ids[seq_len:], pos[seq_len:]
+            starts = (row_pos == 0).nonzero()
+            head = int(starts[0]) if len(starts) else seq_len
+            row_pos[:head] -= row_pos[0].clone()
+            yield {"input_ids": row_ids, "labels": row_ids.masked_fill(row_pos == 0, IGNORE_INDEX),
+                   "position_ids": row_pos}
