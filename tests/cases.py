@@ -126,45 +126,69 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     elif checkpointing:
         model.gradient_checkpointing_enable()
+    enable = lambda m: hf_seqpar.enable_sequence_parallel(m, strategy, sp_size, **(options or {}))  # noqa: E731
+    wrap = torch.nn.parallel.DistributedDataParallel if ddp else None
+    reference, ref, local, out, result = run_pair(model, batch, mode, enable, wrap)
+    if mode == "train":
+        world = dist.get_world_size()
+
+        def averaged(name, grad):  # what DDP/FSDP do: average over all ranks
+            if not ddp:
+                grad = grad.clone()
+                dist.all_reduce(grad)
+                grad /= world
+            return grad
+
+        result.update(worst_grad_error(model, reference, averaged))
+    hf_seqpar.disable_sequence_parallel(model)
+    return result
+
+
+def run_pair(model, batch: dict, mode: str, enable, wrap=None):
+    """Run an unsharded copy of ``model`` and the SP model (``enable(model)``, optionally wrapped
+    by ``wrap``) on the same full batch; backward on both in ``"train"`` mode.
+
+    Returns:
+        ``(reference, ref_out, local_batch, sp_out, errors)`` with the loss and gathered-logits
+        errors (logits compared where ``attention_mask`` is 1).
+    """
     model.train(mode == "train")
     reference = copy.deepcopy(model)
-
     grad_ctx = torch.enable_grad() if mode == "train" else torch.no_grad()
     with grad_ctx:
         ref = reference(**batch, use_cache=False)
         if mode == "train":
             ref.loss.backward()
-        hf_seqpar.enable_sequence_parallel(model, strategy, sp_size, **(options or {}))
-        runner = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+        enable(model)
+        runner = wrap(model) if wrap is not None else model
         local = hf_seqpar.shard_batch(batch, runner)
         out = runner(**local)
         if mode == "train":
             out.loss.backward()
     assert out.loss is None or torch.isfinite(out.loss), out.loss
     logits = hf_seqpar.gather_sequence(out.logits, model)
+    assert type(logits) is torch.Tensor and logits.shape == ref.logits.shape, (type(logits), logits.shape)
     valid = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
-    result = {"logits": _rel(logits[valid], ref.logits[valid].detach())}
+    errors = {"logits": _rel(logits[valid], ref.logits[valid].detach())}
     if ref.loss is not None:
-        result["loss"] = abs(float(out.loss) - float(ref.loss)) / abs(float(ref.loss))
-    if mode == "train":
-        world = dist.get_world_size()
-        worst, worst_name, count = 0.0, None, 0
-        ref_params = dict(reference.named_parameters())
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            assert p.grad is not None, f"no gradient for {name}"
-            g = p.grad.clone()
-            if not ddp:  # what DDP/FSDP do: average over all ranks
-                dist.all_reduce(g)
-                g /= world
-            err = _rel(g, ref_params[name].grad)
-            count += 1
-            if err >= worst:
-                worst, worst_name = err, name
-        result.update(grad=worst, grad_param=worst_name, n_grads=count)
-    hf_seqpar.disable_sequence_parallel(model)
-    return result
+        errors["loss"] = abs(float(out.loss) - float(ref.loss)) / abs(float(ref.loss))
+    return reference, ref, local, out, errors
+
+
+def worst_grad_error(model, reference, view) -> dict:
+    """The largest relative gradient error over the trainable parameters, each SP gradient seen
+    through ``view(name, grad)`` (averaging, gathering) before the comparison."""
+    worst, worst_name, count = 0.0, None, 0
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"no gradient for {name}"
+        err = _rel(view(name, p.grad), ref_params[name].grad)
+        count += 1
+        if err >= worst:
+            worst, worst_name = err, name
+    return {"grad": worst, "grad_param": worst_name, "n_grads": count}
 
 
 def expect_error(fn, *args, **kwargs) -> str:

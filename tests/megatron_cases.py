@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import hf_seqpar
-from cases import VOCAB, _rel, make_batch
+from cases import VOCAB, _rel, make_batch, run_pair, worst_grad_error
 from hf_seqpar.strategies.megatron import average_gradients_over_dp, counting, full_tensor
 
 
@@ -61,42 +61,17 @@ def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, ba
     batch = make_batch(**(batch_kw or {}))
     if checkpointing:
         model.gradient_checkpointing_enable()
-    model.train(mode == "train")
-    reference = copy.deepcopy(model)
-    grad_ctx = torch.enable_grad() if mode == "train" else torch.no_grad()
-    with grad_ctx:
-        ref = reference(**batch, use_cache=False)
-        if mode == "train":
-            ref.loss.backward()
-        hf_seqpar.enable_sequence_parallel(model, "megatron", sp_size)
-        local = hf_seqpar.shard_batch(batch, model)
-        out = model(**local)
-        if mode == "train":
-            out.loss.backward()
+    reference, ref, local, out, result = run_pair(
+        model, batch, mode, lambda m: hf_seqpar.enable_sequence_parallel(m, "megatron", sp_size))
     # no rank holds full-sequence x full-vocab logits: only its (B, S_pad / T, V) shard
     assert type(out.logits) is torch.Tensor and out.logits.shape == (*local["input_ids"].shape, VOCAB), out.logits.shape
     layout = hf_seqpar.find_state(model).last_layout
     assert out.logits.shape[1] == layout.padded_len // layout.sp_size, layout
     assert layout.sp_size == 1 or out.logits.shape[1] < batch["input_ids"].shape[1], layout
-    logits = hf_seqpar.gather_sequence(out.logits, model)
-    assert type(logits) is torch.Tensor and logits.shape == ref.logits.shape, (type(logits), logits.shape)
-    valid = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
-    result = {"logits": _rel(logits[valid], ref.logits[valid].detach())}
-    if ref.loss is not None:
-        assert torch.isfinite(out.loss)
-        result["loss"] = abs(float(out.loss) - float(ref.loss)) / abs(float(ref.loss))
     result["dtensor_params"] = sum(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
     if mode == "train":
         average_gradients_over_dp(model)
-        worst, worst_name, count = 0.0, None, 0
-        ref_params = dict(reference.named_parameters())
-        for name, p in model.named_parameters():
-            assert p.grad is not None, f"no gradient for {name}"
-            err = _rel(full_tensor(model, name, p.grad), ref_params[name].grad)
-            count += 1
-            if err >= worst:
-                worst, worst_name = err, name
-        result.update(grad=worst, grad_param=worst_name, n_grads=count)
+        result.update(worst_grad_error(model, reference, lambda name, grad: full_tensor(model, name, grad)))
     hf_seqpar.disable_sequence_parallel(model)
     return result
 
