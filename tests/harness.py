@@ -86,6 +86,7 @@ class RankPool:
             p.start()
         ready = self._collect(timeout=180)
         bad = [msg for ok, msg in ready.values() if not ok]
+        bad += [f"rank {r} did not start in 180 s" for r in range(self.world) if r not in ready]
         if bad:
             self.close()
             raise RankFailure("rank start-up failed:\n" + "\n".join(bad))
@@ -111,7 +112,10 @@ class RankPool:
         """
         if not self.procs or not all(p.is_alive() for p in self.procs):
             self.close()
-            self._start()
+            try:
+                self._start()
+            except RankFailure:  # the free port may have been taken before the ranks bound it
+                self._start()
         for q in self.tasks:
             q.put((fn, args, kwargs))
         got = self._collect(CASE_TIMEOUT)
