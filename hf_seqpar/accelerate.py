@@ -307,22 +307,15 @@ def _has_dtensor_parameters(model) -> bool:
 def _average_gradients_over_dp_by_hooks(model) -> None:
     """Average each gradient over the data-parallel replicas as it is accumulated (what DDP does;
     linear, so gradient accumulation is unaffected). Nothing to do with one replica."""
-    from torch.distributed.tensor import DTensor
-
-    from .comm import all_reduce_mean_
     from .mesh import find_state
+    from .strategies.megatron import average_gradient_over_dp
 
     state = find_state(model)
     if state.mesh.size(0) == 1:
         return
-
-    def hook(p):
-        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        all_reduce_mean_(grad, state.dp_group, state.counter)
-
     for p in model.parameters():
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(hook)
+            p.register_post_accumulate_grad_hook(lambda param: average_gradient_over_dp(param, state))
 
 
 def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
@@ -370,8 +363,7 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
         # Megatron-SP: DDP cannot wrap DTensor parameters; the dp average is done by hooks instead
         model = accelerator.prepare_model(model, evaluation_mode=True)
         _average_gradients_over_dp_by_hooks(model)
-        prepared = (model, *((accelerator.prepare(*(objects[i] for i in others)),) if len(others) == 1 else
-                             accelerator.prepare(*(objects[i] for i in others))))
+        prepared = (model, *(accelerator.prepare(objects[i]) for i in others))
     else:
         prepared = accelerator.prepare(model, *(objects[i] for i in others))
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)

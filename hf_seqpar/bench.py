@@ -140,6 +140,7 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     from .theory import ModelShape, activation_bytes, comm_bytes
 
     dtype = getattr(torch, spec.dtype)
+    elem = torch.finfo(dtype).bits // 8
     config = load_config(spec.model, num_hidden_layers=spec.layers)
     config._attn_implementation = "sdpa"
     config.use_cache = False
@@ -182,10 +183,10 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     shape = ModelShape.from_config(config)
     padded = local["seqpar"].layout.padded_len if strategy != "none" else seq_len
     theory = 0 if strategy == "none" or world == 1 else comm_bytes(
-        strategy, shape, padded, world, spec.batch, torch.finfo(dtype).bits // 8,
+        strategy, shape, padded, world, spec.batch, elem,
         ulysses_size=spec.options.get("ulysses_size"))["total"]
     act_theory = activation_bytes(None if strategy == "none" or world == 1 else strategy, shape, padded, world,
-                                  spec.batch, torch.finfo(dtype).bits // 8,
+                                  spec.batch, elem,
                                   ulysses_size=spec.options.get("ulysses_size"))
     step_time = statistics.median(times)
     row = dict(strategy=strategy, world=world, seq_len=seq_len, batch=spec.batch, padded_len=padded,

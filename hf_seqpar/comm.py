@@ -159,23 +159,24 @@ def all_to_all(
 # --------------------------------------------------------------------------------------------
 
 
+def _summed(x: torch.Tensor, group, counter: CommCounter | None, op: str) -> torch.Tensor:
+    """A copy of ``x`` all-reduced (sum) over ``group``, its bytes recorded under ``op``."""
+    world = dist.get_world_size(group)
+    _record(counter, op, 2 * _nbytes(x) * (world - 1) / world, None)
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, counter):
         ctx.group, ctx.counter = group, counter
-        world = dist.get_world_size(group)
-        _record(counter, "all_reduce.fwd", 2 * _nbytes(x) * (world - 1) / world, None)
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _summed(x, group, counter, "all_reduce.fwd")
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
-        _record(ctx.counter, "all_reduce.bwd", 2 * _nbytes(grad) * (world - 1) / world, None)
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None, None
+        return _summed(grad, ctx.group, ctx.counter, "all_reduce.bwd"), None, None
 
 
 def all_reduce_sum(x: torch.Tensor, group, counter: CommCounter | None = None) -> torch.Tensor:
@@ -275,11 +276,7 @@ class RingShift:
 class _AllReduceSumReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, counter):
-        world = dist.get_world_size(group)
-        _record(counter, "all_reduce_replicated.fwd", 2 * _nbytes(x) * (world - 1) / world, None)
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _summed(x, group, counter, "all_reduce_replicated.fwd")
 
     @staticmethod
     def backward(ctx, grad):

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .comm import all_reduce_sum
+from .sharding import IGNORE_INDEX
 
 __all__ = [
     "ChunkedLMHeadCrossEntropy",
@@ -33,7 +34,6 @@ __all__ = [
     "IGNORE_INDEX",
 ]
 
-IGNORE_INDEX = -100
 _MARK = "_hf_seqpar_memory"
 
 

@@ -99,16 +99,14 @@ def _states(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup) 
     return sum(params * b / (shard_over if k in SHARDED[setup.sharding] else 1) for k, b in per.items())
 
 
-def _comm_seconds(cand: Candidate, comm: dict, shape: ModelShape, seq: int, cluster: Cluster, setup: Setup) -> float:
+def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
     """Seconds of SP traffic per step on the links the groups span (Ulysses and TP groups are
     consecutive ranks; the ring crosses nodes once the SP group does)."""
     if cand.sp == 1:
         return 0.0
     bw = lambda ranks: (cluster.intra_gbps if ranks <= cluster.gpus_per_node else cluster.inter_gbps) * 1e9  # noqa
-    if cand.strategy == "hybrid":
-        a2a = comm_bytes("ulysses", shape, seq // cand.ring, cand.ulysses, setup.batch, setup.elem)["total"]
-        ring = comm["total"] - a2a
-        return a2a / bw(cand.ulysses) + ring / bw(cand.sp)
+    if cand.strategy == "hybrid":  # the all-to-all stays inside a Ulysses group, the ring spans the SP group
+        return comm["all_to_all"] / bw(cand.ulysses) + (comm["total"] - comm["all_to_all"]) / bw(cand.sp)
     return comm["total"] / bw(cand.sp)
 
 
@@ -127,7 +125,7 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
     return dict(candidate=cand.label, **asdict(cand), dp=cluster.gpus // cand.sp, seq_len=seq,
                 states_bytes=states, activation_bytes=acts, total_bytes=total, budget_bytes=budget,
                 fits=total <= budget,
-                comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, shape, seq, cluster, setup))
+                comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, cluster))
 
 
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:

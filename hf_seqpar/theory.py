@@ -107,7 +107,8 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
         loss_allreduce: include the fp32 scalar all-reduce of the exact loss.
 
     Returns:
-        ``{"forward": bytes, "backward": bytes, "total": bytes}``.
+        ``{"forward": bytes, "backward": bytes, "total": bytes, "all_to_all": bytes}``; the last is
+        the Ulysses all-to-all share of the total (the rest is ring, TP or loss traffic).
 
     Formulas (per layer, elements): Ulysses ``(2 h_q + 2 h_kv') B N/P d (P-1)/P`` each way;
     ring ``(R-1) 2 B h_kv N/R d`` forward, the same plus ``R`` fp32 dK/dV hops backward;
@@ -115,7 +116,7 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
     """
     n = seq_len // sp
     d, L = m.head_dim, m.layers
-    fwd = bwd = 0.0
+    fwd = bwd = a2a_total = 0.0
     if strategy == "megatron":
         per = 4 * (sp - 1) * batch * n * m.hidden * elem
         fwd, bwd = L * per, L * per
@@ -126,6 +127,7 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
             a2a = (2 * m.heads + 2 * kv_eff) * batch * n * d * elem * (u - 1) / u
             fwd += L * a2a
             bwd += L * a2a
+            a2a_total = 2 * L * a2a if backward else L * a2a
         if r > 1:
             kv = 2 * batch * (kv_eff // u) * (n * u) * d  # elements of this rank's ring-shard K and V
             fwd += L * (r - 1) * kv * elem
@@ -137,7 +139,7 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
             bwd += ar
     if not backward:
         bwd = 0.0
-    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "all_to_all": a2a_total}
 
 
 def activation_bytes(strategy: str | None, m: ModelShape, seq_len: int, sp: int = 1, batch: int = 1, elem: int = 4,

@@ -113,8 +113,13 @@ def average_gradients_over_dp(model) -> None:
         return
     for p in model.parameters():
         if p.grad is not None:
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            all_reduce_mean_(grad, state.dp_group, state.counter)
+            average_gradient_over_dp(p, state)
+
+
+def average_gradient_over_dp(param, state) -> None:
+    """Average one parameter's gradient (its local shard or partial sum) over the ``dp`` group."""
+    grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+    all_reduce_mean_(grad, state.dp_group, state.counter)
 
 
 def counting(model):
