@@ -8,6 +8,7 @@ the loss in a :class:`SeqParBatch` (the ``seqpar=`` keyword of the model's forwa
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -101,7 +102,10 @@ def _validate(batch: Mapping[str, Any]) -> tuple[int, int]:
     return bsz, seq
 
 
-_WEIGHTS: dict = {}
+@functools.lru_cache(maxsize=8)
+def _weights(n: int) -> torch.Tensor:
+    """Fixed odd position weights, so that swapped tokens change the fingerprint."""
+    return (torch.arange(n, dtype=torch.int64) * 2654435761 + 97) % 1000003
 
 
 def _fingerprint(batch: Mapping[str, Any], bsz: int, seq: int) -> torch.Tensor:
@@ -113,10 +117,7 @@ def _fingerprint(batch: Mapping[str, Any], bsz: int, seq: int) -> torch.Tensor:
             values.append(-1)
             continue
         flat = t.detach().reshape(-1)
-        n = flat.numel()
-        if n not in _WEIGHTS:  # fixed odd weights so that swapped tokens change the sum
-            _WEIGHTS[n] = (torch.arange(n, dtype=torch.int64) * 2654435761 + 97) % 1000003
-        w = _WEIGHTS[n].to(flat.device)
+        w = _weights(flat.numel()).to(flat.device)
         if flat.is_floating_point():
             values.append(int((flat.double() * w.double()).sum().item() * 1e6) & ((1 << 62) - 1))
         else:
