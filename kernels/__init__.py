@@ -16,6 +16,7 @@ from .reference import allowed_mask, reference_attention, reference_backward, re
 
 __all__ = [
     "BACKENDS",
+    "compute_dtype",
     "block_forward",
     "block_backward",
     "select_backend",
@@ -29,13 +30,33 @@ __all__ = [
 PREFERENCE = {"cpu": ("torch_cpu",), "cuda": ("flash_attn", "cuda_flash", "cuda_efficient")}
 
 
-def select_backend(device: torch.device, needs_mask: bool, name: str | None = None) -> Backend:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in, for inputs that may differ in dtype.
+
+    Under autocast (``torch.autocast`` or Accelerate's ``mixed_precision``) it is the autocast
+    dtype, as for the model's own SDPA call (RoPE returns fp32 q/k while v is bf16 there);
+    otherwise the promoted dtype of the inputs. float64 inputs are never lowered (autocast leaves
+    them alone too). The lse and every accumulator stay fp32 whatever this returns.
+    """
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device_type = tensors[0].device.type
+    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def select_backend(device: torch.device, needs_mask: bool, name: str | None = None,
+                   dtype: torch.dtype | None = None) -> Backend:
     """The backend for a block on ``device``.
 
     Args:
         device: the tensors' device.
         needs_mask: whether the block needs an arbitrary mask.
         name: a backend name to force (see ``BACKENDS``).
+        dtype: the compute dtype (backends that do not take it are skipped: e.g. the CUDA flash
+            and cuDNN kernels take only fp16/bf16, so fp32 blocks go to the memory-efficient one).
 
     Raises:
         ValueError: unknown name, or a forced backend that cannot run this block.
@@ -50,25 +71,38 @@ def select_backend(device: torch.device, needs_mask: bool, name: str | None = No
         if needs_mask and not backend.supports_mask:
             raise ValueError(f"attention backend {name!r} takes no masks, but this block needs one "
                              "(padding, documents or a window); choose a backend that does, or leave it automatic")
+        if dtype is not None and dtype not in backend.dtypes:
+            raise ValueError(f"attention backend {name!r} computes in {[str(d) for d in backend.dtypes]}, not "
+                             f"{dtype}; train in bf16 (weights or autocast) or leave the backend automatic")
         return backend
     for candidate in PREFERENCE.get(device.type, ()):
         backend = BACKENDS[candidate]
-        if backend.available() and (backend.supports_mask or not needs_mask):
+        if (backend.available() and (backend.supports_mask or not needs_mask)
+                and (dtype is None or dtype in backend.dtypes)):
             return backend
-    raise ValueError(f"no attention backend for device {device.type!r}; valid: {sorted(BACKENDS)}")
+    raise ValueError(f"no attention backend for device {device.type!r} and dtype {dtype}; valid: {sorted(BACKENDS)}")
 
 
-def _prepare(q, k, causal, window, mask, backend_name):
+def _prepare(q, k, v, causal, window, mask, backend_name):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, h, S, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal blocks must be square (top-left alignment), got {q.shape[2]} x {k.shape[2]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, q.shape[0])
+                             or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2])):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; this block needs (1 or {q.shape[0]}, 1, "
+                         f"{q.shape[2]}, {k.shape[2]})")
+    dtype = compute_dtype(q, k, v)
     needs_mask = mask is not None
     backend = select_backend(q.device, needs_mask or (window is not None and not _native(backend_name)),
-                             backend_name)
+                             backend_name, dtype)
     if window is not None and not backend.native_window:
         mask, window = allowed_mask(q.shape[2], k.shape[2], causal, window, mask, q.device), None
-    return backend, window, mask
+    return backend, window, mask, dtype
 
 
 def _native(name):
@@ -89,12 +123,16 @@ def block_forward(q, k, v, *, scale: float, causal: bool = False, window: int | 
         mask: bool ``(B|1, 1, S_q, S_k)``, True = attend.
         backend: force a backend by name.
 
+    Inputs of different dtypes are cast to :func:`compute_dtype` (the autocast dtype under
+    autocast).
+
     Returns:
-        ``(out, lse)``: ``(B, h_q, S_q, D)`` in q's dtype and ``(B, h_q, S_q)`` in fp32 (fp64 for
+        ``(out, lse)``: ``(B, h_q, S_q, D)`` in the compute dtype and ``(B, h_q, S_q)`` in fp32 (fp64 for
         fp64 inputs); rows with no
         allowed key have ``out = 0`` and ``lse = -inf``.
     """
-    impl, window, mask = _prepare(q, k, causal, window, mask, backend)
+    impl, window, mask, dtype = _prepare(q, k, v, causal, window, mask, backend)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     out, lse = impl.forward(q, k, v, scale=scale, causal=causal, window=window, mask=mask)
     if mask is not None:
         empty = ~mask.any(-1)  # (B|1, 1, S_q): rows without any key
@@ -119,8 +157,11 @@ def block_backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = Fals
         scale, causal, window, mask, backend: as for :func:`block_forward`.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``.
+        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` and in their dtypes.
     """
-    impl, window, mask = _prepare(q, k, causal, window, mask, backend)
+    impl, window, mask, dtype = _prepare(q, k, v, causal, window, mask, backend)
+    in_dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # P = exp(s - inf) = 0
-    return impl.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, mask=mask)
+    grads = impl.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, mask=mask)
+    return tuple(g.to(d) for g, d in zip(grads, in_dtypes))

@@ -57,6 +57,8 @@ class Backend:
     native_window = False
     supports_mask = True
     devices: tuple[str, ...] = ()
+    #: Input dtypes the kernel takes (others are cast to the first of these by the dispatcher).
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
     def available(self) -> bool:
         return True
@@ -100,77 +102,161 @@ class TorchCPUBackend(Backend):
             scale=scale)
 
 
+#: Sequence alignment of the memory-efficient kernel's lse (``kAlignLSE`` in aten's
+#: ``_efficient_attention_forward``): its forward returns ``(B, h, ceil(S / 32) * 32)`` and its
+#: backward checks that the head and batch strides of the lse it is given are multiples of 8.
+EFFICIENT_LSE_ALIGN = 32
+#: Elements the last dim of an additive bias is padded to for the memory-efficient kernel (aten's
+#: own SDPA pads masks the same way before calling it: its tiles read whole aligned rows).
+BIAS_ALIGN = 16
+#: Dtypes the CUDA flash and cuDNN kernels take (the memory-efficient kernel also takes fp32).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def efficient_lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
+    """The memory-efficient backward's lse: fp32 ``(B, h, S)`` laid out as its forward returns it.
+
+    The kernel indexes the lse with strides that must be multiples of 8 ("LSE is not correctly
+    aligned (strideH)"), which a plain contiguous ``(B, h, S)`` tensor violates for most ``S``:
+    the values go into a buffer padded to a multiple of :data:`EFFICIENT_LSE_ALIGN`, and the
+    returned view keeps the padded strides (the padding itself is never read).
+    """
+    b, h, s = lse.shape
+    padded = -(-s // EFFICIENT_LSE_ALIGN) * EFFICIENT_LSE_ALIGN
+    buf = torch.zeros(b, h, padded, dtype=torch.float32, device=lse.device)
+    buf[..., :s].copy_(lse)
+    return buf[..., :s]
+
+
+def aligned_bias(mask: torch.Tensor | None, batch: int, heads: int, sq: int, sk: int, dtype) -> torch.Tensor | None:
+    """An additive bias ``(B, h, S_q, S_k)`` for the memory-efficient and cuDNN kernels.
+
+    Built from a bool ``mask`` ``(B|1, 1, S_q, S_k)`` (True = attend; None -> None) in a buffer whose
+    last dim is padded to a multiple of :data:`BIAS_ALIGN`, so every row the kernel reads starts
+    aligned and no tile reads past the allocation; heads are a stride-0 expand (no copy).
+
+    Raises:
+        ValueError: ``mask`` does not have the shape the block needs (a wrong shape here would be an
+            out-of-bounds read on the GPU, not an exception).
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (sq, sk):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; the block needs (1 or {batch}, 1, {sq}, {sk})")
+    padded = -(-sk // BIAS_ALIGN) * BIAS_ALIGN
+    buf = torch.zeros(mask.shape[0], 1, sq, padded, dtype=dtype, device=mask.device)
+    bias = buf[..., :sk]
+    bias.masked_fill_(~mask, float("-inf"))
+    return bias.expand(batch, heads, sq, sk)
+
+
+def cudnn_lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
+    """cuDNN's softmax statistics layout: fp32 ``(B, h, S, 1)``, contiguous."""
+    return lse.float().unsqueeze(-1).contiguous()
+
+
+def _dense_seed(q):
+    # dropout is 0, so the kernels never read the RNG state; aten's own forward returns 0-dim
+    # int64 tensors here, which is what the backward schemas take
+    return torch.zeros((), dtype=torch.int64)
+
+
 class CudaFlashBackend(Backend):
-    """``aten._scaled_dot_product_flash_attention`` (no mask; K/V expanded locally for GQA)."""
+    """``aten._scaled_dot_product_flash_attention`` (no mask; K/V expanded locally for GQA).
+
+    Arguments follow torch's own context-parallel ring (``_context_parallel._attention``): the
+    backward gets the *dense* form of the forward's outputs, i.e. ``cum_seq_q``/``cum_seq_k``
+    undefined (passed as None; a defined tensor selects aten's varlen path, which wants int32
+    offsets), ``max_q``/``max_k`` the sequence lengths, and the lse fp32 ``(B, h, S)`` contiguous.
+    """
 
     name = "cuda_flash"
     supports_mask = False
     devices = ("cuda",)
+    dtypes = HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
         res = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
         return res[0], res[1].float()
 
+    @staticmethod
+    def backward_args(dout, q, k, v, out, lse, *, scale, causal):
+        """The positional arguments of ``aten._scaled_dot_product_flash_attention_backward``
+        (K/V already expanded to the query heads); no device needed, unit-tested on CPU."""
+        seed = _dense_seed(q)
+        return ((dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
+                 None, None, q.shape[2], k.shape[2], 0.0, causal, seed, seed), {"scale": scale})
+
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse.float(), empty, empty, q.shape[2], k.shape[2], 0.0,
-            causal, seed, seed, scale=scale)
+        args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(*args, **kwargs)
         return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
 
 
 class CudaEfficientBackend(Backend):
-    """``aten._scaled_dot_product_efficient_attention`` (masks as an additive bias)."""
+    """``aten._scaled_dot_product_efficient_attention`` (masks as an aligned additive bias;
+    fp32, fp16 and bf16). Its lse is padded along the sequence (:func:`efficient_lse_for_backward`)."""
 
     name = "cuda_efficient"
     devices = ("cuda",)
-
-    def _bias(self, mask, q, sk):
-        if mask is None:
-            return None
-        return _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], sk)
+    dtypes = (torch.float32,) + HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
-        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
-            q, ke, ve, self._bias(mask, q, k.shape[2]), True, 0.0, causal, scale=scale)
-        return out, lse[..., : q.shape[2]].float()  # lse may be padded along the sequence
+        bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
+        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, ke, ve, bias, True, 0.0, causal, scale=scale)
+        return out, lse[..., : q.shape[2]].float()  # the lse is padded along the sequence
+
+    @staticmethod
+    def backward_args(dout, q, k, v, out, lse, *, scale, causal, mask):
+        """Arguments of ``aten._scaled_dot_product_efficient_attention_backward`` (K/V expanded)."""
+        bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
+        seed = _dense_seed(q)
+        return ((dout.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(),
+                 efficient_lse_for_backward(lse), seed, seed, 0.0, [True, True, True, False], causal),
+                {"scale": scale})
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
-        bias = self._bias(mask, q, k.shape[2])
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout.to(q.dtype), q, ke, ve, bias, out.to(q.dtype), lse.float().contiguous(), seed, seed, 0.0,
-            [True, True, True, False], causal, scale=scale)
+        args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(*args, **kwargs)
         return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
 
 
 class CudnnBackend(Backend):
-    """``aten._scaled_dot_product_cudnn_attention`` (masks as an additive bias; K/V expanded
-    locally for GQA). cuDNN returns the lse as ``(B, h, S, 1)`` on some versions: squeezed here."""
+    """``aten._scaled_dot_product_cudnn_attention`` (fp16/bf16; masks as an aligned additive
+    bias; K/V expanded locally for GQA). The lse is ``(B, h, S, 1)`` on cuDNN's side, ``(B, h, S)``
+    here. As for flash, the backward gets undefined ``cum_seq_q``/``cum_seq_k`` (a defined tensor
+    selects the nested 3-D path: "Q tensor has unexpected number of dims")."""
 
     name = "cuda_cudnn"
     devices = ("cuda",)
+    dtypes = HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
-        res = aten._scaled_dot_product_cudnn_attention(q, ke, ve, CudaEfficientBackend()._bias(mask, q, k.shape[2]),
-                                                       True, 0.0, causal, False, scale=scale)
+        bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
+        res = aten._scaled_dot_product_cudnn_attention(q, ke, ve, bias, True, 0.0, causal, False, scale=scale)
         lse = res[1]
         return res[0], (lse.squeeze(-1) if lse.dim() == 4 else lse).float()
 
+    @staticmethod
+    def backward_args(dout, q, k, v, out, lse, *, scale, causal, mask):
+        """Arguments of ``aten._scaled_dot_product_cudnn_attention_backward`` (K/V expanded)."""
+        bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
+        seed = _dense_seed(q)
+        out = out.to(q.dtype).contiguous()
+        # cuDNN wants dO laid out like O
+        dout = dout.to(q.dtype).contiguous()
+        return ((dout, q, k, v, out, cudnn_lse_for_backward(lse), seed, seed, bias, None, None,
+                 q.shape[2], k.shape[2], 0.0, causal), {"scale": scale})
+
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
-        bias = CudaEfficientBackend()._bias(mask, q, k.shape[2])
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse.float().unsqueeze(-1).contiguous(), seed, seed,
-            bias, empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+        args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(*args, **kwargs)
         return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
 
 

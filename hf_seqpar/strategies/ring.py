@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.kernels import block_backward, block_forward, merge_into
+from hf_seqpar.kernels import block_backward, block_forward, compute_dtype, merge_into
 
 from ..comm import RingShift
 from ..layout import Layout
@@ -155,6 +155,10 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
     state = batch.state
     plans = ring_plans(batch, q_outer, layout, getattr(module, "is_causal", True), kwargs.get("sliding_window"))
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    # one compute dtype before anything travels (under autocast RoPE gives fp32 q/k, v is bf16):
+    # the autocast dtype, as the model's own SDPA would use; autograd casts the gradients back
+    dtype = compute_dtype(query, key, value)
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     backend = state.config.options.get("backend")
     return _RingAttention.apply(query, key, value, plans, group, scale, backend, state.counter,
                                 getattr(module, "layer_idx", None))

@@ -1,0 +1,135 @@
+"""The arguments hf_seqpar hands the CUDA attention kernels, built and checked on CPU.
+
+A wrong dtype, layout or index handed to a CUDA kernel is an error at best and an illegal memory
+access at worst (which takes the whole process's CUDA context down). The backends therefore build
+their aten arguments in device-free static methods, tested here against the conventions of the
+aten schemas (``torch.ops.aten.<op>.default._schema``) and of torch's own context-parallel ring
+(``torch.distributed.tensor.experimental._context_parallel``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_seqpar.kernels import BACKENDS, block_forward, compute_dtype, select_backend
+from hf_seqpar.kernels.backends import (BIAS_ALIGN, EFFICIENT_LSE_ALIGN, CudaEfficientBackend, CudaFlashBackend,
+                                        CudnnBackend, aligned_bias, cudnn_lse_for_backward,
+                                        efficient_lse_for_backward)
+
+aten = torch.ops.aten
+
+
+def _qkv(b=2, h=4, s=13, d=8, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, s, d, generator=g).to(dtype) for _ in range(3)]
+
+
+def _names(op):
+    return [a.name for a in op.default._schema.arguments if not a.kwarg_only]
+
+
+@pytest.mark.parametrize("s", [1, 7, 13, 32, 33, 100])
+def test_efficient_lse_has_aligned_strides_and_the_values(s):
+    lse = torch.randn(3, 5, s)
+    out = efficient_lse_for_backward(lse)
+    assert out.shape == lse.shape and out.dtype == torch.float32
+    # the kernel checks lse_strideH % 8 == 0 and lse_strideB % 8 == 0 ("LSE is not correctly aligned")
+    assert out.stride(1) % 8 == 0 and out.stride(0) % 8 == 0 and out.stride(2) == 1
+    assert out.stride(1) == -(-s // EFFICIENT_LSE_ALIGN) * EFFICIENT_LSE_ALIGN
+    assert torch.equal(out, lse)
+
+
+@pytest.mark.parametrize("sk", [1, 9, 16, 17])
+def test_aligned_bias_rows_are_aligned_and_match_the_mask(sk):
+    mask = torch.rand(2, 1, 5, sk, generator=torch.Generator().manual_seed(1)) > 0.3
+    bias = aligned_bias(mask, 2, 4, 5, sk, torch.bfloat16)
+    assert bias.shape == (2, 4, 5, sk) and bias.dtype == torch.bfloat16
+    assert bias.stride(2) % BIAS_ALIGN == 0 and bias.stride(3) == 1 and bias.stride(1) == 0
+    assert torch.equal(torch.isneginf(bias), ~mask.expand(2, 4, 5, sk))
+    assert torch.equal(bias[~torch.isneginf(bias)], torch.zeros_like(bias[~torch.isneginf(bias)]))
+    assert aligned_bias(None, 2, 4, 5, sk, torch.float32) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 8), (1, 2, 5, 9), (3, 1, 5, 9), (5, 9)])
+def test_a_mask_of_the_wrong_shape_is_an_exception_not_a_fault(shape):
+    with pytest.raises(ValueError, match="mask has shape"):
+        aligned_bias(torch.ones(shape, dtype=torch.bool), 2, 4, 5, 9, torch.float16)
+    q, k, v = _qkv(b=2, s=5, dtype=torch.float32)
+    k, v = k[:, :, :4].repeat(1, 1, 3, 1)[:, :, :9], v[:, :, :4].repeat(1, 1, 3, 1)[:, :, :9]
+    with pytest.raises(ValueError, match="mask has shape"):
+        block_forward(q, k, v, scale=1.0, mask=torch.ones(shape, dtype=torch.bool))
+
+
+def test_flash_backward_args_follow_the_dense_schema():
+    q, k, v = _qkv()
+    out, dout = torch.randn_like(q), torch.randn(q.shape)  # dout arrives fp32 from the ring
+    lse = torch.randn(2, 13, 4).transpose(1, 2)  # (B, h, S), not contiguous (a slice of the ring's lse)
+    args, kwargs = CudaFlashBackend.backward_args(dout, q, k, v, out, lse, scale=0.3, causal=True)
+    named = dict(zip(_names(aten._scaled_dot_product_flash_attention_backward), args))
+    assert len(args) == len(_names(aten._scaled_dot_product_flash_attention_backward))
+    # undefined cum_seq_* select the dense kernel; a defined tensor selects varlen (int32 offsets)
+    assert named["cum_seq_q"] is None and named["cum_seq_k"] is None
+    assert (named["max_q"], named["max_k"]) == (13, 13)
+    assert named["grad_out"].dtype == q.dtype and named["out"].dtype == q.dtype
+    assert named["logsumexp"].dtype == torch.float32 and named["logsumexp"].is_contiguous()
+    for seed in (named["philox_seed"], named["philox_offset"]):
+        assert seed.dtype == torch.int64 and seed.dim() == 0
+    assert named["dropout_p"] == 0.0 and named["is_causal"] is True and kwargs == {"scale": 0.3}
+
+
+def test_efficient_backward_args_follow_the_schema():
+    q, k, v = _qkv(s=9)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    args, kwargs = CudaEfficientBackend.backward_args(torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9),
+                                                      scale=0.5, causal=False, mask=mask)
+    names = _names(aten._scaled_dot_product_efficient_attention_backward)
+    assert len(args) == len(names)
+    named = dict(zip(names, args))
+    assert named["attn_bias"].shape == (2, 4, 9, 9) and named["attn_bias"].stride(2) % BIAS_ALIGN == 0
+    assert named["logsumexp"].stride(1) % 8 == 0 and named["logsumexp"].shape == (2, 4, 9)
+    assert named["grad_input_mask"] == [True, True, True, False] and named["grad_out_"].dtype == q.dtype
+
+
+def test_cudnn_backward_args_follow_the_schema():
+    q, k, v = _qkv(s=9)
+    args, _ = CudnnBackend.backward_args(torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9), scale=0.5,
+                                         causal=True, mask=None)
+    names = _names(aten._scaled_dot_product_cudnn_attention_backward)
+    assert len(args) == len(names)
+    named = dict(zip(names, args))
+    assert named["cum_seq_q"] is None and named["cum_seq_k"] is None  # a defined one: nested (3-D) path
+    assert named["attn_bias"] is None
+    assert named["logsumexp"].shape == (2, 4, 9, 1) and named["logsumexp"].is_contiguous()
+    assert (named["max_q"], named["max_k"]) == (9, 9)
+    assert cudnn_lse_for_backward(torch.randn(1, 2, 3)).dtype == torch.float32
+
+
+def test_compute_dtype_follows_autocast_and_promotion():
+    f32, bf16 = torch.ones(1), torch.ones(1, dtype=torch.bfloat16)
+    assert compute_dtype(f32, f32, bf16) == torch.float32
+    assert compute_dtype(bf16, bf16) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(f32, f32, bf16) == torch.bfloat16  # RoPE'd fp32 q/k, bf16 v
+        assert compute_dtype(torch.ones(1, dtype=torch.float64)) == torch.float64
+
+
+def test_mixed_dtypes_under_autocast_compute_in_bf16_on_cpu():
+    q, k = _qkv(dtype=torch.float32)[:2]
+    v = _qkv(dtype=torch.bfloat16)[2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = block_forward(q, k, v, scale=0.3, causal=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref, _ = block_forward(q.bfloat16(), k.bfloat16(), v, scale=0.3, causal=True)
+    assert torch.equal(out, ref)
+
+
+def test_cuda_backend_selection_by_dtype_and_mask():
+    cuda = torch.device("cuda")
+    # fp32 without autocast: the CUDA flash and cuDNN kernels take only fp16/bf16
+    assert select_backend(cuda, False, dtype=torch.float32).name == "cuda_efficient"
+    assert select_backend(cuda, True, dtype=torch.bfloat16).name == "cuda_efficient"
+    expected = "flash_attn" if BACKENDS["flash_attn"].available() else "cuda_flash"
+    assert select_backend(cuda, False, dtype=torch.bfloat16).name == expected
+    with pytest.raises(ValueError, match="computes in"):
+        select_backend(cuda, False, "cuda_cudnn", torch.float32)
