@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hf_seqpar.kernels import compute_dtype
+
 from ..comm import all_to_all
 from ..layout import Layout
 from ..local_attention import full_sequence_attention
@@ -52,9 +54,13 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
 
     Every rank's chunk holds its share of every tensor's heads, so one exchange replaces three.
     """
+    # one dtype on the wire: the attention compute dtype (under autocast RoPE returns fp32 q/k
+    # while v is bf16; concatenating would promote all three to fp32 and double the traffic)
+    dtype = compute_dtype(*tensors)
+    tensors = [t.to(dtype) for t in tensors]
     world = dist.get_world_size(group)
     if world == 1:
-        return list(tensors)
+        return tensors
     sizes = [t.shape[1] // world for t in tensors]
     # (B, h_i, S/P, D) -> (B, P, h_i/P, S/P, D), concatenated over i along the head dim
     packed = torch.cat([t.unflatten(1, (world, -1)) for t in tensors], dim=2)
