@@ -77,6 +77,17 @@ class Layout:
         """Number of outer groups (ring ranks)."""
         return self.sp_size // self.inner
 
+    def outer_chunks(self, outer_rank: int) -> list[tuple[int, int]]:
+        """The global ranges ``[(g0, g1), ...]`` of outer group ``outer_rank``'s shard, in storage
+        order (what :meth:`outer_indices` enumerates, without materialising the indices)."""
+        n = self.outer
+        if self.kind == "contiguous":
+            size = self.padded_len // n
+            return [(outer_rank * size, (outer_rank + 1) * size)]
+        c = self.padded_len // (2 * n)  # zigzag chunk length
+        j = 2 * n - 1 - outer_rank
+        return [(outer_rank * c, (outer_rank + 1) * c), (j * c, (j + 1) * c)]
+
     def outer_indices(self, outer_rank: int) -> torch.Tensor:
         """Global indices of the shard of outer group ``outer_rank``, in storage order."""
         n = self.outer

@@ -1,8 +1,13 @@
-"""Run the model's own attention implementation over a gathered full sequence.
+"""Attention over a gathered full sequence (Ulysses after its all-to-all, Megatron-SP).
 
-After Ulysses' all-to-all a rank holds a few heads of the whole sequence. This module runs the
-implementation the model had before SP (``sdpa``, ``eager``, ``flash_attention_2/3``) on it, with
-the exact mask of the full batch (see :mod:`hf_seqpar.masks`).
+After Ulysses' all-to-all a rank holds a few heads of the whole sequence. For ``sdpa`` and
+``eager`` models the attention runs as variable-length pieces planned from the batch's segments
+(:mod:`hf_seqpar.segments`, :mod:`hf_seqpar.kernels.varlen`): one kernel call per document (or
+window-band tile), O(S) memory, no dense mask. ``flash_attention_2/3`` run transformers' own
+varlen flash function over the document segments. Only features the kernels do not have (logit
+soft-capping, attention sinks, attention dropout) fall back to the model's own eager/sdpa
+function with transformers' dense full-sequence mask (O(S^2) memory for padded, packed or
+windowed batches; see :mod:`hf_seqpar.masks`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import torch
 from transformers import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .masks import dense_mask, flash_segments
+from hf_seqpar.kernels.varlen import varlen_attention
 
-__all__ = ["SUPPORTED_INNER", "full_sequence_attention"]
+from .masks import dense_mask, flash_segments
+from .segments import plan_pieces
+
+__all__ = ["SUPPORTED_INNER", "full_sequence_attention", "needs_dense_path"]
 
 #: Implementations SP can wrap: dense masks (sdpa, eager) or varlen segments (flash).
 DENSE_INNER = ("sdpa", "eager")
@@ -59,6 +67,18 @@ def _inner_function(module: torch.nn.Module, impl: str):
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+def needs_dense_path(kwargs) -> str | None:
+    """The attention feature (if any) in the model's attention keywords that the variable-length
+    kernels do not implement, so that the model's own function must run on a dense mask."""
+    if kwargs.get("softcap") is not None:
+        return "logit soft-capping"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return "attention sinks"
+    if kwargs.get("dropout", 0.0):
+        return "attention dropout"
+    return None
+
+
 def full_sequence_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -87,6 +107,7 @@ def full_sequence_attention(
     fn = _inner_function(module, impl)
     is_causal = getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
+    seq_len = query.shape[2]
     for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)  # these describe the local shard; the full structure is on `batch`
     if impl in FLASH_INNER:
@@ -98,6 +119,13 @@ def full_sequence_attention(
         out, _ = fn(view, *flat, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
                     max_length_k=max_len, is_causal=is_causal, **kwargs)
         return out.reshape(bsz, seq, *out.shape[-2:])  # (1, B*S, h, D) -> (B, S, h, D)
+    if needs_dense_path(kwargs) is None:
+        pieces = batch.cached(("pieces", seq_len, is_causal, window),
+                              lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        backend = batch.state.config.options.get("backend")
+        # (B, h, S, D) -> (B, S, h, D) as the model's own attention functions return it
+        return varlen_attention(query, key, value, pieces, scale=scale, backend=backend).transpose(1, 2)
     mask_fn = AttentionMaskInterface._global_mapping[impl]
     mask = batch.cached(
         ("dense", impl, window, query.dtype, is_causal),

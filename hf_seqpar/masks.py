@@ -1,12 +1,14 @@
 """Attention structure of a full (gathered) sequence: padding, documents, causality, windows.
 
 ``shard_batch`` records the structure of the whole batch once (it sees the full batch, so this
-costs no communication); strategies turn it into what their kernel needs here:
+costs no communication). The main path turns it into segments and variable-length pieces
+(:mod:`hf_seqpar.segments`, O(S)); this module holds the two other forms:
 
 - a 4D mask in the format of the model's own attention implementation, built by that
   implementation's function from transformers' ``AttentionMaskInterface`` (so ``sdpa`` and
-  ``eager`` get exactly the mask they would get without SP), or
-- ``cu_seqlens`` segments for variable-length flash attention.
+  ``eager`` get exactly the mask they would get without SP): O(S^2), used only for attention
+  features the variable-length kernels lack (soft-capping, sinks, dropout), or
+- ``cu_seqlens`` segments for transformers' variable-length flash attention.
 
 Semantics follow transformers: causality and sliding windows act on sequence indices
 (``kv > q - window``), padding masks keys, and documents are runs of ``position_ids`` that
@@ -24,8 +26,7 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
-__all__ = ["document_ids", "structure_mask_function", "dense_mask", "flash_segments", "BlockPlan", "block_allowed",
-           "plan_block"]
+__all__ = ["document_ids", "structure_mask_function", "dense_mask", "flash_segments"]
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -113,54 +114,3 @@ def flash_segments(valid: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[t
     starts = torch.nonzero(boundary).flatten()
     cu = torch.cat([starts, starts.new_tensor([batch * seq])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
-
-
-class BlockPlan:
-    """How to compute one (query block, key block) pair of a ring step.
-
-    Attributes:
-        rows: local query rows that attend to anything in the block (None = all).
-        cols: keys of the block that anyone attends to (None = all).
-        mask: bool ``(B|1, 1, len(rows), len(cols))`` for the compacted block, or None.
-        causal: the compacted block is exactly lower-triangular (kernel ``is_causal``).
-        work: score entries the kernel computes (half the block when causal).
-    """
-
-    def __init__(self, rows, cols, mask, causal, work):
-        self.rows, self.cols, self.mask, self.causal, self.work = rows, cols, mask, causal, work
-
-
-def block_allowed(q_idx, k_idx, valid, doc_ids, is_causal: bool, sliding_window: int | None):
-    """Bool ``(B|1, S_q, S_k)``: which keys (global indices ``k_idx``) each query (``q_idx``)
-    attends to, under the batch's padding, documents, causality and window."""
-    q, k = q_idx[:, None], k_idx[None, :]
-    allowed = (k <= q) if is_causal else torch.ones(len(q_idx), len(k_idx), dtype=torch.bool, device=q_idx.device)
-    if sliding_window is not None:
-        allowed = allowed & (k > q - sliding_window)
-    allowed = allowed[None]
-    if not bool(valid.all()):
-        allowed = allowed & valid[:, k_idx][:, None, :]
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, q_idx][:, :, None] == doc_ids[:, k_idx][:, None, :])
-    return allowed
-
-
-def plan_block(allowed: torch.Tensor) -> BlockPlan | None:
-    """Compact a block to the rows and keys that take part; None if nothing does.
-
-    Dropping all-masked rows and keys changes no result, and makes the zigzag layout's
-    off-diagonal blocks dense half-blocks (no mask) and its diagonal block plain causal.
-    """
-    rows_any, cols_any = allowed.any(-1).any(0), allowed.any(-2).any(0)
-    if not bool(rows_any.any()):
-        return None
-    rows = None if bool(rows_any.all()) else rows_any.nonzero().flatten()
-    cols = None if bool(cols_any.all()) else cols_any.nonzero().flatten()
-    sub = allowed if rows is None else allowed[:, rows]
-    sub = sub if cols is None else sub[:, :, cols]
-    r, c = sub.shape[1:]
-    if bool(sub.all()):
-        return BlockPlan(rows, cols, None, False, r * c)
-    if r == c and torch.equal(sub, torch.ones(r, r, dtype=torch.bool, device=sub.device).tril().expand_as(sub)):
-        return BlockPlan(rows, cols, None, True, r * (r + 1) // 2)
-    return BlockPlan(rows, cols, sub[:, None], False, r * c)

@@ -18,6 +18,7 @@ from .comm import all_gather_concat, all_gather_object_fingerprints
 from .layout import Layout
 from .masks import document_ids
 from .mesh import SeqParState, find_state
+from .segments import Segments, build_segments
 
 __all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "IGNORE_INDEX", "BatchMismatchError"]
 
@@ -41,12 +42,20 @@ class SeqParBatch:
         positions: ``(B, S_pad)`` global position ids, padded global order.
         valid: ``(B, S_pad)`` bool, False at user padding and at shard padding.
         doc_ids: ``(B, S_pad)`` document index, or None when no row is packed.
+        segments: the runs of valid tokens per document (:class:`~hf_seqpar.segments.Segments`),
+            built once per batch in O(S); attention plans derive from them without any S x S
+            tensor.
     """
 
     def __init__(self, state: SeqParState, layout: Layout, positions, valid, doc_ids):
         self.state, self.layout = state, layout
         self.positions, self.valid, self.doc_ids = positions, valid, doc_ids
         self._cache: dict = {}
+
+    @property
+    def segments(self) -> Segments:
+        """The batch's runs of valid tokens per document (built on first use, then shared)."""
+        return self.cached(("segments",), lambda: build_segments(self.valid, self.doc_ids))
 
     def cached(self, key, build: Callable):
         """Build-once storage for masks derived from this batch (shared by all layers)."""

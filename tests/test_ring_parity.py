@@ -59,7 +59,7 @@ def _work(layout: Layout, window=None, packed=False) -> list[tuple[int, int]]:
     out = []
     for rank in range(layout.sp_size):
         plans = ring_plans(batch, rank, layout, True, window)
-        out.append((sum(p.work for p in plans if p is not None), sum(p is None for p in plans)))
+        out.append((sum(piece.work for p in plans if p is not None for piece in p), sum(p is None for p in plans)))
     return out
 
 

@@ -7,10 +7,11 @@ traffic per layer: ``(P - 1)`` times the local K/V bytes (kv heads sent as they 
 repeated for GQA). The backward sends K/V around again and dK/dV accumulators (fp32) with them;
 each block's gradients come from the flash backward with the rows' final ``out``/``lse``.
 
-Which keys a query may see is planned per (query rank, key rank) block from global token indices
-(:func:`~hf_seqpar.masks.block_allowed`): padding, documents, causality and windows are exact,
-blocks with nothing allowed are skipped, and blocks are compacted to the rows and keys that take
-part. With the zigzag layout that leaves every rank the same causal work.
+Which keys a query may see is planned per (query rank, key rank) block from the batch's segments
+(:func:`~hf_seqpar.segments.plan_pieces`): padding, documents, causality and windows are exact,
+each block is a few variable-length pieces (whole key ranges, causal diagonals, small window-band
+tiles) and blocks with nothing to attend are skipped, all without an S x S tensor. With the
+zigzag layout every rank does the same causal work.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.kernels import block_backward, block_forward, compute_dtype, merge_into
+from hf_seqpar.kernels import compute_dtype
+from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
 
 from ..comm import RingShift
 from ..layout import Layout
-from ..masks import block_allowed, plan_block
+from ..segments import plan_pieces
 from .base import AttentionOnlyStrategy, check_no_options
 
 __all__ = ["RingStrategy", "ring_attention", "ring_plans", "check_ring_kwargs"]
@@ -31,49 +33,18 @@ RING_OPTIONS = ("layout", "backend")
 
 
 def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int | None) -> list:
-    """Block plans of outer rank ``q_outer`` against every outer rank's keys (cached on the
-    batch: the same for all layers and for the backward)."""
+    """Attention pieces of outer rank ``q_outer``'s queries against every outer rank's keys
+    (``None`` where a block has nothing to attend), derived from the batch's segments in
+    O(#segments) per block with no S x S tensor; cached on the batch (the same for all layers and
+    for the backward)."""
 
     def build():
-        q_idx = layout.outer_indices(q_outer).to(batch.valid.device)
-        return [
-            plan_block(block_allowed(q_idx, layout.outer_indices(src).to(q_idx.device), batch.valid, batch.doc_ids,
-                                     is_causal, window))
-            for src in range(layout.outer)
-        ]
+        q_chunks = layout.outer_chunks(q_outer)
+        plans = [plan_pieces(batch.segments, q_chunks, layout.outer_chunks(src), is_causal, window)
+                 for src in range(layout.outer)]
+        return [p or None for p in plans]
 
     return batch.cached(("ring", q_outer, layout, is_causal, window), build)
-
-
-def _select(t, idx, dim=2):
-    return t if idx is None else t.index_select(dim, idx)
-
-
-def _forward_block(q, k, v, plan, out, lse, scale, backend, first: bool):
-    qs, ks, vs = _select(q, plan.rows), _select(k, plan.cols), _select(v, plan.cols)
-    o_b, l_b = block_forward(qs, ks, vs, scale=scale, causal=plan.causal, mask=plan.mask, backend=backend)
-    if first:  # nothing to merge with yet
-        if plan.rows is None:
-            out.copy_(o_b)
-            lse.copy_(l_b)
-        else:
-            out.index_copy_(2, plan.rows, o_b.float())
-            lse.index_copy_(2, plan.rows, l_b.float())
-        return
-    if plan.rows is None:
-        merge_into(out, lse, o_b, l_b)
-        return
-    o_acc, l_acc = out.index_select(2, plan.rows), lse.index_select(2, plan.rows)
-    merge_into(o_acc, l_acc, o_b, l_b)
-    out.index_copy_(2, plan.rows, o_acc)
-    lse.index_copy_(2, plan.rows, l_acc)
-
-
-def _add(acc, idx, grad):
-    if idx is None:
-        acc.add_(grad.float())
-    else:
-        acc.index_add_(2, idx, grad.float())
 
 
 class _RingAttention(torch.autograd.Function):
@@ -82,13 +53,12 @@ class _RingAttention(torch.autograd.Function):
         world, me = dist.get_world_size(group), dist.get_rank(group)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv, first = [k, v], True
+        kv = [k, v]
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.fwd", layer) if step < world - 1 else None
-            plan = plans[(me - step) % world]  # this step holds the K/V block of rank me - step
-            if plan is not None:
-                _forward_block(q, kv[0], kv[1], plan, out, lse, scale, backend, first)
-                first = False
+            pieces = plans[(me - step) % world]  # this step holds the K/V block of rank me - step
+            if pieces is not None:
+                pieces_forward(q, kv[0], kv[1], pieces, out, lse, scale=scale, backend=backend)
             if shift is not None:
                 kv = shift.wait()
         out = out.to(q.dtype)  # saved in the activation dtype, as flash attention does
@@ -107,15 +77,10 @@ class _RingAttention(torch.autograd.Function):
         kv = [k, v]
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.bwd", layer) if step < world - 1 else None
-            plan = ctx.plans[(me - step) % world]
-            if plan is not None:
-                r, c = plan.rows, plan.cols
-                grads = block_backward(_select(dout, r), _select(q, r), _select(kv[0], c), _select(kv[1], c),
-                                       _select(out, r), _select(lse, r), scale=ctx.scale, causal=plan.causal,
-                                       mask=plan.mask, backend=ctx.backend)
-                _add(dq, r, grads[0])
-                _add(dkv[0], c, grads[1])
-                _add(dkv[1], c, grads[2])
+            pieces = ctx.plans[(me - step) % world]
+            if pieces is not None:
+                pieces_backward(dout, q, kv[0], kv[1], out, lse, pieces, dq, dkv[0], dkv[1], scale=ctx.scale,
+                                backend=ctx.backend)
             if world > 1:  # the accumulators travel with their K/V block; after P hops they are home
                 dkv = RingShift(dkv, group, counter, "ring_dkv.bwd", layer).wait()
             if shift is not None:

@@ -1,0 +1,196 @@
+"""Variable-length attention: a list of rectangular *pieces*, each run by the block interface.
+
+A batch's attention structure (documents, padding, causality, windows) is described by pieces:
+``(rows, query range, key range, kind)`` in the local coordinates of the q and k tensors. A
+piece is one kernel call on views of q/k/v: ``full`` (every query sees every key), ``causal``
+(square, top-left aligned: the diagonal block of one document) or ``masked`` (a small band
+tile, with a mask built from global indices for that tile only). Pieces touching the same query
+rows are merged by their log-sum-exp (:func:`~hf_seqpar.kernels.merge.merge_into`), so nothing
+of size ``S_q x S_k`` is ever allocated outside the kernels' own tiles: memory is O(S) plus the
+largest band tile.
+
+The backward of each piece is the flash backward with the rows' *final* out/lse, which gives
+the piece's exact share of dq and its exact dk/dv (as for ring attention).
+
+Who builds pieces: :mod:`hf_seqpar.segments` (from the batch's segments and the sequence
+layout). This module knows nothing of transformers or process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Piece", "band_mask", "check_pieces", "pieces_forward", "pieces_backward", "varlen_attention"]
+
+FULL, CAUSAL, MASKED = "full", "causal", "masked"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One kernel call of variable-length attention.
+
+    Attributes:
+        rows: ``(b0, b1)``: batch rows ``b0 <= b < b1``.
+        q: ``(q0, q1)``: local query positions.
+        k: ``(k0, k1)``: local key positions.
+        kind: ``"full"``, ``"causal"`` (``q1 - q0 == k1 - k0``, query ``i`` sees keys ``<= i``)
+            or ``"masked"`` (mask from :func:`band_mask`).
+        q_global: global index of local query ``q0`` (``masked`` only).
+        k_global: global index of local key ``k0`` (``masked`` only).
+        causal: the attention is causal (``masked`` only).
+        window: the sliding window (``masked`` only; None = none).
+    """
+
+    rows: tuple[int, int]
+    q: tuple[int, int]
+    k: tuple[int, int]
+    kind: str
+    q_global: int = 0
+    k_global: int = 0
+    causal: bool = True
+    window: int | None = None
+
+    @property
+    def work(self) -> int:
+        """Score entries per row and head the kernel computes (half the square when causal)."""
+        nq, nk = self.q[1] - self.q[0], self.k[1] - self.k[0]
+        return nq * (nq + 1) // 2 if self.kind == CAUSAL else nq * nk
+
+
+def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, window: int | None,
+              device=None) -> torch.Tensor:
+    """Bool ``(1, 1, nq, nk)``: which keys each query of a tile may see, from global indices.
+
+    The rule is transformers': causal ``k <= q`` and, with a window, ``k > q - window``
+    (``sliding_window_overlay``); bidirectional windows are ``|q - k| <= window``
+    (``sliding_window_bidirectional_overlay``).
+    """
+    q = torch.arange(q_global, q_global + nq, device=device)[:, None]
+    k = torch.arange(k_global, k_global + nk, device=device)[None, :]
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k <= q
+        if window is not None:
+            allowed &= k > q - window
+    elif window is not None:
+        allowed &= (q - k).abs() <= window
+    return allowed[None, None]
+
+
+def check_pieces(pieces, batch: int, sq: int, sk: int) -> None:
+    """Raise if a piece reaches outside ``(batch, sq, sk)`` or is malformed.
+
+    Views outside a tensor are an exception on CPU but can become an illegal memory access in a
+    CUDA kernel (which loses the process's CUDA context), so every piece is checked before the
+    first kernel runs; the cost is a few integer comparisons per piece.
+
+    Raises:
+        ValueError: naming the piece and the bounds.
+    """
+    for p in pieces:
+        (b0, b1), (q0, q1), (k0, k1) = p.rows, p.q, p.k
+        ok = (0 <= b0 < b1 <= batch and 0 <= q0 < q1 <= sq and 0 <= k0 < k1 <= sk
+              and p.kind in (FULL, CAUSAL, MASKED) and (p.kind != CAUSAL or q1 - q0 == k1 - k0))
+        if not ok:
+            raise ValueError(f"attention piece {p} does not fit q/k of (B, S_q, S_k) = ({batch}, {sq}, {sk}); "
+                             "this is a bug in the piece planner: please report it")
+
+
+def _views(p: Piece, *tensors, dim: int = 2, keys: bool = False):
+    lo, hi = p.k if keys else p.q
+    return [t[p.rows[0]:p.rows[1]].narrow(dim, lo, hi - lo) for t in tensors]
+
+
+def _mask(p: Piece, device):
+    if p.kind != MASKED:
+        return None
+    return band_mask(p.q_global, p.q[1] - p.q[0], p.k_global, p.k[1] - p.k[0], p.causal, p.window, device)
+
+
+def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | None = None) -> None:
+    """Accumulate the attention of every piece into ``out``/``lse`` (in place, lse-merged).
+
+    Args:
+        q: ``(B, h_q, S_q, D)``; k, v: ``(B, h_kv, S_k, D)``, all in one compute dtype.
+        pieces: :class:`Piece` list (checked with :func:`check_pieces`).
+        out: fp32 ``(B, h_q, S_q, D)`` accumulator; lse: fp32 ``(B, h_q, S_q)`` accumulator
+            (``-inf`` where nothing was attended yet).
+        scale: softmax scale.
+        backend: force a kernel backend by name.
+    """
+    from . import block_forward, merge_into
+
+    check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    for p in pieces:
+        qs, = _views(p, q)
+        ks, vs = _views(p, k, v, keys=True)
+        o_b, l_b = block_forward(qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device),
+                                 backend=backend)
+        o_acc, = _views(p, out)
+        l_acc, = _views(p, lse)
+        merge_into(o_acc, l_acc, o_b, l_b)
+
+
+def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float, backend: str | None = None) -> None:
+    """Accumulate every piece's gradients into fp32 ``dq``/``dk``/``dv`` (in place).
+
+    Args:
+        dout: ``(B, h_q, S_q, D)`` gradient of the final output.
+        q, k, v: as for :func:`pieces_forward`.
+        out: the final output; lse: the final fp32 lse (``-inf`` rows get no gradient).
+        pieces: the pieces of the forward.
+        dq, dk, dv: fp32 accumulators shaped like q, k, v.
+        scale, backend: as for :func:`pieces_forward`.
+    """
+    from . import block_backward
+
+    check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    for p in pieces:
+        dos, qs, os_ = _views(p, dout, q, out)
+        ls, = _views(p, lse)
+        ks, vs = _views(p, k, v, keys=True)
+        g_q, g_k, g_v = block_backward(dos, qs, ks, vs, os_, ls.contiguous(), scale=scale,
+                                       causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend)
+        for acc, grad, keys in ((dq, g_q, False), (dk, g_k, True), (dv, g_v, True)):
+            view, = _views(p, acc, keys=keys)
+            view.add_(grad.float())
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pieces, scale, backend):
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        pieces_forward(q, k, v, pieces, out, lse, scale=scale, backend=backend)
+        out = out.to(q.dtype)  # saved in the compute dtype, as flash attention does
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pieces, ctx.scale, ctx.backend = pieces, scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+        pieces_backward(dout, q, k, v, out, lse, ctx.pieces, dq, dk, dv, scale=ctx.scale, backend=ctx.backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def varlen_attention(q, k, v, pieces, *, scale: float, backend: str | None = None) -> torch.Tensor:
+    """Differentiable attention over ``pieces`` (queries no piece covers get 0).
+
+    Args:
+        q: ``(B, h_q, S_q, D)``; k, v: ``(B, h_kv, S_k, D)`` (cast to one compute dtype first:
+            :func:`~hf_seqpar.kernels.compute_dtype`).
+        pieces: :class:`Piece` list.
+        scale: softmax scale.
+        backend: force a kernel backend by name.
+
+    Returns:
+        ``(B, h_q, S_q, D)`` in the compute dtype.
+    """
+    from . import compute_dtype
+
+    dtype = compute_dtype(q, k, v)
+    return _VarlenAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), pieces, scale, backend)
