@@ -116,14 +116,34 @@ def _plan(args) -> int:
     return 0 if best else 1
 
 
+def _selftest_parser(sub) -> None:
+    p = sub.add_parser("selftest", help="the one-command GPU check (dry mode without a GPU)",
+                       description="Run the CUDA checks on one GPU, each case in its own process: the gpu-marked "
+                                   "tests, a kernel-backend sweep against float64, the variable-length pieces, and "
+                                   "long single-GPU steps at S and 2S; writes selftest.json and selftest.md. "
+                                   "Without a GPU it selects nothing CUDA and exits 0.")
+    p.add_argument("--gpu", action="store_true", help="run the GPU checks (the default and only mode)")
+    p.add_argument("--out", default=".", help="folder for selftest.json / selftest.md (default: .)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds after which no new case starts (default 540)")
+    p.add_argument("--tests", default=None, help="the repository's tests folder (default: beside the package)")
+    p.add_argument("--cases", type=_names, default=None, help="comma-separated case names (default: all)")
+
+
+def _selftest(args) -> int:
+    from .selftest import run_selftest
+
+    return run_selftest(args.out, args.budget, args.tests, args.cases)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-seqpar`` console script."""
-    parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench and plan")
+    parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench, plan and selftest")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _plan_parser(sub)
+    _selftest_parser(sub)
     args = parser.parse_args(argv)
-    return {"bench": _bench, "plan": _plan}[args.command](args)
+    return {"bench": _bench, "plan": _plan, "selftest": _selftest}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,57 @@ def test_flash_attention_path_matches_unsharded(nccl_world_of_one, kind):
     # bf16: both runs use the same flash kernel on the same segments; allow bf16 rounding
     torch.testing.assert_close(logits[valid].float(), ref.logits[valid].float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.loss.float(), ref.loss.float(), atol=1e-2, rtol=1e-2)
+
+
+def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None):
+    """(sp loss, fp32 reference loss, bf16 reference loss, max |sp - ref32| logits, max |ref16 - ref32|
+    logits) for one batch on one GPU (world of one)."""
+    import copy
+
+    import cases
+    import hf_seqpar
+    from hf_seqpar.accelerate import SequenceParallelPlugin, prepare_model
+
+    base = cases.tiny_model(heads=4, kv_heads=2).cuda()
+    batch = {k: v.cuda() for k, v in cases.make_batch(kind, seq=256).items()}
+    valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    ref32 = copy.deepcopy(base)
+    out32 = ref32(**batch, use_cache=False)
+    weights = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    ref16, model = copy.deepcopy(base).to(weights), copy.deepcopy(base).to(weights)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        out16 = ref16(**batch, use_cache=False)
+        if features:
+            prepare_model(model, SequenceParallelPlugin(strategy=strategy, sp_size=1, **features))
+        else:
+            hf_seqpar.enable_sequence_parallel(model, strategy, 1)
+        out = model(**hf_seqpar.shard_batch(batch, model))
+    out.loss.backward()  # the backward runs too (kernels' backward paths), and must be finite
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    result = [float(out.loss), float(out32.loss), float(out16.loss)]
+    if out.logits is not None:
+        logits = hf_seqpar.gather_sequence(out.logits, model)
+        result += [float((logits[valid].float() - out32.logits[valid]).abs().max()),
+                   float((out16.logits[valid].float() - out32.logits[valid]).abs().max())]
+    return result
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
+@pytest.mark.parametrize("kind", ["plain", "padding", "packed"])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "hybrid"])
+def test_strategies_match_unsharded_in_bf16_on_one_gpu(nccl_world_of_one, strategy, kind, mode):
+    """Each strategy at sp_size=1 on the GPU kernels, in bf16 weights and under bf16 autocast, for
+    one-document, padded and packed rows. The SP model's error against the fp32 model is bounded
+    by the unsharded model's own bf16 error (x2 + a bf16 ulp at the logits' scale): the same
+    precision, different kernels and summation orders."""
+    loss, loss32, loss16, err, err16 = _gpu_pair(strategy, kind, mode)
+    assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
+    assert err <= 2 * err16 + 2e-2
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_memory_features_on_one_gpu(nccl_world_of_one, strategy):
+    """Chunked loss, MLP tiles and checkpointing (offloaded) with each strategy on the GPU, bf16."""
+    features = dict(loss_chunk_size=64, mlp_tiles=2, gradient_checkpointing=True, offload_checkpoints=True)
+    loss, loss32, loss16 = _gpu_pair(strategy, "packed", "bf16-weights", features)[:3]
+    assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
