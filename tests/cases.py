@@ -49,6 +49,12 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         lengths = [seq * 2 // 5, seq // 7, seq - seq * 2 // 5 - seq // 7]
         batch = {k: v[:1] for k, v in batch.items()}
         batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+    elif kind == "packed_mixed":  # 2 rows, different structures: short documents (shorter than a
+        # shard on 4 ranks) in row 0; in row 1 one document spanning 3+ shards between two short ones
+        short = [3, 5, 4, 6, 2, 7, 5] * seq
+        row0 = torch.cat([torch.arange(n) for n in short])[:seq]
+        row1 = torch.cat([torch.arange(4), torch.arange(seq - 9), torch.arange(5)])
+        batch["position_ids"] = torch.stack([row0, row1])
     elif kind == "no_labels":
         del batch["labels"]
     elif kind == "labels_first_quarter":  # later ranks hold no label token at all
@@ -68,6 +74,9 @@ PARITY_CASES = {
     "odd_length": dict(batch_kw=dict(seq=29)),
     "sliding_window_lt_shard": dict(model_kw=dict(family="mistral", sliding_window=5)),
     "sliding_window_packed": dict(model_kw=dict(family="mistral", sliding_window=6), batch_kw=dict(kind="packed")),
+    "packed_mixed_rows_window": dict(model_kw=dict(family="mistral", sliding_window=7),
+                                     batch_kw=dict(kind="packed_mixed", seq=48)),
+    "packed_mixed_rows": dict(batch_kw=dict(kind="packed_mixed", seq=45)),
     "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "lora": dict(lora=True, batch_kw=dict(kind="padding")),
     "grad_checkpointing": dict(checkpointing=True, batch_kw=dict(kind="packed")),

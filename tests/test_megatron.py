@@ -21,6 +21,8 @@ CASES = {
     "llama_padding_left_right": dict(batch_kw=dict(kind="padding")),
     "llama_packed_3_docs": dict(batch_kw=dict(kind="packed", seq=40)),
     "llama_odd_length": dict(batch_kw=dict(seq=29)),
+    "mistral_window_packed_mixed_rows": dict(model_kw=dict(family="mistral", sliding_window=7),
+                                             batch_kw=dict(kind="packed_mixed", seq=48)),
     "llama_eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "llama_tied_embeddings": dict(model_kw=dict(tie=True), batch_kw=dict(kind="padding")),
     "llama_rank_without_labels": dict(batch_kw=dict(kind="labels_first_quarter")),
