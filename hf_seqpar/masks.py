@@ -26,7 +26,7 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
-__all__ = ["document_ids", "structure_mask_function", "dense_mask", "flash_segments"]
+__all__ = ["document_ids", "structure_mask_function", "dense_mask", "flash_segments", "check_cu_seqlens"]
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -113,4 +113,15 @@ def flash_segments(valid: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[t
     boundary[::seq] = True  # every row starts a segment
     starts = torch.nonzero(boundary).flatten()
     cu = torch.cat([starts, starts.new_tensor([batch * seq])]).to(torch.int32)
+    check_cu_seqlens(cu, batch * seq)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def check_cu_seqlens(cu: torch.Tensor, total: int) -> None:
+    """Raise unless ``cu`` is a valid ``cu_seqlens`` for ``total`` packed tokens: int32 (the
+    kernels' dtype), 1-D, starting at 0, strictly increasing, ending at ``total``. A wrong offset
+    here is an out-of-bounds read inside a CUDA varlen kernel, not an exception."""
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of >= 2 offsets, got {cu.dtype} {tuple(cu.shape)}")
+    if int(cu[0]) != 0 or int(cu[-1]) != total or not bool((cu[1:] > cu[:-1]).all()):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to {total}; got {cu.tolist()[:8]}...{int(cu[-1])}")

@@ -133,3 +133,17 @@ def test_cuda_backend_selection_by_dtype_and_mask():
     assert select_backend(cuda, False, dtype=torch.bfloat16).name == expected
     with pytest.raises(ValueError, match="computes in"):
         select_backend(cuda, False, "cuda_cudnn", torch.float32)
+
+
+def test_flash_segments_offsets_are_checked_int32_and_in_range():
+    from hf_seqpar.masks import check_cu_seqlens, document_ids, flash_segments
+
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False
+    docs = document_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], list(range(10))]))
+    cu, longest = flash_segments(valid, docs)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 10, 17, 20] and longest == 7
+    for bad, total in ((torch.tensor([0, 5, 10]), 10), (torch.tensor([0, 5, 12], dtype=torch.int32), 10),
+                       (torch.tensor([0, 5, 5, 10], dtype=torch.int32), 10), (torch.tensor([1, 10], dtype=torch.int32), 10)):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            check_cu_seqlens(bad, total)
