@@ -1,0 +1,23 @@
+"""The GPU check's dry mode on a machine without a GPU, and its report logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_seqpar.cli import main
+from hf_seqpar.selftest import CASES, _ok
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="dry mode is for machines without a GPU")
+def test_selftest_without_gpu_selects_nothing_cuda_and_exits_0(capsys, tmp_path):
+    assert main(["selftest", "--gpu", "--out", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert "no GPU" in said and "dry mode" in said and all(c in said for c in CASES)
+    assert not (tmp_path / "selftest.json").exists()  # nothing ran, nothing is reported as run
+
+
+def test_report_fails_when_any_nested_case_fails():
+    assert _ok({"a": {"ok": True, "x": {"ok": True}}, "b": "not installed"})
+    assert not _ok({"a": {"ok": True}, "k": {"cuda_flash/bf16": {"ok": False, "error": "..."}}})
+    assert not _ok({"long": {"ok": False, "error": "timed out"}})
