@@ -30,6 +30,7 @@ __all__ = [
     "SequenceParallelPlugin",
     "prepare_sequence_parallel",
     "SequenceParallelTrainer",
+    "SequenceParallelMixin",
     "SeqParState",
     "SeqParBatch",
     "Layout",
@@ -43,8 +44,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "SequenceParallelTrainer":  # imported on first use: transformers.Trainer is slow to import
-        from .trainer import SequenceParallelTrainer
+    if name in ("SequenceParallelTrainer", "SequenceParallelMixin"):  # imported on first use: transformers.Trainer
+        from . import trainer  # is slow to import
 
-        return SequenceParallelTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from .comm import all_reduce_sum
 
-__all__ = ["SequenceParallelLoss"]
+__all__ = ["SequenceParallelLoss", "combines"]
+
+
+def combines(seqpar) -> bool:
+    """Whether the model's loss is summed over the SP group in its forward: yes for every
+    ``shard_batch`` batch, unless the caller marked it ``seqpar.local_loss = True`` (the Trainer
+    integration, which hands the local loss to the host trainer and combines it itself)."""
+    return seqpar is not None and not getattr(seqpar, "local_loss", False)
 
 
 class SequenceParallelLoss:
@@ -32,6 +39,6 @@ class SequenceParallelLoss:
     def __call__(self, logits, labels, vocab_size: int, **kwargs):
         loss = self.inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         batch = kwargs.get("seqpar")
-        if batch is None:  # a forward without shard_batch: nothing to combine
+        if not combines(batch):  # no shard_batch, or the caller sums the local losses itself
             return loss
         return self.combine(loss, batch.state.sp_group, batch.state.counter)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .comm import all_reduce_sum
+from .loss import combines
 from .sharding import IGNORE_INDEX
 
 __all__ = [
@@ -157,7 +158,7 @@ def _chunked_forward(chunk: int):
         base = getattr(self, self.base_model_prefix)
         out = base(input_ids=input_ids, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items)
-        if seqpar is not None:  # the exact SP loss: sum_local / N, summed over the SP group
+        if combines(seqpar):  # the exact SP loss: sum_local / N, summed over the SP group
             combine = getattr(self.loss_function, "combine", all_reduce_sum)  # the strategy's (see loss.py)
             loss = combine(loss, seqpar.state.sp_group, seqpar.state.counter)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)

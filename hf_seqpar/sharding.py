@@ -20,13 +20,18 @@ from .masks import document_ids
 from .mesh import SeqParState, find_state
 from .segments import Segments, build_segments
 
-__all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "IGNORE_INDEX", "BatchMismatchError"]
+__all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "next_token_labels", "count_label_tokens", "IGNORE_INDEX",
+           "BatchMismatchError"]
 
 IGNORE_INDEX = -100
 #: Keys of a batch that carry a sequence dimension and are sharded.
 SEQ_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
 #: Keys passed through unchanged (no sequence dimension).
 PASS_KEYS = ("num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict", "logits_to_keep")
+#: Keys of padding-free / packed batches (TRL's collators, transformers' DataCollatorWithFlattening)
+#: that restate the documents of ``position_ids``: checked against them, then dropped (the
+#: structure reaches the attention in ``seqpar=``).
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 class BatchMismatchError(RuntimeError):
@@ -84,7 +89,7 @@ def _require_state(model) -> SeqParState:
 
 
 def _validate(batch: Mapping[str, Any]) -> tuple[int, int]:
-    unknown = [k for k, v in batch.items() if torch.is_tensor(v) and k not in SEQ_KEYS + PASS_KEYS]
+    unknown = [k for k, v in batch.items() if torch.is_tensor(v) and k not in SEQ_KEYS + PASS_KEYS + VARLEN_KEYS]
     if unknown:
         raise ValueError(
             f"shard_batch does not know how to shard batch key(s) {unknown}; it shards {list(SEQ_KEYS)}. "
@@ -108,7 +113,47 @@ def _validate(batch: Mapping[str, Any]) -> tuple[int, int]:
     pos = batch.get("position_ids")
     if pos is not None and (pos.shape[-1] != seq or pos.shape[0] not in (1, bsz)):
         raise ValueError(f"`position_ids` has shape {tuple(pos.shape)}; expected ({bsz} or 1, {seq})")
+    _check_varlen_keys(batch, bsz, seq)
     return bsz, seq
+
+
+def _check_varlen_keys(batch: Mapping[str, Any], bsz: int, seq: int) -> None:
+    """``cu_seq_lens_q/k``, ``max_length_q/k`` and ``seq_idx`` must describe the documents that
+    ``position_ids`` carry (a document starts wherever a position is not the previous plus one;
+    the varlen convention runs over the flattened ``B x S`` tokens)."""
+    present = [k for k in VARLEN_KEYS if batch.get(k) is not None]
+    if not present:
+        return
+    pos = batch.get("position_ids")
+    if pos is None:
+        raise ValueError(f"the batch has {present} but no `position_ids`; shard_batch reads the documents from "
+                         "position_ids (restarting at every document): pass them too (TRL's collators do with "
+                         "padding_free=True or packing=True)")
+    pos = pos.expand(bsz, seq)
+    starts = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1  # (B, S); every row starts a document
+    starts[:, 0] = True
+    flat = starts.reshape(-1)
+    expected = {"cu": torch.cat([flat.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])}
+    expected["max"] = int(expected["cu"].diff().max())
+    expected["idx"] = flat.long().cumsum(0) - 1  # (B*S,) document index of every token
+    bad = []
+    for key in present:
+        value = batch[key]
+        if key.startswith("cu_seq_lens"):
+            ok = torch.is_tensor(value) and torch.equal(value.reshape(-1).long().cpu(), expected["cu"].cpu())
+        elif key.startswith("max_length"):
+            ok = int(value) == expected["max"]
+        else:
+            ok = torch.is_tensor(value) and value.numel() == flat.numel() and torch.equal(
+                value.reshape(-1).long().cpu(), expected["idx"].cpu())
+        if not ok:
+            bad.append(key)
+    if bad:
+        raise ValueError(
+            f"batch key(s) {bad} disagree with `position_ids`: position_ids give documents starting at flattened "
+            f"token(s) {expected['cu'][:-1].tolist()[:16]} (cu_seq_lens {expected['cu'].tolist()[:17]}, longest "
+            f"{expected['max']}). Build them from the same position_ids, or drop them (shard_batch derives the "
+            "documents from position_ids).")
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,6 +192,40 @@ def _check_same_batch(state: SeqParState, batch, bsz: int, seq: int) -> None:
             "rank=dp_rank), and seed shuffling identically."
         )
     state.batches_checked += 1
+
+
+def next_token_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
+    """The target of every position: which tokens count in the loss, in one place.
+
+    Position ``t`` is scored against ``labels[t + 1]``; the last position and every padding
+    position (``attention_mask == 0``, e.g. the last left-pad token "predicting" the first real
+    token: its hidden state depends on how a kernel treats fully masked rows) predict nothing.
+
+    Args:
+        labels: ``(B, S)`` unshifted labels (``-100`` = ignored).
+        attention_mask: optional ``(B, S)``, 1 = token, 0 = padding.
+        pad: extra ignored positions appended at the end (shard padding).
+
+    Returns:
+        ``(B, S + pad)`` shifted labels, ``-100`` where nothing is predicted.
+    """
+    shifted = F.pad(labels, (0, 1 + pad), value=IGNORE_INDEX)[:, 1:]
+    if attention_mask is not None:
+        shifted = shifted.masked_fill(~_pad_seq(attention_mask.bool(), pad, False), IGNORE_INDEX)
+    return shifted
+
+
+def count_label_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The number of tokens that count in the loss of a full batch (:func:`next_token_labels`),
+    the ``num_items_in_batch`` that ``shard_batch`` and the Trainer integration use.
+
+    Args:
+        batch: a full batch with ``labels`` ``(B, S)`` and optional ``attention_mask``.
+
+    Returns:
+        A 0-d int64 tensor.
+    """
+    return (next_token_labels(batch["labels"], batch.get("attention_mask")) != IGNORE_INDEX).sum()
 
 
 def _pad_seq(t: torch.Tensor, pad: int, value) -> torch.Tensor:
@@ -215,11 +294,7 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     labels = batch.get("labels")
     if labels is not None:
         # shift on the full sequence, then shard: token t is scored against label t+1 everywhere
-        shifted = F.pad(labels, (0, 1 + pad), value=IGNORE_INDEX)[:, 1:]
-        if mask is not None:
-            # a padding token predicts nothing (e.g. the last left-pad token "predicting" the first
-            # real token): its hidden state depends on how a kernel treats fully masked rows
-            shifted = shifted.masked_fill(~_pad_seq(mask.bool(), pad, False), IGNORE_INDEX)
+        shifted = next_token_labels(labels, mask, pad)
         local_labels = layout.shard(shifted, rank).contiguous()
         local["labels"] = local["shift_labels"] = local_labels
         if "num_items_in_batch" not in local:
