@@ -202,6 +202,14 @@ class SequenceParallelMixin:
         if "seqpar" in inputs:  # already sharded (a host that calls back into compute_loss)
             return host(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         training = model.training
+        if training and self.sp_state.mesh.size() > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) \
+                and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                "the Trainer is training a model that is not wrapped for data parallelism (DDP/FSDP/DeepSpeed): "
+                "each rank would step on its own gradients. This happens when evaluate() runs before the first "
+                "train() (accelerate then marks the model as prepared for evaluation, and train() does not wrap it); "
+                "call train() first (evaluation during and after training is fine), or build a new trainer for "
+                "training.")
         if not training or num_items_in_batch is None:  # eval: the stock count would include SP ranks
             num_items_in_batch = self._label_tokens([inputs])
         full = inputs if num_items_in_batch is None else {**inputs, "num_items_in_batch": num_items_in_batch}

@@ -1,0 +1,103 @@
+"""The Trainer integration on 2 gloo ranks: refusals at construction, one token-count rule,
+exact resume, padding-free batch keys, and TRL's SFTTrainer with SP against the one-process
+SFTTrainer (losses, grad norms, TRL's metrics and final weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cases_trainer
+
+PARAM_TOL, LOSS_TOL = 1e-5, 1e-5
+
+
+def test_refusals_at_construction(pool2, tmp_path):
+    """Point 1 (issue 12): ranks whose Accelerator is not distributed are refused, with the fix,
+    and the fix works; item 7 (issue 9): label smoothing and compute_loss_func are refused."""
+    for r in pool2.run(cases_trainer.refusals, str(tmp_path)):
+        assert r["not_distributed"] is not None and "use_cpu=True" in r["not_distributed"], r
+        assert "DDP" in r["not_distributed"], r
+        assert r["use_cpu"] is None and r["use_cpu_type"].endswith("MULTI_CPU"), r
+        assert r["label_smoothing"] is not None and "label_smoothing_factor=0.1" in r["label_smoothing"], r
+        assert r["compute_loss_func"] is not None and "compute_loss_func" in r["compute_loss_func"], r
+        assert r["eval_then_train"] is not None and "evaluate()" in r["eval_then_train"], r
+
+
+def test_left_padding_counts_the_tokens_shard_batch_scores(pool2, tmp_path):
+    """Item 6 (issue 9): under left padding the Trainer's token count is shard_batch's (padding
+    positions predict nothing), and train/eval equal the unsharded model scored by that rule."""
+    for r in pool2.run(cases_trainer.left_padding_parity, str(tmp_path)):
+        c = r["counts"]
+        assert c["trainer"] == c["shard_batch"] < c["stock_rule"], c
+        assert r["eval"] <= LOSS_TOL, r
+        assert r["param"] <= PARAM_TOL, r
+
+
+def test_resume_mid_epoch_two_is_bit_exact(pool2, tmp_path):
+    """Point 4 (issue 12): the loader gives the stock Trainer's per-epoch order; resuming at step
+    5 (epoch 2) reproduces the uninterrupted run's losses and weights bit for bit."""
+    full = pool2.run(cases_trainer.resume_run, str(tmp_path), resume=False)
+    resumed = pool2.run(cases_trainer.resume_run, str(tmp_path), resume=True)
+    stock = cases_trainer.stock_orders(str(tmp_path / "stock"))
+    for a, b in zip(full, resumed):
+        assert a["orders"] == stock and stock[0] != stock[1], (a["orders"], stock)
+        assert {6, 7, 8} <= set(b["losses"]), b["losses"]
+        for step in (6, 7, 8):
+            assert b["losses"][step] == a["losses"][step], (step, a["losses"], b["losses"])
+        assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+
+
+def test_padding_free_keys_are_checked_and_dropped(pool2):
+    """Point 2 (issue 12): TRL's cu_seq_lens_q/k, max_length_q/k and seq_idx are accepted when they
+    agree with position_ids (the local batch equals the one without them) and refused otherwise."""
+    for r in pool2.run(cases_trainer.varlen_keys):
+        assert {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"} <= set(r["keys"]), r
+        assert r["same"] and r["logits_equal"], r
+        for key, msg in r["errors"].items():
+            assert msg is not None and key in msg and "position_ids" in msg, (key, msg)
+
+
+# ---- TRL: SFTTrainer + SequenceParallelMixin vs the one-process SFTTrainer ----------------------
+
+def _compare_sft(pool2, tmp_path, mode, order="mixin_first", **kw):
+    import cases_trl
+
+    ref = cases_trl.sft_run(mode, sp=False, out_dir=str(tmp_path / "ref"), **kw)
+    assert len(ref["logs"]) == 3, ref["logs"]
+    assert max(h["mean_token_accuracy"] for h in ref["logs"]) > 0, ref["logs"]  # the metric is not trivially 0
+    for r in pool2.run(cases_trl.sft_run, mode, True, str(tmp_path / "sp"), order=order, **kw):
+        assert r["keys"] == ref["keys"] and r["shape"] == ref["shape"], (r["keys"], ref["keys"])
+        assert len(r["logs"]) == len(ref["logs"]), r["logs"]
+        for step, (mine, want) in enumerate(zip(r["logs"], ref["logs"])):
+            assert set(mine) == set(want), (mine, want)
+            for key in ("loss", "grad_norm", "entropy"):
+                assert abs(mine[key] - want[key]) <= LOSS_TOL * abs(want[key]), (r["rank"], step, key, mine, want)
+            assert mine["num_tokens"] == want["num_tokens"], (step, mine, want)
+            assert abs(mine["mean_token_accuracy"] - want["mean_token_accuracy"]) <= 1e-6, (step, mine, want)
+        for name, p in ref["params"].items():
+            err = float((r["params"][name] - p).abs().max() / p.abs().max().clamp_min(1e-12))
+            assert err <= PARAM_TOL, (r["rank"], name, err)
+    return ref
+
+
+def test_trl_sft_bfd_packing_matches_one_process(pool2, tmp_path):
+    """TRL's default (packing=True, bfd: padding-free rows with cu_seq_lens/seq_idx)."""
+    ref = _compare_sft(pool2, tmp_path, "bfd")
+    assert "cu_seq_lens_q" in ref["keys"] and "attention_mask" not in ref["keys"], ref["keys"]
+
+
+def test_trl_sft_reverse_order_with_grad_accumulation(pool2, tmp_path):
+    """class T(SFTTrainer, SequenceParallelMixin), padding batches, 2 accumulated micro-batches."""
+    _compare_sft(pool2, tmp_path, "padding", order="host_first", grad_accum=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bfd_split", "wrapped", "padding_free", "padding"])
+def test_trl_sft_modes_match_one_process(pool2, tmp_path, mode):
+    _compare_sft(pool2, tmp_path, mode)
+
+
+@pytest.mark.slow
+def test_trl_sft_lora_reverse_order(pool2, tmp_path):
+    _compare_sft(pool2, tmp_path, "bfd", order="host_first", lora=True)
