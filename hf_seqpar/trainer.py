@@ -34,6 +34,7 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import functools
 import os
 from functools import partial
 
@@ -51,8 +52,11 @@ from .sharding import count_label_tokens, gather_sequence, shard_batch
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
 
 
-class SequenceParallelMixin:
+class SequenceParallelMixin(Trainer):
     """Sequence parallelism for a ``transformers.Trainer`` subclass whose loss is a token-level LM loss.
+
+    It derives from ``Trainer`` so that in either order its methods come before ``Trainer``'s in
+    the MRO (a plain mixin listed after ``SFTTrainer`` would come after ``Trainer`` too).
 
     Use it as ``class T(SequenceParallelMixin, Host)`` or ``class T(Host, SequenceParallelMixin)``
     with ``Host`` = ``transformers.Trainer``, TRL's ``SFTTrainer`` or a subclass of them. The host's
@@ -72,9 +76,17 @@ class SequenceParallelMixin:
         NotImplementedError: ``strategy="megatron"`` (use ``prepare_sequence_parallel``).
     """
 
-    def __init__(self, *args, sp_plugin: SequenceParallelPlugin | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sp_plugin = (sp_plugin or SequenceParallelPlugin.load()).validate()
+    def __init_subclass__(cls, **kwargs):
+        # The constructor a user calls may be the host's (class T(SFTTrainer, SequenceParallelMixin)),
+        # which knows no `sp_plugin`: wrap the class's constructor, whichever it is, so that it takes
+        # `sp_plugin` and sets SP up once the outermost constructor has finished.
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ or not getattr(cls.__init__, "_hf_seqpar_entry", False):
+            cls.__init__ = _sp_constructor(cls.__init__)
+
+    def _sp_setup(self) -> None:
+        """Validate the set-up and apply SP to the model (after the host trainer's constructor)."""
+        self.sp_plugin = (self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()).validate()
         self._sp_refuse_unsupported()
         prepare_model(self.model, self.sp_plugin)
         self.sp_state = find_state(self.model)
@@ -257,6 +269,26 @@ class SequenceParallelMixin:
         """As the host's ``prediction_step``, loss only unless ``compute_metrics`` needs logits."""
         return super().prediction_step(model, inputs, prediction_loss_only or self.compute_metrics is None,
                                        ignore_keys=ignore_keys)
+
+
+def _sp_constructor(init):
+    """``init`` taking ``sp_plugin=`` and running ``_sp_setup`` after the outermost constructor."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, sp_plugin: SequenceParallelPlugin | None = None, **kwargs):
+        depth = self.__dict__.get("_sp_init_depth", 0)
+        if sp_plugin is not None:
+            self._sp_plugin_arg = sp_plugin
+        self._sp_init_depth = depth + 1
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            self._sp_init_depth = depth
+        if depth == 0:
+            self._sp_setup()
+
+    __init__._hf_seqpar_entry = True
+    return __init__
 
 
 class SequenceParallelTrainer(SequenceParallelMixin, Trainer):

@@ -58,9 +58,9 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     reset_accelerate()
     kw = dict(max_length=40, **MODES[mode])
     args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum,
-                     max_steps=steps, learning_rate=0.05, lr_scheduler_type="constant", optim="adamw_torch",
+                     max_steps=steps, learning_rate=0.5, lr_scheduler_type="constant", optim="sgd",
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-                     disable_tqdm=True, **kw)
+                     disable_tqdm=True, bf16=False, **kw)
     peft_config = None
     if lora:
         from peft import LoraConfig

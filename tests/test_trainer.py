@@ -10,6 +10,8 @@ import torch
 import cases_trainer
 
 PARAM_TOL, LOSS_TOL = 1e-5, 1e-5
+#: gradients are sums over more terms in another order (the project's SP gradient tolerance)
+GRAD_TOL = 1e-4
 
 
 def test_refusals_at_construction(pool2, tmp_path):
@@ -71,8 +73,8 @@ def _compare_sft(pool2, tmp_path, mode, order="mixin_first", **kw):
         assert len(r["logs"]) == len(ref["logs"]), r["logs"]
         for step, (mine, want) in enumerate(zip(r["logs"], ref["logs"])):
             assert set(mine) == set(want), (mine, want)
-            for key in ("loss", "grad_norm", "entropy"):
-                assert abs(mine[key] - want[key]) <= LOSS_TOL * abs(want[key]), (r["rank"], step, key, mine, want)
+            for key, tol in (("loss", LOSS_TOL), ("entropy", LOSS_TOL), ("grad_norm", GRAD_TOL)):
+                assert abs(mine[key] - want[key]) <= tol * abs(want[key]), (r["rank"], step, key, mine, want)
             assert mine["num_tokens"] == want["num_tokens"], (step, mine, want)
             assert abs(mine["mean_token_accuracy"] - want["mean_token_accuracy"]) <= 1e-6, (step, mine, want)
         for name, p in ref["params"].items():
