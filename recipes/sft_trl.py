@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's SFTTrainer and sequence parallelism.
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \\
-        recipes/sft_trl.py --sp-config recipes/sp/ulysses.yaml --max-steps 4 --output-dir out/sft
+        recipes/sft_trl.py --max-steps 4 --output-dir out/sft
 
 The trainer is ``class SPSFTTrainer(hf_seqpar.SequenceParallelMixin, trl.SFTTrainer)``: TRL
 prepares and packs the data (``--packing bfd`` by default: best-fit packed, padding-free rows
@@ -98,6 +98,10 @@ def main(argv=None) -> None:
     from hf_seqpar.config import SequenceParallelConfig
 
     plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
+    if plugin.loss_chunk_size is not None:
+        raise SystemExit(f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's SFTTrainer computes the "
+                         "loss with its own fused, chunked LM head; use an SP config with loss_chunk_size: null "
+                         "(or none: Ulysses over all ranks).")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     SequenceParallelConfig(plugin.strategy, plugin.sp_size or world).validate(world)
 
