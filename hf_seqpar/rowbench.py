@@ -5,8 +5,8 @@ length) it starts fresh ranks (so no configuration inherits another's peak), bui
 Llama-style model from a config, and measures one forward+backward step on rows that are a single
 document, packed documents of ``doc_len`` tokens (restarting ``position_ids``), right-padded
 (``pad_frac`` of the row), or one document under a sliding window. It reports per-rank peak step
-memory (peak resident memory during the step minus the resident memory before it, on CPU; the
-CUDA allocator's peak on GPUs), the step time, tokens/s, and the growth exponent of memory
+memory (peak resident memory during the last step minus the resident memory before the first
+step, i.e. with the model and the batch already built, on CPU), the step time, tokens/s, and the growth exponent of memory
 between consecutive lengths (``log(m2 / m1) / log(S2 / S1)``: 1.0 is linear).
 """
 
@@ -114,10 +114,12 @@ def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
         if spec.strategy != "none":
             hf_seqpar.enable_sequence_parallel(model, spec.strategy, spec.world, **dict(spec.options))
         batch = make_rows(spec, model.config.vocab_size)
+        # the baseline is taken once, before the first step: later steps reuse memory the
+        # allocator kept from the first, so "RSS before this step" would hide the step's peak
+        before = _rss()
         for step in range(spec.steps):
             model.zero_grad(set_to_none=True)
             local = batch if spec.strategy == "none" else hf_seqpar.shard_batch(batch, model)
-            before = _rss()
             _reset_hwm()
             t0 = time.perf_counter()
             loss = model(**local).loss
