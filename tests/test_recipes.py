@@ -86,8 +86,12 @@ def test_recipe_lora(tmp_path):
 def test_recipe_help_lists_the_flags():
     out = subprocess.run([sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--help"],
                          capture_output=True, text=True, timeout=120).stdout
-    for flag in ("--sp-config", "--model", "--dataset", "--max-seq-len", "--max-steps", "--output-dir", "--lora"):
+    for flag in ("--sp-config", "--model", "--dataset", "--max-seq-len", "--max-steps", "--output-dir", "--lora",
+                 "--tokenizer", "--data-format", "--messages-column", "--max-doc-len", "--eval-every",
+                 "--eval-fraction", "--save-every", "--resume-from"):
         assert flag in out, flag
+    for group in ("sequence parallelism:", "model and tokenizer:", "data:", "training:", "evaluation and checkpoints:"):
+        assert group in out, group
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu-8", "gpu-multinode"])
