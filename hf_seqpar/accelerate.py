@@ -1,8 +1,10 @@
 """The Accelerate integration: a plugin config and one call that wires an ``Accelerator``.
 
-Accelerate's own config file rejects unknown keys, so the SP settings live in their own YAML
-file, passed to the script (``--sp-config path.yaml``) or named by the environment variable
-``HF_SEQPAR_CONFIG``::
+The SP settings live in a YAML file passed to the script (``--sp-config path.yaml``) or named
+by the environment variable ``HF_SEQPAR_CONFIG``: either the plugin's own file (keys = field
+names) or the accelerate config file given to ``accelerate launch``, with the fields as
+``hf_seqpar_*`` keys of its ``parallelism_config:`` section (see :mod:`hf_seqpar.parallelism`,
+which also reads and checks accelerate's own ``ParallelismConfig``)::
 
     accelerator = Accelerator(gradient_accumulation_steps=4, mixed_precision="bf16")
     plugin = SequenceParallelPlugin.load(args.sp_config)      # or $HF_SEQPAR_CONFIG
@@ -33,6 +35,8 @@ from .api import enable_sequence_parallel
 from .config import CHECK_BATCH_MODES
 from .memory import install_memory_features
 from .mesh import build_mesh, find_state, unwrap_model
+from .parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
+                          is_accelerate_config, plugin_section)
 from .sharding import shard_batch
 
 __all__ = ["SequenceParallelPlugin", "SP_CONFIG_ENV", "prepare_sequence_parallel", "prepare_model",
@@ -51,7 +55,8 @@ class SequenceParallelPlugin:
     """
 
     strategy: str = "ulysses"
-    """SP strategy, a name of ``hf_seqpar.STRATEGIES`` (``ulysses``, ``ring``, ``hybrid``, ``megatron``)."""
+    """SP strategy, a name of ``hf_seqpar.STRATEGIES`` (``ulysses``, ``ring``, ``hybrid``, ``megatron``), or
+    ``auto`` (ulysses, hybrid or ring from the model's head counts; the choice is logged)."""
     sp_size: int | None = None
     """Ranks per sequence; None = all launched ranks. The world size must be a multiple; the
     quotient is the data-parallel degree."""
@@ -101,7 +106,9 @@ class SequenceParallelPlugin:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "SequenceParallelPlugin":
-        """Load a plugin from a YAML file (keys = field names).
+        """Load a plugin from a YAML file: the plugin's own file (keys = field names), or an accelerate
+        config file whose ``parallelism_config:`` section holds the fields as ``hf_seqpar_<field>`` keys
+        (the same file ``accelerate launch --config_file`` reads; no such keys: the defaults).
 
         Raises:
             FileNotFoundError: no such file.
@@ -113,6 +120,14 @@ class SequenceParallelPlugin:
             raise FileNotFoundError(f"SP config file {str(path)!r} does not exist (see recipes/sp/*.yaml for examples)")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
+        if is_accelerate_config(data):
+            source = f"the parallelism_config section of the accelerate config {str(path)!r}"
+            section = plugin_section(data, source)
+            unknown = sorted(set(section) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"{source} has unknown key(s) {[ACCELERATE_PREFIX + k for k in unknown]}; valid "
+                                 f"hf_seqpar keys are: {', '.join(ACCELERATE_PREFIX + f.name for f in fields(cls))}")
+            return cls.from_dict(section, source=source)
         return cls.from_dict(data, source=f"SP config {str(path)!r}")
 
     @classmethod
@@ -134,10 +149,11 @@ class SequenceParallelPlugin:
         Raises:
             ValueError: a field has the wrong type or value (the message names it and the fix).
         """
-        from .strategies import STRATEGIES
+        from .strategies import AUTO, STRATEGIES
 
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: {self.strategy!r} is unknown; valid strategies: {', '.join(sorted(STRATEGIES))}")
+        if self.strategy not in STRATEGIES and self.strategy != AUTO:
+            raise ValueError(f"strategy: {self.strategy!r} is unknown; valid strategies: {', '.join(sorted(STRATEGIES))} "
+                             f"(or {AUTO!r})")
         for name in ("sp_size", "ulysses_size", "loss_chunk_size", "mlp_tiles"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -186,6 +202,9 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
         model: a transformers causal LM or a PEFT model of one.
         plugin: the validated plugin.
         mesh: a ``("dp", "sp")`` DeviceMesh; default :func:`hf_seqpar.build_mesh` over the world.
+            Without a mesh (the HF Trainer's path) the ``ParallelismConfig`` of accelerate's current
+            state is checked first: ``sp_size``/``cp_size``/``tp_size`` > 1 there are refused (the
+            Trainer would split the sequence itself; see :mod:`hf_seqpar.parallelism`).
 
     Returns:
         The same ``model``.
@@ -195,6 +214,9 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
         ValueError, NotImplementedError, TypeError: see ``enable_sequence_parallel``.
     """
     plugin.validate()
+    if mesh is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        apply_parallelism_config(plugin, current_parallelism_config(), world, trainer=True)
     base = unwrap_model(model)
     if plugin.gradient_checkpointing:
         enable_checkpointing(model)
@@ -328,7 +350,8 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
 
     Args:
         accelerator: an ``accelerate.Accelerator`` (created first: it initialises torch.distributed).
-        plugin: the SP settings.
+        plugin: the SP settings. ``sp_size`` may instead come from the accelerator's
+            ``ParallelismConfig`` (DDP/FSDP2 only; see :mod:`hf_seqpar.parallelism`).
         model: an unprepared causal LM (or PEFT model).
         *objects: optimizers, LR schedulers and DataLoaders, in any order.
 
@@ -336,16 +359,20 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
         ``(model, *objects)`` prepared, in the order given.
 
     Raises:
-        ValueError: invalid plugin, or the world size is not a multiple of ``sp_size``.
+        ValueError: invalid plugin, the world size is not a multiple of ``sp_size``, or a
+            ``ParallelismConfig`` that would make accelerate split the sequence or the model itself.
         RuntimeError: torch.distributed could not be set up.
     """
     from accelerate.scheduler import AcceleratedScheduler
 
-    from .strategies import get_strategy
+    from .strategies import AUTO, get_strategy
 
     plugin.validate()
-    get_strategy(plugin.strategy)  # a unavailable strategy fails here, on every rank alike
+    if plugin.strategy != AUTO:
+        get_strategy(plugin.strategy)  # a unavailable strategy fails here, on every rank alike
     _ensure_process_group(accelerator)
+    plugin = apply_parallelism_config(plugin, getattr(accelerator, "parallelism_config", None), dist.get_world_size(),
+                                      deepspeed=getattr(accelerator, "distributed_type", None) == "DEEPSPEED")
     sp_size = plugin.sp_size or dist.get_world_size()
     from .config import SequenceParallelConfig
 

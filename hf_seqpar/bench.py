@@ -2,12 +2,15 @@
 
 For every (strategy, world, sequence length) it runs forward+backward steps of a Llama-style
 model built from a config (random weights: speed and memory do not depend on their values) and
-reports the median step time after warm-up, tokens/s, per-rank peak resident memory around the
-step, the activation bytes autograd saved (measured with ``saved_tensors_hooks``), the bytes the
+reports the step time after warm-up (min / median / max over the timed steps), tokens/s (at the
+median), per-rank peak resident memory around the step, the activation bytes autograd saved (measured with ``saved_tensors_hooks``), the bytes the
 byte counter saw per step and the theory for them (:mod:`hf_seqpar.theory`), and on CUDA the MFU.
 Baselines in the same run: the plain model on one rank (strategy ``none``) and every strategy at
-``P = 1``. Ranks are spawned here (gloo on CPU, NCCL on GPUs), or, under ``torchrun``/``accelerate
-launch``, the configurations whose world equals the launched world run in place.
+``P = 1``. Every configuration runs in freshly spawned ranks (gloo on CPU, NCCL on GPUs), so its
+peak memory does not include what earlier configurations left in the process's heap; under
+``torchrun``/``accelerate launch`` the configurations whose world equals the launched world run in
+place, one after the other (rows say ``fresh_process: false``: their CPU peaks can include earlier
+configurations' memory).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class BenchSpec:
     batch: int = 1
     """Rows per step."""
     steps: int = 5
-    """Timed steps (the median is reported)."""
+    """Timed steps (min, median and max are reported)."""
     warmup: int = 2
     """Untimed steps first."""
     dtype: str = "float32"
@@ -190,7 +193,7 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
                                   ulysses_size=spec.options.get("ulysses_size"))
     step_time = statistics.median(times)
     row = dict(strategy=strategy, world=world, seq_len=seq_len, batch=spec.batch, padded_len=padded,
-               step_time_s=step_time, tokens_per_s=spec.batch * seq_len / step_time,
+               step_time_s=step_time, step_times_s=times, pid=os.getpid(), tokens_per_s=spec.batch * seq_len / step_time,
                peak_mem_bytes=max(peaks), activation_bytes=activation, activation_bytes_theory=act_theory,
                comm_bytes_measured=comm[-1], comm_bytes_theory=theory,
                comm_ratio=(comm[-1] / theory) if theory else None, device=device.type)
@@ -207,11 +210,18 @@ def _gather_rows(row: dict) -> list[dict]:
 
 
 def _merge(per_rank: list[dict]) -> dict:
-    """One row per configuration: the slowest step and the largest memory and traffic of any rank."""
+    """One row per configuration: the largest memory and traffic of any rank; step times are those
+    of the slowest rank at each step (min / median / max over the steps)."""
     row = dict(per_rank[0])
-    for key in ("step_time_s", "peak_mem_bytes", "activation_bytes", "comm_bytes_measured"):
+    for key in ("peak_mem_bytes", "activation_bytes", "comm_bytes_measured"):
         row[key] = max(r[key] for r in per_rank)
         row[key + "_per_rank"] = [r[key] for r in per_rank]
+    row["pid_per_rank"] = [r.pop("pid") for r in per_rank]
+    row.pop("pid", None)
+    times = [max(step) for step in zip(*(r["step_times_s"] for r in per_rank))]
+    row["step_times_s"] = times
+    row["step_time_s"] = statistics.median(times)
+    row["step_time_min_s"], row["step_time_max_s"] = min(times), max(times)
     row["tokens_per_s"] = row["batch"] * row["seq_len"] / row["step_time_s"]
     row["comm_ratio"] = row["comm_bytes_measured"] / row["comm_bytes_theory"] if row["comm_bytes_theory"] else None
     return row
@@ -227,21 +237,17 @@ def _worker(rank: int, world: int, port: int, spec_dict: dict, configs: list, ou
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    rows = _measure(BenchSpec(**spec_dict), configs, device)
+    rows = _measure(BenchSpec(**spec_dict), configs, device, fresh=True)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
     dist.destroy_process_group()
 
 
-def _measure(spec: BenchSpec, configs: list, device: torch.device) -> list[dict]:
-    from tqdm import tqdm
-
+def _measure(spec: BenchSpec, configs: list, device: torch.device, fresh: bool) -> list[dict]:
     rows = []
-    bar = tqdm(configs, desc=f"bench world={dist.get_world_size()}", disable=dist.get_rank() != 0, leave=False)
-    for strategy, _, seq_len in bar:
-        bar.set_postfix_str(f"{strategy} N={seq_len}")
-        rows.append(_merge(_gather_rows(_run_one(spec, strategy, seq_len, device))))
+    for strategy, _, seq_len in configs:
+        rows.append({**_merge(_gather_rows(_run_one(spec, strategy, seq_len, device))), "fresh_process": fresh})
     return rows
 
 
@@ -255,7 +261,8 @@ def run_bench(spec: BenchSpec) -> list[dict]:
     """Run every configuration of ``spec`` and return one row per configuration.
 
     Under an initialised process group (torchrun/accelerate) only configurations whose world
-    equals the launched world run, in this process; otherwise ranks are spawned per world size.
+    equals the launched world run, in this process, one after the other; otherwise every
+    configuration gets freshly spawned ranks (its peak memory is its own).
 
     Raises:
         ValueError: a strategy name that is not available.
@@ -268,18 +275,28 @@ def run_bench(spec: BenchSpec) -> list[dict]:
     if dist.is_initialized():
         world = dist.get_world_size()
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        return _measure(spec, [c for c in configs if c[1] == world], device)
+        return _measure(spec, [c for c in configs if c[1] == world], device, fresh=False)
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    # fresh ranks per configuration, forked from a server that imported torch and transformers once
+    # (spawn would import them again for every configuration)
+    start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if start == "forkserver":
+        multiprocessing.set_forkserver_preload(["hf_seqpar.bench", "transformers.models.llama.modeling_llama"])
     rows = []
-    for world in sorted({c[1] for c in configs}):
+    bar = tqdm(configs, desc="bench", leave=False)
+    for config in bar:
+        bar.set_postfix_str(f"{config[0]} P={config[1]} N={config[2]}")
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
             torch.multiprocessing.start_processes(
-                _worker, args=(world, _free_port(), asdict(spec), [c for c in configs if c[1] == world], out),
-                nprocs=world, start_method="spawn")
+                _worker, args=(config[1], _free_port(), asdict(spec), [config], out), nprocs=config[1],
+                start_method=start)
             with open(out) as f:
                 rows += json.load(f)
-    order = {c: i for i, c in enumerate(configs)}
-    return sorted(rows, key=lambda r: order[(r["strategy"], r["world"], r["seq_len"])])
+    return rows
 
 
 def _mib(x) -> str:
@@ -289,27 +306,41 @@ def _mib(x) -> str:
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of bench rows, with overhead at P=1 against the plain model."""
     plain = {r["seq_len"]: r["step_time_s"] for r in rows if r["strategy"] == "none"}
-    head = ["strategy", "P", "seq", "step s", "tok/s", "peak MiB", "act MiB", "act theory", "comm MiB", "theory MiB",
+    head = ["strategy", "P", "seq", "step s min/med/max", "tok/s", "peak MiB", "act MiB", "act theory", "comm MiB", "theory MiB",
             "ratio", "vs plain"]
     lines = [head]
     for r in rows:
         over = ""
         if r["world"] == 1 and r["strategy"] != "none" and r["seq_len"] in plain:
             over = f"{100 * (r['step_time_s'] / plain[r['seq_len']] - 1):+.1f}%"
-        lines.append([r["strategy"], str(r["world"]), str(r["seq_len"]), f"{r['step_time_s']:.3f}",
+        spread = f"{r.get('step_time_min_s', r['step_time_s']):.3f}/{r['step_time_s']:.3f}/" \
+                 f"{r.get('step_time_max_s', r['step_time_s']):.3f}"
+        lines.append([r["strategy"], str(r["world"]), str(r["seq_len"]), spread + ("" if r.get("fresh_process", True) else "*"),
                       f"{r['tokens_per_s']:,.0f}", _mib(r["peak_mem_bytes"]), _mib(r["activation_bytes"]),
                       _mib(r["activation_bytes_theory"]),
                       _mib(r["comm_bytes_measured"]), _mib(r["comm_bytes_theory"]),
                       f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-", over])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    if any(not r.get("fresh_process", True) for r in rows):
+        text += ("\n* ran in place under a launcher, after the configurations above it in the same processes: "
+                 "its CPU peak memory can include theirs (run without a launcher for per-configuration processes)")
+    return text
 
 
-def plot_rows(rows: list[dict], path: str) -> None:
-    """Activation memory and step time against sequence length, one line per strategy and P.
+def plot_rows(rows: list[dict], path: str):
+    """Activation memory and step time per strategy and P, written to a PNG.
+
+    With several sequence lengths: lines against the length (step time: median with a min-max
+    band). With one length: bars per configuration (median step time with min-max error bars),
+    since a line over a single x value shows nothing.
+
+    Returns:
+        The matplotlib figure (already saved).
 
     Raises:
         ImportError: matplotlib is missing (``pip install 'hf_seqpar[bench]'``).
+        ValueError: no rows.
     """
     try:
         import matplotlib
@@ -318,18 +349,41 @@ def plot_rows(rows: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("--plot needs matplotlib: pip install 'hf_seqpar[bench]'") from e
+    if not rows:
+        raise ValueError("nothing to plot: no bench rows")
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in dict.fromkeys((r["strategy"], r["world"]) for r in rows):
-        sel = sorted((r for r in rows if (r["strategy"], r["world"]) == key), key=lambda r: r["seq_len"])
-        label = f"{key[0]} P={key[1]}"
-        ax_mem.plot([r["seq_len"] for r in sel], [r["activation_bytes"] / 2**20 for r in sel], "o-", label=label)
-        ax_time.plot([r["seq_len"] for r in sel], [r["step_time_s"] for r in sel], "o-", label=label)
-    ax_mem.set(xlabel="sequence length (tokens)", ylabel="activation memory per rank (MiB)")
-    ax_time.set(xlabel="sequence length (tokens)", ylabel="median step time (s)")
-    for ax in (ax_mem, ax_time):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    device = rows[0]["device"] if rows else "cpu"
+    keys = list(dict.fromkeys((r["strategy"], r["world"]) for r in rows))
+    lengths = sorted({r["seq_len"] for r in rows})
+    lo = lambda r: r.get("step_time_min_s", r["step_time_s"])  # noqa: E731
+    hi = lambda r: r.get("step_time_max_s", r["step_time_s"])  # noqa: E731
+    if len(lengths) == 1:
+        labels = [f"{s} P={w}" for s, w in keys]
+        sel = [next(r for r in rows if (r["strategy"], r["world"]) == k) for k in keys]
+        x = list(range(len(sel)))
+        ax_mem.bar(x, [r["activation_bytes"] / 2**20 for r in sel], color="tab:blue")
+        ax_time.bar(x, [r["step_time_s"] for r in sel], color="tab:orange",
+                    yerr=[[r["step_time_s"] - lo(r) for r in sel], [hi(r) - r["step_time_s"] for r in sel]],
+                    capsize=4)
+        for ax in (ax_mem, ax_time):
+            ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+        ax_mem.set(ylabel="activation memory per rank (MiB)", title=f"{lengths[0]:,} tokens")
+        ax_time.set(ylabel="step time (s): median, min-max", title=f"{lengths[0]:,} tokens")
+    else:
+        for key in keys:
+            sel = sorted((r for r in rows if (r["strategy"], r["world"]) == key), key=lambda r: r["seq_len"])
+            label = f"{key[0]} P={key[1]}"
+            xs = [r["seq_len"] for r in sel]
+            ax_mem.plot(xs, [r["activation_bytes"] / 2**20 for r in sel], "o-", label=label)
+            line, = ax_time.plot(xs, [r["step_time_s"] for r in sel], "o-", label=label)
+            ax_time.fill_between(xs, [lo(r) for r in sel], [hi(r) for r in sel], color=line.get_color(), alpha=0.2)
+        ax_mem.set(xlabel="sequence length (tokens)", ylabel="activation memory per rank (MiB)")
+        ax_time.set(xlabel="sequence length (tokens)", ylabel="step time (s): median, min-max band")
+        for ax in (ax_mem, ax_time):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    device = rows[0]["device"]
     fig.suptitle(f"hf_seqpar bench ({'CPU / gloo' if device == 'cpu' else 'CUDA / NCCL'})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig

@@ -9,8 +9,48 @@ import sys
 __all__ = ["main"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    values = [_positive_int(x) for x in text.split(",") if x]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one positive integer (comma-separated)")
+    return values
 
 
 def _names(text: str) -> list[str]:
@@ -24,19 +64,21 @@ def _bench_parser(sub) -> None:
                                    "(gloo on CPU, NCCL on GPUs), or runs in place under torchrun.")
     p.add_argument("--model", default="tiny", help="preset (tiny, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), "
                                                    "config.json, model folder or Hub name (default: %(default)s)")
-    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--layers", type=_positive_int, help="override the number of layers")
     p.add_argument("--strategies", type=_names, default=["ulysses", "ring"], help="comma list (default: ulysses,ring)")
     p.add_argument("--world", type=_ints, default=[2], help="comma list of rank counts (default: 2)")
     p.add_argument("--seq-lens", type=_ints, default=[1024, 2048], help="comma list (default: 1024,2048)")
-    p.add_argument("--batch", type=int, default=1, help="rows per step (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps, median reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="rows per step (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=5,
+                   help="timed steps; min, median and max step time are reported (default: %(default)s)")
+    p.add_argument("--warmup", type=_nonnegative_int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--ulysses-size", type=int, help="hybrid's Ulysses degree")
+    p.add_argument("--ulysses-size", type=_positive_int, help="hybrid's Ulysses degree")
     p.add_argument("--no-baselines", action="store_true", help="skip the plain model and the P=1 runs")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)")
+    p.add_argument("--peak-tflops", type=_positive_float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)")
     p.add_argument("--json", help="write one row per configuration to this file")
-    p.add_argument("--plot", help="write memory and step time against sequence length to this PNG")
+    p.add_argument("--plot", help="write memory and step time to this PNG: lines against sequence length, or "
+                                  "bars per configuration when one length is measured")
 
 
 def _plan_parser(sub) -> None:
@@ -46,22 +88,33 @@ def _plan_parser(sub) -> None:
                                    "the fitting one with the least traffic time.")
     p.add_argument("--model", default="llama-3.1-8b", help="preset, config.json, model folder or Hub name "
                                                            "(default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=131072, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in total (default: %(default)s)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default: %(default)s)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--intra-bw", type=float, default=450.0, help="GB/s per GPU inside a node (default: %(default)s)")
-    p.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=131072, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--gpus", type=_positive_int, default=8, help="GPUs in total (default: %(default)s)")
+    p.add_argument("--gpu-mem", type=_positive_float, default=80.0, help="GiB per GPU (default: %(default)s)")
+    p.add_argument("--reserve", type=_nonnegative_float, default=4.0,
+                   help="GiB per GPU kept out of the budget for the CUDA context, NCCL buffers and kernel "
+                        "workspaces; the budget is --gpu-mem minus this (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: %(default)s)")
+    p.add_argument("--intra-bw", type=_positive_float, default=450.0,
+                   help="GB/s per GPU inside a node (default: %(default)s)")
+    p.add_argument("--inter-bw", type=_positive_float, default=50.0,
+                   help="GB/s per GPU across nodes (default: %(default)s)")
     p.add_argument("--sharding", default="fsdp", choices=["none", "zero1", "zero2", "fsdp"])
     p.add_argument("--no-checkpointing", action="store_true", help="predict without activation checkpointing")
     p.add_argument("--no-chunked-loss", action="store_true", help="predict with full fp32 logits")
-    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="rows per micro-batch (default: %(default)s)")
     p.add_argument("--max-seq", action="store_true", help="also report the longest sequence each candidate fits")
     p.add_argument("--json", help="write the candidates to this file")
 
 
 def _bench(args) -> int:
     from .bench import BenchSpec, format_table, plot_rows, run_bench
+    from .presets import load_config
+
+    try:
+        load_config(args.model, num_hidden_layers=args.layers)  # a bad --model fails here, not in every rank
+    except ValueError as e:
+        args.parser.error(str(e))
 
     options = {"ulysses_size": args.ulysses_size} if args.ulysses_size else {}
     spec = BenchSpec(model=args.model, layers=args.layers, strategies=args.strategies, worlds=args.world,
@@ -78,7 +131,9 @@ def _bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.plot:
-        plot_rows(rows, args.plot)
+        import matplotlib.pyplot as plt
+
+        plt.close(plot_rows(rows, args.plot))
     return 0
 
 
@@ -87,8 +142,14 @@ def _plan(args) -> int:
     from .presets import load_config
     from .theory import ModelShape
 
-    shape = ModelShape.from_config(load_config(args.model))
-    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw)
+    if args.reserve >= args.gpu_mem:
+        args.parser.error(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; "
+                          "lower --reserve")
+    try:
+        shape = ModelShape.from_config(load_config(args.model))
+    except ValueError as e:
+        args.parser.error(str(e))
+    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve)
     setup = Setup(sharding=args.sharding, checkpointing=not args.no_checkpointing,
                   chunked_loss=not args.no_chunked_loss, batch=args.batch)
     cands = candidates(shape, cluster)
@@ -98,6 +159,8 @@ def _plan(args) -> int:
             r["max_seq_len"] = max_seq_len(shape, c, cluster, setup)
     print(f"{args.model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {shape.heads} heads "
           f"({shape.kv_heads} kv), seq {args.seq_len:,} on {args.gpus} x {args.gpu_mem:g} GiB")
+    print(f"budget per GPU: {args.gpu_mem:g} GiB - {args.reserve:g} GiB reserve (CUDA context, NCCL, workspaces; "
+          f"--reserve) = {args.gpu_mem - args.reserve:g} GiB")
     head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
     print(head + ("  max seq" if args.max_seq else ""))
     for r in rows:
@@ -143,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     _plan_parser(sub)
     _selftest_parser(sub)
     args = parser.parse_args(argv)
+    args.parser = sub.choices[args.command]
     return {"bench": _bench, "plan": _plan, "selftest": _selftest}[args.command](args)
 
 

@@ -40,7 +40,8 @@ class Cluster:
     inter_gbps: float = 50.0
     """Per-GPU bandwidth across nodes, GB/s (400 Gb/s InfiniBand: 50)."""
     reserve_gib: float = 4.0
-    """Memory kept free per GPU for the CUDA context, NCCL and kernel workspaces, GiB."""
+    """Memory kept free per GPU for the CUDA context, NCCL and kernel workspaces, GiB (``hf-seqpar
+    plan --reserve``); the budget of a candidate is ``gpu_mem_gib - reserve_gib``."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
     budget = (cluster.gpu_mem_gib - cluster.reserve_gib) * GiB
     return dict(candidate=cand.label, **asdict(cand), dp=cluster.gpus // cand.sp, seq_len=seq,
                 states_bytes=states, activation_bytes=acts, total_bytes=total, budget_bytes=budget,
+                reserve_bytes=cluster.reserve_gib * GiB,
                 fits=total <= budget,
                 comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, cluster))
 
@@ -134,9 +136,11 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     fitting = [r for r in rows if r["fits"]]
     if not fitting:
         smallest = min(rows, key=lambda r: r["total_bytes"])
+        reserve = smallest.get("reserve_bytes", 0) / GiB
         return None, (f"nothing fits: the smallest footprint is {smallest['candidate']} at "
-                      f"{smallest['total_bytes'] / GiB:.1f} GiB per GPU; add GPUs, enable checkpointing and the "
-                      "chunked loss, or shorten the sequence")
+                      f"{smallest['total_bytes'] / GiB:.1f} GiB per GPU, over the budget of "
+                      f"{smallest['budget_bytes'] / GiB:.1f} GiB (GPU memory minus a {reserve:g} GiB reserve, "
+                      "--reserve); add GPUs, enable checkpointing and the chunked loss, or shorten the sequence")
     # prefer candidates that leave 10% of the budget as headroom (allocator fragmentation, spikes)
     roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]] or fitting
     best = min(roomy, key=lambda r: (r["comm_seconds"], r["sp"], r["strategy"] != "ulysses"))

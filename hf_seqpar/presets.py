@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import pathlib
 
@@ -30,6 +31,10 @@ def load_config(spec: str, **overrides):
 
     Returns:
         A ``PretrainedConfig`` (``LlamaConfig`` for presets).
+
+    Raises:
+        ValueError: ``spec`` is none of these (the message lists the presets and a close match),
+            or a ``config.json`` that is not a JSON object.
     """
     from transformers import AutoConfig, LlamaConfig
 
@@ -39,6 +44,18 @@ def load_config(spec: str, **overrides):
         return LlamaConfig(**{**PRESETS[spec], **overrides})
     if path.is_file():
         data = json.loads(path.read_text())
-        model_type = data.get("model_type", "llama")
+        if not isinstance(data, dict):
+            raise ValueError(f"{spec}: a config.json must hold a JSON object, got {type(data).__name__}")
+        model_type = data.pop("model_type", "llama")  # for_model takes it positionally
         return AutoConfig.for_model(model_type, **{**data, **overrides})
-    return AutoConfig.from_pretrained(spec, **overrides)  # a folder or a Hub name
+    presets = ", ".join(PRESETS)
+    close = difflib.get_close_matches(spec, PRESETS, n=1, cutoff=0.75)
+    if close and not path.exists():  # a typo of a preset: do not send it to the Hub
+        raise ValueError(f"unknown model {spec!r}: did you mean the preset {close[0]!r}? Presets: {presets}; or give "
+                         "a config.json, a model folder or a Hub name")
+    try:
+        return AutoConfig.from_pretrained(spec, **overrides)  # a folder or a Hub name
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a config for model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                         f"Use a preset ({presets}), a config.json file, a model folder, or a Hub model name "
+                         "(with access to the Hub)") from e

@@ -1,26 +1,42 @@
 """Fine-tune a Llama-style causal LM on long packed sequences with sequence parallelism.
 
-    accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \\
+    accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \
         recipes/finetune_long_context.py --sp-config recipes/sp/ulysses.yaml --max-steps 6 --output-dir out/demo
 
-Full fine-tuning or LoRA (``--lora``), any strategy (the ``--sp-config`` YAML, or the file named
-by ``$HF_SEQPAR_CONFIG``). Documents are packed into rows of ``--max-seq-len`` tokens with
-position_ids restarting at every document, so no token attends across documents and no token
-predicts the next document's first token. Logs loss, tokens/s and per-rank peak memory; saves a
-checkpoint (full model, or the LoRA adapter) that plain transformers / PEFT load.
+One config file for the whole run: an accelerate config file can carry the SP settings as
+``hf_seqpar_*`` keys of its ``parallelism_config:`` section; pass it to both:
+
+    accelerate launch --config_file recipes/accelerate/cpu-sp.yaml recipes/finetune_long_context.py \
+        --sp-config recipes/accelerate/cpu-sp.yaml --max-steps 6 --output-dir out/demo
+
+Full fine-tuning or LoRA (``--lora``), any strategy (``--sp-config``, or the file named by
+``$HF_SEQPAR_CONFIG``). Data: plain text (``--text-column``), chat (a ``messages`` column of
+``{"role", "content"}`` turns, rendered with the tokenizer's chat template; loss on the assistant
+turns only) or prompt-completion (``prompt`` and ``completion`` columns; loss on the completion
+only); ``--data-format`` overrides the guess from the columns. Examples are packed into rows of
+``--max-seq-len`` tokens with position_ids restarting at every example, so no token attends
+across examples; ``--max-doc-len`` splits longer ones into pieces that restart positions.
+
+Evaluation: ``--eval-fraction`` of the examples is held out and evaluated every ``--eval-every``
+steps (token-weighted loss over the held-out rows). Checkpoints: every ``--save-every`` steps to
+``OUTPUT_DIR/checkpoint-STEP`` (model, optimizer, scheduler, RNG states and the data position);
+``--resume-from`` continues exactly where one stopped (same losses as the uninterrupted run). At
+the end it saves a model (or LoRA adapter) that plain transformers / PEFT load. Options and the
+world size are checked before any model or data is loaded.
 
 Without ``--model``/``--dataset`` it runs offline: a tiny Llama-style model built from a config,
-a byte-level tokenizer (token = byte), and Python's own standard-library sources as the corpus.
+a byte-level tokenizer (token = byte; chat turns rendered as ``<|role|>\ncontent<|end|>\n``), and
+Python's own standard-library sources as the corpus.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import pathlib
 import resource
-import sysconfig
+import sys
 import time
 
 import torch
@@ -28,107 +44,202 @@ import torch.distributed as dist
 
 import hf_seqpar
 from hf_seqpar.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
-from hf_seqpar.data import pack_documents
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import finetune_data as data  # noqa: E402  (the recipe's data module, next to this file)
+
+STATE_FILE = "recipe_state.json"
+#: Options that must not change between a checkpoint and ``--resume-from`` (exact resume).
+RESUME_KEYS = ("model", "tokenizer", "dataset", "dataset_config", "dataset_split", "text_column", "messages_column",
+               "data_format", "max_seq_len", "max_doc_len", "max_docs", "batch_size", "grad_accum", "eval_fraction",
+               "seed", "lora", "lora_r", "lora_alpha", "lora_targets")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sp-config", default=None,
-                   help=f"SequenceParallelPlugin YAML (recipes/sp/*.yaml); default ${SP_CONFIG_ENV}, else Ulysses "
-                        "over all ranks")
-    p.add_argument("--model", default=None,
+    g = p.add_argument_group("sequence parallelism")
+    g.add_argument("--sp-config", default=None,
+                   help=f"SP settings: a SequenceParallelPlugin YAML (recipes/sp/*.yaml) or an accelerate config file "
+                        f"with hf_seqpar_* keys in its parallelism_config section (recipes/accelerate/cpu-sp.yaml); "
+                        f"default ${SP_CONFIG_ENV}, else Ulysses over all ranks")
+    g = p.add_argument_group("model and tokenizer")
+    g.add_argument("--model", default=None,
                    help="Hub name or local path of a causal LM (e.g. meta-llama/Llama-3.1-8B); default: a tiny "
                         "Llama-style model built from a config (offline)")
-    p.add_argument("--dataset", default=None,
+    g.add_argument("--tokenizer", default=None,
+                   help="Hub name or local path of a tokenizer; default: the --model's, else byte-level (token = "
+                        "byte). With the tiny default model the vocabulary follows the tokenizer")
+    g.add_argument("--attn-implementation", default="sdpa",
+                   help="attention kernel SP wraps: sdpa, eager, flash_attention_2 (default: %(default)s)")
+    g.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead of all weights")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names LoRA adapts (default: %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None,
                    help="Hub dataset name, or local .txt/.json/.jsonl/.parquet/.csv file(s) or folder; default: "
                         "Python standard-library sources (offline)")
-    p.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (e.g. 20231101.en)")
-    p.add_argument("--dataset-split", default="train", help="split to use (default: %(default)s)")
-    p.add_argument("--text-column", default="text", help="column with the documents (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1, help="packed rows per micro-batch per data-parallel "
-                                                             "replica (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 3e-3 for the tiny model, "
+    g.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (e.g. 20231101.en)")
+    g.add_argument("--dataset-split", default="train", help="split to use (default: %(default)s)")
+    g.add_argument("--data-format", default="auto", choices=["auto", "text", "chat", "prompt-completion"],
+                   help="auto: chat if there is a --messages-column, prompt-completion if there are prompt and "
+                        "completion columns, else text (default: %(default)s)")
+    g.add_argument("--text-column", default="text", help="column with the documents (default: %(default)s)")
+    g.add_argument("--messages-column", default="messages",
+                   help="column with chat turns [{role, content}, ...] (default: %(default)s)")
+    g.add_argument("--max-docs", type=int, default=2000, help="rows read from the dataset (default: %(default)s)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
+    g.add_argument("--max-doc-len", type=int, default=None,
+                   help="split longer examples into pieces of at most this many tokens, each restarting its "
+                        "positions (default: no cap)")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=1, help="packed rows per micro-batch per data-parallel replica "
+                                                             "(default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 3e-3 for the tiny model, "
                                                           "2e-5 full / 2e-4 LoRA for --model)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup before cosine decay (default: %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
-    p.add_argument("--output-dir", default="out/finetune", help="where the checkpoint goes (default: %(default)s)")
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead of all weights")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names LoRA adapts (default: %(default)s)")
-    p.add_argument("--attn-implementation", default="sdpa",
-                   help="attention kernel SP wraps: sdpa, eager, flash_attention_2 (use flash_attention_2 on GPUs "
-                        "for long packed rows: sdpa needs an S x S mask) (default: %(default)s)")
-    p.add_argument("--max-docs", type=int, default=2000, help="documents read from the corpus (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init and data order (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup before cosine decay (default: %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of model init, held-out split and data order "
+                                                       "(default: %(default)s)")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate on the held-out rows every N optimizer steps and at the end; 0 = never "
+                        "(default: %(default)s)")
+    g.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="share of the examples held out for evaluation when --eval-every > 0 (default: %(default)s)")
+    g.add_argument("--eval-batches", type=int, default=0,
+                   help="at most this many held-out batches per evaluation; 0 = all (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="save a checkpoint to OUTPUT_DIR/checkpoint-STEP every N optimizer steps; 0 = never "
+                        "(default: %(default)s)")
+    g.add_argument("--resume-from", default=None,
+                   help="a checkpoint-STEP folder (or 'latest': the newest in --output-dir) to continue from "
+                        "exactly; the data options must be those of the run that wrote it")
+    g.add_argument("--output-dir", default="out/finetune", help="where checkpoints and the final model go "
+                                                                "(default: %(default)s)")
     return p.parse_args(argv)
 
 
-# ---- data ----------------------------------------------------------------------------------
+# ---- checks before anything is loaded --------------------------------------------------------
 
-def load_documents(args) -> list[str]:
-    """The corpus as a list of texts, through ``datasets``."""
-    from datasets import Dataset, load_dataset
-
-    if args.dataset is None:  # offline default: the standard library's own sources
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)[: args.max_docs]
-        ds = Dataset.from_dict({args.text_column: [p.read_text(errors="replace") for p in files]})
-    elif os.path.exists(args.dataset):
-        path = pathlib.Path(args.dataset)
-        files = sorted(str(f) for f in path.rglob("*") if f.is_file()) if path.is_dir() else [str(path)]
-        ext = pathlib.Path(files[0]).suffix.lstrip(".")
-        builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-        if builder is None:
-            raise ValueError(f"--dataset {args.dataset}: unsupported file type {ext!r}; use .txt/.json/.jsonl/.parquet/.csv")
-        ds = load_dataset(builder, data_files=files, split="train")
-    else:
-        ds = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
-    if args.text_column not in ds.column_names:
-        raise ValueError(f"dataset has no column {args.text_column!r} (columns: {ds.column_names}); pass --text-column")
-    n = min(len(ds), args.max_docs)
-    return [t for t in ds.select(range(n))[args.text_column] if t]
+def _fail(msg: str):
+    raise SystemExit(f"finetune_long_context.py: error: {msg}")
 
 
-def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
-    """Token ids per document: bytes for the byte-level default, else the tokenizer plus EOS."""
-    if tokenizer is None:
-        return [list(t.encode("utf-8")) for t in texts]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [ids + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+def find_checkpoint(args) -> str | None:
+    """The folder of ``--resume-from`` (``latest``: the newest ``checkpoint-*`` in ``--output-dir``)."""
+    if args.resume_from is None:
+        return None
+    path = args.resume_from
+    if path == "latest":
+        found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] \
+            if os.path.isdir(args.output_dir) else []
+        if not found:
+            _fail(f"--resume-from latest: no checkpoint-* folder in --output-dir {args.output_dir}")
+        path = os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[-1])))
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        _fail(f"--resume-from {path}: not a checkpoint of this recipe (no {STATE_FILE}); give an "
+              "OUTPUT_DIR/checkpoint-STEP folder written with --save-every")
+    return path
 
 
-def pack(docs: list[list[int]], seq_len: int) -> list[dict]:
-    """Rows of ``seq_len`` tokens with position_ids restarting per document
-    (:func:`hf_seqpar.data.pack_documents`)."""
-    rows = list(pack_documents(docs, seq_len))
-    if not rows:
-        raise ValueError(f"the corpus has fewer than --max-seq-len={seq_len} tokens; lower it or add documents")
-    return rows
+def validate(args, plugin) -> str | None:
+    """Check the options, the world size and the model's heads against the SP plugin before any model
+    or data is loaded. Returns the checkpoint folder to resume from (or None).
+
+    Raises:
+        SystemExit: a bad option or world size (the message names it and the fix).
+    """
+    from hf_seqpar.config import SequenceParallelConfig
+    from hf_seqpar.strategies import AUTO, choose_strategy, get_strategy
+
+    for name in ("max_seq_len", "max_steps", "batch_size", "grad_accum", "max_docs", "lora_r", "lora_alpha"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+        if getattr(args, name) < 0:
+            _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.max_doc_len is not None and args.max_doc_len < 1:
+        _fail(f"--max-doc-len must be >= 1 (or left out), got {args.max_doc_len}")
+    if args.eval_every and not 0 < args.eval_fraction < 1:
+        _fail(f"--eval-fraction must be in (0, 1) when --eval-every is set, got {args.eval_fraction}")
+    if args.lr is not None and not args.lr > 0:
+        _fail(f"--lr must be > 0, got {args.lr}")
+    if args.max_grad_norm < 0:
+        _fail(f"--max-grad-norm must be >= 0 (0 = off), got {args.max_grad_norm}")
+    if args.warmup_steps > args.max_steps:
+        _fail(f"--warmup-steps {args.warmup_steps} exceeds --max-steps {args.max_steps}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        sp = SequenceParallelConfig(plugin.strategy, plugin.sp_size).validate(world).sp_size
+        if plugin.strategy != AUTO:
+            get_strategy(plugin.strategy)
+        config = model_config(args, None) if args.model is None else _hub_config(args.model)
+        name = choose_strategy(config, sp)[0] if plugin.strategy == AUTO else plugin.strategy
+        get_strategy(name).check_model(config, sp, plugin.strategy_options() if plugin.strategy != AUTO else {})
+    except (ValueError, NotImplementedError) as e:
+        _fail(f"{world} launched rank(s), SP config {args.sp_config or os.environ.get(SP_CONFIG_ENV) or 'defaults'}: {e}")
+    if plugin.strategy == "megatron" and args.save_every:
+        _fail("--save-every with strategy megatron is not supported by this recipe (its DTensor weights are not "
+              "saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs")
+    ckpt = find_checkpoint(args)
+    if ckpt is not None:
+        with open(os.path.join(ckpt, STATE_FILE)) as f:
+            saved = json.load(f)
+        changed = {k: (saved["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if saved["args"].get(k) != getattr(args, k)}
+        if changed:
+            _fail(f"--resume-from {ckpt}: these options differ from the run that saved it (saved, now): {changed}; "
+                  "an exact resume needs the same data and model options")
+        if saved["world_size"] != world or saved["sp_size"] != sp:
+            _fail(f"--resume-from {ckpt}: saved with {saved['world_size']} ranks and sp_size={saved['sp_size']}, now "
+                  f"{world} ranks and sp_size={sp}; resume with the same launch")
+        if saved["step"] >= args.max_steps:
+            _fail(f"--resume-from {ckpt}: it is at step {saved['step']}, nothing left for --max-steps {args.max_steps}")
+    return ckpt
+
+
+def _hub_config(name: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name)
 
 
 # ---- model ---------------------------------------------------------------------------------
 
-def build_model(args):
-    """(model, tokenizer or None); tokenizer None means byte-level."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def load_tokenizer(args):
+    """``--tokenizer``, else the ``--model``'s tokenizer, else None (byte-level)."""
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer or args.model
+    return AutoTokenizer.from_pretrained(name) if name else None
+
+
+def model_config(args, tokenizer):
+    """The tiny default model's config (vocabulary: 256 bytes, or the tokenizer's)."""
+    from transformers import LlamaConfig
+
+    vocab = 256 if tokenizer is None else len(tokenizer)
+    return LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.max_seq_len,
+                       attn_implementation=args.attn_implementation, use_cache=False)
+
+
+def build_model(args, tokenizer):
+    """The model: the tiny default from :func:`model_config`, or ``--model``'s weights."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     if args.model is None:
-        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.max_seq_len,
-                             attn_implementation=args.attn_implementation, use_cache=False)
-        return LlamaForCausalLM(config), None
+        return LlamaForCausalLM(model_config(args, tokenizer))
     # full fine-tuning keeps fp32 master weights (bf16 autocast from the accelerate config);
     # LoRA trains only the adapter, so the frozen base is loaded in bf16 on GPUs
     dtype = torch.bfloat16 if (args.lora and torch.cuda.is_available()) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     model.config.use_cache = False
-    return model, AutoTokenizer.from_pretrained(args.model)
+    return model
 
 
 def add_lora(model, args, base_dir: str | None):
@@ -140,6 +251,69 @@ def add_lora(model, args, base_dir: str | None):
     if base_dir is not None:  # the tiny default has no Hub name: point the adapter at the saved base
         model.peft_config["default"].base_model_name_or_path = base_dir
     return model
+
+
+# ---- data order, evaluation, checkpoints ---------------------------------------------------
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A random order of ``n`` rows that depends only on ``(seed, epoch)`` (``set_epoch`` picks the
+    epoch), so a resumed run sees the batches the uninterrupted run saw."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Position:
+    """Where training is (optimizer step, epoch, micro-batches of this epoch done), saved with checkpoints."""
+
+    def __init__(self):
+        self.step = self.epoch = self.batch_in_epoch = self.accum_step = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def evaluate(model, loader, accelerator, max_batches: int) -> float:
+    """Token-weighted loss over the held-out rows (every rank of an SP group holds its group's loss;
+    the sums run over all ranks, so each group counts ``sp_size`` times in both the numerator and
+    the denominator)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            n = batch["num_items_in_batch"]
+            total += torch.stack([model(**batch).loss.double() * n, n.double()])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1])
+
+
+def save_checkpoint(accelerator, args, position, world: int, sp: int) -> str:
+    """``OUTPUT_DIR/checkpoint-STEP``: accelerate's state (model, optimizer, scheduler, RNG, the
+    position) and the options an exact resume needs unchanged."""
+    path = os.path.join(args.output_dir, f"checkpoint-{position.step}")
+    accelerator.save_state(path)
+    if accelerator.is_main_process:
+        with open(os.path.join(path, STATE_FILE), "w") as f:
+            json.dump({"step": position.step, "world_size": world, "sp_size": sp,
+                       "args": {k: getattr(args, k) for k in RESUME_KEYS}}, f, indent=1)
+    accelerator.wait_for_everyone()
+    return path
 
 
 def peak_memory_mib(device) -> float:
@@ -158,6 +332,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     plugin = SequenceParallelPlugin.load(args.sp_config)  # validate before anything starts
+    ckpt = validate(args, plugin)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU ranks started by `accelerate launch` (MULTI_GPU config -> torchrun): tell accelerate to
         # run them as MULTI_CPU on gloo; without it each process would think it is alone
@@ -166,8 +341,27 @@ def main(argv=None) -> None:
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // accelerator.num_processes))
     main_proc = accelerator.is_main_process
+    world = accelerator.num_processes
+    dp_size = world // (plugin.sp_size or world)
 
-    model, tokenizer = build_model(args)
+    # data first (cheap, and its errors come before the model is loaded)
+    tokenizer = load_tokenizer(args)
+    table = data.load_table(args)
+    fmt = data.data_format(table.column_names, args)
+    examples = data.cap_length(data.to_examples(table, fmt, tokenizer, args), args.max_doc_len)
+    train_ex, eval_ex = data.split_heldout(examples, args.eval_fraction if args.eval_every else 0.0, args.seed)
+    rows = data.pack_examples(train_ex, args.max_seq_len)
+    if len(rows) < args.batch_size * dp_size:
+        _fail(f"the training data make {len(rows)} packed rows of --max-seq-len={args.max_seq_len} tokens, fewer than "
+              f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
+              "raise --max-docs or add data")
+    eval_rows = data.pack_examples(eval_ex, args.max_seq_len) if args.eval_every else []
+    eval_rows = eval_rows[: len(eval_rows) // (args.batch_size * dp_size) * (args.batch_size * dp_size)]
+    if args.eval_every and not eval_rows:
+        _fail(f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
+              f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction")
+
+    model = build_model(args, tokenizer)
     base_dir = None
     if args.lora and args.model is None:
         base_dir = os.path.abspath(os.path.join(args.output_dir, "base_model"))
@@ -177,29 +371,38 @@ def main(argv=None) -> None:
         model = add_lora(model, args, base_dir)
     lr = args.lr or (3e-3 if args.model is None else (2e-4 if args.lora else 2e-5))
 
-    rows = pack(tokenize(load_documents(args), tokenizer), args.max_seq_len)
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, sampler=EpochShuffle(len(rows), args.seed),
+                                         drop_last=True)
+    objects = [loader] + ([torch.utils.data.DataLoader(eval_rows, batch_size=args.batch_size)] if eval_rows else [])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    model, optimizer, loader, scheduler = hf_seqpar.prepare_sequence_parallel(
-        accelerator, plugin, model, optimizer, loader, scheduler)
+    model, optimizer, scheduler, loader, *eval_loader = hf_seqpar.prepare_sequence_parallel(
+        accelerator, plugin, model, optimizer, scheduler, *objects)
+    position = Position()
+    accelerator.register_for_checkpointing(scheduler, position)
     state = hf_seqpar.find_state(model)
-    dp_size = state.mesh.size(0)
     tokens_per_step = args.max_seq_len * args.batch_size * args.grad_accum * dp_size
     if main_proc:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"hf_seqpar finetune: {dist.get_world_size()} ranks ({accelerator.device.type}), "
-              f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={dp_size}, {len(rows)} packed rows of "
-              f"{args.max_seq_len} tokens, {n_train / 1e6:.2f}M trainable parameters, lr {lr:g}"
-              f"{', LoRA' if args.lora else ''}", flush=True)
+        print(f"hf_seqpar finetune: {world} ranks ({accelerator.device.type}), strategy={state.strategy.name} "
+              f"sp_size={state.sp_size} dp_size={dp_size}, {fmt} data, {len(rows)} packed rows of {args.max_seq_len} "
+              f"tokens ({len(loader)} batches per epoch per replica), {len(eval_rows)} held-out rows, "
+              f"{n_train / 1e6:.2f}M trainable parameters, lr {lr:g}{', LoRA' if args.lora else ''}", flush=True)
+    if ckpt is not None:
+        accelerator.load_state(ckpt)
+        accelerator.step = position.accum_step
+        if main_proc:
+            print(f"resumed from {ckpt} at step {position.step} (epoch {position.epoch + 1}, batch "
+                  f"{position.batch_in_epoch} of {len(loader)})", flush=True)
 
     model.train()
-    bar = tqdm(total=args.max_steps, disable=not main_proc, desc="train", dynamic_ncols=True)
-    step, epoch, micro_losses, t0 = 0, 0, [], time.perf_counter()
-    while step < args.max_steps:
-        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
-        for batch in loader:
+    bar = tqdm(total=args.max_steps, initial=position.step, disable=not main_proc, desc="train", dynamic_ncols=True)
+    micro_losses, t0, loss = [], time.perf_counter(), float("nan")
+    while position.step < args.max_steps:
+        loader.set_epoch(position.epoch)
+        for i, batch in enumerate(loader):
+            if i < position.batch_in_epoch:  # resumed mid-epoch: these batches were trained on
+                continue
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
@@ -209,9 +412,10 @@ def main(argv=None) -> None:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(out.loss.detach())
+            position.batch_in_epoch = i + 1
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            position.step += 1
             # each rank's loss is its SP group's true loss; the mean over ranks is over dp replicas
             loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
             dt, micro_losses = time.perf_counter() - t0, []
@@ -220,12 +424,25 @@ def main(argv=None) -> None:
             if main_proc:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                tqdm.write(f"step {step:4d}/{args.max_steps}  loss {loss:.4f}  {tokens_per_step / dt:,.0f} tokens/s  "
-                           f"peak memory MiB per rank {peaks}")
+                tqdm.write(f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  {tokens_per_step / dt:,.0f} "
+                           f"tokens/s  peak memory MiB per rank {peaks}")
+            if args.eval_every and (position.step % args.eval_every == 0 or position.step == args.max_steps):
+                eval_loss = evaluate(model, eval_loader[0], accelerator, args.eval_batches)
+                if main_proc:
+                    tqdm.write(f"eval at step {position.step}: loss {eval_loss:.6f} over {len(eval_rows)} held-out rows"
+                               f"{f' (first {args.eval_batches} batches)' if args.eval_batches else ''}")
+            if args.save_every and position.step % args.save_every == 0:
+                position.accum_step = accelerator.step
+                path = save_checkpoint(accelerator, args, position, world, state.sp_size)
+                if main_proc:
+                    tqdm.write(f"saved checkpoint {path}")
             t0 = time.perf_counter()
-            if step >= args.max_steps or not math.isfinite(loss):
+            if position.step >= args.max_steps or not math.isfinite(loss):
                 break
-        epoch += 1
+        else:
+            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+            continue
+        break
     bar.close()
 
     accelerator.wait_for_everyone()

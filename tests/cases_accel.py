@@ -47,14 +47,24 @@ def _params_err(model, reference) -> float:
 
 
 def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
-                      plugin_kw: dict | None = None) -> dict:
+                      plugin_kw: dict | None = None, parallelism_config: dict | None = None) -> dict:
     """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
     unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
 
+    ``parallelism_config``: fields of an accelerate ``ParallelismConfig`` put on the Accelerator's
+    state (what a GPU run gets from ``Accelerator(parallelism_config=...)``; on CPU accelerate
+    refuses them at construction, so they are set afterwards); ``sp_size`` is then the expected size.
+
     Returns:
-        ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n}``.
+        ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n,
+        "strategy": the strategy that ran, "sp_size": its SP degree}``, or ``{"error": message}``
+        when ``prepare_sequence_parallel`` raises ValueError.
     """
     accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum)
+    if parallelism_config is not None:
+        from accelerate.parallelism_config import ParallelismConfig
+
+        accelerator.state.parallelism_config = ParallelismConfig(**parallelism_config)
     world = dist.get_world_size()
     dp = world // (sp_size or world)
     data = rows(steps * grad_accum * dp * batch_size)
@@ -64,8 +74,12 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    plugin = hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, **(plugin_kw or {}))
-    model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
+    plugin = hf_seqpar.SequenceParallelPlugin(**{"sp_size": None if parallelism_config else sp_size, **(plugin_kw or {})})
+    try:
+        model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
+    except ValueError as e:
+        return {"error": str(e)}
+    state = hf_seqpar.find_state(model)
     assert len(sp_loader) == len(loader) // dp, (len(sp_loader), len(loader), dp)
 
     losses = []
@@ -92,7 +106,8 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
         ref_opt.step()
         ref_opt.zero_grad()
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    result = {"param": _params_err(model, reference), "loss": loss_err, "steps": len(losses) // grad_accum}
+    result = {"param": _params_err(model, reference), "loss": loss_err, "steps": len(losses) // grad_accum,
+              "strategy": state.strategy.name, "sp_size": state.sp_size}
     hf_seqpar.disable_sequence_parallel(model)
     return result
 
@@ -129,7 +144,7 @@ def fsdp2_parity(steps: int = 3) -> dict:
 
 
 def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None,
-                   lora: bool = False) -> dict:
+                   lora: bool = False, strategy: str = "ulysses") -> dict:
     """``SequenceParallelTrainer`` train + evaluate vs the same optimisation on the unsharded model
     with the HF Trainer's multi-device semantics: each optimizer step's loss is the summed token
     losses of all micro-batches of all data-parallel replicas over their label-token count
@@ -160,7 +175,7 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
                              use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False)
     trainer = hf_seqpar.SequenceParallelTrainer(
         model=model, args=args, train_dataset=to_ds(data), eval_dataset=to_ds(eval_rows),
-        sp_plugin=hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, loss_chunk_size=7))
+        sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, loss_chunk_size=7))
     trainer.train()
     metrics = trainer.evaluate()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -196,7 +211,7 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
     result = {"param": _params_err(trained, reference),
               "logged": [abs(a - b) / b for a, b in zip(logged, ref_logged)] if len(logged) == steps else None,
               "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
-              "out_dir": out_dir}
+              "out_dir": out_dir, "strategy": trainer.sp_state.strategy.name}
     dist.barrier()
     if dist.get_rank() == 0:  # the checkpoint loads with plain transformers / PEFT and equals the trained weights
         if lora:

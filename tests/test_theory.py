@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -110,4 +111,75 @@ def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
             assert key in r
         if r["world"] == 2:
             assert abs(r["comm_ratio"] - 1) <= 0.02, r
-    assert "vs plain" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "vs plain" in text and "step s min/med/max" in text
+    # issue 12 point 7: every configuration runs in its own fresh ranks (its peak memory is its own,
+    # not what earlier configurations left in the heap), and the step-time spread is reported
+    pids = [p for r in rows for p in r["pid_per_rank"]]
+    assert len(set(pids)) == len(pids) == 7, pids
+    for r in rows:
+        assert r["fresh_process"] and r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"], r
+        assert len(r["step_times_s"]) == 1
+    # one sequence length: a bar per configuration, not lines over a single x value
+    pytest.importorskip("matplotlib")
+    from hf_seqpar.bench import plot_rows
+
+    fig = plot_rows(rows, str(tmp_path / "one.png"))
+    assert (tmp_path / "one.png").stat().st_size > 0
+    assert not fig.axes[0].lines  # memory: bars only (the time axis has min-max error bars)
+    for ax in fig.axes:
+        assert len(ax.patches) == len(rows)
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r['strategy']} P={r['world']}" for r in rows]
+    two = rows + [{**r, "seq_len": 512} for r in rows]
+    fig = plot_rows(two, str(tmp_path / "two.png"))
+    assert all(len(ax.lines) == len(rows) and ax.get_xlabel().startswith("sequence length") for ax in fig.axes)
+
+
+# ---- hf-seqpar plan: bad input and the memory reserve (issue 12, point 7) -------------------
+
+def test_plan_reads_a_config_json_file(tmp_path, capsys):
+    """A config.json with its model_type (as save_pretrained writes it) loads; it used to crash
+    with "for_model() got multiple values for argument 'model_type'"."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=512, vocab_size=1000).save_pretrained(tmp_path)
+    assert cli.main(["plan", "--model", str(tmp_path / "config.json"), "--seq-len", "8192", "--gpus", "2"]) == 0
+    assert "8 heads (2 kv)" in capsys.readouterr().out
+    assert load_config(str(tmp_path / "config.json")).num_attention_heads == 8
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpus", "0"], ["--gpus", "positive integer", "0"]),
+    (["--seq-len", "-5"], ["--seq-len", "positive integer", "-5"]),
+    (["--gpu-mem", "0"], ["--gpu-mem", "> 0"]),
+    (["--reserve", "-1"], ["--reserve", ">= 0"]),
+    (["--gpu-mem", "4", "--reserve", "4"], ["--reserve 4 GiB", "--gpu-mem 4 GiB"]),
+    (["--model", "llama-3.1-8bb"], ["did you mean the preset 'llama-3.1-8b'", "tiny", "llama-3.1-70b"]),
+])
+def test_plan_rejects_bad_input(argv, words, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["plan", *argv])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    for w in words:
+        assert w in msg, msg
+
+
+def test_plan_reserve_is_an_explicit_printed_option(capsys):
+    """16 GiB GPUs: the budget line names the reserve; 'nothing fits' gives the budget and the
+    option; a smaller --reserve gives a larger budget (the number printed is the one used)."""
+    cli.main(["plan", "--gpu-mem", "16", "--gpus", "1"])
+    out = capsys.readouterr().out
+    assert "budget per GPU: 16 GiB - 4 GiB reserve" in out and "= 12 GiB" in out
+    assert "nothing fits" in out and "budget of 12.0 GiB" in out and "--reserve" in out
+    cli.main(["plan", "--gpu-mem", "16", "--gpus", "1", "--reserve", "1", "--json", os.devnull])
+    assert "= 15 GiB" in capsys.readouterr().out
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    row = evaluate(shape, 4096, candidates(shape, Cluster(1))[0], Cluster(1, 16.0, reserve_gib=1.0), Setup())
+    assert row["budget_bytes"] == 15 * 2**30
+
+
+def test_load_config_names_the_presets_for_an_unknown_name():
+    with pytest.raises(ValueError, match="tiny, llama-3.1-8b"):
+        load_config("tinyy")
