@@ -79,6 +79,14 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", help="write one row per configuration to this file")
     p.add_argument("--plot", help="write memory and step time to this PNG: lines against sequence length, or "
                                   "bars per configuration when one length is measured")
+    g = p.add_argument_group("row structures (per-rank step memory against S; CPU/gloo, fresh ranks per row)")
+    g.add_argument("--rows", type=_names, default=None,
+                   help="measure these row structures instead: comma list of single, packed, padded, window, "
+                        "short (plain rows of --doc-len tokens, the same tokens per step); prints memory growth "
+                        "S^x between lengths and each structure against single (hybrid runs on 4 ranks)")
+    g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
+    g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
+    g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
 
 
 def _plan_parser(sub) -> None:
@@ -107,9 +115,38 @@ def _plan_parser(sub) -> None:
     p.add_argument("--json", help="write the candidates to this file")
 
 
+def _bench_rows(args) -> int:
+    from .rowbench import ROW_KINDS, RowSpec, format_rows, growth_table, measure_rows
+
+    unknown = sorted(set(args.rows) - set(ROW_KINDS))
+    if unknown:
+        args.parser.error(f"--rows {unknown}: valid row structures are {list(ROW_KINDS)}")
+    if not 0 <= args.pad_frac < 1:
+        args.parser.error(f"--pad-frac must be in [0, 1), got {args.pad_frac}")
+    rows = []
+    for strategy in args.strategies:
+        world = 4 if strategy == "hybrid" else args.world[0]
+        for kind in args.rows:
+            for n in args.seq_lens:
+                row = measure_rows(RowSpec(strategy, world, n, kind, args.doc_len, args.window, args.pad_frac,
+                                           layers=args.layers or 1))
+                print(f"{strategy} P={world} {kind} S={n}: {row['peak_mib']:.1f} MiB/rank, {row['seconds']:.2f} s",
+                      flush=True)
+                rows.append(row)
+    rows = growth_table(rows)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def _bench(args) -> int:
     from .bench import BenchSpec, format_table, plot_rows, run_bench
     from .presets import load_config
+
+    if args.rows:
+        return _bench_rows(args)
 
     try:
         load_config(args.model, num_hidden_layers=args.layers)  # a bad --model fails here, not in every rank
