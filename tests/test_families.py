@@ -63,3 +63,25 @@ def test_gemma3_bidirectional_sliding_window_exact(pool2):
     for r in pool2.run(fc.gemma3_bidirectional):
         assert r["is_causal"] and not any(r["is_causal"]) and "sliding_attention" in r["layer_types"], r
         _check_all(list(r["ulysses"].values()) + list(r["ring"].values()))
+
+
+def _family_matrix(pool, model_type: str) -> None:
+    if not fc.through_registry(model_type):  # refused by enable_sequence_parallel, see test_bad_input
+        pytest.skip(f"{model_type} bypasses the attention registry (refused at enable time)")
+    result = pool.run(fc._family_check_quiet, model_type)[0]
+    if "build_error" in result:
+        pytest.skip(f"the tiny {model_type} config does not build: {result['build_error']}")
+    for strategy in ("ulysses", "ring"):
+        ok, text = fc.verdict(result[strategy])
+        assert ok, f"{model_type} on {strategy}: {text}"
+
+
+@pytest.mark.parametrize("model_type", SUBSET)
+def test_family_exact_or_refused(pool2, model_type):
+    _family_matrix(pool2, model_type)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", [f for f in fc.causal_lm_families() if f not in SUBSET])
+def test_every_family_exact_or_refused(pool2, model_type):
+    _family_matrix(pool2, model_type)
