@@ -26,7 +26,9 @@ def row(model_type: str, result: dict | None) -> str:
         text = "refused: attention bypasses transformers' attention registry"
         return f"| `{model_type}` | {text} | {text} |"
     if "build_error" in result:
-        text = f"not checked: the tiny config does not build ({result['build_error'][:90]})"
+        reason = result["build_error"]
+        text = ("not checked: " + reason if reason in fc.NOT_BUILT.values()
+                else f"not checked: the tiny config does not build ({reason[:90]})")
         return f"| `{model_type}` | {text} | {text} |"
     cells = []
     for strategy in ("ulysses", "ring"):

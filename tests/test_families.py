@@ -20,10 +20,10 @@ import pytest
 import cases
 import family_cases as fc
 
-#: The default run: one family of each kind (dense GQA, sliding window, qk-norm, softcap and
-#: windows, sinks + MoE, MoE, fused qkv, logit scalings, MLA, Mamba hybrid).
-SUBSET = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "granite",
-          "deepseek_v3", "bamba"]
+#: The default run: one family of each kind (dense GQA, sliding window, softcap (ring refuses),
+#: MoE with qk-norm, fused qkv, logit scalings, linear attention (refused)). GPT-OSS, DeepSeek-V3
+#: and Gemma3 have tests of their own above.
+SUBSET = ["llama", "mistral", "gemma2", "qwen3_moe", "phi3", "granite", "minimax"]
 
 
 def _check_all(results: list[dict]) -> None:
@@ -56,7 +56,7 @@ def test_mla_exact_on_ulysses_refused_up_front_by_ring(pool2):
     for r in pool2.run(fc.mla):
         assert r["dims"] == (16, 12)
         _check_all(list(r["ulysses"].values()))
-        assert "value head size (12)" in r["ring"] and "strategy='ulysses'" in r["ring"], r["ring"]
+        assert "value heads of another size (12)" in r["ring"] and "strategy='ulysses'" in r["ring"], r["ring"]
 
 
 def test_gemma3_bidirectional_sliding_window_exact(pool2):

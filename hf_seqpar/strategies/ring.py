@@ -108,7 +108,7 @@ def check_ring_features(name: str, features) -> None:
     if features.softcap is not None:
         missing.append(f"logit softcapping (attn_logit_softcapping={features.softcap})")
     if features.qk_head_dim != features.v_head_dim:
-        missing.append(f"a value head size ({features.v_head_dim}) other than the query/key head size "
+        missing.append(f"value heads of another size ({features.v_head_dim}) than the query/key heads "
                        f"({features.qk_head_dim}), as in multi-head latent attention")
     if features.dropout:
         missing.append(f"attention dropout (attention_dropout={features.dropout}; set it to 0.0 to use {name})")
