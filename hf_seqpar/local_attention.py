@@ -122,7 +122,8 @@ def full_sequence_attention(
         out, _ = fn(view, *flat, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
                     max_length_k=max_len, is_causal=is_causal, **kwargs)
         return out.reshape(bsz, seq, *out.shape[-2:])  # (1, B*S, h, D) -> (B, S, h, D)
-    if needs_dense_path(kwargs) is None:
+    # the varlen kernels need one head size; MLA values (v_head_dim != qk_head_dim) take the dense path
+    if needs_dense_path(kwargs) is None and value.shape[-1] == query.shape[-1]:
         pieces = batch.cached(("pieces", seq_len, is_causal, window),
                               lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
