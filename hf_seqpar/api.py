@@ -9,6 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel
 
 from .config import SequenceParallelConfig
+from .features import attention_features, check_sequence_mixing
 from .hooks import register
 from .local_attention import SUPPORTED_INNER
 from .loss import SequenceParallelLoss
@@ -80,7 +81,10 @@ def enable_sequence_parallel(
     Raises:
         ValueError: unknown strategy, bad ``sp_size``, heads not divisible, unsupported attention
             implementation, SP already enabled with a different configuration.
-        NotImplementedError: a strategy that is named but not available in this version.
+        NotImplementedError: a strategy that is named but not available in this version, or an
+            attention feature of the model (sinks, softcapping, ...) the strategy cannot compute
+            exactly (the message names a strategy that can), or layers that mix tokens outside
+            attention (Mamba, linear attention, convolutions), which no strategy can split.
         RuntimeError: ``torch.distributed`` is not initialised.
         TypeError: the model does not route attention through transformers' registry.
     """
@@ -107,6 +111,11 @@ def enable_sequence_parallel(
             logger.warning("hf_seqpar: strategy='auto' chose %r: %s", strategy, reason)
     strat = get_strategy(strategy)
     strat.check_model(base.config, config.sp_size, config.options)
+    features = attention_features(base)
+    check_sequence_mixing(features)
+    check_features = getattr(strat, "check_attention", None)  # optional: refuse what it cannot compute
+    if check_features is not None:
+        check_features(features)
     if mesh is None:
         mesh = build_mesh(config.sp_size)
     else:
@@ -118,6 +127,7 @@ def enable_sequence_parallel(
         strategy=strat,
         original_attn_implementation=impl,
         original_loss_function=base.__dict__.get("_loss_function"),
+        features=features,
     )
     state.counter.enabled = count_comm
     base.loss_function = SequenceParallelLoss(base.loss_function)

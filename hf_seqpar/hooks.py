@@ -35,7 +35,8 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
             "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
             "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
         )
-    return batch.state.strategy.attention(module, query, key, value, batch, **kwargs), None
+    out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
+    return out.contiguous(), None  # (B, S_local, h, D); models may `.view` it, as after sdpa
 
 
 def sp_mask(*args, **kwargs):

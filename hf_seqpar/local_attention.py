@@ -46,9 +46,11 @@ class _ModuleView:
     """The attention module as the inner implementation must see it: with the head grouping of
     the local heads (``num_key_value_groups``) and the original attention implementation."""
 
-    def __init__(self, module: torch.nn.Module, kv_groups: int, impl: str):
+    def __init__(self, module: torch.nn.Module, kv_groups: int, impl: str, sinks: torch.Tensor | None = None):
         self._module = module
         self.num_key_value_groups = kv_groups
+        if sinks is not None:  # eager functions read `module.sinks`: the sinks of the local heads
+            self.sinks = sinks
         self.config = _ConfigView(module.config, impl) if hasattr(module, "config") else None
         self.training = module.training
 
@@ -98,12 +100,13 @@ def full_sequence_attention(
         batch: the :class:`~hf_seqpar.sharding.SeqParBatch` of this forward.
         impl: the model's original attention implementation.
         **kwargs: what the model passed to attention (``scaling``, ``dropout``,
-            ``sliding_window``, ...).
+            ``sliding_window``, ...); ``s_aux`` (attention sinks) must be those of the heads of
+            ``query``.
 
     Returns:
         ``(B, S, h_q, D)`` attention output.
     """
-    view = _ModuleView(module, query.shape[1] // key.shape[1], impl)
+    view = _ModuleView(module, query.shape[1] // key.shape[1], impl, kwargs.get("s_aux"))
     fn = _inner_function(module, impl)
     is_causal = getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
@@ -119,7 +122,8 @@ def full_sequence_attention(
         out, _ = fn(view, *flat, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
                     max_length_k=max_len, is_causal=is_causal, **kwargs)
         return out.reshape(bsz, seq, *out.shape[-2:])  # (1, B*S, h, D) -> (B, S, h, D)
-    if needs_dense_path(kwargs) is None:
+    # the varlen kernels need one head size; MLA values (v_head_dim != qk_head_dim) take the dense path
+    if needs_dense_path(kwargs) is None and value.shape[-1] == query.shape[-1]:
         pieces = batch.cached(("pieces", seq_len, is_causal, window),
                               lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

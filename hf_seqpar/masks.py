@@ -10,23 +10,17 @@ costs no communication). The main path turns it into segments and variable-lengt
   features the variable-length kernels lack (soft-capping, sinks, dropout), or
 - ``cu_seqlens`` segments for transformers' variable-length flash attention.
 
-Semantics follow transformers: causality and sliding windows act on sequence indices
-(``kv > q - window``), padding masks keys, and documents are runs of ``position_ids`` that
-increase by one (a new document starts wherever the position does not).
+Semantics follow transformers: causality and sliding windows act on sequence indices (one rule,
+:func:`window_visible`, for every strategy), padding masks keys, and documents are runs of
+``position_ids`` that increase by one (a new document starts wherever the position does not).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import (
-    and_masks,
-    bidirectional_mask_function,
-    causal_mask_function,
-    packed_sequence_mask_function,
-    sliding_window_overlay,
-)
+from transformers.masking_utils import and_masks, packed_sequence_mask_function
 
-__all__ = ["document_ids", "structure_mask_function", "dense_mask", "flash_segments", "check_cu_seqlens"]
+__all__ = ["document_ids", "window_visible", "structure_mask_function", "dense_mask", "flash_segments", "check_cu_seqlens"]
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -40,15 +34,37 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return ids
 
 
+def window_visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, is_causal: bool, sliding_window: int | None):
+    """Which keys a query may see by position alone (causality and sliding window), as transformers'
+    masks define it; ``q_idx`` and ``kv_idx`` broadcast against each other.
+
+    - causal: ``kv <= q``; with a window also ``kv > q - window`` (``sliding_window_overlay``:
+      the query and the ``window - 1`` keys before it).
+    - not causal (e.g. Gemma3 with ``use_bidirectional_attention=True``): every key; with a window
+      ``|q - kv| < window`` (Gemma3's ``_bidirectional_window_overlay`` OR-ed onto the causal window
+      mask: ``window - 1`` keys on each side).
+
+    Returns:
+        A bool tensor of the broadcast shape.
+    """
+    if is_causal:
+        allowed = kv_idx <= q_idx
+        if sliding_window is not None:
+            allowed = allowed & (kv_idx > q_idx - sliding_window)
+        return allowed
+    if sliding_window is not None:
+        return (q_idx - kv_idx).abs() < sliding_window
+    return (q_idx >= 0) & (kv_idx >= 0)  # everything, in the broadcast shape
+
+
 def structure_mask_function(is_causal: bool, sliding_window: int | None, doc_ids: torch.Tensor | None):
     """An index-based transformers mask function for causality, window and documents
     (padding is passed separately as the 2D ``attention_mask``)."""
-    fns = [causal_mask_function if is_causal else bidirectional_mask_function]
-    if sliding_window is not None:
-        fns.append(sliding_window_overlay(sliding_window))
-    if doc_ids is not None:
-        fns.append(packed_sequence_mask_function(doc_ids))
-    return fns[0] if len(fns) == 1 else and_masks(*fns)
+
+    def positional(batch_idx, head_idx, q_idx, kv_idx):
+        return window_visible(q_idx, kv_idx, is_causal, sliding_window)
+
+    return positional if doc_ids is None else and_masks(positional, packed_sequence_mask_function(doc_ids))
 
 
 def dense_mask(
@@ -76,7 +92,7 @@ def dense_mask(
     """
     batch, seq = valid.shape
     if sliding_window is not None and sliding_window >= seq:
-        sliding_window = None  # the window covers the whole sequence: plain causal
+        sliding_window = None  # the window covers the whole sequence
     padding = None if bool(valid.all()) else valid
     plain = is_causal and padding is None and doc_ids is None and sliding_window is None
     return mask_interface(

@@ -82,6 +82,8 @@ class SeqParState:
     last_layout: Any = None
     """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
+    features: Any = None
+    """The model's :class:`~hf_seqpar.features.AttentionFeatures`, read at enable time."""
     strategy_state: dict = field(default_factory=dict)
     """What a strategy's ``apply`` builds for itself and its ``remove`` needs (the hybrid
     strategy's 3D mesh; Megatron-SP's hooks and weight re-layouts)."""

@@ -10,7 +10,8 @@ all-to-all), ring and hybrid (one block pair per ring step) and Megatron-SP use 
 
 Semantics follow transformers: documents are runs of ``position_ids`` increasing by one,
 padding (``attention_mask == 0``) is never attended to, causality is ``k <= q`` and a window
-keeps ``k > q - window`` (bidirectional windows: ``|q - k| <= window``).
+keeps ``k > q - window`` (bidirectional windows: ``|q - k| < window``, as Gemma3 builds them; one
+rule for every path: :func:`hf_seqpar.masks.window_visible`).
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def _relate(qs, qe, ks, ke, causal, window):
         if in_window and (qs, qe) == (ks, ke):
             return ks, ke, CAUSAL
         return ks, ke, MASKED
-    if window is not None:
-        ks, ke = max(ks, qs - window), min(ke, qe + window)
+    if window is not None:  # |q - k| < window (masks.window_visible)
+        reach = window - 1
+        ks, ke = max(ks, qs - reach), min(ke, qe + reach)
         if ke <= ks:
             return None
-        if ks >= qe - 1 - window and ke - 1 <= qs + window:
+        if ks >= qe - 1 - reach and ke - 1 <= qs + reach:
             return ks, ke, FULL
         return ks, ke, MASKED
     return ks, ke, FULL

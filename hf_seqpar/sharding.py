@@ -179,6 +179,59 @@ def _fingerprint(batch: Mapping[str, Any], bsz: int, seq: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
+def check_documents(batch: Mapping[str, Any], features=None) -> None:
+    """Refuse packed documents that the unsharded transformers model would not separate.
+
+    transformers detects packed documents (``position_ids`` restarting inside a row) only when no
+    ``attention_mask`` is given and only if the model hands ``position_ids`` to its mask builder
+    (``masking_utils._preprocess_mask_arguments``); otherwise every real token attends across
+    documents. hf_seqpar separates documents, so a row whose real tokens (mask 1) span several
+    position runs is refused in those two cases. A mask whose real tokens form one run (e.g. left
+    padding with positions from ``mask.cumsum(-1) - 1``) means the same in both and passes.
+
+    Args:
+        batch: the full batch.
+        features: the model's :class:`~hf_seqpar.features.AttentionFeatures` (None: a model
+            that separates documents).
+
+    Raises:
+        ValueError: a row with restarting positions over its real tokens, together with an
+            ``attention_mask``, or on a model that does not separate documents.
+    """
+    pos = batch.get("position_ids")
+    if pos is None:
+        return
+    mask = batch.get("attention_mask")
+    separates = features is None or features.separates_documents
+    if mask is None and separates:
+        return
+    main = batch.get("input_ids", batch.get("inputs_embeds"))
+    docs = document_ids(pos.expand(main.shape[0], -1))
+    if docs is None:
+        return
+    real = mask.bool() if mask is not None else torch.ones_like(docs, dtype=torch.bool)
+    first = docs.masked_fill(~real, torch.iinfo(docs.dtype).max).amin(-1)
+    last = docs.masked_fill(~real, -1).amax(-1)
+    rows = ((last > first) & real.any(-1)).nonzero().flatten().tolist()
+    if not rows:
+        return
+    if mask is not None:
+        raise ValueError(
+            f"batch rows {rows} have an `attention_mask` and `position_ids` that restart inside the real tokens "
+            "(packed documents). transformers ignores the documents when an attention_mask is given (every token "
+            "attends across documents) and separates them only when there is no mask, so the meaning is "
+            "ambiguous. To keep the documents apart (the usual intent of packing), drop `attention_mask` from the "
+            "batch; padding then needs a position run of its own (positions restarting at 0) so that it forms a "
+            "separate document, and labels -100. To attend across documents, pass position_ids that do not restart "
+            "(or none).")
+    raise ValueError(
+        f"batch rows {rows} hold packed documents (`position_ids` restart inside the row), but transformers' "
+        f"{features.model_type} builds its attention mask without position_ids, so even unsharded it lets every "
+        "token attend across documents, while hf_seqpar would separate them. Pass one document per row (pad the "
+        "rows and give an attention_mask), or pass position_ids that do not restart (or none) to attend across "
+        "documents.")
+
+
 def _check_same_batch(state: SeqParState, batch, bsz: int, seq: int) -> None:
     fp = _fingerprint(batch, bsz, seq)
     device = "cuda" if state.mesh.device_type == "cuda" else "cpu"
@@ -256,12 +309,16 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
 
     Raises:
         RuntimeError: the model has no SP.
-        ValueError: malformed batch (unknown keys, shape mismatch, empty sequence).
+        ValueError: malformed batch (unknown keys, shape mismatch, empty sequence), or an
+            ``attention_mask`` together with ``position_ids`` that restart inside its real tokens
+            or restarting ``position_ids`` on a model that does not separate documents (see
+            :func:`check_documents`).
         BatchMismatchError: ranks of the SP group hold different batches (checked on the first
             call, or every call with ``check_batch="always"``).
     """
     state = _require_state(model)
     bsz, seq = _validate(batch)
+    check_documents(batch, state.features)
     mode = state.config.check_batch
     if mode == "always" or (mode == "first" and state.batches_checked == 0):
         _check_same_batch(state, batch, bsz, seq)

@@ -63,19 +63,14 @@ def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, wind
               device=None) -> torch.Tensor:
     """Bool ``(1, 1, nq, nk)``: which keys each query of a tile may see, from global indices.
 
-    The rule is transformers': causal ``k <= q`` and, with a window, ``k > q - window``
-    (``sliding_window_overlay``); bidirectional windows are ``|q - k| <= window``
-    (``sliding_window_bidirectional_overlay``).
+    The rule is the one of every path, :func:`hf_seqpar.masks.window_visible`: causal ``k <= q``
+    and, with a window, ``k > q - window``; bidirectional windows ``|q - k| < window``.
     """
+    from hf_seqpar.masks import window_visible
+
     q = torch.arange(q_global, q_global + nq, device=device)[:, None]
     k = torch.arange(k_global, k_global + nk, device=device)[None, :]
-    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= k <= q
-        if window is not None:
-            allowed &= k > q - window
-    elif window is not None:
-        allowed &= (q - k).abs() <= window
+    allowed = window_visible(q, k, causal, window).expand(nq, nk)
     return allowed[None, None]
 
 

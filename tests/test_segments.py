@@ -31,8 +31,8 @@ def dense_allowed(valid, docs, causal, window):
         allowed &= k <= q
         if window is not None:
             allowed &= k > q - window
-    elif window is not None:
-        allowed &= (q - k).abs() <= window
+    elif window is not None:  # Gemma3's bidirectional window: |q - k| < window
+        allowed &= (q - k).abs() < window
     allowed = allowed[None] & valid[:, None, :] & valid[:, :, None]
     if docs is not None:
         allowed &= docs[:, :, None] == docs[:, None, :]

@@ -29,6 +29,11 @@ class Strategy(Protocol):
         """Raise a clear error if this strategy cannot run ``config`` on ``sp_size`` ranks with
         ``options``; called before the model is modified."""
 
+    def check_attention(self, features) -> None:
+        """Optional hook: raise ``NotImplementedError`` naming a strategy that works if this one
+        cannot compute the model's :class:`~hf_seqpar.features.AttentionFeatures` exactly; called
+        by ``enable_sequence_parallel`` after :meth:`check_model`, before the model is modified."""
+
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         """Attention for the local shard: q ``(B, h_q, S_local, D)``, k/v ``(B, h_kv, S_local, D)``
         -> ``(B, S_local, h_q, D)``."""

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..comm import all_to_all
 from ..layout import Layout
 from .base import check_no_options
-from .ring import RING_OPTIONS, check_layout_option, ring_attention
+from .ring import RING_OPTIONS, check_layout_option, check_ring_features, ring_attention
 from .ulysses import HeadsNotDivisibleError, _divisors, kv_replication, seq_to_heads
 
 __all__ = ["HybridStrategy", "largest_ulysses_size"]
@@ -50,6 +50,9 @@ class HybridStrategy:
         check_no_options(self.name, options, RING_OPTIONS + ("ulysses_size",))
         check_layout_option(options)
         _ulysses_size(config, sp_size, options)
+
+    def check_attention(self, features) -> None:
+        check_ring_features(self.name, features)
 
     def apply(self, model, state) -> None:
         """Build the ``(dp, ring, ulysses)`` mesh over the same ranks as ``(dp, sp)``."""

@@ -27,7 +27,7 @@ from ..layout import Layout
 from ..segments import plan_pieces
 from .base import AttentionOnlyStrategy, check_no_options
 
-__all__ = ["RingStrategy", "ring_attention", "ring_plans", "check_ring_kwargs"]
+__all__ = ["RingStrategy", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features"]
 
 RING_OPTIONS = ("layout", "backend")
 
@@ -99,6 +99,26 @@ def check_ring_kwargs(module, kwargs) -> None:
                                   "use strategy='ulysses' for this model")
 
 
+def check_ring_features(name: str, features) -> None:
+    """Refuse, at enable time, the attention features ring attention does not implement (its
+    kernels compute plain softmax attention with one head size), naming the fix."""
+    missing = []
+    if features.sinks:
+        missing.append("per-head attention sinks (`sinks` / s_aux)")
+    if features.softcap is not None:
+        missing.append(f"logit softcapping (attn_logit_softcapping={features.softcap})")
+    if features.qk_head_dim != features.v_head_dim:
+        missing.append(f"value heads of another size ({features.v_head_dim}) than the query/key heads "
+                       f"({features.qk_head_dim}), as in multi-head latent attention")
+    if features.dropout:
+        missing.append(f"attention dropout (attention_dropout={features.dropout}; set it to 0.0 to use {name})")
+    if missing:
+        raise NotImplementedError(
+            f"strategy {name!r} cannot run this {features.model_type} model exactly: its ring attention kernels "
+            f"have no {'; no '.join(missing)}. Use strategy='ulysses' (the model's own attention on whole "
+            "sequences, split by heads; sp_size must divide the query heads).")
+
+
 def ring_attention(module, query, key, value, batch, group, q_outer: int, layout: Layout, **kwargs):
     """Exact ring attention of the local queries over all ranks' keys.
 
@@ -139,6 +159,9 @@ class RingStrategy(AttentionOnlyStrategy):
     def check_model(self, config, sp_size: int, options: dict) -> None:
         check_no_options(self.name, options, RING_OPTIONS)
         check_layout_option(options)
+
+    def check_attention(self, features) -> None:
+        check_ring_features(self.name, features)
 
     def make_layout(self, seq_len: int, state) -> Layout:
         kind = state.config.options.get("layout", "zigzag")

@@ -50,9 +50,10 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
 
 
 def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]:
-    """One fused all-to-all for q, k and v: ``(B, h_i, S/P, D)`` each -> ``(B, h_i/P, S, D)`` each.
+    """One fused all-to-all for q, k and v: ``(B, h_i, S/P, D_i)`` each -> ``(B, h_i/P, S, D_i)`` each.
 
-    Every rank's chunk holds its share of every tensor's heads, so one exchange replaces three.
+    Every rank's chunk holds its share of every tensor's heads, so one exchange replaces three
+    (one per run of equal head sizes ``D_i`` when they differ).
     """
     # one dtype on the wire: the attention compute dtype (under autocast RoPE returns fp32 q/k
     # while v is bf16; concatenating would promote all three to fp32 and double the traffic)
@@ -61,6 +62,10 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
     world = dist.get_world_size(group)
     if world == 1:
         return tensors
+    if len({t.shape[-1] for t in tensors}) > 1:  # head sizes differ (MLA: v_head_dim != qk_head_dim)
+        split = next(i for i, t in enumerate(tensors) if t.shape[-1] != tensors[0].shape[-1])
+        return (seq_to_heads(tensors[:split], group, counter, layer)
+                + seq_to_heads(tensors[split:], group, counter, layer))
     sizes = [t.shape[1] // world for t in tensors]
     # (B, h_i, S/P, D) -> (B, P, h_i/P, S/P, D), concatenated over i along the head dim
     packed = torch.cat([t.unflatten(1, (world, -1)) for t in tensors], dim=2)
@@ -92,6 +97,9 @@ class UlyssesStrategy(AttentionOnlyStrategy):
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/P, S, D): scatter heads, gather the sequence in rank order
         q, k, v = seq_to_heads((query, key, value), group, counter, layer)
+        if kwargs.get("s_aux") is not None:  # per-head attention sinks (GPT-OSS): those of this rank's heads
+            n = q.shape[1]
+            kwargs["s_aux"] = kwargs["s_aux"][state.sp_rank * n:(state.sp_rank + 1) * n]
         out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)
