@@ -107,6 +107,13 @@ def _call_arguments(call: str) -> tuple[list[str], dict[str, str]]:
     return positional, keywords
 
 
+def _forward_source(cls) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
 def own_attention_masks(model) -> tuple[str, ...]:
     """Attention classes that hand the attention function a mask they build themselves (e.g.
     Doge's dynamic mask) instead of the ``attention_mask`` transformers' mask builders made.
@@ -116,10 +123,7 @@ def own_attention_masks(model) -> tuple[str, ...]:
     """
     found = set()
     for cls in {type(m) for m in model.modules()}:
-        try:
-            src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            continue
+        src = _forward_source(cls)
         for m in re.finditer(r"attention_interface\(", src):
             positional, keywords = _call_arguments(_bracketed(src, m.end() - 1))
             mask = keywords.get("attention_mask", positional[4] if len(positional) > 4 else "attention_mask")
@@ -131,22 +135,12 @@ def own_attention_masks(model) -> tuple[str, ...]:
 _ATTENTION_CALL = re.compile(r"(?<![\w.])(self\.(?:self_attn|attention|attn|self_attention)|decoder_layer)\(")
 
 
-def _forward_source(cls) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
-
-
 def kwargs_not_forwarded(model) -> tuple[str, ...]:
     """Module classes whose ``forward`` calls its attention (or a decoder layer) without passing
     ``**kwargs`` on: the ``seqpar=`` structure from ``shard_batch`` cannot reach attention there."""
     found = set()
     for cls in {type(m) for m in model.modules()}:
-        try:
-            src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            continue
+        src = _forward_source(cls)
         for m in _ATTENTION_CALL.finditer(src):
             if "**" not in _bracketed(src, m.end() - 1):
                 found.add(f"{cls.__name__} -> {m.group(1)}")

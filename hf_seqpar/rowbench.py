@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from .bench import _PeakRSS
+
 __all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
 
 ROW_KINDS = ("single", "packed", "padded", "window", "short")
@@ -82,25 +84,13 @@ def _model(spec: RowSpec):
     return MistralForCausalLM(cfg)
 
 
-def _rss() -> int:
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
@@ -116,16 +106,16 @@ def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
         batch = make_rows(spec, model.config.vocab_size)
         # the baseline is taken once, before the first step: later steps reuse memory the
         # allocator kept from the first, so "RSS before this step" would hide the step's peak
-        before = _rss()
+        before = _status_bytes("VmRSS")
         for step in range(spec.steps):
             model.zero_grad(set_to_none=True)
             local = batch if spec.strategy == "none" else hf_seqpar.shard_batch(batch, model)
-            _reset_hwm()
+            _PeakRSS.reset()
             t0 = time.perf_counter()
             loss = model(**local).loss
             loss.backward()
             seconds = time.perf_counter() - t0
-            peak = _hwm() - before
+            peak = _status_bytes("VmHWM") - before
             del loss, local
         queue.put((rank, {"peak_mib": peak / 2**20, "seconds": seconds}))
         dist.destroy_process_group()
