@@ -82,6 +82,9 @@ class SeqParState:
     last_layout: Any = None
     """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
+    hooks: list = field(default_factory=list)
+    """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
+    of the full sequence, :mod:`hf_seqpar.moe`); removed by ``disable_sequence_parallel``."""
     strategy_state: dict = field(default_factory=dict)
     """What a strategy's ``apply`` builds for itself and its ``remove`` needs (the hybrid
     strategy's 3D mesh; Megatron-SP's hooks and weight re-layouts)."""
