@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .api import enable_sequence_parallel
 from .config import CHECK_BATCH_MODES
-from .memory import install_memory_features
+from .memory import check_memory_features, install_memory_features
 from .mesh import build_mesh, find_state, unwrap_model
 from .sharding import shard_batch
 
@@ -196,6 +196,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
     """
     plugin.validate()
     base = unwrap_model(model)
+    check_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles)  # refuse before changing the model
     if plugin.gradient_checkpointing:
         enable_checkpointing(model)
     enable_sequence_parallel(model, plugin.strategy, plugin.sp_size, mesh=mesh, check_batch=plugin.check_batch,

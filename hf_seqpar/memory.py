@@ -32,6 +32,7 @@ __all__ = [
     "ChunkedLMHeadCrossEntropy",
     "chunked_lm_loss",
     "install_memory_features",
+    "check_memory_features",
     "remove_memory_features",
     "IGNORE_INDEX",
 ]
@@ -237,6 +238,24 @@ def _offload_forward(inner):
     return forward
 
 
+def check_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None):
+    """Check, without changing the model, that :func:`install_memory_features` can apply these
+    features (called before sequence parallelism is enabled, so a refusal leaves the model as it was).
+
+    Returns:
+        The model's :class:`~hf_seqpar.logits.LogitTransform` when ``loss_chunk_size`` is set, else None.
+
+    Raises:
+        ValueError, TypeError: as :func:`install_memory_features`.
+    """
+    for name, value in (("loss_chunk_size", loss_chunk_size), ("mlp_tiles", mlp_tiles)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if mlp_tiles and mlp_tiles > 1 and not any(n.endswith(".mlp") for n, _ in model.named_modules()):
+        raise TypeError(f"{type(model).__name__} has no `.mlp` modules to tile; set mlp_tiles: null")
+    return _check_chunkable(model) if loss_chunk_size else None
+
+
 def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None,
                             offload_checkpoints: bool = False) -> None:
     """Switch on the memory features on a ``*ForCausalLM`` model, in place (reversible).
@@ -256,19 +275,13 @@ def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles
         TypeError: not a causal LM with an lm_head.
     """
     remove_memory_features(model)
-    for name, value in (("loss_chunk_size", loss_chunk_size), ("mlp_tiles", mlp_tiles)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    transform = check_memory_features(model, loss_chunk_size, mlp_tiles)
     installed = []
     if loss_chunk_size:
-        transform = _check_chunkable(model)
         model.forward = types.MethodType(_chunked_forward(loss_chunk_size, transform), model)
         installed.append(model)
     if mlp_tiles and mlp_tiles > 1:
-        mlps = [m for n, m in model.named_modules() if n.endswith(".mlp")]
-        if not mlps:
-            raise TypeError(f"{type(model).__name__} has no `.mlp` modules to tile")
-        for m in mlps:
+        for m in [m for n, m in model.named_modules() if n.endswith(".mlp")]:
             m.forward = types.MethodType(_tiled_mlp_forward(mlp_tiles), m)
             installed.append(m)
     if offload_checkpoints:

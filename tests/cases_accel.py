@@ -47,22 +47,27 @@ def _params_err(model, reference) -> float:
 
 
 def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
-                      plugin_kw: dict | None = None) -> dict:
+                      plugin_kw: dict | None = None, mixed_precision: str | None = None) -> dict:
     """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
     unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
 
+    With ``mixed_precision="bf16"`` the Accelerator runs the SP model under bf16 autocast (fp32
+    weights); the reference is trained twice, in fp32 and under the same autocast, so the SP
+    error can be judged against the unsharded model's own bf16 error.
+
     Returns:
-        ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n}``.
+        ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n}``
+        against the fp32 reference, plus ``"param_lowp"``/``"loss_lowp"`` (the autocast reference
+        against the fp32 one) with ``mixed_precision``.
     """
-    accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum)
+    accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
     world = dist.get_world_size()
     dp = world // (sp_size or world)
     data = rows(steps * grad_accum * dp * batch_size)
     model = tiny_model(heads=4, kv_heads=2)
-    reference = copy.deepcopy(model)
+    initial = copy.deepcopy(model)
     # SGD: parameters move by exactly lr x gradient, so parameter errors are gradient errors
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     plugin = hf_seqpar.SequenceParallelPlugin(sp_size=sp_size, **(plugin_kw or {}))
     model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
@@ -81,18 +86,32 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     # reference: global batch j of the loader goes to replica j % dp (accelerate's batch sharding)
     full = list(loader)
     dp_rank = hf_seqpar.find_state(model).mesh.get_local_rank("dp")
-    ref_losses = []
-    for step in range(steps):
-        for micro in range(grad_accum):
-            for r in range(dp):
-                out = reference(**full[(step * grad_accum + micro) * dp + r], use_cache=False)
-                (out.loss / (grad_accum * dp)).backward()
-                if r == dp_rank:
-                    ref_losses.append(out.loss.item())
-        ref_opt.step()
-        ref_opt.zero_grad()
-    loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    result = {"param": _params_err(model, reference), "loss": loss_err, "steps": len(losses) // grad_accum}
+
+    def train_reference(autocast: bool):
+        reference = copy.deepcopy(initial)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+        ref_losses = []
+        for step in range(steps):
+            for micro in range(grad_accum):
+                for r in range(dp):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        out = reference(**full[(step * grad_accum + micro) * dp + r], use_cache=False)
+                    (out.loss / (grad_accum * dp)).backward()
+                    if r == dp_rank:
+                        ref_losses.append(out.loss.item())
+            ref_opt.step()
+            ref_opt.zero_grad()
+        return reference, ref_losses
+
+    def loss_err(a, b):
+        return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+    reference, ref_losses = train_reference(False)
+    result = {"param": _params_err(model, reference), "loss": loss_err(losses, ref_losses),
+              "steps": len(losses) // grad_accum}
+    if mixed_precision:
+        low, low_losses = train_reference(True)
+        result.update(param_lowp=_params_err(low, reference), loss_lowp=loss_err(low_losses, ref_losses))
     hf_seqpar.disable_sequence_parallel(model)
     return result
 
