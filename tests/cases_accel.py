@@ -40,8 +40,12 @@ def _fresh_accelerator(**kwargs):
 def _params_err(model, reference) -> float:
     ref = dict(hf_seqpar.mesh.unwrap_model(reference).named_parameters())
     worst = 0.0
-    for name, p in hf_seqpar.mesh.unwrap_model(model).named_parameters():
+    from hf_seqpar.strategies.megatron import full_tensor
+
+    base = hf_seqpar.mesh.unwrap_model(model)
+    for name, p in base.named_parameters():
         r = ref[name]
+        p = full_tensor(base, name, p.detach())  # Megatron-SP: the whole tensor (a collective)
         worst = max(worst, float((p.detach() - r.detach()).abs().max() / r.detach().abs().max().clamp_min(1e-12)))
     return worst
 
