@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .api import enable_sequence_parallel
 from .config import CHECK_BATCH_MODES
-from .memory import install_memory_features
+from .memory import check_memory_features, install_memory_features
 from .mesh import build_mesh, find_state, unwrap_model
 from .parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
                           is_accelerate_config, plugin_section)
@@ -81,6 +81,15 @@ class SequenceParallelPlugin:
     on GPUs); needs ``gradient_checkpointing``."""
     mlp_tiles: int | None = None
     """Split the sequence into this many tiles inside every MLP, recomputed in backward; None = off."""
+    collective_timeout_s: float | None = None
+    """Seconds a collective may wait for the other ranks before it raises (the process groups'
+    timeout); None keeps torch's default (30 min on gloo, 10 min on NCCL). A rank that dies or
+    raises is noticed within seconds anyway (gloo fails on the closed connection; torchrun's agent,
+    also under ``accelerate launch``, then stops every rank); this bounds the wait where neither
+    happens: a rank that hangs, a node lost without closing its connections. Applied to the SP
+    mesh by :func:`prepare_sequence_parallel` and to the default group through
+    :meth:`accelerator_kwargs` (pass them to the ``Accelerator``). Keep it above the longest
+    time one rank works alone (e.g. rank 0 saving a checkpoint while the others wait)."""
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "the SP config") -> "SequenceParallelPlugin":
@@ -158,6 +167,9 @@ class SequenceParallelPlugin:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: must be a positive integer or null, got {v!r}")
+        t = self.collective_timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+            raise ValueError(f"collective_timeout_s: must be a positive number of seconds or null, got {t!r}")
         for name in ("count_comm", "gradient_checkpointing", "offload_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -173,6 +185,20 @@ class SequenceParallelPlugin:
             raise ValueError("offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
                              "checkpointed layer inputs)")
         return self
+
+    def accelerator_kwargs(self) -> dict:
+        """Keyword arguments for ``accelerate.Accelerator`` that apply :attr:`collective_timeout_s`
+        to the default process group (``{}`` when it is None)::
+
+            accelerator = Accelerator(mixed_precision="bf16", **plugin.accelerator_kwargs())
+        """
+        if self.collective_timeout_s is None:
+            return {}
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=self.collective_timeout_s))]}
 
     def strategy_options(self) -> dict:
         """The ``**options`` for ``enable_sequence_parallel`` (``ulysses_size``/``layout`` when set)."""
@@ -218,6 +244,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
         apply_parallelism_config(plugin, current_parallelism_config(), world, trainer=True)
     base = unwrap_model(model)
+    check_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles)  # refuse before changing the model
     if plugin.gradient_checkpointing:
         enable_checkpointing(model)
     enable_sequence_parallel(model, plugin.strategy, plugin.sp_size, mesh=mesh, check_batch=plugin.check_batch,
@@ -377,7 +404,8 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     from .config import SequenceParallelConfig
 
     SequenceParallelConfig(plugin.strategy, sp_size).validate(dist.get_world_size())  # clear message, no collective
-    mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu")
+    mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu",
+                      timeout=plugin.collective_timeout_s)
     names = {id(p): n for n, p in model.named_parameters()}
     model = prepare_model(model, plugin, mesh=mesh)
     _repoint_optimizers(model, names, objects)

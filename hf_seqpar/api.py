@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel
 
+from . import moe
 from .config import SequenceParallelConfig
 from .features import attention_features, check_sequence_mixing
 from .hooks import register
@@ -135,6 +136,7 @@ def enable_sequence_parallel(
     setattr(base, STATE_ATTR, state)
     try:
         strat.apply(base, state)
+        state.hooks = [h for h in (moe.install(base),) if h is not None]
     except BaseException:
         disable_sequence_parallel(base)  # leave the model as it was
         raise
@@ -154,6 +156,8 @@ def disable_sequence_parallel(model):
     state = getattr(base, STATE_ATTR, None)
     if state is None:
         return model
+    for handle in state.hooks:
+        handle.remove()
     state.strategy.remove(base, state)
     base.set_attn_implementation(state.original_attn_implementation)
     if state.original_loss_function is None:

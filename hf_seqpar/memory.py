@@ -21,16 +21,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+from . import moe
 from .comm import all_reduce_sum
 from .loss import combines
+from .logits import LogitTransform, logit_transform
 from .sharding import IGNORE_INDEX
 
 __all__ = [
     "ChunkedLMHeadCrossEntropy",
     "chunked_lm_loss",
     "install_memory_features",
+    "check_memory_features",
     "remove_memory_features",
     "IGNORE_INDEX",
 ]
@@ -39,12 +42,25 @@ _MARK = "_hf_seqpar_memory"
 
 
 class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
-    """``sum_t CE(hidden_t @ W.T + b, label_t) / normalizer`` in token chunks, logits recomputed
+    """``sum_t CE(f(hidden_t @ W.T + b), label_t) / normalizer`` in token chunks, logits recomputed
     in backward. Inputs: hidden ``(N, H)``, weight ``(V, H)``, bias ``(V,)`` or None, labels
-    ``(N,)`` (``-100`` ignored), chunk size, normalizer (a number or 0-dim tensor)."""
+    ``(N,)`` (``-100`` ignored), chunk size, normalizer (a number or 0-dim tensor), and the logit
+    transformation ``f(z) = softcap * tanh(scale * z / softcap)`` (``scale * z`` when ``softcap``
+    is None; see :class:`hf_seqpar.logits.LogitTransform`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int, normalizer):
+    def _logits(h, weight, bias, acc, scale, softcap):
+        """``(f(z), dz_factor)``: the transformed fp32 logits and ``d f / d z`` (None when constant)."""
+        z = F.linear(h, weight, bias).to(acc)
+        if scale != 1.0:
+            z = z * scale
+        if softcap is None:
+            return z, None
+        t = torch.tanh(z / softcap)
+        return t * softcap, (1.0 - t * t) * scale
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk: int, normalizer, scale: float = 1.0, softcap=None):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
         total = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -52,10 +68,10 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
                 h, y = hidden[start:start + chunk], labels[start:start + chunk]
                 if not bool((y != IGNORE_INDEX).any()):
                     continue
-                logits = F.linear(h, weight, bias).to(acc)
+                logits, _ = ChunkedLMHeadCrossEntropy._logits(h, weight, bias, acc, scale, softcap)
                 total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.chunk, ctx.normalizer = chunk, normalizer
+        ctx.chunk, ctx.normalizer, ctx.scale, ctx.softcap = chunk, normalizer, scale, softcap
         return total / normalizer
 
     @staticmethod
@@ -74,10 +90,13 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
                 if not bool(valid.any()):
                     continue
                 # d CE / d logits = softmax - onehot (0 for ignored tokens), times the upstream scale
-                g = torch.softmax(F.linear(h, weight, bias).to(acc), dim=-1)
+                logits, dz = ChunkedLMHeadCrossEntropy._logits(h, weight, bias, acc, ctx.scale, ctx.softcap)
+                g = torch.softmax(logits, dim=-1)
                 g[valid, y[valid]] -= 1.0
                 g[~valid] = 0.0
                 g *= scale
+                # chain rule through the logit transformation: d f / d z
+                g = g * dz if dz is not None else (g * ctx.scale if ctx.scale != 1.0 else g)
                 if grad_h is not None:
                     grad_h[start:start + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_w is not None:
@@ -86,11 +105,11 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
                     grad_b += g.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels: torch.Tensor, chunk: int,
-                    num_items_in_batch=None) -> torch.Tensor:
+                    num_items_in_batch=None, transform: LogitTransform | None = None) -> torch.Tensor:
     """Causal-LM loss of pre-shifted labels without materialising ``(tokens x vocab)`` logits.
 
     Args:
@@ -99,6 +118,7 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels
         shift_labels: ``(B, S)`` labels already shifted (label of token t+1 at t), ``-100`` ignored.
         chunk: tokens per chunk (``chunk x vocab`` fp32 logits live at a time).
         num_items_in_batch: the normaliser; default the number of labels that are not ``-100``.
+        transform: what the model does to ``lm_head``'s output (scaling, soft-capping); default none.
 
     Returns:
         The 0-dim fp32 loss ``sum CE / num_items_in_batch``.
@@ -118,7 +138,9 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels
         num_items_in_batch = num_items_in_batch.to(hidden.device, torch.float32)
     flat = hidden.reshape(-1, hidden.shape[-1])
     weight, bias = _local(lm_head.weight), _local(lm_head.bias)
-    return ChunkedLMHeadCrossEntropy.apply(flat, weight, bias, labels, int(chunk), num_items_in_batch)
+    transform = transform or LogitTransform()
+    return ChunkedLMHeadCrossEntropy.apply(flat, weight, bias, labels, int(chunk), num_items_in_batch,
+                                           float(transform.scale), transform.softcap)
 
 
 def _local(param):
@@ -131,19 +153,13 @@ def _local(param):
     return param
 
 
-def _check_chunkable(model) -> None:
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            raise ValueError(
-                f"{type(model).__name__} transforms its logits ({attr}={getattr(cfg, attr)}); the chunked loss "
-                "computes plain lm_head logits. Set loss_chunk_size: null for this model."
-            )
+def _check_chunkable(model) -> LogitTransform:
     if not hasattr(model, model.base_model_prefix) or model.get_output_embeddings() is None:
         raise TypeError(f"{type(model).__name__} is not a causal LM with a base model and an lm_head")
+    return logit_transform(model)
 
 
-def _chunked_forward(chunk: int):
+def _chunked_forward(chunk: int, transform: LogitTransform):
     """An instance ``forward`` for a ``*ForCausalLM`` model: the loss through the chunked function."""
 
     def forward(self, input_ids=None, labels=None, **kwargs: Any):
@@ -157,27 +173,60 @@ def _chunked_forward(chunk: int):
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         base = getattr(self, self.base_model_prefix)
         out = base(input_ids=input_ids, **kwargs)
-        loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items)
+        loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items,
+                               transform)
         if combines(seqpar):  # the exact SP loss: sum_local / N, summed over the SP group
             combine = getattr(self.loss_function, "combine", all_reduce_sum)  # the strategy's (see loss.py)
             loss = combine(loss, seqpar.state.sp_group, seqpar.state.counter)
-        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+        router_logits = getattr(out, "router_logits", None)
+        if not router_logits:
+            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
+                                          attentions=out.attentions)
+        # MoE: under SP the hook of hf_seqpar.moe adds the full sequence's aux loss to this output
+        aux = None
+        spec = moe.router_spec(self.config)
+        if seqpar is None and spec is not None:
+            mask = kwargs.get("attention_mask")
+            valid = mask.bool() if mask is not None else torch.ones(labels.shape, dtype=torch.bool)
+            aux = moe.load_balancing_loss(router_logits, valid, *spec)
+            loss = loss + self.config.router_aux_loss_coef * aux.to(loss.device)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None, router_logits=router_logits,
+                                         hidden_states=out.hidden_states, attentions=out.attentions)
 
     return forward
 
 
 def _tiled_mlp_forward(tiles: int):
     def forward(self, x):
+        run = lambda t: type(self).forward(self, t.contiguous())  # noqa: E731  (MLPs that .view their input)
         n = x.shape[-2]
         if n < 2 or tiles < 2:
             return type(self).forward(self, x)
-        pieces = torch.tensor_split(x, min(tiles, n), dim=-2)
-        run = lambda t: type(self).forward(self, t)  # noqa: E731
+        pieces = _tiles(x, tiles)
         if torch.is_grad_enabled():
             return torch.cat([checkpoint(run, p, use_reentrant=False) for p in pieces], dim=-2)
         return torch.cat([run(p) for p in pieces], dim=-2)
 
     return forward
+
+
+def _tiles(x, tiles: int) -> list:
+    """The sequence tiles of an MLP input ``(B, S, H)`` (views; made contiguous by the caller).
+
+    Megatron-SP hands the MLP the all-gathered sequence (a replicated DTensor of ``T`` equal
+    shards) and reduce-scatters its output along the sequence, so each tile's output comes back
+    as "this rank's 1/T of the tile". Tile ``j`` is therefore made of the ``j``-th piece of every
+    rank's shard: ``(B, T * s_j, H)`` whose reduce-scatter returns exactly this rank's ``j``-th
+    piece, and the concatenated tiles are this rank's shard in order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(x, DTensor):
+        return torch.tensor_split(x, min(tiles, x.shape[-2]), dim=-2)
+    world = x.device_mesh.size()
+    grouped = x.unflatten(-2, (world, x.shape[-2] // world))  # (B, T, S/T, H): rank r's shard at [:, r]
+    pieces = torch.tensor_split(grouped, min(tiles, grouped.shape[-2]), dim=-2)
+    return [p.flatten(-3, -2) for p in pieces]  # (B, T * s_j, H)
 
 
 def _offload_forward(inner):
@@ -188,6 +237,24 @@ def _offload_forward(inner):
             return inner(*args, **kwargs)
 
     return forward
+
+
+def check_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None):
+    """Check, without changing the model, that :func:`install_memory_features` can apply these
+    features (called before sequence parallelism is enabled, so a refusal leaves the model as it was).
+
+    Returns:
+        The model's :class:`~hf_seqpar.logits.LogitTransform` when ``loss_chunk_size`` is set, else None.
+
+    Raises:
+        ValueError, TypeError: as :func:`install_memory_features`.
+    """
+    for name, value in (("loss_chunk_size", loss_chunk_size), ("mlp_tiles", mlp_tiles)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if mlp_tiles and mlp_tiles > 1 and not any(n.endswith(".mlp") for n, _ in model.named_modules()):
+        raise TypeError(f"{type(model).__name__} has no `.mlp` modules to tile; set mlp_tiles: null")
+    return _check_chunkable(model) if loss_chunk_size else None
 
 
 def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None,
@@ -204,23 +271,18 @@ def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles
             (torch's checkpoint saves them through the saved-tensor hooks, reentrant or not).
 
     Raises:
-        ValueError: the model transforms its logits (soft-capping), or a size is not positive.
+        ValueError: the model transforms its logits in a way the chunked loss cannot reproduce
+            (see :func:`hf_seqpar.logits.logit_transform`), or a size is not positive.
         TypeError: not a causal LM with an lm_head.
     """
     remove_memory_features(model)
-    for name, value in (("loss_chunk_size", loss_chunk_size), ("mlp_tiles", mlp_tiles)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    transform = check_memory_features(model, loss_chunk_size, mlp_tiles)
     installed = []
     if loss_chunk_size:
-        _check_chunkable(model)
-        model.forward = types.MethodType(_chunked_forward(loss_chunk_size), model)
+        model.forward = types.MethodType(_chunked_forward(loss_chunk_size, transform), model)
         installed.append(model)
     if mlp_tiles and mlp_tiles > 1:
-        mlps = [m for n, m in model.named_modules() if n.endswith(".mlp")]
-        if not mlps:
-            raise TypeError(f"{type(model).__name__} has no `.mlp` modules to tile")
-        for m in mlps:
+        for m in [m for n, m in model.named_modules() if n.endswith(".mlp")]:
             m.forward = types.MethodType(_tiled_mlp_forward(mlp_tiles), m)
             installed.append(m)
     if offload_checkpoints:

@@ -23,7 +23,7 @@ def _device_type() -> str:
     return "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
 
 
-def build_mesh(sp_size: int, device_type: str | None = None) -> DeviceMesh:
+def build_mesh(sp_size: int, device_type: str | None = None, timeout: float | None = None) -> DeviceMesh:
     """Build the 2D ``("dp", "sp")`` mesh over all ranks of the default group.
 
     Consecutive ranks share an SP group (rank ``r`` is in SP group ``r // sp_size``), so on a
@@ -32,18 +32,43 @@ def build_mesh(sp_size: int, device_type: str | None = None) -> DeviceMesh:
     Args:
         sp_size: ranks per sequence; must divide the world size.
         device_type: ``"cpu"`` or ``"cuda"``; by default ``"cuda"`` under NCCL, else ``"cpu"``.
+        timeout: seconds a collective of the mesh's process groups may wait for the other ranks
+            before it fails; None keeps torch's default (the mesh's groups do not inherit the
+            default group's timeout).
 
     Returns:
         A ``DeviceMesh`` of shape ``(world // sp_size, sp_size)`` named ``("dp", "sp")``.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        ValueError: the world size is not a multiple of ``sp_size``.
+        ValueError: the world size is not a multiple of ``sp_size``, or ``timeout`` is given for a
+            backend other than gloo and NCCL.
     """
     require_distributed()
     world = dist.get_world_size()
     SequenceParallelConfig(sp_size=sp_size).validate(world)
-    return init_device_mesh(device_type or _device_type(), (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    override = None
+    if timeout is not None:
+        options = _backend_options(timeout)
+        override = {"dp": options, "sp": options}
+    return init_device_mesh(device_type or _device_type(), (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"),
+                            backend_override=override)
+
+
+def _backend_options(timeout: float):
+    """Process-group options of the default backend with ``timeout`` seconds."""
+    from datetime import timedelta
+
+    backend = str(dist.get_backend())
+    if "nccl" in backend:
+        options = dist.ProcessGroupNCCL.Options()
+    elif backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    else:
+        raise ValueError(f"a collective timeout is supported with the gloo and nccl backends, not {backend!r}; "
+                         "set collective_timeout_s: null")
+    options._timeout = timedelta(seconds=timeout)
+    return options
 
 
 def require_distributed() -> None:
@@ -84,6 +109,9 @@ class SeqParState:
     ``gather_sequence`` when no layout is given."""
     features: Any = None
     """The model's :class:`~hf_seqpar.features.AttentionFeatures`, read at enable time."""
+    hooks: list = field(default_factory=list)
+    """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
+    of the full sequence, :mod:`hf_seqpar.moe`); removed by ``disable_sequence_parallel``."""
     strategy_state: dict = field(default_factory=dict)
     """What a strategy's ``apply`` builds for itself and its ``remove`` needs (the hybrid
     strategy's 3D mesh; Megatron-SP's hooks and weight re-layouts)."""

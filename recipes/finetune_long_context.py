@@ -337,7 +337,8 @@ def main(argv=None) -> None:
         # CPU ranks started by `accelerate launch` (MULTI_GPU config -> torchrun): tell accelerate to
         # run them as MULTI_CPU on gloo; without it each process would think it is alone
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    # the plugin's collective_timeout_s (if set) bounds how long a collective waits for a stuck rank
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, **plugin.accelerator_kwargs())
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // accelerator.num_processes))
     main_proc = accelerator.is_main_process

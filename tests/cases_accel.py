@@ -40,14 +40,19 @@ def _fresh_accelerator(**kwargs):
 def _params_err(model, reference) -> float:
     ref = dict(hf_seqpar.mesh.unwrap_model(reference).named_parameters())
     worst = 0.0
-    for name, p in hf_seqpar.mesh.unwrap_model(model).named_parameters():
+    from hf_seqpar.strategies.megatron import full_tensor
+
+    base = hf_seqpar.mesh.unwrap_model(model)
+    for name, p in base.named_parameters():
         r = ref[name]
+        p = full_tensor(base, name, p.detach())  # Megatron-SP: the whole tensor (a collective)
         worst = max(worst, float((p.detach() - r.detach()).abs().max() / r.detach().abs().max().clamp_min(1e-12)))
     return worst
 
 
 def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
-                      plugin_kw: dict | None = None, parallelism_config: dict | None = None) -> dict:
+                      plugin_kw: dict | None = None, parallelism_config: dict | None = None,
+                      mixed_precision: str | None = None) -> dict:
     """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
     unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
 
@@ -55,12 +60,18 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     state (what a GPU run gets from ``Accelerator(parallelism_config=...)``; on CPU accelerate
     refuses them at construction, so they are set afterwards); ``sp_size`` is then the expected size.
 
+    With ``mixed_precision="bf16"`` the Accelerator runs the SP model under bf16 autocast (fp32
+    weights); the reference is trained twice, in fp32 and under the same autocast, so the SP
+    error can be judged against the unsharded model's own bf16 error.
+
     Returns:
         ``{"param": worst relative parameter error, "loss": worst relative loss error, "steps": n,
-        "strategy": the strategy that ran, "sp_size": its SP degree}``, or ``{"error": message}``
-        when ``prepare_sequence_parallel`` raises ValueError.
+        "strategy": the strategy that ran, "sp_size": its SP degree}`` against the fp32 reference,
+        plus ``"param_lowp"``/``"loss_lowp"`` (the autocast reference against the fp32 one) with
+        ``mixed_precision``, or ``{"error": message}`` when ``prepare_sequence_parallel`` raises
+        ValueError.
     """
-    accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum)
+    accelerator = _fresh_accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
     if parallelism_config is not None:
         from accelerate.parallelism_config import ParallelismConfig
 
@@ -69,10 +80,9 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     dp = world // (sp_size or world)
     data = rows(steps * grad_accum * dp * batch_size)
     model = tiny_model(heads=4, kv_heads=2)
-    reference = copy.deepcopy(model)
+    initial = copy.deepcopy(model)
     # SGD: parameters move by exactly lr x gradient, so parameter errors are gradient errors
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     plugin = hf_seqpar.SequenceParallelPlugin(**{"sp_size": None if parallelism_config else sp_size, **(plugin_kw or {})})
     try:
@@ -95,19 +105,32 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     # reference: global batch j of the loader goes to replica j % dp (accelerate's batch sharding)
     full = list(loader)
     dp_rank = hf_seqpar.find_state(model).mesh.get_local_rank("dp")
-    ref_losses = []
-    for step in range(steps):
-        for micro in range(grad_accum):
-            for r in range(dp):
-                out = reference(**full[(step * grad_accum + micro) * dp + r], use_cache=False)
-                (out.loss / (grad_accum * dp)).backward()
-                if r == dp_rank:
-                    ref_losses.append(out.loss.item())
-        ref_opt.step()
-        ref_opt.zero_grad()
-    loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    result = {"param": _params_err(model, reference), "loss": loss_err, "steps": len(losses) // grad_accum,
-              "strategy": state.strategy.name, "sp_size": state.sp_size}
+
+    def train_reference(autocast: bool):
+        reference = copy.deepcopy(initial)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+        ref_losses = []
+        for step in range(steps):
+            for micro in range(grad_accum):
+                for r in range(dp):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        out = reference(**full[(step * grad_accum + micro) * dp + r], use_cache=False)
+                    (out.loss / (grad_accum * dp)).backward()
+                    if r == dp_rank:
+                        ref_losses.append(out.loss.item())
+            ref_opt.step()
+            ref_opt.zero_grad()
+        return reference, ref_losses
+
+    def loss_err(a, b):
+        return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+    reference, ref_losses = train_reference(False)
+    result = {"param": _params_err(model, reference), "loss": loss_err(losses, ref_losses),
+              "steps": len(losses) // grad_accum, "strategy": state.strategy.name, "sp_size": state.sp_size}
+    if mixed_precision:
+        low, low_losses = train_reference(True)
+        result.update(param_lowp=_params_err(low, reference), loss_lowp=loss_err(low_losses, ref_losses))
     hf_seqpar.disable_sequence_parallel(model)
     return result
 

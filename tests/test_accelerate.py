@@ -43,6 +43,30 @@ def test_memory_features_keep_gradients_exact(pool2):
     _check(pool2.run(cases_accel.accelerate_parity, steps=2, grad_accum=1, plugin_kw=plugin_kw))
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "megatron"])
+def test_accelerator_bf16_mixed_precision(pool2, strategy):
+    """Accelerator(mixed_precision="bf16") (bf16 autocast over fp32 weights) through
+    prepare_sequence_parallel: after 2 SGD steps the SP parameters are no further from the fp32
+    unsharded training than 3x the unsharded bf16-autocast training is (see test_matrix.MP_FACTOR
+    for why 3), plus a floor of 1e-6 relative (fp32 noise where autocast changes nothing)."""
+    results = pool2.run(cases_accel.accelerate_parity, steps=2, grad_accum=1, mixed_precision="bf16",
+                        plugin_kw=dict(strategy=strategy))
+    for rank, r in enumerate(results):
+        assert r["param_lowp"] > 1e-4, r  # autocast really ran (bf16 rounding is visible)
+        assert r["param"] <= 3.0 * r["param_lowp"] + 1e-6, (rank, r)
+        assert r["loss"] <= 3.0 * r["loss_lowp"] + 1e-4, (rank, r)
+
+
+def test_hybrid_mixed_precision_on_4_ranks(pool4):
+    """Hybrid (ulysses 2 x ring 2) under bf16 autocast and with bf16 weights (test_matrix criteria)."""
+    from cases_matrix import mixed_precision_parity
+    from test_matrix import check_mixed_precision
+
+    for precision in ("autocast", "bf16"):
+        check_mixed_precision(pool4.run(mixed_precision_parity, "hybrid", precision, ulysses_size=2,
+                                        batch_kw=dict(kind="padding")))
+
+
 def test_fsdp2_sharded_sp_model_matches_unsharded(pool2):
     """The SP model under torch's FSDP2 ``fully_shard`` (accelerate's FSDP2 path) stays exact."""
     _check(pool2.run(cases_accel.fsdp2_parity))
@@ -88,6 +112,7 @@ def test_plugin_yaml_round_trip_and_env(tmp_path, monkeypatch):
     ("layout: diagonal\n", ["layout", "zigzag"]),
     ("offload_checkpoints: true\n", ["gradient_checkpointing"]),
     ("sp_size: 4\nulysses_size: 3\n", ["ulysses_size=3", "sp_size=4"]),
+    ("collective_timeout_s: 0\n", ["collective_timeout_s", "positive"]),
     ("- 1\n- 2\n", ["mapping"]),
 ])
 def test_plugin_rejects_bad_config(tmp_path, text, words):

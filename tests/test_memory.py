@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import cases
+import cases_matrix
+from hf_seqpar.logits import LogitTransform, logit_transform
 from hf_seqpar.memory import ChunkedLMHeadCrossEntropy, install_memory_features, remove_memory_features
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -123,3 +125,59 @@ def test_chunked_loss_lowers_peak_memory_per_rank():
     logits_mib = 1024 * 128256 * 4 / 2**20  # one rank's fp32 logits
     for rank in range(2):
         assert got["plain"][rank] - got["chunked"][rank] >= logits_mib, (got, logits_mib)
+
+
+@pytest.mark.parametrize("scale, softcap", [(1 / 3, None), (0.3, 2.0), (1.0, 1.5)])
+def test_chunked_function_with_logit_transformation(scale, softcap):
+    """scale and soft-capping in the chunked function match the transformed plain logits (fp64)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (23,), generator=g)
+    y[::4] = -100
+    z = torch.nn.functional.linear(h, w) * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    ref = torch.nn.functional.cross_entropy(z, y, ignore_index=-100, reduction="sum") / 30.0
+    ref_grads = torch.autograd.grad(ref, [h, w])
+    got = ChunkedLMHeadCrossEntropy.apply(h, w, None, y, 6, 30.0, scale, softcap)
+    got_grads = torch.autograd.grad(got, [h, w])
+    assert abs(float(got - ref)) <= 1e-12 * abs(float(ref))
+    for a, r in zip(got_grads, ref_grads):
+        assert _rel(a, r) <= 1e-12
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama", LogitTransform()),
+    ("granite", LogitTransform(scale=1 / 3.0)),
+    ("cohere", LogitTransform(scale=0.3)),
+    ("gemma2", LogitTransform(softcap=2.0)),
+])
+def test_logit_transform_is_read_from_the_forward(family, expected):
+    got = logit_transform(cases_matrix.matrix_model(family))
+    assert got.softcap == expected.softcap and abs(got.scale - expected.scale) <= 1e-12, got
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "mixtral", "qwen3_moe"])
+def test_memory_features_match_plain_model_across_families(family):
+    """Chunked loss (with the family's logit transformation, and the MoE aux loss) and tiled MLP
+    with B = 2 (MoE blocks `.view` their input) against the family's own forward."""
+    model = cases_matrix.matrix_model(family)
+    reference = copy.deepcopy(model)
+    batch = cases.make_batch("padding", bsz=2)
+    ref = reference(**batch, use_cache=False)
+    ref.loss.backward()
+    install_memory_features(model, loss_chunk_size=5, mlp_tiles=3)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-6 * float(ref.loss)
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert _rel(p.grad, ref_params[name].grad) <= 1e-5, name
+
+
+def test_unknown_logit_transformation_is_refused_naming_the_statement():
+    model = cases_matrix.matrix_model("biased_logits")
+    with pytest.raises(ValueError, match=r"`logits = logits \+ 0.5`.*loss_chunk_size: null"):
+        install_memory_features(model, loss_chunk_size=5)
+    assert "forward" not in model.__dict__
