@@ -52,16 +52,10 @@ def test_chunked_function_all_ignored_is_zero_not_nan():
     assert float(loss) == 0.0 and float(h.grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("features", [
-    dict(loss_chunk_size=5),
-    dict(mlp_tiles=4),
-    dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True),
-])
-@pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
-def test_memory_features_match_plain_model(features, checkpointing):
-    model = cases.tiny_model(heads=4, kv_heads=2)
+def _check_features_match_plain(model, batch, checkpointing=None, **features):
+    """Install ``features`` (and optionally checkpointing) on ``model`` and compare loss (1e-6
+    relative) and every gradient (1e-5 relative) with a plain copy taken before."""
     reference = copy.deepcopy(model)
-    batch = cases.make_batch("padding")
     ref = reference(**batch, use_cache=False)
     ref.loss.backward()
     if checkpointing:
@@ -73,6 +67,18 @@ def test_memory_features_match_plain_model(features, checkpointing):
     ref_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         assert _rel(p.grad, ref_params[name].grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("features", [
+    dict(loss_chunk_size=5),
+    dict(mlp_tiles=4),
+    dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True),
+])
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
+def test_memory_features_match_plain_model(features, checkpointing):
+    model = cases.tiny_model(heads=4, kv_heads=2)
+    batch = cases.make_batch("padding")
+    _check_features_match_plain(model, batch, checkpointing, **features)
     remove_memory_features(model)
     assert "forward" not in model.__dict__ and all("forward" not in m.__dict__ for m in model.modules())
     assert model(**batch, use_cache=False).logits is not None  # the class forward again
@@ -162,18 +168,8 @@ def test_logit_transform_is_read_from_the_forward(family, expected):
 def test_memory_features_match_plain_model_across_families(family):
     """Chunked loss (with the family's logit transformation, and the MoE aux loss) and tiled MLP
     with B = 2 (MoE blocks `.view` their input) against the family's own forward."""
-    model = cases_matrix.matrix_model(family)
-    reference = copy.deepcopy(model)
-    batch = cases.make_batch("padding", bsz=2)
-    ref = reference(**batch, use_cache=False)
-    ref.loss.backward()
-    install_memory_features(model, loss_chunk_size=5, mlp_tiles=3)
-    out = model(**batch, use_cache=False)
-    out.loss.backward()
-    assert abs(float(out.loss) - float(ref.loss)) <= 1e-6 * float(ref.loss)
-    ref_params = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        assert _rel(p.grad, ref_params[name].grad) <= 1e-5, name
+    _check_features_match_plain(cases_matrix.matrix_model(family), cases.make_batch("padding", bsz=2),
+                                loss_chunk_size=5, mlp_tiles=3)
 
 
 def test_unknown_logit_transformation_is_refused_naming_the_statement():
