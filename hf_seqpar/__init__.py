@@ -9,15 +9,15 @@ The public API::
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
 """
 
-from .accelerate import SequenceParallelPlugin, prepare_sequence_parallel
-from .api import disable_sequence_parallel, enable_sequence_parallel
-from .comm import CommCounter
-from .config import SequenceParallelConfig
-from .layout import Layout
-from .mesh import SeqParState, build_mesh, find_state
-from .sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
-from .strategies import STRATEGIES
-from .strategies.ulysses import HeadsNotDivisibleError
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_sequence_parallel
+from hf_seqpar.api import disable_sequence_parallel, enable_sequence_parallel
+from hf_seqpar.core.comm import CommCounter
+from hf_seqpar.config import SequenceParallelConfig
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.mesh import SeqParState, build_mesh, find_state
+from hf_seqpar.core.sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
+from hf_seqpar.strategies import STRATEGIES
+from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in ("SequenceParallelTrainer", "SequenceParallelMixin"):  # imported on first use: transformers.Trainer
-        from . import trainer  # is slow to import
+        from hf_seqpar.integrations import trainer  # is slow to import
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")

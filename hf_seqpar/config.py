@@ -1,30 +1,57 @@
-"""Typed, validated configuration of sequence parallelism."""
+"""The one configuration of sequence parallelism: strategy, degrees and typed strategy options.
+
+:class:`SequenceParallelConfig` is what ``enable_sequence_parallel`` builds from its keywords, and
+the base of the Accelerate plugin (:class:`hf_seqpar.integrations.accelerate.SequenceParallelPlugin`
+adds the memory features). It is validated once, by :meth:`SequenceParallelConfig.validate`; the
+strategy named picks the options it takes into its own typed ``Options`` dataclass
+(:meth:`hf_seqpar.strategies.base.Strategy.options_from`), and refuses those it does not take.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
-__all__ = ["SequenceParallelConfig", "CHECK_BATCH_MODES"]
+from hf_seqpar.core.layout import LAYOUT_MULTIPLE
+from hf_seqpar.core.mesh import check_positive_int, check_sp_size
+from hf_seqpar.strategies import AUTO, STRATEGIES, strategy_class
+from hf_seqpar.strategies.base import STRATEGY_OPTION_FIELDS
+
+__all__ = ["SequenceParallelConfig", "CHECK_BATCH_MODES", "LAYOUTS", "STRATEGY_OPTION_FIELDS"]
 
 CHECK_BATCH_MODES = ("first", "always", "never")
+#: Sequence layouts (``hf_seqpar.core.layout``) the ring-based strategies take.
+LAYOUTS = tuple(LAYOUT_MULTIPLE)
 
 
 @dataclass
 class SequenceParallelConfig:
     """How a model is split along the sequence.
 
-    Build one directly or let :func:`hf_seqpar.enable_sequence_parallel` build it from its
-    keyword arguments. :meth:`validate` checks everything that can be checked without a
-    model; :mod:`hf_seqpar.strategies` checks what depends on the model (head counts).
+    Build one directly, or let :func:`hf_seqpar.enable_sequence_parallel` build it from its keyword
+    arguments. :meth:`validate` checks everything that can be checked without a model; the
+    strategy checks what depends on the model (head counts) before the model is changed.
     """
 
     strategy: str = "ulysses"
-    """Name of the strategy (see ``hf_seqpar.strategies.STRATEGIES``), or ``"auto"`` to pick
-    ulysses, hybrid or ring from the model's head counts."""
+    """Name of the strategy (a key of ``hf_seqpar.strategies.STRATEGIES``: ``ulysses``, ``ring``,
+    ``hybrid``, ``megatron``), or ``"auto"`` to pick ulysses, hybrid or ring from the model's head
+    counts (the choice is logged)."""
 
     sp_size: int | None = None
-    """Ranks that share one sequence. ``None`` means the whole world. The world size must be a
-    multiple of it; the quotient is the data-parallel degree (mesh ``dp x sp``)."""
+    """Ranks that share one sequence. ``None`` means the whole world (or the mesh's ``sp``
+    dimension). The world size must be a multiple of it; the quotient is the data-parallel degree."""
+
+    ulysses_size: int | None = None
+    """``hybrid`` only: ranks of the Ulysses (all-to-all) dimension inside each SP group; the rest of
+    the group is the ring. None: the largest degree the query heads allow."""
+
+    layout: str | None = None
+    """``ring`` and ``hybrid`` only: ``"zigzag"`` (balanced causal work; the default when None) or
+    ``"contiguous"``."""
+
+    backend: str | None = None
+    """``ring`` and ``hybrid`` only: the block-attention kernel, a name of
+    ``hf_seqpar.kernels.BACKENDS``; None picks one for the device and dtype."""
 
     check_batch: str = "first"
     """When ``shard_batch`` verifies (with one tiny all-gather) that every rank of the SP group
@@ -33,46 +60,51 @@ class SequenceParallelConfig:
 
     count_comm: bool = False
     """Count the bytes sent by every collective, per operation and per layer, on
-    ``state.counter`` (see :class:`hf_seqpar.comm.CommCounter`). Off by default."""
-
-    options: dict = field(default_factory=dict)
-    """Strategy-specific options, passed through ``**options`` of ``enable_sequence_parallel``;
-    each strategy rejects the options it does not know."""
+    ``state.counter`` (see :class:`hf_seqpar.core.comm.CommCounter`). Off by default."""
 
     def validate(self, world_size: int | None = None) -> "SequenceParallelConfig":
-        """Check the fields and, when ``world_size`` is given, resolve ``sp_size``.
+        """Check every field and, when ``world_size`` is given, resolve ``sp_size``.
 
         Args:
-            world_size: number of ranks in the default process group.
+            world_size: ranks the SP mesh spans (the world, or the given mesh's size).
 
         Returns:
-            ``self`` (with ``sp_size`` filled in when it was None and ``world_size`` is given).
+            ``self`` (``sp_size`` filled in when it was None and ``world_size`` is given).
 
         Raises:
-            ValueError: a field is out of range; the message gives the numbers and the fix.
+            ValueError: a field is out of range, or the strategy does not take an option that is
+                set; the message gives the numbers and the fix.
         """
-        from .strategies import AUTO, STRATEGIES  # late import: strategies import config
+        if self.strategy != AUTO:
+            strategy_class(self.strategy)  # unknown names: the message lists the valid ones
+        for name in ("sp_size", "ulysses_size"):
+            check_positive_int(name, getattr(self, name))
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}; use 'zigzag' (balanced causal work) or 'contiguous' "
+                             "(or None for the strategy's default)")
+        if self.backend is not None:
+            from hf_seqpar.kernels import BACKENDS
 
-        if self.strategy not in STRATEGIES and self.strategy != AUTO:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} "
-                f"(or {AUTO!r})"
-            )
+            if self.backend not in BACKENDS:
+                raise ValueError(f"backend={self.backend!r}; valid attention backends: {sorted(BACKENDS)} "
+                                 "(or None to pick one for the device and dtype)")
         if self.check_batch not in CHECK_BATCH_MODES:
-            raise ValueError(f"check_batch={self.check_batch!r}; use one of {CHECK_BATCH_MODES}")
-        if self.sp_size is not None and (not isinstance(self.sp_size, int) or self.sp_size < 1):
-            raise ValueError(f"sp_size must be a positive integer or None, got {self.sp_size!r}")
+            raise ValueError(f"check_batch={self.check_batch!r}; use one of {list(CHECK_BATCH_MODES)}")
+        if not isinstance(self.count_comm, bool):
+            raise ValueError(f"count_comm must be True or False, got {self.count_comm!r}")
+        if self.ulysses_size is not None and self.sp_size is not None and self.sp_size % self.ulysses_size:
+            raise ValueError(f"ulysses_size={self.ulysses_size} must divide sp_size={self.sp_size}")
+        if self.strategy != AUTO:
+            STRATEGIES[self.strategy].options_from(self)  # options the strategy does not take
         if world_size is not None:
             if self.sp_size is None:
                 self.sp_size = world_size
-            if world_size % self.sp_size:
-                divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-                raise ValueError(
-                    f"world size {world_size} is not a multiple of sp_size={self.sp_size}: the ranks "
-                    f"must split evenly into data-parallel replicas of sp_size ranks each. Use an "
-                    f"sp_size in {divisors}, or launch a multiple of {self.sp_size} processes."
-                )
+            check_sp_size(world_size, self.sp_size)
         return self
+
+    def set_options(self) -> dict:
+        """The strategy options that are set (not None), by field name."""
+        return {k: getattr(self, k) for k in STRATEGY_OPTION_FIELDS if getattr(self, k) is not None}
 
     def to_dict(self) -> dict:
         """A plain dict of the fields (for logging and YAML)."""

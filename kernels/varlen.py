@@ -12,7 +12,7 @@ largest band tile.
 The backward of each piece is the flash backward with the rows' *final* out/lse, which gives
 the piece's exact share of dq and its exact dk/dv (as for ring attention).
 
-Who builds pieces: :mod:`hf_seqpar.segments` (from the batch's segments and the sequence
+Who builds pieces: :mod:`hf_seqpar.core.segments` (from the batch's segments and the sequence
 layout). This module knows nothing of transformers or process groups.
 """
 
@@ -63,10 +63,10 @@ def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, wind
               device=None) -> torch.Tensor:
     """Bool ``(1, 1, nq, nk)``: which keys each query of a tile may see, from global indices.
 
-    The rule is the one of every path, :func:`hf_seqpar.masks.window_visible`: causal ``k <= q``
+    The rule is the one of every path, :func:`hf_seqpar.core.masks.window_visible`: causal ``k <= q``
     and, with a window, ``k > q - window``; bidirectional windows ``|q - k| < window``.
     """
-    from hf_seqpar.masks import window_visible
+    from hf_seqpar.core.masks import window_visible
 
     q = torch.arange(q_global, q_global + nq, device=device)[:, None]
     k = torch.arange(k_global, k_global + nk, device=device)[None, :]

@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from hf_seqpar.strategies.tp_styles import HeadNorm, ReplicatedProjection
+from hf_seqpar.tp.styles import HeadNorm, ReplicatedProjection
 
 from .plan import MegatronPlan
 

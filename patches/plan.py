@@ -12,7 +12,7 @@ class MegatronPlan:
     """Which torch ``ParallelStyle`` goes on which module of a causal LM.
 
     The styles come from ``torch.distributed.tensor.parallel`` (plus the two in
-    :mod:`hf_seqpar.strategies.tp_styles`); ``parallelize_module`` applies them.
+    :mod:`hf_seqpar.tp.styles`); ``parallelize_module`` applies them.
     """
 
     model_plan: dict

@@ -35,7 +35,7 @@ def _rank(rank, world, port, args, mode, queue):
                          attn_implementation="sdpa", use_cache=False, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=args.chunk if mode == "chunked" else None)
-    hf_seqpar.accelerate.prepare_model(model, plugin)
+    hf_seqpar.integrations.accelerate.prepare_model(model, plugin)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(1))
     out = model(**hf_seqpar.shard_batch({"input_ids": ids, "labels": ids}, model))
     out.loss.backward()

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_seqpar
-from hf_seqpar.data import pack_documents
-from hf_seqpar.strategies.megatron import average_gradients_over_dp
+from hf_seqpar.core.data import pack_documents
+from hf_seqpar.tp import average_gradients_over_dp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def stdlib_documents(max_docs: int = 400) -> list[bytes]:
 
 
 def packed_rows(docs: list[bytes], seq_len: int):
-    """Batches of one packed row (see :func:`hf_seqpar.data.pack_documents`)."""
+    """Batches of one packed row (see :func:`hf_seqpar.core.data.pack_documents`)."""
     for row in pack_documents(docs, seq_len):
         yield {k: v[None] for k, v in row.items()}
 
@@ -65,13 +65,14 @@ def main(argv=None) -> None:
     model = LlamaForCausalLM(config).to(device)
     hf_seqpar.enable_sequence_parallel(model, args.strategy, args.sp_size)
     state = hf_seqpar.find_state(model)
-    # Megatron-SP: every SP rank already holds the exact gradient (DTensors); average over dp only
-    megatron = args.strategy == "megatron"
-    ddp = model if megatron else DistributedDataParallel(model)
+    # tensor-parallel strategies (Megatron-SP): every SP rank already holds the exact gradient
+    # (DTensors, which DDP cannot wrap); average over dp only
+    sharded = state.strategy.shards_parameters
+    ddp = model if sharded else DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     # every SP group gets the same rows; data-parallel replicas take every dp_size-th row
-    dp_size, dp_rank = state.mesh.size(0), state.mesh.get_local_rank("dp")
+    dp_size, dp_rank = state.dp_size, state.dp_rank
     rows = (r for i, r in enumerate(packed_rows(stdlib_documents(), args.seq_len)) if i % dp_size == dp_rank)
     if rank == 0:
         print(f"hf_seqpar demo: {dist.get_world_size()} ranks ({backend}), strategy={args.strategy}, "
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         out = ddp(**hf_seqpar.shard_batch(batch, model))
         out.loss.backward()
-        if megatron:
+        if sharded:
             average_gradients_over_dp(model)
         opt.step()
         opt.zero_grad(set_to_none=True)

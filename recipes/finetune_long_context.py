@@ -32,6 +32,7 @@ Python's own standard-library sources as the corpus.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 import hf_seqpar
-from hf_seqpar.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
+from hf_seqpar.integrations.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_data as data  # noqa: E402  (the recipe's data module, next to this file)
@@ -153,8 +154,7 @@ def validate(args, plugin) -> str | None:
     Raises:
         SystemExit: a bad option or world size (the message names it and the fix).
     """
-    from hf_seqpar.config import SequenceParallelConfig
-    from hf_seqpar.strategies import AUTO, choose_strategy, get_strategy
+    from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
 
     for name in ("max_seq_len", "max_steps", "batch_size", "grad_accum", "max_docs", "lora_r", "lora_alpha"):
         if getattr(args, name) < 1:
@@ -174,17 +174,16 @@ def validate(args, plugin) -> str | None:
         _fail(f"--warmup-steps {args.warmup_steps} exceeds --max-steps {args.max_steps}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        sp = SequenceParallelConfig(plugin.strategy, plugin.sp_size).validate(world).sp_size
-        if plugin.strategy != AUTO:
-            get_strategy(plugin.strategy)
+        sp = dataclasses.replace(plugin).validate(world).sp_size
         config = model_config(args, None) if args.model is None else _hub_config(args.model)
         name = choose_strategy(config, sp)[0] if plugin.strategy == AUTO else plugin.strategy
-        get_strategy(name).check_model(config, sp, plugin.strategy_options() if plugin.strategy != AUTO else {})
+        cls = STRATEGIES[name]
+        cls.check_model(config, sp, cls.options_from(dataclasses.replace(plugin, strategy=name)))
     except (ValueError, NotImplementedError) as e:
         _fail(f"{world} launched rank(s), SP config {args.sp_config or os.environ.get(SP_CONFIG_ENV) or 'defaults'}: {e}")
-    if plugin.strategy == "megatron" and args.save_every:
-        _fail("--save-every with strategy megatron is not supported by this recipe (its DTensor weights are not "
-              "saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs")
+    if cls.shards_parameters and args.save_every:
+        _fail(f"--save-every with strategy {name} is not supported by this recipe (its tensor-parallel DTensor "
+              "weights are not saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs")
     ckpt = find_checkpoint(args)
     if ckpt is not None:
         with open(os.path.join(ckpt, STATE_FILE)) as f:

@@ -12,13 +12,14 @@ the one-process SFTTrainer. ``--lora`` trains a LoRA adapter instead of the full
 Data: ``--dataset`` is a local .jsonl/.json/.parquet/.csv/.txt file with a ``text`` column, or
 ``messages`` (chat, needs a tokenizer with a chat template), or ``prompt``/``completion``
 (loss on the completion only). Without ``--dataset``/``--model`` it runs offline: Python's
-standard-library sources as text, a byte-level tokenizer (``hf_seqpar.data.byte_tokenizer``) and
+standard-library sources as text, a byte-level tokenizer (``hf_seqpar.core.data.byte_tokenizer``) and
 a tiny Llama-style model built from a config.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sysconfig
@@ -76,7 +77,7 @@ def load_dataset_(args):
 def build_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hf_seqpar.data import byte_tokenizer
+    from hf_seqpar.core.data import byte_tokenizer
 
     torch.manual_seed(args.seed)
     if args.model is None:
@@ -94,8 +95,7 @@ def build_model(args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    from hf_seqpar.accelerate import SequenceParallelPlugin
-    from hf_seqpar.config import SequenceParallelConfig
+    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
 
     plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
     if plugin.loss_chunk_size is not None:
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                          "loss with its own fused, chunked LM head; use an SP config with loss_chunk_size: null "
                          "(or none: Ulysses over all ranks).")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    SequenceParallelConfig(plugin.strategy, plugin.sp_size or world).validate(world)
+    dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
 
     from trl import SFTConfig, SFTTrainer
     from transformers import TrainerCallback
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
                            peft_config=peft_config, sp_plugin=plugin, callbacks=[PrintMetrics()])
     state = trainer.sp_state
     if trainer.is_world_process_zero():
-        print(f"strategy={plugin.strategy} sp_size={state.mesh.size(1)} dp_size={state.mesh.size(0)} "
+        print(f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={state.dp_size} "
               f"packing={args.packing} lora={args.lora}", flush=True)
     trainer.train()
     trainer.save_model(args.output_dir)

@@ -112,7 +112,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict | None = None,
            batch_kw: dict | None = None, lora: bool = False, mode: str = "train", checkpointing=False,
-           ddp: bool = False, options: dict | None = None) -> dict:
+           ddp: bool = False, options: dict | None = None, mesh_dims: tuple | None = None) -> dict:
     """Run one parity case on this rank; return the errors against the unsharded model.
 
     Args:
@@ -120,6 +120,8 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         checkpointing: False, True (``gradient_checkpointing_enable()`` as users call it) or
             ``"reentrant"``.
         ddp: wrap the SP model in ``DistributedDataParallel`` and let it average the gradients.
+        mesh_dims: ``((name, size), ...)``: run on a user mesh of these named dimensions (over all
+            ranks, in this order) instead of the ``("dp", "sp")`` mesh hf_seqpar builds.
 
     Returns:
         ``{"loss": rel, "logits": rel, "grad": worst rel, "grad_param": name, "n_grads": count}``.
@@ -135,7 +137,13 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     elif checkpointing:
         model.gradient_checkpointing_enable()
-    enable = lambda m: hf_seqpar.enable_sequence_parallel(m, strategy, sp_size, **(options or {}))  # noqa: E731
+    mesh = None
+    if mesh_dims is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", tuple(s for _, s in mesh_dims), mesh_dim_names=tuple(n for n, _ in mesh_dims))
+    enable = lambda m: hf_seqpar.enable_sequence_parallel(m, strategy, sp_size, mesh=mesh,  # noqa: E731
+                                                         **(options or {}))
     wrap = torch.nn.parallel.DistributedDataParallel if ddp else None
     reference, ref, local, out, result = run_pair(model, batch, mode, enable, wrap)
     if mode == "train":
@@ -286,7 +294,7 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
                        if "seqpar" in batch else local["seqpar"].layout.shard(local["seqpar"].positions,
                                                                               state.sp_rank))
     model(**local).loss.backward()
-    u = state.strategy_state.get("ulysses_size", 1)
+    u = getattr(state.strategy, "ulysses_size", 1)
     ring = state.sp_size // u
     bsz, n_local = local["input_ids"].shape
     head_dim = model.config.hidden_size // heads
@@ -305,9 +313,9 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
 
 def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None, heads: int = 4,
                        kv_heads: int = 2) -> dict:
-    """Saved activation bytes and counted traffic of one step, next to :mod:`hf_seqpar.theory`."""
-    from hf_seqpar.bench import _backward_meter, saved_activation_bytes
-    from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
+    """Saved activation bytes and counted traffic of one step, next to :mod:`hf_seqpar.tools.theory`."""
+    from hf_seqpar.tools.bench import _backward_meter, saved_activation_bytes
+    from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
 
     model = tiny_model(heads=heads, kv_heads=kv_heads)
     shape = ModelShape.from_config(model.config)
@@ -331,3 +339,15 @@ def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None
            "theory_comm": comm_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u)["total"]}
     hf_seqpar.disable_sequence_parallel(model)
     return out
+
+
+def mesh_without_sp() -> str:
+    """The error ``enable_sequence_parallel`` raises for a user mesh with no ``"sp"`` dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
+    try:
+        hf_seqpar.enable_sequence_parallel(tiny_model(), "ulysses", mesh=mesh)
+    except ValueError as e:
+        return str(e)
+    return "no error"

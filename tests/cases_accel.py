@@ -38,11 +38,11 @@ def _fresh_accelerator(**kwargs):
 
 
 def _params_err(model, reference) -> float:
-    ref = dict(hf_seqpar.mesh.unwrap_model(reference).named_parameters())
+    ref = dict(hf_seqpar.core.mesh.unwrap_model(reference).named_parameters())
     worst = 0.0
-    from hf_seqpar.strategies.megatron import full_tensor
+    from hf_seqpar.tp import full_tensor
 
-    base = hf_seqpar.mesh.unwrap_model(model)
+    base = hf_seqpar.core.mesh.unwrap_model(model)
     for name, p in base.named_parameters():
         r = ref[name]
         p = full_tensor(base, name, p.detach())  # Megatron-SP: the whole tensor (a collective)
@@ -143,7 +143,7 @@ def fsdp2_parity(steps: int = 3) -> dict:
     model = tiny_model(heads=4, kv_heads=2)
     reference = copy.deepcopy(model)
     plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=5)
-    hf_seqpar.accelerate.prepare_model(model, plugin)
+    hf_seqpar.integrations.accelerate.prepare_model(model, plugin)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -230,7 +230,7 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
     with torch.no_grad():
         ev = [weighted_loss(eval_batches[e:e + dp], False) for e in range(0, len(eval_batches), dp)]
     trainer.save_model(out_dir)
-    trained = hf_seqpar.mesh.unwrap_model(trainer.model)
+    trained = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     result = {"param": _params_err(trained, reference),
               "logged": [abs(a - b) / b for a, b in zip(logged, ref_logged)] if len(logged) == steps else None,
               "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),

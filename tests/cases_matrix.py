@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 import hf_seqpar
 from cases import VOCAB, _rel, make_batch
-from hf_seqpar.accelerate import SequenceParallelPlugin, prepare_model
-from hf_seqpar.strategies.megatron import full_tensor
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
+from hf_seqpar.tp import full_tensor
 
 
 class BiasedLogitsLlama(__import__("transformers").LlamaForCausalLM):
@@ -103,7 +103,7 @@ def feature_parity(strategy: str = "ulysses", sp_size: int | None = None, family
                    model_kw: dict | None = None) -> dict:
     """The memory features (``features``: plugin fields such as ``loss_chunk_size``, ``mlp_tiles``,
     ``gradient_checkpointing``, ``offload_checkpoints``) applied through the plugin's
-    :func:`~hf_seqpar.accelerate.prepare_model` on ``strategy``, against the plain unsharded model.
+    :func:`~hf_seqpar.integrations.accelerate.prepare_model` on ``strategy``, against the plain unsharded model.
 
     Returns:
         Relative errors ``{"loss", "logits"?, "aux"?, "grad", "grad_param", "n_grads"}``.

@@ -1,4 +1,4 @@
-"""Rank-side cases for the Trainer integration (hf_seqpar.trainer): refusals, the token count
+"""Rank-side cases for the Trainer integration (hf_seqpar.integrations.trainer): refusals, the token count
 under left padding, exact resume, padding-free batch keys, and TRL's SFTTrainer against the
 one-process SFTTrainer (``trl_sft_run`` runs both: in the test process without SP, on the ranks with SP)."""
 
@@ -94,7 +94,7 @@ def refusals(out_dir: str) -> dict:
 def left_padding_parity(out_dir: str, steps: int = 2) -> dict:
     """SequenceParallelTrainer on left-padded rows (labels -100 at padding) against the unsharded
     model scored with the same rule (``next_token_labels``: a padding position predicts nothing)."""
-    from hf_seqpar.sharding import IGNORE_INDEX, count_label_tokens, next_token_labels
+    from hf_seqpar.core.sharding import IGNORE_INDEX, count_label_tokens, next_token_labels
 
     reset_accelerate()
     rows = random_rows(2 * steps + 4, seq=17, seed=5)
@@ -165,7 +165,7 @@ def resume_run(out_dir: str, resume: bool, steps: int = 8, n_rows: int = 6) -> d
     trainer.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-5") if resume else None)
     dist.barrier()
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    params = {n: p.detach().clone() for n, p in hf_seqpar.mesh.unwrap_model(trainer.model).named_parameters()}
+    params = {n: p.detach().clone() for n, p in hf_seqpar.core.mesh.unwrap_model(trainer.model).named_parameters()}
     hf_seqpar.disable_sequence_parallel(trainer.model)
     return {"losses": losses, "params": params, "orders": orders}
 

@@ -53,7 +53,7 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     from trl import SFTConfig, SFTTrainer
 
     from cases_trainer import reset_accelerate
-    from hf_seqpar.data import byte_tokenizer
+    from hf_seqpar.core.data import byte_tokenizer
 
     reset_accelerate()
     kw = dict(max_length=40, **MODES[mode])
@@ -78,7 +78,7 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     trainer.train()
     logs = [{k: v for k, v in h.items() if k in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")}
             for h in trainer.state.log_history if "loss" in h]
-    model = hf_seqpar.mesh.unwrap_model(trainer.model)
+    model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if sp:
         hf_seqpar.disable_sequence_parallel(trainer.model)

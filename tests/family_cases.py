@@ -208,7 +208,7 @@ def refusal(model, strategy: str, **options) -> str:
 
 def mask_and_restarting_positions() -> dict:
     """Item: ``attention_mask`` plus ``position_ids`` that restart inside the real tokens."""
-    import hf_seqpar.sharding as sharding
+    import hf_seqpar.core.sharding as sharding
     from cases import expect_error, tiny_model
 
     calls = []
@@ -271,7 +271,7 @@ def mla() -> dict:
     ring refused at enable time."""
     factory = lambda: tiny_family_model("deepseek_v3")  # noqa: E731
     model = factory()
-    from hf_seqpar.features import attention_features
+    from hf_seqpar.core.features import attention_features
 
     f = attention_features(model)
     return {"dims": (f.qk_head_dim, f.v_head_dim),

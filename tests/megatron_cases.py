@@ -1,7 +1,7 @@
 """Megatron-SP code that runs inside the ranks: tiny models of each family, and the comparison
 of the tensor-parallel model with the unsharded one.
 
-Gradient semantics compared here (see hf_seqpar.strategies.megatron): on every rank, for every
+Gradient semantics compared here (see hf_seqpar.strategies.megatron and hf_seqpar.tp): on every rank, for every
 parameter, ``full_tensor(grad)`` (all-gathered shards, or summed ``Partial`` contributions, fused
 rows laid back out) equals the unsharded model's gradient, with no averaging over the SP
 group; with ``dp > 1`` the gradients are first averaged over the data-parallel replicas only.
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import hf_seqpar
 from cases import VOCAB, _rel, make_batch, run_pair, worst_grad_error
-from hf_seqpar.strategies.megatron import average_gradients_over_dp, counting, full_tensor
+from hf_seqpar.tp import average_gradients_over_dp, counting, full_tensor
 
 
 def family_model(family: str = "llama", heads: int = 4, kv_heads: int | None = None, attn: str = "sdpa",
@@ -51,8 +51,9 @@ def family_model(family: str = "llama", heads: int = 4, kv_heads: int | None = N
 
 
 def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, batch_kw: dict | None = None,
-                    mode: str = "train", checkpointing: bool = False) -> dict:
-    """Run one Megatron-SP parity case on this rank; errors against the unsharded model.
+                    mode: str = "train", checkpointing: bool = False, mesh_dims: tuple | None = None) -> dict:
+    """Run one Megatron-SP parity case on this rank; errors against the unsharded model
+    (``mesh_dims``: a user mesh of these ``(name, size)`` dimensions, as in ``cases.parity``).
 
     Returns:
         ``{"loss", "logits", "grad", "grad_param", "n_grads", "dtensor_params"}``.
@@ -61,8 +62,13 @@ def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, ba
     batch = make_batch(**(batch_kw or {}))
     if checkpointing:
         model.gradient_checkpointing_enable()
+    mesh = None
+    if mesh_dims is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", tuple(s for _, s in mesh_dims), mesh_dim_names=tuple(n for n, _ in mesh_dims))
     reference, ref, local, out, result = run_pair(
-        model, batch, mode, lambda m: hf_seqpar.enable_sequence_parallel(m, "megatron", sp_size))
+        model, batch, mode, lambda m: hf_seqpar.enable_sequence_parallel(m, "megatron", sp_size, mesh=mesh))
     # no rank holds full-sequence x full-vocab logits: only its (B, S_pad / T, V) shard
     assert type(out.logits) is torch.Tensor and out.logits.shape == (*local["input_ids"].shape, VOCAB), out.logits.shape
     layout = hf_seqpar.find_state(model).last_layout

@@ -13,7 +13,7 @@ import pytest
 
 import cases_accel
 import hf_seqpar
-from hf_seqpar.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
+from hf_seqpar.integrations.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
 
 PARAM_TOL, LOSS_TOL = 1e-5, 1e-5
 
@@ -82,6 +82,14 @@ def test_trainer_train_evaluate_save_match_unsharded(pool2, lora):
     assert results[0]["reload"] <= PARAM_TOL, results[0]
 
 
+def test_trainer_accepts_strategy_auto(pool2):
+    """``strategy: auto`` works on the Trainer path too (it picks from the head counts)."""
+    results = pool2.run(cases_accel.trainer_parity, steps=2, grad_accum=1, strategy="auto")
+    for rank, r in enumerate(results):
+        assert r["param"] <= PARAM_TOL, (rank, r)
+        assert r["eval"] <= LOSS_TOL, (rank, r)
+
+
 def test_trainer_dp2_x_sp2_matches_two_replica_trainer_semantics(pool4):
     results = pool4.run(cases_accel.trainer_parity, steps=2, grad_accum=2, sp_size=2)
     for rank, r in enumerate(results):
@@ -147,11 +155,3 @@ def test_accelerator_running_ranks_as_single_processes_is_refused(monkeypatch):
     fake = SimpleNamespace(num_processes=1, distributed_type="NO")
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
         hf_seqpar.prepare_sequence_parallel(fake, SequenceParallelPlugin(), object())
-
-
-def test_unavailable_strategy_is_refused_before_any_setup():
-    unavailable = [n for n, s in hf_seqpar.STRATEGIES.items() if not s.available]
-    if not unavailable:
-        pytest.skip("every strategy is available")
-    with pytest.raises(NotImplementedError, match="available now"):
-        hf_seqpar.prepare_sequence_parallel(object(), SequenceParallelPlugin(strategy=unavailable[0]), object())

@@ -58,7 +58,7 @@ def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None)
 
     import cases
     import hf_seqpar
-    from hf_seqpar.accelerate import SequenceParallelPlugin, prepare_model
+    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 
     base = cases.tiny_model(heads=4, kv_heads=2).cuda()
     batch = {k: v.cuda() for k, v in cases.make_batch(kind, seq=256).items()}

@@ -136,7 +136,7 @@ def test_cuda_backend_selection_by_dtype_and_mask():
 
 
 def test_flash_segments_offsets_are_checked_int32_and_in_range():
-    from hf_seqpar.masks import check_cu_seqlens, document_ids, flash_segments
+    from hf_seqpar.core.masks import check_cu_seqlens, document_ids, flash_segments
 
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 7:] = False

@@ -57,6 +57,12 @@ def test_dp2_x_tp2_matches_unsharded(pool4):
                      model_kw=dict(family="qwen3", heads=4, kv_heads=1), batch_kw=dict(kind="padding")))
 
 
+def test_user_mesh_sp_first_matches_unsharded(pool4):
+    """A ("sp", "dp") mesh: TP groups {0, 2} and {1, 3}, gradients averaged over "dp" by name."""
+    _check(pool4.run(megatron_cases.megatron_parity, mesh_dims=(("sp", 2), ("dp", 2)),
+                     model_kw=dict(heads=4, kv_heads=2), batch_kw=dict(kind="padding")))
+
+
 def test_tp1_is_the_plain_model_with_dp2(pool2):
     """sp_size=1 (pure data parallel): nothing is split, the model stays plain and exact."""
     results = pool2.run(megatron_cases.megatron_parity, sp_size=1, batch_kw=dict(kind="packed"))
@@ -144,7 +150,7 @@ def test_demo_trains_with_megatron(tmp_path):
 def test_rank_major_relayout_gives_each_rank_matching_blocks():
     """Phi-3's fused rows [q | k | v] re-laid out so that a plain column split hands rank r
     the r-th slice of every block."""
-    from hf_seqpar.strategies.megatron import _rank_major
+    from hf_seqpar.tp.apply import _rank_major
 
     perm = _rank_major([4, 2, 2], 2)  # q rows 0-3, k rows 4-5, v rows 6-7
     assert perm.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
@@ -156,7 +162,7 @@ def test_plans_per_family():
     from torch.distributed.tensor.parallel import ColwiseParallel
 
     from hf_seqpar import patches
-    from hf_seqpar.strategies.tp_styles import HeadNorm, ReplicatedProjection
+    from hf_seqpar.tp.styles import HeadNorm, ReplicatedProjection
 
     llama = megatron_cases.family_model(heads=8, kv_heads=2, layers=1).config
     plan = patches.family("llama").megatron_plan(llama, 2)

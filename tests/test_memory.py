@@ -14,8 +14,8 @@ import torch
 
 import cases
 import cases_matrix
-from hf_seqpar.logits import LogitTransform, logit_transform
-from hf_seqpar.memory import ChunkedLMHeadCrossEntropy, install_memory_features, remove_memory_features
+from hf_seqpar.core.logits import LogitTransform, logit_transform
+from hf_seqpar.core.memory import ChunkedLMHeadCrossEntropy, install_memory_features, remove_memory_features
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 
 import cases_accel
 import hf_seqpar
-from hf_seqpar.accelerate import SequenceParallelPlugin, prepare_model
-from hf_seqpar.parallelism import apply_parallelism_config
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
+from hf_seqpar.integrations.parallelism import apply_parallelism_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 on CPU, SGD: see test_accelerate.py

@@ -21,7 +21,7 @@ from hf_seqpar.strategies import STRATEGIES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ACCELERATE = str(pathlib.Path(sys.executable).parent / "accelerate")
-AVAILABLE = [name for name, s in STRATEGIES.items() if s.available]
+AVAILABLE = list(STRATEGIES)
 
 
 def _port() -> str:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import cases
-from hf_seqpar.layout import Layout
-from hf_seqpar.sharding import SeqParBatch
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.sharding import SeqParBatch
 from hf_seqpar.strategies.ring import ring_plans
 
 CASES = cases.PARITY_CASES

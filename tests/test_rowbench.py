@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hf_seqpar.cli import main
-from hf_seqpar.rowbench import RowSpec, growth_table, make_rows
+from hf_seqpar.tools.cli import main
+from hf_seqpar.tools.rowbench import RowSpec, growth_table, make_rows
 
 
 def test_row_structures():

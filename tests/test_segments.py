@@ -16,9 +16,9 @@ import torch
 
 from hf_seqpar.kernels import reference_backward, reference_forward
 from hf_seqpar.kernels.varlen import Piece, check_pieces, pieces_backward, pieces_forward, varlen_attention
-from hf_seqpar.layout import Layout
-from hf_seqpar.masks import document_ids
-from hf_seqpar.segments import TILE, build_segments, plan_pieces
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.masks import document_ids
+from hf_seqpar.core.segments import TILE, build_segments, plan_pieces
 
 
 def dense_allowed(valid, docs, causal, window):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_seqpar.cli import main
-from hf_seqpar.selftest import CASES, _ok
+from hf_seqpar.tools.cli import main
+from hf_seqpar.tools.selftest import CASES, _ok
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="dry mode is for machines without a GPU")

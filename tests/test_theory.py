@@ -1,4 +1,4 @@
-"""The closed forms of hf_seqpar.theory and the planner, checked against measurements and by hand."""
+"""The closed forms of hf_seqpar.tools.theory and the planner, checked against measurements and by hand."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import os
 import pytest
 
 import cases
-from hf_seqpar import cli
-from hf_seqpar.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend
-from hf_seqpar.presets import load_config
-from hf_seqpar.theory import ModelShape, activation_bytes, comm_bytes
+from hf_seqpar.tools import cli
+from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend
+from hf_seqpar.tools.presets import load_config
+from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
 
 #: The planner's activation model must predict the saved bytes within 15% (it is exact for the
 #: structure it describes; the margin is for other models' extra tensors).
@@ -122,7 +122,7 @@ def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
         assert len(r["step_times_s"]) == 1
     # one sequence length: a bar per configuration, not lines over a single x value
     pytest.importorskip("matplotlib")
-    from hf_seqpar.bench import plot_rows
+    from hf_seqpar.tools.bench import plot_rows
 
     fig = plot_rows(rows, str(tmp_path / "one.png"))
     assert (tmp_path / "one.png").stat().st_size > 0

@@ -22,6 +22,23 @@ def test_dp2_x_sp2_matches_unsharded(pool4):
     _check(pool4.run(cases.parity, "ulysses", sp_size=2, batch_kw=dict(kind="padding")))
 
 
+@pytest.mark.parametrize("strategy,dims,options", [
+    ("ulysses", (("sp", 2), ("dp", 2)), {}),              # sp first: SP groups {0, 2} and {1, 3}
+    ("ring", (("sp", 2), ("pp", 2)), {}),                 # a dimension hf_seqpar leaves alone, no dp
+    ("hybrid", (("pp", 1), ("dp", 1), ("sp", 4)), dict(ulysses_size=2)),
+])
+def test_user_mesh_sizes_are_read_by_name(pool4, strategy, dims, options):
+    """A user mesh whose dimensions are not ("dp", "sp") in that order: sizes and groups come from
+    the names, and every strategy stays exact (every rank gets the same full batch)."""
+    results = pool4.run(cases.parity, strategy, mesh_dims=dims, options=options, batch_kw=dict(kind="packed"))
+    _check(results)
+
+
+def test_user_mesh_without_sp_is_refused(pool2):
+    messages = pool2.run(cases.mesh_without_sp)
+    assert all("needs a dimension named 'sp'" in m and "('cp',)" in m for m in messages), messages
+
+
 def test_sp1_is_the_plain_model(pool2):
     """sp_size=1 (pure data parallel) still goes through the hooks and stays exact."""
     _check(pool2.run(cases.parity, "ulysses", sp_size=1, batch_kw=dict(kind="packed")))

@@ -7,9 +7,9 @@ import torch
 
 import hf_seqpar
 from hf_seqpar.config import SequenceParallelConfig
-from hf_seqpar.layout import Layout
-from hf_seqpar.masks import dense_mask, document_ids, flash_segments
-from hf_seqpar.strategies import STRATEGIES, get_strategy
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.masks import dense_mask, document_ids, flash_segments
+from hf_seqpar.strategies import STRATEGIES, strategy_class
 from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, kv_replication
 from hf_seqpar.kernels import reference_attention
 
@@ -61,8 +61,8 @@ def test_config_validation_gives_numbers():
 def test_strategy_table():
     assert set(STRATEGIES) == {"ulysses", "ring", "hybrid", "megatron"}
     for name, strat in STRATEGIES.items():
-        assert strat.name == name and strat.available and strat.description
-        assert get_strategy(name) is strat
+        assert strat.name == name and strat.description
+        assert strategy_class(name) is strat
         for method in ("check_model", "make_layout", "attention", "apply", "remove"):
             assert callable(getattr(strat, method)), (name, method)
 
@@ -138,8 +138,8 @@ def test_public_api_names():
 
 
 def test_pack_documents_restarts_positions_and_masks_document_starts():
-    from hf_seqpar.data import pack_documents
-    from hf_seqpar.masks import document_ids
+    from hf_seqpar.core.data import pack_documents
+    from hf_seqpar.core.masks import document_ids
 
     rows = list(pack_documents([b"abcde", b"xyz", b"0123456789"], 6))
     assert [r["position_ids"].tolist() for r in rows] == [[0, 1, 2, 3, 4, 0], [0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]

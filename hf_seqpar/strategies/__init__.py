@@ -1,29 +1,28 @@
 """The strategy table: a strategy is one module and one line here.
 
-Every strategy has the same shape (see :class:`~hf_seqpar.strategies.base.Strategy`): a name,
-the layout ``shard_batch`` uses, the sequence multiple it needs, a model check run by
-``enable_sequence_parallel`` before anything is changed, and an ``attention`` function the
-registered attention hook calls with the local shard's q/k/v.
+Every strategy is a class with the same shape (:class:`~hf_seqpar.strategies.base.Strategy`),
+built per model from (model config, mesh, typed options) by ``enable_sequence_parallel``. The rest
+of hf_seqpar (sharding, loss, integrations, planner, benchmarks) asks the strategy, never its name.
 """
 
 from __future__ import annotations
 
-from .base import Strategy
-from .hybrid import HybridStrategy
-from .megatron import MegatronStrategy
-from .ring import RingStrategy
-from .ulysses import UlyssesStrategy
+from hf_seqpar.strategies.base import Strategy
+from hf_seqpar.strategies.hybrid import HybridStrategy, largest_ulysses_size
+from hf_seqpar.strategies.megatron import MegatronStrategy
+from hf_seqpar.strategies.ring import RingStrategy
+from hf_seqpar.strategies.ulysses import UlyssesStrategy
 
-__all__ = ["STRATEGIES", "AUTO", "get_strategy", "choose_strategy", "Strategy"]
+__all__ = ["STRATEGIES", "AUTO", "strategy_class", "choose_strategy", "Strategy"]
 
 #: The name that lets hf_seqpar pick ulysses, hybrid or ring from the head counts.
 AUTO = "auto"
 
-STRATEGIES: dict[str, Strategy] = {
-    "ulysses": UlyssesStrategy(),
-    "ring": RingStrategy(),
-    "hybrid": HybridStrategy(),
-    "megatron": MegatronStrategy(),
+STRATEGIES: dict[str, type[Strategy]] = {
+    "ulysses": UlyssesStrategy,
+    "ring": RingStrategy,
+    "hybrid": HybridStrategy,
+    "megatron": MegatronStrategy,
 }
 
 
@@ -36,8 +35,6 @@ def choose_strategy(config, sp_size: int) -> tuple[str, str]:
     Returns:
         ``(name, reason)``.
     """
-    from .hybrid import largest_ulysses_size
-
     heads = config.num_attention_heads
     if heads % sp_size == 0:
         return "ulysses", f"{heads} query heads divide sp_size={sp_size}"
@@ -48,20 +45,13 @@ def choose_strategy(config, sp_size: int) -> tuple[str, str]:
     return "ring", f"no Ulysses degree > 1 divides both {heads} query heads and sp_size={sp_size}"
 
 
-def get_strategy(name: str) -> Strategy:
-    """The strategy registered under ``name``.
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy class registered under ``name``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
-        NotImplementedError: the strategy is in the table but cannot run in this version.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} "
                          f"(or {AUTO!r})")
-    strategy = STRATEGIES[name]
-    if not strategy.available:
-        raise NotImplementedError(
-            f"strategy {name!r} ({strategy.description}) is not available in this version of hf_seqpar; "
-            f"available now: {', '.join(n for n, s in STRATEGIES.items() if s.available)}"
-        )
-    return strategy
+    return STRATEGIES[name]

@@ -1,80 +1,229 @@
-"""The shape every strategy has."""
+"""The shape every strategy has: a class built per model from (model config, mesh, typed options).
+
+A strategy declares everything the rest of hf_seqpar needs to know about it, so that nothing
+outside :mod:`hf_seqpar.strategies` asks for a strategy by name:
+
+- before the model is touched (class methods, no mesh): :meth:`Strategy.options_from` (its typed
+  options from the one config), :meth:`Strategy.check_model` (head counts),
+  :meth:`Strategy.check_features` (attention features it cannot compute),
+  :meth:`Strategy.check_trainer` (whether the HF Trainer can drive it);
+- its cost model for ``theory``/``plan``/``bench`` (class methods): the sequence multiple, the
+  communication bytes per step, the activation terms, how parameters are split
+  (:attr:`Strategy.shards_parameters`), the candidates a cluster allows;
+- at run time (an instance attached to the model's state): its groups and sizes (taken from the
+  mesh by dimension name), the layout ``shard_batch`` applies, the position ids it wants, the
+  attention it computes, how the loss is combined and gradients are reduced.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import contextlib
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
+from hf_seqpar.core.mesh import MeshDims
+from hf_seqpar.core.shape import ModelShape
+
 if TYPE_CHECKING:
-    from ..layout import Layout
+    from hf_seqpar.core.layout import Layout
 
-__all__ = ["Strategy", "AttentionOnlyStrategy", "check_no_options"]
+__all__ = ["Strategy", "NoOptions", "ActivationTerms", "divisors", "STRATEGY_OPTION_FIELDS"]
+
+#: Fields of :class:`hf_seqpar.config.SequenceParallelConfig` that are strategy options; each
+#: strategy's ``Options`` dataclass takes a subset of them.
+STRATEGY_OPTION_FIELDS = ("ulysses_size", "layout", "backend")
 
 
-class Strategy(Protocol):
-    """What the API, ``shard_batch`` and the attention hook need from a strategy."""
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
-    name: str
-    """Table key."""
-    description: str
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A strategy that takes no options."""
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """What a strategy changes in the activation bytes of one decoder layer, per local token
+    (the formulas are in :func:`hf_seqpar.core.shape.layer_activation_bytes`)."""
+
+    kv_heads: int
+    """kv heads attention saves per local token (after any replication the strategy needs)."""
+    extra_per_token: float = 0.0
+    """Further bytes saved per local token and layer: the attention output that the exchange
+    makes a new tensor (Ulysses, ring), or the all-gathered linear inputs (Megatron-SP)."""
+
+
+class Strategy:
+    """Base of every strategy; subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    """Table key (``hf_seqpar.strategies.STRATEGIES``)."""
+    description: ClassVar[str]
     """One line for messages and docs."""
-    available: bool
-    """False for a strategy that is named in the table but cannot run in this version."""
-    def make_layout(self, seq_len: int, state) -> "Layout":
-        """The :class:`~hf_seqpar.layout.Layout` ``shard_batch`` applies to a sequence of
-        ``seq_len`` tokens (it fixes the padded length and which tokens each rank holds)."""
+    Options: ClassVar[type] = NoOptions
+    """The typed options dataclass; its field names are fields of the config it reads them from."""
+    shards_parameters: ClassVar[bool] = False
+    """True when the strategy turns the parameters into DTensors sharded over the SP group (tensor
+    parallel): model states divide by the SP degree, DDP cannot wrap the model, and gradients are
+    averaged over the ``dp`` dimension only (:meth:`average_gradients_over_dp`)."""
+    bench_world: ClassVar[int] = 1
+    """The smallest world that exercises everything the strategy does (``hf-seqpar bench --rows``)."""
 
-    def check_model(self, config, sp_size: int, options: dict) -> None:
-        """Raise a clear error if this strategy cannot run ``config`` on ``sp_size`` ranks with
-        ``options``; called before the model is modified."""
+    # ---- before the model is changed (no mesh) --------------------------------------------------
+    @classmethod
+    def options_from(cls, config) -> "NoOptions":
+        """This strategy's typed options from ``config`` (a :class:`~hf_seqpar.config.SequenceParallelConfig`).
 
-    def check_attention(self, features) -> None:
-        """Optional hook: raise ``NotImplementedError`` naming a strategy that works if this one
-        cannot compute the model's :class:`~hf_seqpar.features.AttentionFeatures` exactly; called
-        by ``enable_sequence_parallel`` after :meth:`check_model`, before the model is modified."""
+        Raises:
+            ValueError: ``config`` sets an option this strategy does not take (the message lists
+                those it takes).
+        """
+        takes = [f.name for f in fields(cls.Options)]
+        unknown = [k for k in STRATEGY_OPTION_FIELDS if k not in takes and getattr(config, k, None) is not None]
+        if unknown:
+            raise ValueError(f"strategy {cls.name!r} does not take option(s) {unknown}; it takes: "
+                             f"{takes or 'no options'}")
+        values = {k: getattr(config, k) for k in takes if getattr(config, k, None) is not None}
+        return cls.Options(**values)
+
+    @classmethod
+    def check_model(cls, model_config, sp_size: int, options) -> None:
+        """Raise a clear error if this strategy cannot run ``model_config`` on ``sp_size`` ranks
+        with ``options``; called before the model is modified."""
+
+    @classmethod
+    def check_features(cls, features) -> None:
+        """Raise ``NotImplementedError`` naming a strategy that works if this one cannot compute the
+        model's :class:`~hf_seqpar.core.features.AttentionFeatures` exactly."""
+
+    @classmethod
+    def check_trainer(cls) -> None:
+        """Raise ``NotImplementedError`` if the HF Trainer (``SequenceParallelMixin``) cannot drive
+        this strategy."""
+
+    # ---- cost model (no mesh) -------------------------------------------------------------------
+    @classmethod
+    def seq_multiple(cls, sp: int, options) -> int:
+        """The sequence length ``shard_batch`` pads to a multiple of, on ``sp`` ranks."""
+        return sp
+
+    @classmethod
+    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
+        """``(ulysses degree, ring degree)`` on ``sp`` ranks: their product is ``sp``, or ``(1, 1)`` for a
+        strategy that is neither (tensor parallel)."""
+        return 1, 1
+
+    @classmethod
+    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
+        """The option sets ``hf-seqpar plan`` considers on ``sp`` ranks (empty: cannot run)."""
+        return [cls.Options()]
+
+    @classmethod
+    def label(cls, sp: int, options) -> str:
+        """Short name of a configuration, e.g. ``"ulysses 8"``."""
+        return f"{cls.name} {sp}"
+
+    @classmethod
+    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
+        """Bytes one rank sends per step (one micro-batch) for attention/TP traffic, without the loss
+        all-reduce: ``{"forward", "backward", "all_to_all"}`` (the last: the Ulysses share of
+        forward + backward)."""
+        raise NotImplementedError
+
+    @classmethod
+    def loss_allreduce_in_backward(cls) -> bool:
+        """Whether the exact loss's scalar all-reduce also runs in backward (it does unless the SP
+        ranks share one autograd graph, as tensor-parallel ranks do)."""
+        return True
+
+    @classmethod
+    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
+        """How this strategy changes the per-layer saved activations (see :class:`ActivationTerms`)."""
+        return ActivationTerms(kv_heads=m.kv_heads)
+
+    @classmethod
+    def comm_seconds(cls, comm: dict, sp: int, options, bandwidth) -> float:
+        """Seconds of SP traffic per step; ``bandwidth(ranks)`` is the bytes/s of a group of that many
+        consecutive ranks."""
+        return comm["total"] / bandwidth(sp)
+
+    # ---- at run time -----------------------------------------------------------------------------
+    def __init__(self, model_config, mesh, options):
+        """Bind the strategy to one model and one mesh.
+
+        Args:
+            model_config: the model's transformers config.
+            mesh: the ``DeviceMesh`` (an ``"sp"`` dimension, optionally ``"dp"`` and others).
+            options: this strategy's :attr:`Options`.
+        """
+        self.model_config, self.mesh, self.options = model_config, mesh, options
+        self.dims = MeshDims(mesh)
+        self.sp_size, self.sp_rank, self.sp_group = self.dims.sp_size, self.dims.sp_rank, self.dims.sp_group
+        self.dp_size, self.dp_group = self.dims.dp_size, self.dims.dp_group
+
+    #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
+    tensor_parallel = None
+
+    @property
+    def backend(self) -> str | None:
+        """The attention kernel backend the options name (None: chosen per device and dtype)."""
+        return getattr(self.options, "backend", None)
+
+    def make_layout(self, seq_len: int) -> "Layout":
+        """The layout ``shard_batch`` applies to a sequence of ``seq_len`` tokens."""
+        raise NotImplementedError
+
+    def local_position_ids(self, positions: torch.Tensor, layout) -> torch.Tensor:
+        """The ``position_ids`` ``shard_batch`` hands this rank's model.
+
+        Args:
+            positions: ``(B, S_pad)`` global position ids of the padded sequence, global order.
+            layout: the batch's :class:`~hf_seqpar.core.layout.Layout`.
+
+        Returns:
+            By default the positions of the local tokens. A strategy whose attention sees the full
+            sequence while the residual stream is sharded returns the full ``positions``.
+        """
+        return layout.shard(positions, self.sp_rank)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         """Attention for the local shard: q ``(B, h_q, S_local, D)``, k/v ``(B, h_kv, S_local, D)``
         -> ``(B, S_local, h_q, D)``."""
+        raise NotImplementedError
 
     def apply(self, model, state) -> None:
         """Changes to the model beyond the attention hook (e.g. tensor-parallel plans), made by
-        ``enable_sequence_parallel`` after all checks passed. Most strategies change nothing."""
+        ``enable_sequence_parallel`` after every check passed. Most strategies change nothing."""
 
     def remove(self, model, state) -> None:
         """Undo :meth:`apply` (``disable_sequence_parallel``)."""
 
-    def local_position_ids(self, positions: torch.Tensor, layout, rank: int) -> torch.Tensor:
-        """The ``position_ids`` ``shard_batch`` hands this rank's model (optional hook).
+    def combine_loss(self, tensor: torch.Tensor, group, counter=None) -> torch.Tensor:
+        """Sum the per-rank loss pieces over the SP group (differentiable, backward sums too): every
+        rank is its own replica; frameworks then average gradients over all ranks."""
+        return all_reduce_sum(tensor, group, counter)
 
-        Args:
-            positions: ``(B, S_pad)`` global position ids of the padded sequence, global order.
-            layout: the batch's :class:`~hf_seqpar.layout.Layout`.
-            rank: this rank's index in the SP group.
+    def average_gradients_over_dp(self, model, counter=None) -> None:
+        """Average every gradient over the ``dp`` dimension only, in place (what DDP does over the
+        whole world for strategies that do not shard parameters). No-op with one replica."""
+        if self.dp_size == 1:
+            return
+        for p in model.parameters():
+            if p.grad is not None:
+                self.average_gradient_over_dp(p, counter)
 
-        Returns:
-            By default (strategies without the method) ``layout.shard(positions, rank)``: the
-            positions of the local tokens. A strategy whose attention sees the full sequence
-            while the residual stream is sharded (Megatron-SP: RoPE is applied to q/k after the
-            all-gather) returns the full ``positions`` instead.
-        """
+    def average_gradient_over_dp(self, param, counter=None) -> None:
+        """Average one parameter's gradient (its local shard for DTensors) over the ``dp`` group."""
+        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+        all_reduce_mean_(grad, self.dp_group, counter)
 
-
-class AttentionOnlyStrategy:
-    """Base for strategies that only replace attention: :meth:`apply`/:meth:`remove` do nothing."""
-
-    def apply(self, model, state) -> None:
-        return None
-
-    def remove(self, model, state) -> None:
-        return None
-
-
-def check_no_options(name: str, options: dict, known: tuple[str, ...] = ()) -> None:
-    """Reject unknown strategy options with the list of known ones."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"strategy {name!r} does not take option(s) {unknown}; it takes: {list(known) or 'no options'}"
-        )
+    def metering(self):
+        """A context manager that counts collectives the hooks cannot see (Megatron-SP's DTensor
+        collectives in backward); a no-op for strategies whose collectives are all counted."""
+        return contextlib.nullcontext()

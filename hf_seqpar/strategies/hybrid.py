@@ -9,76 +9,121 @@ only ``ulysses_size`` to divide the heads, so the SP degree is no longer capped 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..comm import all_to_all
-from ..layout import Layout
-from .base import check_no_options
-from .ring import RING_OPTIONS, check_layout_option, check_ring_features, ring_attention
-from .ulysses import HeadsNotDivisibleError, _divisors, kv_replication, seq_to_heads
+from hf_seqpar.core.comm import all_to_all
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.shape import ModelShape
+from hf_seqpar.strategies.base import ActivationTerms, divisors
+from hf_seqpar.strategies.ring import RingOptions, RingStrategy, ring_attention, ring_comm_bytes
+from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, kv_replication, seq_to_heads, ulysses_comm_bytes
 
-__all__ = ["HybridStrategy", "largest_ulysses_size"]
+__all__ = ["HybridStrategy", "HybridOptions", "largest_ulysses_size"]
 
 
 def largest_ulysses_size(num_heads: int, sp_size: int) -> int:
     """The largest Ulysses degree that divides both ``sp_size`` and the query heads (kv heads
     are replicated as far as needed)."""
-    return max(u for u in _divisors(sp_size) if num_heads % u == 0)
+    return max(u for u in divisors(sp_size) if num_heads % u == 0)
 
 
-def _ulysses_size(config, sp_size: int, options: dict) -> int:
-    heads = config.num_attention_heads
-    size = options.get("ulysses_size") or largest_ulysses_size(heads, sp_size)
-    if not isinstance(size, int) or size < 1 or sp_size % size:
-        raise ValueError(f"ulysses_size={size!r} must be a positive divisor of sp_size={sp_size}: {_divisors(sp_size)}")
+@dataclass(frozen=True)
+class HybridOptions(RingOptions):
+    """Options of the hybrid strategy: the ring's (over the ring dimension) and the Ulysses degree."""
+
+    ulysses_size: int | None = None
+    """Ranks of the Ulysses dimension; None: the largest degree the query heads allow."""
+
+
+def _ulysses_size(heads: int, sp_size: int, options: HybridOptions) -> int:
+    size = options.ulysses_size or largest_ulysses_size(heads, sp_size)
+    if sp_size % size:
+        raise ValueError(f"ulysses_size={size} must be a positive divisor of sp_size={sp_size}: {divisors(sp_size)}")
     if heads % size:
-        ok = [u for u in _divisors(sp_size) if heads % u == 0]
+        ok = [u for u in divisors(sp_size) if heads % u == 0]
         raise HeadsNotDivisibleError(
             f"ulysses_size={size} does not divide the {heads} query heads; use one of {ok} (ring_size = sp_size / it)")
     return size
 
 
-class HybridStrategy:
+class HybridStrategy(RingStrategy):
     """``strategy="hybrid"``: all-to-all inside Ulysses groups, ring attention across them."""
 
     name = "hybrid"
     description = "Ulysses x Ring on a 2D mesh (lifts Ulysses' head-count limit)"
-    available = True
+    Options = HybridOptions
+    bench_world = 4
 
-    def check_model(self, config, sp_size: int, options: dict) -> None:
-        check_no_options(self.name, options, RING_OPTIONS + ("ulysses_size",))
-        check_layout_option(options)
-        _ulysses_size(config, sp_size, options)
+    @classmethod
+    def check_model(cls, model_config, sp_size: int, options) -> None:
+        _ulysses_size(model_config.num_attention_heads, sp_size, options)
 
-    def check_attention(self, features) -> None:
-        check_ring_features(self.name, features)
+    @classmethod
+    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
+        u = _ulysses_size(heads, sp, options)
+        return u, sp // u
+
+    @classmethod
+    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
+        return [cls.Options(ulysses_size=u) for u in range(2, sp) if sp % u == 0 and heads % u == 0]
+
+    @classmethod
+    def label(cls, sp: int, options) -> str:
+        return f"hybrid {options.ulysses_size}x{sp // options.ulysses_size}"
+
+    @classmethod
+    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
+        u, r = cls.split(sp, options, m.heads)
+        a2a = m.layers * ulysses_comm_bytes(m, seq_len, sp, batch, elem, u)
+        kv_eff = m.kv_heads * kv_replication(m.heads, m.kv_heads, u) if u > 1 else m.kv_heads
+        fwd, bwd = ring_comm_bytes(m, kv_eff // u, (seq_len // sp) * u, r, batch, elem)
+        return {"forward": a2a + m.layers * fwd, "backward": a2a + m.layers * bwd, "all_to_all": 2 * a2a}
+
+    @classmethod
+    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
+        u, _ = cls.split(sp, options, m.heads)
+        kv = m.kv_heads * kv_replication(m.heads, m.kv_heads, u) if u > 1 else m.kv_heads
+        return ActivationTerms(kv_heads=kv, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
+
+    @classmethod
+    def comm_seconds(cls, comm: dict, sp: int, options, bandwidth) -> float:
+        # the all-to-all stays inside a Ulysses group (consecutive ranks), the ring spans the SP group
+        u = options.ulysses_size or sp
+        return comm["all_to_all"] / bandwidth(u) + (comm["total"] - comm["all_to_all"]) / bandwidth(sp)
+
+    def __init__(self, model_config, mesh, options):
+        super().__init__(model_config, mesh, options)
+        self.ulysses_size = _ulysses_size(model_config.num_attention_heads, self.sp_size, options)
+        self.ring_size = self.sp_size // self.ulysses_size
+        self.mesh3d = None
 
     def apply(self, model, state) -> None:
-        """Build the ``(dp, ring, ulysses)`` mesh over the same ranks as ``(dp, sp)``."""
-        u = _ulysses_size(model.config, state.sp_size, state.config.options)
-        ranks = state.mesh.mesh.reshape(state.mesh.size(0), state.sp_size // u, u)
-        mesh = DeviceMesh(state.mesh.device_type, ranks, mesh_dim_names=("dp", "ring", "ulysses"))
-        state.strategy_state.update(ulysses_size=u, ring_size=state.sp_size // u, mesh3d=mesh)
+        """Build the ``(rest, ring, ulysses)`` mesh over the ranks of the ``sp`` dimension (consecutive
+        SP ranks share a Ulysses group)."""
+        # (rest, sp) -> (rest, ring, ulysses): rest = every other mesh dimension, flattened
+        ranks = self.dims.sp_ranks_grid().reshape(-1, self.ring_size, self.ulysses_size)
+        self.mesh3d = DeviceMesh(self.mesh.device_type, ranks, mesh_dim_names=("rest", "ring", "ulysses"))
 
     def remove(self, model, state) -> None:
-        state.strategy_state.clear()
+        self.mesh3d = None
 
-    def make_layout(self, seq_len: int, state) -> Layout:
-        kind = state.config.options.get("layout", "zigzag")
-        u = state.strategy_state["ulysses_size"]
-        return Layout(kind, seq_len, state.sp_size, state.sp_size * (2 if kind == "zigzag" else 1), inner=u)
+    def make_layout(self, seq_len: int) -> Layout:
+        kind = self.options.layout
+        return Layout(kind, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options), inner=self.ulysses_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         state = batch.state
-        mesh = state.strategy_state["mesh3d"]
-        ugroup, rgroup = mesh.get_group("ulysses"), mesh.get_group("ring")
+        ugroup, rgroup = self.mesh3d.get_group("ulysses"), self.mesh3d.get_group("ring")
         counter, layer = state.counter, getattr(module, "layer_idx", None)
-        rep = kv_replication(query.shape[1], key.shape[1], state.strategy_state["ulysses_size"])
+        rep = kv_replication(query.shape[1], key.shape[1], self.ulysses_size)
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/U, U*S/P, D): the Ulysses group's pieces form this ring shard
         q, k, v = seq_to_heads((query, key, value), ugroup, counter, layer)
-        out = ring_attention(module, q, k, v, batch, rgroup, mesh.get_local_rank("ring"), batch.layout, **kwargs)
+        out = ring_attention(module, q, k, v, batch, rgroup, self.mesh3d.get_local_rank("ring"), batch.layout,
+                             **kwargs)
         # (B, h/U, U*S/P, D) -> (B, U*S/P, h/U, D) -> (B, S/P, h, D)
         return all_to_all(out.transpose(1, 2), 1, 2, ugroup, counter, layer)

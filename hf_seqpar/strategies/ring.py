@@ -8,7 +8,7 @@ repeated for GQA). The backward sends K/V around again and dK/dV accumulators (f
 each block's gradients come from the flash backward with the rows' final ``out``/``lse``.
 
 Which keys a query may see is planned per (query rank, key rank) block from the batch's segments
-(:func:`~hf_seqpar.segments.plan_pieces`): padding, documents, causality and windows are exact,
+(:func:`~hf_seqpar.core.segments.plan_pieces`): padding, documents, causality and windows are exact,
 each block is a few variable-length pieces (whole key ranges, causal diagonals, small window-band
 tiles) and blocks with nothing to attend are skipped, all without an S x S tensor. With the
 zigzag layout every rank does the same causal work.
@@ -16,20 +16,42 @@ zigzag layout every rank does the same causal work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from hf_seqpar.kernels import compute_dtype
 from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
 
-from ..comm import RingShift
-from ..layout import Layout
-from ..segments import plan_pieces
-from .base import AttentionOnlyStrategy, check_no_options
+from hf_seqpar.core.comm import RingShift
+from hf_seqpar.core.layout import LAYOUT_MULTIPLE, Layout
+from hf_seqpar.core.shape import FP32, ModelShape
+from hf_seqpar.core.segments import plan_pieces
+from hf_seqpar.strategies.base import ActivationTerms, Strategy
 
-__all__ = ["RingStrategy", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features"]
+__all__ = ["RingStrategy", "RingOptions", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features",
+           "ring_comm_bytes"]
 
-RING_OPTIONS = ("layout", "backend")
+
+@dataclass(frozen=True)
+class RingOptions:
+    """Options of the ring strategy."""
+
+    layout: str = "zigzag"
+    """``"zigzag"`` (every rank does the same causal work) or ``"contiguous"``."""
+    backend: str | None = None
+    """Block-attention kernel (a name of ``hf_seqpar.kernels.BACKENDS``); None: per device and dtype."""
+
+
+def ring_comm_bytes(m: ModelShape, kv_heads: int, shard_tokens: int, ring: int, batch: int, elem: int) -> tuple:
+    """``(forward, backward)`` bytes one rank sends per layer around a ring of ``ring`` ranks whose
+    shards hold ``shard_tokens`` tokens of ``kv_heads`` kv heads: ``(R-1)`` K/V hops forward; the
+    same backward plus ``R`` hops of the fp32 dK/dV accumulators."""
+    if ring == 1:
+        return 0.0, 0.0
+    kv = 2 * batch * kv_heads * shard_tokens * m.head_dim  # elements of one shard's K and V
+    return (ring - 1) * kv * elem, (ring - 1) * kv * elem + ring * kv * FP32
 
 
 def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int | None) -> list:
@@ -127,7 +149,7 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
         query: ``(B, h_q, S_q, D)``, the queries of outer shard ``q_outer`` of ``layout``.
         key: ``(B, h_kv, S_q, D)``.
         value: like ``key``.
-        batch: the :class:`~hf_seqpar.sharding.SeqParBatch`.
+        batch: the :class:`~hf_seqpar.core.sharding.SeqParBatch`.
         group: the ring's process group (``layout.outer`` ranks).
         q_outer: this rank's position in the ring.
         layout: the batch layout.
@@ -144,42 +166,46 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
     # the autocast dtype, as the model's own SDPA would use; autograd casts the gradients back
     dtype = compute_dtype(query, key, value)
     query, key, value = (t.to(dtype) for t in (query, key, value))
-    backend = state.config.options.get("backend")
+    backend = state.strategy.backend
     return _RingAttention.apply(query, key, value, plans, group, scale, backend, state.counter,
                                 getattr(module, "layer_idx", None))
 
 
-class RingStrategy(AttentionOnlyStrategy):
+class RingStrategy(Strategy):
     """``strategy="ring"``: zigzag (default) or contiguous shards, K/V around the ring."""
 
     name = "ring"
     description = "ring attention: K/V blocks around the ring, lse merge, zigzag load balance"
-    available = True
+    Options = RingOptions
 
-    def check_model(self, config, sp_size: int, options: dict) -> None:
-        check_no_options(self.name, options, RING_OPTIONS)
-        check_layout_option(options)
+    @classmethod
+    def check_features(cls, features) -> None:
+        check_ring_features(cls.name, features)
 
-    def check_attention(self, features) -> None:
-        check_ring_features(self.name, features)
+    @classmethod
+    def seq_multiple(cls, sp: int, options) -> int:
+        return sp * LAYOUT_MULTIPLE[options.layout]
 
-    def make_layout(self, seq_len: int, state) -> Layout:
-        kind = state.config.options.get("layout", "zigzag")
-        return Layout(kind, seq_len, state.sp_size, state.sp_size * (2 if kind == "zigzag" else 1))
+    @classmethod
+    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
+        return 1, sp
+
+    @classmethod
+    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
+        return [cls.Options()] if sp > 1 else []
+
+    @classmethod
+    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
+        fwd, bwd = ring_comm_bytes(m, m.kv_heads, seq_len // sp, sp, batch, elem)
+        return {"forward": m.layers * fwd, "backward": m.layers * bwd, "all_to_all": 0.0}
+
+    @classmethod
+    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
+        return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
+
+    def make_layout(self, seq_len: int) -> Layout:
+        return Layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options))
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
-        out = ring_attention(module, query, key, value, batch, state.sp_group, state.sp_rank, batch.layout, **kwargs)
+        out = ring_attention(module, query, key, value, batch, self.sp_group, self.sp_rank, batch.layout, **kwargs)
         return out.transpose(1, 2)  # (B, h, S/P, D) -> (B, S/P, h, D)
-
-
-def check_layout_option(options: dict) -> None:
-    """Validate the ``layout`` and ``backend`` options."""
-    from hf_seqpar.kernels import BACKENDS
-
-    kind = options.get("layout", "zigzag")
-    if kind not in ("zigzag", "contiguous"):
-        raise ValueError(f"layout={kind!r}; use 'zigzag' (balanced causal work) or 'contiguous'")
-    backend = options.get("backend")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; valid attention backends: {sorted(BACKENDS)} (or leave it unset)")

@@ -12,20 +12,17 @@ import torch.distributed as dist
 
 from hf_seqpar.kernels import compute_dtype
 
-from ..comm import all_to_all
-from ..layout import Layout
-from ..local_attention import full_sequence_attention
-from .base import AttentionOnlyStrategy, check_no_options
+from hf_seqpar.core.comm import all_to_all
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.local_attention import full_sequence_attention
+from hf_seqpar.core.shape import ModelShape
+from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
 
-__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "HeadsNotDivisibleError"]
+__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "ulysses_comm_bytes", "HeadsNotDivisibleError"]
 
 
 class HeadsNotDivisibleError(ValueError):
     """The head count does not split over the SP ranks."""
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
@@ -43,10 +40,10 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
         raise HeadsNotDivisibleError(
             f"Ulysses splits attention heads over the SP ranks, but the model has {num_heads} query heads, "
             f"which sp_size={sp_size} does not divide. Use strategy='ring' or strategy='hybrid' (no "
-            f"head-count limit), or an sp_size that divides {num_heads}: {_divisors(num_heads)}."
+            f"head-count limit), or an sp_size that divides {num_heads}: {divisors(num_heads)}."
         )
     groups = num_heads // num_kv_heads
-    return next(r for r in _divisors(groups) if (num_kv_heads * r) % sp_size == 0)
+    return next(r for r in divisors(groups) if (num_kv_heads * r) % sp_size == 0)
 
 
 def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]:
@@ -74,32 +71,58 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
     return list(packed.split(sizes, dim=1))
 
 
-class UlyssesStrategy(AttentionOnlyStrategy):
+def ulysses_comm_bytes(m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, ulysses: int) -> float:
+    """Bytes one rank sends per layer and direction in the Ulysses all-to-all of degree ``ulysses``
+    over an SP group of ``sp`` ranks: ``(2 h_q + 2 h_kv') B N/P d (U-1)/U`` elements."""
+    if ulysses == 1:
+        return 0.0
+    kv_eff = m.kv_heads * kv_replication(m.heads, m.kv_heads, ulysses)
+    return (2 * m.heads + 2 * kv_eff) * batch * (seq_len // sp) * m.head_dim * elem * (ulysses - 1) / ulysses
+
+
+class UlyssesStrategy(Strategy):
     """``strategy="ulysses"``: contiguous shards, heads exchanged by all-to-all."""
 
     name = "ulysses"
     description = "all-to-all between sequence shards and head shards (DeepSpeed-Ulysses)"
-    available = True
 
-    def make_layout(self, seq_len: int, state) -> Layout:
-        return Layout("contiguous", seq_len, state.sp_size, state.sp_size)
+    @classmethod
+    def check_model(cls, model_config, sp_size: int, options) -> None:
+        heads = model_config.num_attention_heads
+        kv_replication(heads, getattr(model_config, "num_key_value_heads", None) or heads, sp_size)
 
-    def check_model(self, config, sp_size: int, options: dict) -> None:
-        check_no_options(self.name, options)
-        heads = config.num_attention_heads
-        kv_replication(heads, getattr(config, "num_key_value_heads", None) or heads, sp_size)
+    @classmethod
+    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
+        return sp, 1
+
+    @classmethod
+    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
+        return [cls.Options()] if heads % sp == 0 else []
+
+    @classmethod
+    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
+        a2a = m.layers * ulysses_comm_bytes(m, seq_len, sp, batch, elem, sp)
+        return {"forward": a2a, "backward": a2a, "all_to_all": 2 * a2a}
+
+    @classmethod
+    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
+        kv = m.kv_heads * kv_replication(m.heads, m.kv_heads, sp) if sp > 1 else m.kv_heads
+        return ActivationTerms(kv_heads=kv, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
+
+    def make_layout(self, seq_len: int) -> Layout:
+        return Layout("contiguous", seq_len, self.sp_size, self.sp_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         state = batch.state
-        group, counter, layer = state.sp_group, state.counter, getattr(module, "layer_idx", None)
-        rep = kv_replication(query.shape[1], key.shape[1], state.sp_size)
+        group, counter, layer = self.sp_group, state.counter, getattr(module, "layer_idx", None)
+        rep = kv_replication(query.shape[1], key.shape[1], self.sp_size)
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/P, S, D): scatter heads, gather the sequence in rank order
         q, k, v = seq_to_heads((query, key, value), group, counter, layer)
         if kwargs.get("s_aux") is not None:  # per-head attention sinks (GPT-OSS): those of this rank's heads
             n = q.shape[1]
-            kwargs["s_aux"] = kwargs["s_aux"][state.sp_rank * n:(state.sp_rank + 1) * n]
+            kwargs["s_aux"] = kwargs["s_aux"][self.sp_rank * n:(self.sp_rank + 1) * n]
         out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)

@@ -1,4 +1,5 @@
-"""Stage 1: the ``dp x sp`` device mesh, and the state object SP keeps on the model."""
+"""The device mesh SP runs on (sizes and groups taken by dimension name), and the state object SP
+keeps on the model."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .comm import CommCounter
-from .config import SequenceParallelConfig
+from hf_seqpar.core.comm import CommCounter
 
-__all__ = ["build_mesh", "SeqParState", "STATE_ATTR", "find_state", "unwrap_model"]
+__all__ = ["build_mesh", "MeshDims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState", "STATE_ATTR", "find_state", "unwrap_model"]
 
 #: Attribute of the underlying ``PreTrainedModel`` that holds its :class:`SeqParState`.
 STATE_ATTR = "hf_seqpar_state"
@@ -21,6 +21,25 @@ STATE_ATTR = "hf_seqpar_state"
 def _device_type() -> str:
     backend = dist.get_backend()
     return "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
+
+
+def check_positive_int(name: str, value, allow_none: bool = True) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_sp_size(world_size: int, sp_size: int) -> None:
+    """Raise ``ValueError`` (giving the valid degrees) unless ``sp_size`` divides ``world_size``."""
+    if world_size % sp_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"world size {world_size} is not a multiple of sp_size={sp_size}: the ranks must split evenly into "
+            f"data-parallel replicas of sp_size ranks each. Use an sp_size in {divisors}, or launch a multiple "
+            f"of {sp_size} processes."
+        )
 
 
 def build_mesh(sp_size: int, device_type: str | None = None, timeout: float | None = None) -> DeviceMesh:
@@ -46,7 +65,8 @@ def build_mesh(sp_size: int, device_type: str | None = None, timeout: float | No
     """
     require_distributed()
     world = dist.get_world_size()
-    SequenceParallelConfig(sp_size=sp_size).validate(world)
+    check_positive_int("sp_size", sp_size, allow_none=False)
+    check_sp_size(world, sp_size)
     override = None
     if timeout is not None:
         options = _backend_options(timeout)
@@ -82,6 +102,59 @@ def require_distributed() -> None:
         )
 
 
+class MeshDims:
+    """Sizes, ranks and groups of a mesh, read by dimension name.
+
+    The mesh needs an ``"sp"`` dimension (the ranks that share one sequence). A ``"dp"`` dimension,
+    when present, is the data-parallel replicas: batches are split over it and gradients averaged
+    over it. Other dimensions (``"pp"``, ...) are left to the user: hf_seqpar neither splits data
+    nor reduces gradients over them.
+
+    Args:
+        mesh: a ``DeviceMesh``.
+
+    Raises:
+        ValueError: the mesh has no dimension named ``"sp"``.
+    """
+
+    def __init__(self, mesh: DeviceMesh):
+        names = tuple(mesh.mesh_dim_names or ())
+        if "sp" not in names:
+            raise ValueError(
+                f"the mesh needs a dimension named 'sp' (the ranks that share one sequence); it has {names or 'no names'}. "
+                "Build it with init_device_mesh(..., mesh_dim_names=(..., 'sp')) or let hf_seqpar build ('dp', 'sp')")
+        self.mesh, self.names = mesh, names
+        self.sp_mesh = mesh["sp"]
+        self.sp_size = self.sp_mesh.size()
+        self.sp_rank = mesh.get_local_rank("sp")
+        self.sp_group = mesh.get_group("sp")
+        self.has_dp = "dp" in names
+        self.dp_size = mesh["dp"].size() if self.has_dp else 1
+        self.dp_rank = mesh.get_local_rank("dp") if self.has_dp else 0
+        self.dp_group = mesh.get_group("dp") if self.has_dp else None
+
+    def sp_ranks_grid(self) -> torch.Tensor:
+        """Global ranks as ``(rest, sp)``: the ``"sp"`` dimension last, all others flattened (one row
+        per SP group), for strategies that build a finer mesh over the same ranks."""
+        return self.mesh.mesh.movedim(self.names.index("sp"), -1).reshape(-1, self.sp_size)
+
+
+def check_mesh(mesh: DeviceMesh, sp_size: int | None) -> MeshDims:
+    """Check a user's mesh against the configured ``sp_size`` (None: take the mesh's).
+
+    Returns:
+        The mesh's :class:`MeshDims`.
+
+    Raises:
+        ValueError: no ``"sp"`` dimension, or its size is not ``sp_size``.
+    """
+    dims = MeshDims(mesh)
+    if sp_size is not None and dims.sp_size != sp_size:
+        raise ValueError(f"the mesh's 'sp' dimension has size {dims.sp_size} but sp_size={sp_size}; pass "
+                         f"sp_size={dims.sp_size} (or None) with this mesh")
+    return dims
+
+
 @dataclass
 class SeqParState:
     """Everything SP needs at run time, attached to the model (``model.hf_seqpar_state``).
@@ -90,12 +163,14 @@ class SeqParState:
     through the model or through the per-batch context that ``shard_batch`` creates.
     """
 
-    config: SequenceParallelConfig
-    """The validated configuration (``sp_size`` resolved)."""
+    config: Any
+    """The validated :class:`~hf_seqpar.config.SequenceParallelConfig` (``sp_size`` and, for
+    ``auto``, the strategy resolved)."""
     mesh: DeviceMesh
-    """The ``("dp", "sp")`` mesh."""
+    """The mesh (``"sp"`` dimension, usually ``"dp"``)."""
     strategy: Any
-    """The strategy object from ``hf_seqpar.strategies.STRATEGIES``."""
+    """The :class:`~hf_seqpar.strategies.base.Strategy` built for this model: its groups and sizes,
+    and whatever it built in ``apply``."""
     original_attn_implementation: str
     """The attention implementation the model had; restored by ``disable_sequence_parallel``."""
     original_loss_function: Any = None
@@ -105,36 +180,45 @@ class SeqParState:
     batches_checked: int = 0
     """How many batches ``shard_batch`` verified to be identical across the SP group."""
     last_layout: Any = None
-    """The :class:`~hf_seqpar.layout.Layout` of the most recent ``shard_batch`` call, used by
+    """The :class:`~hf_seqpar.core.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
     features: Any = None
-    """The model's :class:`~hf_seqpar.features.AttentionFeatures`, read at enable time."""
+    """The model's :class:`~hf_seqpar.core.features.AttentionFeatures`, read at enable time."""
+    requested: Any = None
+    """The configuration as requested (before ``auto`` was resolved), to recognise a repeated call."""
     hooks: list = field(default_factory=list)
     """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
-    of the full sequence, :mod:`hf_seqpar.moe`); removed by ``disable_sequence_parallel``."""
-    strategy_state: dict = field(default_factory=dict)
-    """What a strategy's ``apply`` builds for itself and its ``remove`` needs (the hybrid
-    strategy's 3D mesh; Megatron-SP's hooks and weight re-layouts)."""
+    of the full sequence, :mod:`hf_seqpar.core.moe`); removed by ``disable_sequence_parallel``."""
 
     @property
     def sp_group(self):
         """Process group of this rank's SP group."""
-        return self.mesh.get_group("sp")
+        return self.strategy.sp_group
 
     @property
     def dp_group(self):
-        """Process group of this rank's data-parallel replicas (same SP rank)."""
-        return self.mesh.get_group("dp")
+        """Process group of this rank's data-parallel replicas (same SP rank); None without ``"dp"``."""
+        return self.strategy.dp_group
 
     @property
     def sp_size(self) -> int:
         """Ranks per sequence."""
-        return self.mesh.size(1)
+        return self.strategy.sp_size
 
     @property
     def sp_rank(self) -> int:
         """This rank's index inside its SP group."""
-        return self.mesh.get_local_rank("sp")
+        return self.strategy.sp_rank
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (the ``"dp"`` dimension; 1 without one)."""
+        return self.strategy.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index along ``"dp"`` (0 without one)."""
+        return self.strategy.dims.dp_rank
 
 
 def unwrap_model(model):

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .sharding import IGNORE_INDEX
+from hf_seqpar.core.sharding import IGNORE_INDEX
 
 __all__ = ["pack_documents", "byte_tokenizer"]
 

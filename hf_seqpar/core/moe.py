@@ -11,7 +11,7 @@ average to the unsharded ones. :func:`install` registers a forward hook on the m
 replaces it by the aux loss of the full sequence: the per-expert sums of every rank and the row
 count are summed over the SP group with a differentiable all-reduce, and ``aux`` is computed
 once from them (the same value on every rank). The all-reduce's backward sums the ranks' output
-gradients, so, as for the cross-entropy (:mod:`hf_seqpar.loss`), each rank's gradient is ``P``
+gradients, so, as for the cross-entropy (:mod:`hf_seqpar.core.loss`), each rank's gradient is ``P``
 times its share and the average over ranks is the unsharded gradient.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .comm import all_reduce_sum
+from hf_seqpar.core.comm import all_reduce_sum
 
 __all__ = ["router_spec", "load_balancing_loss", "install"]
 

@@ -2,7 +2,7 @@
 
 ``shard_batch`` records the structure of the whole batch once (it sees the full batch, so this
 costs no communication). The main path turns it into segments and variable-length pieces
-(:mod:`hf_seqpar.segments`, O(S)); this module holds the two other forms:
+(:mod:`hf_seqpar.core.segments`, O(S)); this module holds the two other forms:
 
 - a 4D mask in the format of the model's own attention implementation, built by that
   implementation's function from transformers' ``AttentionMaskInterface`` (so ``sdpa`` and

@@ -78,8 +78,8 @@ def _case_kernels() -> dict:
 def _case_pieces() -> dict:
     from hf_seqpar.kernels import reference_forward
     from hf_seqpar.kernels.varlen import varlen_attention
-    from hf_seqpar.masks import document_ids
-    from hf_seqpar.segments import build_segments, plan_pieces
+    from hf_seqpar.core.masks import document_ids
+    from hf_seqpar.core.segments import build_segments, plan_pieces
 
     results = {}
     s = 4096
@@ -109,7 +109,7 @@ def _case_pieces() -> dict:
 
 def _case_long(strategy: str, rows: str, seq: int) -> dict:
     import hf_seqpar
-    from hf_seqpar.accelerate import SequenceParallelPlugin, prepare_model
+    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -198,7 +198,7 @@ def run_selftest(out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | N
         if left < 20:
             report["results"][name] = {"ok": False, "error": "not run: time budget spent"}
             continue
-        cmd = [sys.executable, "-m", "hf_seqpar.selftest", "--case", name]
+        cmd = [sys.executable, "-m", "hf_seqpar.tools.selftest", "--case", name]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

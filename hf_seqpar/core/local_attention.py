@@ -2,12 +2,12 @@
 
 After Ulysses' all-to-all a rank holds a few heads of the whole sequence. For ``sdpa`` and
 ``eager`` models the attention runs as variable-length pieces planned from the batch's segments
-(:mod:`hf_seqpar.segments`, :mod:`hf_seqpar.kernels.varlen`): one kernel call per document (or
+(:mod:`hf_seqpar.core.segments`, :mod:`hf_seqpar.kernels.varlen`): one kernel call per document (or
 window-band tile), O(S) memory, no dense mask. ``flash_attention_2/3`` run transformers' own
 varlen flash function over the document segments. Only features the kernels do not have (logit
 soft-capping, attention sinks, attention dropout) fall back to the model's own eager/sdpa
 function with transformers' dense full-sequence mask (O(S^2) memory for padded, packed or
-windowed batches; see :mod:`hf_seqpar.masks`).
+windowed batches; see :mod:`hf_seqpar.core.masks`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_seqpar.kernels.varlen import varlen_attention
 
-from .masks import dense_mask, flash_segments
-from .segments import plan_pieces
+from hf_seqpar.core.masks import dense_mask, flash_segments
+from hf_seqpar.core.segments import plan_pieces
 
 __all__ = ["SUPPORTED_INNER", "full_sequence_attention", "needs_dense_path"]
 
@@ -97,7 +97,7 @@ def full_sequence_attention(
         query: ``(B, h_q, S, D)`` for the full padded sequence, in global order.
         key: ``(B, h_kv, S, D)``; ``h_q`` must be a multiple of ``h_kv``.
         value: like ``key``.
-        batch: the :class:`~hf_seqpar.sharding.SeqParBatch` of this forward.
+        batch: the :class:`~hf_seqpar.core.sharding.SeqParBatch` of this forward.
         impl: the model's original attention implementation.
         **kwargs: what the model passed to attention (``scaling``, ``dropout``,
             ``sliding_window``, ...); ``s_aux`` (attention sinks) must be those of the heads of
@@ -127,7 +127,7 @@ def full_sequence_attention(
         pieces = batch.cached(("pieces", seq_len, is_causal, window),
                               lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        backend = batch.state.config.options.get("backend")
+        backend = batch.state.strategy.backend
         # (B, h, S, D) -> (B, S, h, D) as the model's own attention functions return it
         return varlen_attention(query, key, value, pieces, scale=scale, backend=backend).transpose(1, 2)
     mask_fn = AttentionMaskInterface._global_mapping[impl]

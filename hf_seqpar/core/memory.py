@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-from . import moe
-from .comm import all_reduce_sum
-from .loss import combines
-from .logits import LogitTransform, logit_transform
-from .sharding import IGNORE_INDEX
+from hf_seqpar.core import moe
+from hf_seqpar.core.loss import combines
+from hf_seqpar.core.logits import LogitTransform, logit_transform
+from hf_seqpar.core.sharding import IGNORE_INDEX
 
 __all__ = [
     "ChunkedLMHeadCrossEntropy",
@@ -46,7 +45,7 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
     in backward. Inputs: hidden ``(N, H)``, weight ``(V, H)``, bias ``(V,)`` or None, labels
     ``(N,)`` (``-100`` ignored), chunk size, normalizer (a number or 0-dim tensor), and the logit
     transformation ``f(z) = softcap * tanh(scale * z / softcap)`` (``scale * z`` when ``softcap``
-    is None; see :class:`hf_seqpar.logits.LogitTransform`)."""
+    is None; see :class:`hf_seqpar.core.logits.LogitTransform`)."""
 
     @staticmethod
     def _logits(h, weight, bias, acc, scale, softcap):
@@ -176,13 +175,12 @@ def _chunked_forward(chunk: int, transform: LogitTransform):
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items,
                                transform)
         if combines(seqpar):  # the exact SP loss: sum_local / N, summed over the SP group
-            combine = getattr(self.loss_function, "combine", all_reduce_sum)  # the strategy's (see loss.py)
-            loss = combine(loss, seqpar.state.sp_group, seqpar.state.counter)
+            loss = seqpar.state.strategy.combine_loss(loss, seqpar.state.sp_group, seqpar.state.counter)
         router_logits = getattr(out, "router_logits", None)
         if not router_logits:
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                           attentions=out.attentions)
-        # MoE: under SP the hook of hf_seqpar.moe adds the full sequence's aux loss to this output
+        # MoE: under SP the hook of hf_seqpar.core.moe adds the full sequence's aux loss to this output
         aux = None
         spec = moe.router_spec(self.config)
         if seqpar is None and spec is not None:
@@ -244,7 +242,7 @@ def check_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: 
     features (called before sequence parallelism is enabled, so a refusal leaves the model as it was).
 
     Returns:
-        The model's :class:`~hf_seqpar.logits.LogitTransform` when ``loss_chunk_size`` is set, else None.
+        The model's :class:`~hf_seqpar.core.logits.LogitTransform` when ``loss_chunk_size`` is set, else None.
 
     Raises:
         ValueError, TypeError: as :func:`install_memory_features`.
@@ -272,7 +270,7 @@ def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles
 
     Raises:
         ValueError: the model transforms its logits in a way the chunked loss cannot reproduce
-            (see :func:`hf_seqpar.logits.logit_transform`), or a size is not positive.
+            (see :func:`hf_seqpar.core.logits.logit_transform`), or a size is not positive.
         TypeError: not a causal LM with an lm_head.
     """
     remove_memory_features(model)

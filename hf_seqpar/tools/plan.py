@@ -2,16 +2,17 @@
 
 Per candidate (strategy x SP degree x Ulysses/ring split) it predicts per-rank memory (model
 states under the chosen sharding, activations with or without checkpointing, logits with or
-without the chunked loss; :mod:`hf_seqpar.theory`) and communication per step with its time on
+without the chunked loss; :mod:`hf_seqpar.tools.theory`) and communication per step with its time on
 the links the groups span, then recommends the fitting candidate with the least SP communication
 time. It also finds the longest sequence each candidate fits.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .theory import ModelShape, activation_bytes, comm_bytes
+from hf_seqpar.strategies import STRATEGIES, strategy_class
+from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
 
 __all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB"]
 
@@ -67,63 +68,70 @@ class Candidate:
     """A strategy with its degrees."""
 
     strategy: str
+    """Strategy name."""
     sp: int
+    """SP degree."""
     ulysses: int
+    """Ulysses degree (1 for ring and tensor parallel)."""
     ring: int
+    """Ring degree (1 for Ulysses and tensor parallel)."""
+    options: object = None
+    """The strategy's typed options (None: its defaults)."""
+
+    @property
+    def cls(self):
+        return strategy_class(self.strategy)
+
+    @property
+    def opts(self):
+        return self.options if self.options is not None else self.cls.Options()
 
     @property
     def label(self) -> str:
-        if self.strategy == "hybrid":
-            return f"hybrid {self.ulysses}x{self.ring}"
-        return f"{self.strategy} {self.sp}"
+        return self.cls.label(self.sp, self.opts)
 
 
 def candidates(shape: ModelShape, cluster: Cluster) -> list[Candidate]:
-    """Every strategy and split that can run ``shape`` on the cluster (``sp`` divides the GPUs)."""
+    """Every strategy and split that can run ``shape`` on the cluster (``sp`` divides the GPUs); each
+    strategy says which option sets it can run with (``Strategy.plan_options``)."""
     out = []
     for sp in (d for d in range(1, cluster.gpus + 1) if cluster.gpus % d == 0):
-        if shape.heads % sp == 0:
-            out.append(Candidate("ulysses", sp, sp, 1))
-        if sp > 1:
-            out.append(Candidate("ring", sp, 1, sp))
-            out += [Candidate("hybrid", sp, u, sp // u) for u in range(2, sp)
-                    if sp % u == 0 and shape.heads % u == 0]
-        if sp > 1 and shape.heads % sp == 0 and sp <= cluster.gpus_per_node:
-            out.append(Candidate("megatron", sp, 1, 1))
+        for name, cls in STRATEGIES.items():
+            for options in cls.plan_options(shape.heads, sp, cluster.gpus_per_node):
+                u, r = cls.split(sp, options, shape.heads)
+                out.append(Candidate(name, sp, u, r, options))
     return out
 
 
 def _states(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup) -> float:
     per = dict(zip(("param", "grad", "opt"), STATE_BYTES[setup.optimizer]))
-    params = shape.params / (cand.sp if cand.strategy == "megatron" else 1)
-    shard_over = cluster.gpus // (cand.sp if cand.strategy == "megatron" else 1)
+    tp = cand.sp if cand.cls.shards_parameters else 1  # tensor parallel: each rank holds 1/T of the model
+    params, shard_over = shape.params / tp, cluster.gpus // tp
     return sum(params * b / (shard_over if k in SHARDED[setup.sharding] else 1) for k, b in per.items())
 
 
 def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
-    """Seconds of SP traffic per step on the links the groups span (Ulysses and TP groups are
-    consecutive ranks; the ring crosses nodes once the SP group does)."""
+    """Seconds of SP traffic per step on the links the groups span (groups are consecutive ranks;
+    a group crosses nodes once it is larger than a node)."""
     if cand.sp == 1:
         return 0.0
     bw = lambda ranks: (cluster.intra_gbps if ranks <= cluster.gpus_per_node else cluster.inter_gbps) * 1e9  # noqa
-    if cand.strategy == "hybrid":  # the all-to-all stays inside a Ulysses group, the ring spans the SP group
-        return comm["all_to_all"] / bw(cand.ulysses) + (comm["total"] - comm["all_to_all"]) / bw(cand.sp)
-    return comm["total"] / bw(cand.sp)
+    return cand.cls.comm_seconds(comm, cand.sp, cand.opts, bw)
 
 
 def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster, setup: Setup) -> dict:
     """Predicted memory (bytes) and communication of one candidate at one sequence length."""
-    multiple = 2 * cand.sp if cand.strategy in ("ring", "hybrid") else cand.sp
+    multiple = cand.cls.seq_multiple(cand.sp, cand.opts)
     seq = -(-seq_len // multiple) * multiple
     states = _states(shape, cand, cluster, setup)
     acts = activation_bytes(cand.strategy if cand.sp > 1 else None, shape, seq, cand.sp, setup.batch, setup.elem,
-                            ulysses_size=cand.ulysses if cand.strategy == "hybrid" else None,
+                            ulysses_size=getattr(cand.opts, "ulysses_size", None),
                             checkpointing=setup.checkpointing, chunked_loss=setup.chunked_loss)
     comm = comm_bytes(cand.strategy, shape, seq, cand.sp, setup.batch, setup.elem,
-                      ulysses_size=cand.ulysses if cand.strategy == "hybrid" else None) if cand.sp > 1 else {"total": 0}
+                      ulysses_size=getattr(cand.opts, "ulysses_size", None)) if cand.sp > 1 else {"total": 0}
     total = states + acts
     budget = (cluster.gpu_mem_gib - cluster.reserve_gib) * GiB
-    return dict(candidate=cand.label, **asdict(cand), dp=cluster.gpus // cand.sp, seq_len=seq,
+    return dict(candidate=cand.label, strategy=cand.strategy, sp=cand.sp, ulysses=cand.ulysses, ring=cand.ring, dp=cluster.gpus // cand.sp, seq_len=seq,
                 states_bytes=states, activation_bytes=acts, total_bytes=total, budget_bytes=budget,
                 reserve_bytes=cluster.reserve_gib * GiB,
                 fits=total <= budget,
@@ -143,7 +151,7 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
                       "--reserve); add GPUs, enable checkpointing and the chunked loss, or shorten the sequence")
     # prefer candidates that leave 10% of the budget as headroom (allocator fragmentation, spikes)
     roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]] or fitting
-    best = min(roomy, key=lambda r: (r["comm_seconds"], r["sp"], r["strategy"] != "ulysses"))
+    best = min(roomy, key=lambda r: (r["comm_seconds"], r["sp"], r["ring"]))
     why = (f"{best['candidate']} fits in {best['total_bytes'] / GiB:.1f} GiB per GPU "
            f"({best['states_bytes'] / GiB:.1f} states + {best['activation_bytes'] / GiB:.1f} activations) with "
            f"{best['comm_seconds'] * 1e3:.1f} ms of SP traffic per step, the least of the "

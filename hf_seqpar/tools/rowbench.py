@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .bench import _PeakRSS
+from hf_seqpar.tools.bench import _PeakRSS
 
 __all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
 

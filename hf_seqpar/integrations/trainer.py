@@ -16,7 +16,7 @@ What it changes, and why:
   but sharded over the data-parallel replicas only (every rank of an SP group gets the same full
   batches); the Trainer's own loader would give every rank different data.
 * **num_items_in_batch**: ``get_batch_samples`` counts the tokens that count in the loss
-  (:func:`hf_seqpar.sharding.count_label_tokens`, the rule ``shard_batch`` applies) over the full
+  (:func:`hf_seqpar.core.sharding.count_label_tokens`, the rule ``shard_batch`` applies) over the full
   batches of one optimizer step, summed over the data-parallel replicas when
   ``average_tokens_across_devices``; the stock count would include every SP rank.
 * **compute_loss** shards each full batch with :func:`hf_seqpar.shard_batch` and calls the host
@@ -44,10 +44,11 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from .accelerate import SequenceParallelPlugin, prepare_model
-from .comm import all_reduce_sum
-from .mesh import find_state, unwrap_model
-from .sharding import count_label_tokens, gather_sequence, shard_batch
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
+from hf_seqpar.core.comm import all_reduce_sum
+from hf_seqpar.core.mesh import find_state, unwrap_model
+from hf_seqpar.core.sharding import count_label_tokens, gather_sequence, shard_batch
+from hf_seqpar.strategies import AUTO, strategy_class
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
 
@@ -73,7 +74,7 @@ class SequenceParallelMixin(Trainer):
             without ``use_cpu``): each rank would train alone.
         ValueError: invalid plugin / sizes, or options SP cannot make exact (label smoothing,
             ``compute_loss_func``, ``loss_chunk_size`` under TRL's fused LM head).
-        NotImplementedError: ``strategy="megatron"`` (use ``prepare_sequence_parallel``).
+        NotImplementedError: a strategy the Trainer cannot drive (``Strategy.check_trainer``: Megatron-SP).
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -104,11 +105,8 @@ class SequenceParallelMixin(Trainer):
                 "every rank would step on its own gradients. On a machine without GPUs pass "
                 "TrainingArguments(use_cpu=True) (or set ACCELERATE_USE_CPU=true) so that accelerate runs the ranks "
                 "as gloo MULTI_CPU.")
-        if self.sp_plugin.strategy == "megatron":
-            raise NotImplementedError(
-                "SequenceParallelTrainer does not support strategy='megatron' yet: the Trainer wraps the model in "
-                "DDP, which cannot hold Megatron-SP's DTensor parameters. Use hf_seqpar.prepare_sequence_parallel "
-                "(as recipes/finetune_long_context.py does) or another strategy (ulysses, ring, hybrid).")
+        if self.sp_plugin.strategy != AUTO:  # auto picks ulysses, hybrid or ring, which the Trainer drives
+            strategy_class(self.sp_plugin.strategy).check_trainer()
         if self.args.label_smoothing_factor:
             raise ValueError(
                 f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with sequence "
@@ -157,11 +155,11 @@ class SequenceParallelMixin(Trainer):
             if is_training:
                 params["worker_init_fn"] = partial(seed_worker, num_workers=self.args.dataloader_num_workers,
                                                    rank=self.args.process_index)
-        acc, mesh = self.accelerator, self.sp_state.mesh
+        acc, state = self.accelerator, self.sp_state
         # what Accelerator.prepare_data_loader does, with the data-parallel replicas as the processes
         return prepare_data_loader(
-            DataLoader(dataset, **params), acc.device, num_processes=mesh.size(0),
-            process_index=mesh.get_local_rank("dp"), split_batches=acc.split_batches,
+            DataLoader(dataset, **params), acc.device, num_processes=state.dp_size,
+            process_index=state.dp_rank, split_batches=acc.split_batches,
             put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=acc.dispatch_batches,
             even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
             data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking)
@@ -188,7 +186,7 @@ class SequenceParallelMixin(Trainer):
         if not batches or "labels" not in batches[0]:
             return None
         n = torch.as_tensor(sum(count_label_tokens(b) for b in batches), device=self.args.device)
-        if self.args.average_tokens_across_devices and self.sp_state.mesh.size(0) > 1:
+        if self.args.average_tokens_across_devices and self.sp_state.dp_size > 1:
             n = n.clone()
             dist.all_reduce(n, group=self.sp_state.dp_group)
         return n
@@ -241,7 +239,7 @@ class SequenceParallelMixin(Trainer):
         gradients over all ``dp x sp`` ranks, so each rank's gradient must be ``sp`` (and ``dp`` when
         ``N`` counts every replica) times its own share; the value is the SP group's loss (times
         ``dp``, as the stock Trainer logs it under ``average_tokens_across_devices``)."""
-        sp, dp = self.sp_state.mesh.size(1), self.sp_state.mesh.size(0)
+        sp, dp = self.sp_state.sp_size, self.sp_state.dp_size
         c = self._host_loss_scale(num_items_in_batch)
         across = self.args.average_tokens_across_devices and num_items_in_batch is not None
         grad_scale, value_scale = (sp * dp, dp) if across else (sp, 1)
@@ -259,7 +257,7 @@ class SequenceParallelMixin(Trainer):
         else:
             return
         n = n.to(self.args.device).clone()
-        if self.sp_state.mesh.size(0) > 1:
+        if self.sp_state.dp_size > 1:
             dist.all_reduce(n, group=self.sp_state.dp_group)
         self._total_train_tokens = before + int(n)
         if hasattr(self, "_metrics"):

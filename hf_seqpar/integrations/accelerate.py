@@ -3,7 +3,7 @@
 The SP settings live in a YAML file passed to the script (``--sp-config path.yaml``) or named
 by the environment variable ``HF_SEQPAR_CONFIG``: either the plugin's own file (keys = field
 names) or the accelerate config file given to ``accelerate launch``, with the fields as
-``hf_seqpar_*`` keys of its ``parallelism_config:`` section (see :mod:`hf_seqpar.parallelism`,
+``hf_seqpar_*`` keys of its ``parallelism_config:`` section (see :mod:`hf_seqpar.integrations.parallelism`,
 which also reads and checks accelerate's own ``ParallelismConfig``)::
 
     accelerator = Accelerator(gradient_accumulation_steps=4, mixed_precision="bf16")
@@ -20,57 +20,43 @@ The dataloader is sharded over the *data-parallel* replicas only (every rank of 
 the same batches; accelerate's ``prepare_data_loader`` with ``num_processes=dp_size``), then
 each batch goes through :func:`hf_seqpar.shard_batch`. The model is prepared by accelerate as
 usual (DDP, FSDP2, DeepSpeed): they average gradients over all ranks, which the SP loss is built
-for (see :mod:`hf_seqpar.loss`). The scheduler steps once per optimizer step.
+for (see :mod:`hf_seqpar.core.loss`). The scheduler steps once per optimizer step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from .api import enable_sequence_parallel
-from .config import CHECK_BATCH_MODES
-from .memory import check_memory_features, install_memory_features
-from .mesh import build_mesh, find_state, unwrap_model
-from .parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
+from hf_seqpar.api import enable_sequence_parallel
+from hf_seqpar.config import SequenceParallelConfig
+from hf_seqpar.core.mesh import check_positive_int
+from hf_seqpar.core.memory import check_memory_features, install_memory_features
+from hf_seqpar.core.mesh import build_mesh, find_state, unwrap_model
+from hf_seqpar.integrations.parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
                           is_accelerate_config, plugin_section)
-from .sharding import shard_batch
+from hf_seqpar.core.sharding import shard_batch
 
 __all__ = ["SequenceParallelPlugin", "SP_CONFIG_ENV", "prepare_sequence_parallel", "prepare_model",
            "SequenceParallelDataLoader", "shard_dataloader"]
 
 #: Environment variable naming the plugin's YAML file (used when no path is given).
 SP_CONFIG_ENV = "HF_SEQPAR_CONFIG"
-LAYOUTS = ("contiguous", "zigzag")
 
 
 @dataclass
-class SequenceParallelPlugin:
-    """Everything about sequence parallelism that a training script needs, loadable from YAML.
+class SequenceParallelPlugin(SequenceParallelConfig):
+    """Everything about sequence parallelism that a training script needs, loadable from YAML: the
+    :class:`~hf_seqpar.config.SequenceParallelConfig` (strategy, degrees, strategy options) plus the
+    memory features and the collective timeout.
 
     Keys of the YAML file are the field names; unknown keys are rejected.
     """
 
-    strategy: str = "ulysses"
-    """SP strategy, a name of ``hf_seqpar.STRATEGIES`` (``ulysses``, ``ring``, ``hybrid``, ``megatron``), or
-    ``auto`` (ulysses, hybrid or ring from the model's head counts; the choice is logged)."""
-    sp_size: int | None = None
-    """Ranks per sequence; None = all launched ranks. The world size must be a multiple; the
-    quotient is the data-parallel degree."""
-    ulysses_size: int | None = None
-    """``hybrid`` only: ranks of the Ulysses (all-to-all) dimension inside each SP group; the
-    rest of the SP group is the ring dimension."""
-    layout: str | None = None
-    """``ring`` only: sequence layout, ``zigzag`` (balanced causal work) or ``contiguous``."""
-    options: dict = field(default_factory=dict)
-    """Further strategy-specific options, passed through to ``enable_sequence_parallel``."""
-    check_batch: str = "first"
-    """When ``shard_batch`` checks that the SP group got identical batches: first/always/never."""
-    count_comm: bool = False
-    """Count bytes of every collective on ``model.hf_seqpar_state.counter``."""
     loss_chunk_size: int | None = None
     """Tokens per chunk of the chunked lm_head + cross-entropy (recomputed in backward); None =
     the model's own loss (full ``shard x vocab`` fp32 logits). 4096-16384 is typical at 128K."""
@@ -108,6 +94,9 @@ class SequenceParallelPlugin:
         if not isinstance(data, dict):
             raise ValueError(f"{source} must be a mapping of option: value, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
+        if "options" in data:  # hf_seqpar 0.1 kept strategy options in a mapping
+            raise ValueError(f"{source}: the key 'options' was removed in hf_seqpar 0.2; write its entries as "
+                             f"top-level keys instead (e.g. 'backend: reference'; valid keys: {', '.join(names)})")
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(names)}")
@@ -152,35 +141,24 @@ class SequenceParallelPlugin:
         path = path or os.environ.get(SP_CONFIG_ENV)
         return cls.from_yaml(path) if path else cls().validate()
 
-    def validate(self) -> "SequenceParallelPlugin":
-        """Check every field; return ``self``.
+    def validate(self, world_size: int | None = None) -> "SequenceParallelPlugin":
+        """Check every field (the config's, then the memory features); return ``self``.
+
+        Args:
+            world_size: as :meth:`SequenceParallelConfig.validate`.
 
         Raises:
             ValueError: a field has the wrong type or value (the message names it and the fix).
         """
-        from .strategies import AUTO, STRATEGIES
-
-        if self.strategy not in STRATEGIES and self.strategy != AUTO:
-            raise ValueError(f"strategy: {self.strategy!r} is unknown; valid strategies: {', '.join(sorted(STRATEGIES))} "
-                             f"(or {AUTO!r})")
-        for name in ("sp_size", "ulysses_size", "loss_chunk_size", "mlp_tiles"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: must be a positive integer or null, got {v!r}")
+        super().validate(world_size)
+        for name in ("loss_chunk_size", "mlp_tiles"):
+            check_positive_int(name, getattr(self, name))
         t = self.collective_timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
             raise ValueError(f"collective_timeout_s: must be a positive number of seconds or null, got {t!r}")
-        for name in ("count_comm", "gradient_checkpointing", "offload_checkpoints"):
+        for name in ("gradient_checkpointing", "offload_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        if self.check_batch not in CHECK_BATCH_MODES:
-            raise ValueError(f"check_batch: {self.check_batch!r}; use one of {list(CHECK_BATCH_MODES)}")
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout: {self.layout!r}; use one of {list(LAYOUTS)} (or null for the strategy's default)")
-        if not isinstance(self.options, dict):
-            raise ValueError(f"options: must be a mapping, got {type(self.options).__name__}")
-        if self.ulysses_size is not None and self.sp_size is not None and self.sp_size % self.ulysses_size:
-            raise ValueError(f"ulysses_size={self.ulysses_size} must divide sp_size={self.sp_size}")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise ValueError("offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
                              "checkpointed layer inputs)")
@@ -199,15 +177,6 @@ class SequenceParallelPlugin:
         from accelerate.utils import InitProcessGroupKwargs
 
         return {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=self.collective_timeout_s))]}
-
-    def strategy_options(self) -> dict:
-        """The ``**options`` for ``enable_sequence_parallel`` (``ulysses_size``/``layout`` when set)."""
-        opts = dict(self.options)
-        if self.ulysses_size is not None:
-            opts["ulysses_size"] = self.ulysses_size
-        if self.layout is not None:
-            opts["layout"] = self.layout
-        return opts
 
 
 def enable_checkpointing(model) -> None:
@@ -230,7 +199,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
         mesh: a ``("dp", "sp")`` DeviceMesh; default :func:`hf_seqpar.build_mesh` over the world.
             Without a mesh (the HF Trainer's path) the ``ParallelismConfig`` of accelerate's current
             state is checked first: ``sp_size``/``cp_size``/``tp_size`` > 1 there are refused (the
-            Trainer would split the sequence itself; see :mod:`hf_seqpar.parallelism`).
+            Trainer would split the sequence itself; see :mod:`hf_seqpar.integrations.parallelism`).
 
     Returns:
         The same ``model``.
@@ -247,8 +216,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
     check_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles)  # refuse before changing the model
     if plugin.gradient_checkpointing:
         enable_checkpointing(model)
-    enable_sequence_parallel(model, plugin.strategy, plugin.sp_size, mesh=mesh, check_batch=plugin.check_batch,
-                             count_comm=plugin.count_comm, **plugin.strategy_options())
+    enable_sequence_parallel(model, mesh=mesh, config=plugin)
     install_memory_features(base, plugin.loss_chunk_size, plugin.mlp_tiles, plugin.offload_checkpoints)
     return model
 
@@ -302,7 +270,7 @@ def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_typ
     state = find_state(model)
     if state is None:
         raise RuntimeError("shard_dataloader needs a model after hf_seqpar.enable_sequence_parallel()")
-    dp_size, dp_rank = state.mesh.size(0), state.mesh.get_local_rank("dp")
+    dp_size, dp_rank = state.dp_size, state.dp_rank
     loader = prepare_data_loader(dataloader, device=device, num_processes=dp_size, process_index=dp_rank,
                                  put_on_device=device is not None, rng_types=rng_types,
                                  use_seedable_sampler=use_seedable_sampler, data_seed=data_seed)
@@ -347,24 +315,15 @@ def _repoint_optimizers(model, names: dict, objects) -> None:
             group["params"] = [current.get(names.get(id(p)), p) for p in group["params"]]
 
 
-def _has_dtensor_parameters(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _average_gradients_over_dp_by_hooks(model) -> None:
     """Average each gradient over the data-parallel replicas as it is accumulated (what DDP does;
     linear, so gradient accumulation is unaffected). Nothing to do with one replica."""
-    from .mesh import find_state
-    from .strategies.megatron import average_gradient_over_dp
-
     state = find_state(model)
-    if state.mesh.size(0) == 1:
+    if state.dp_size == 1:
         return
     for p in model.parameters():
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda param: average_gradient_over_dp(param, state))
+            p.register_post_accumulate_grad_hook(lambda param: state.strategy.average_gradient_over_dp(param, state.counter))
 
 
 def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
@@ -378,7 +337,7 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     Args:
         accelerator: an ``accelerate.Accelerator`` (created first: it initialises torch.distributed).
         plugin: the SP settings. ``sp_size`` may instead come from the accelerator's
-            ``ParallelismConfig`` (DDP/FSDP2 only; see :mod:`hf_seqpar.parallelism`).
+            ``ParallelismConfig`` (DDP/FSDP2 only; see :mod:`hf_seqpar.integrations.parallelism`).
         model: an unprepared causal LM (or PEFT model).
         *objects: optimizers, LR schedulers and DataLoaders, in any order.
 
@@ -392,18 +351,12 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     """
     from accelerate.scheduler import AcceleratedScheduler
 
-    from .strategies import AUTO, get_strategy
-
     plugin.validate()
-    if plugin.strategy != AUTO:
-        get_strategy(plugin.strategy)  # a unavailable strategy fails here, on every rank alike
     _ensure_process_group(accelerator)
     plugin = apply_parallelism_config(plugin, getattr(accelerator, "parallelism_config", None), dist.get_world_size(),
                                       deepspeed=getattr(accelerator, "distributed_type", None) == "DEEPSPEED")
     sp_size = plugin.sp_size or dist.get_world_size()
-    from .config import SequenceParallelConfig
-
-    SequenceParallelConfig(plugin.strategy, sp_size).validate(dist.get_world_size())  # clear message, no collective
+    dataclasses.replace(plugin, sp_size=sp_size).validate(dist.get_world_size())  # clear message, no collective
     mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu",
                       timeout=plugin.collective_timeout_s)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -414,8 +367,8 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     schedulers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
     others = [i for i in range(len(objects)) if i not in loaders and i not in schedulers]
     _fill_deepspeed_batch_size(accelerator, [objects[i] for i in loaders])
-    if _has_dtensor_parameters(model):
-        # Megatron-SP: DDP cannot wrap DTensor parameters; the dp average is done by hooks instead
+    if find_state(model).strategy.shards_parameters:
+        # tensor-parallel parameters (DTensors): DDP cannot wrap them; the dp average is done by hooks instead
         model = accelerator.prepare_model(model, evaluation_mode=True)
         _average_gradients_over_dp_by_hooks(model)
         prepared = (model, *(accelerator.prepare(objects[i]) for i in others))

@@ -11,7 +11,7 @@ all-to-all), ring and hybrid (one block pair per ring step) and Megatron-SP use 
 Semantics follow transformers: documents are runs of ``position_ids`` increasing by one,
 padding (``attention_mask == 0``) is never attended to, causality is ``k <= q`` and a window
 keeps ``k > q - window`` (bidirectional windows: ``|q - k| < window``, as Gemma3 builds them; one
-rule for every path: :func:`hf_seqpar.masks.window_visible`).
+rule for every path: :func:`hf_seqpar.core.masks.window_visible`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ A rank without label tokens contributes ``0 / N = 0``.
 
 from __future__ import annotations
 
-from .comm import all_reduce_sum
-
 __all__ = ["SequenceParallelLoss", "combines"]
 
 
@@ -25,20 +23,20 @@ def combines(seqpar) -> bool:
 class SequenceParallelLoss:
     """Wraps a transformers loss function (``model.loss_function``) for SP.
 
+    The ranks' losses are summed by the strategy (``Strategy.combine_loss``): a sum whose backward
+    sums too (every rank is its own replica, averaged later by DDP/FSDP), or, for tensor-parallel
+    strategies whose ranks run one shared graph, a sum whose backward is the identity.
+
     Args:
         inner: the loss function the model used before SP.
-        combine: ``(loss, group, counter) -> loss`` summing the ranks' losses. The default
-            :func:`~hf_seqpar.comm.all_reduce_sum` sums gradients in backward too (every rank is its
-            own replica, averaged later by DDP/FSDP); tensor-parallel strategies, whose ranks run one
-            shared graph, use :func:`~hf_seqpar.comm.all_reduce_sum_replicated` (backward identity).
     """
 
-    def __init__(self, inner, combine=all_reduce_sum):
-        self.inner, self.combine = inner, combine
+    def __init__(self, inner):
+        self.inner = inner
 
     def __call__(self, logits, labels, vocab_size: int, **kwargs):
         loss = self.inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         batch = kwargs.get("seqpar")
         if not combines(batch):  # no shard_batch, or the caller sums the local losses itself
             return loss
-        return self.combine(loss, batch.state.sp_group, batch.state.counter)
+        return batch.state.strategy.combine_loss(loss, batch.state.sp_group, batch.state.counter)

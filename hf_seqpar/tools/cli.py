@@ -1,4 +1,4 @@
-"""The ``hf-seqpar`` command: ``bench`` and ``plan``."""
+"""The ``hf-seqpar`` command: ``bench``, ``plan`` and ``selftest``."""
 
 from __future__ import annotations
 
@@ -113,16 +113,19 @@ def _plan_parser(sub) -> None:
 
 
 def _bench_rows(args) -> int:
-    from .rowbench import ROW_KINDS, RowSpec, format_rows, growth_table, measure_rows
+    from hf_seqpar.tools.rowbench import ROW_KINDS, RowSpec, format_rows, growth_table, measure_rows
 
     unknown = sorted(set(args.rows) - set(ROW_KINDS))
     if unknown:
         args.parser.error(f"--rows {unknown}: valid row structures are {list(ROW_KINDS)}")
     if not 0 <= args.pad_frac < 1:
         args.parser.error(f"--pad-frac must be in [0, 1), got {args.pad_frac}")
+    from hf_seqpar.strategies import strategy_class
+
     rows = []
     for strategy in args.strategies:
-        world = 4 if strategy == "hybrid" else args.world[0]
+        # a strategy that needs more ranks to show everything it does (hybrid: 2 x 2) says so
+        world = max(args.world[0], strategy_class(strategy).bench_world) if strategy != "none" else args.world[0]
         for kind in args.rows:
             for n in args.seq_lens:
                 row = measure_rows(RowSpec(strategy, world, n, kind, args.doc_len, args.window, args.pad_frac,
@@ -139,8 +142,8 @@ def _bench_rows(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import BenchSpec, format_table, plot_rows, run_bench
-    from .presets import load_config
+    from hf_seqpar.tools.bench import BenchSpec, format_table, plot_rows, run_bench
+    from hf_seqpar.tools.presets import load_config
 
     if args.rows:
         return _bench_rows(args)
@@ -172,9 +175,9 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend, GiB
-    from .presets import load_config
-    from .theory import ModelShape
+    from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend, GiB
+    from hf_seqpar.tools.presets import load_config
+    from hf_seqpar.tools.theory import ModelShape
 
     if args.reserve >= args.gpu_mem:
         args.parser.error(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; "
@@ -227,7 +230,7 @@ def _selftest_parser(sub) -> None:
 
 
 def _selftest(args) -> int:
-    from .selftest import run_selftest
+    from hf_seqpar.tools.selftest import run_selftest
 
     return run_selftest(args.out, args.budget, args.tests, args.cases)
 

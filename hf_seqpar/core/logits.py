@@ -1,6 +1,6 @@
 """What a causal LM does to its logits after ``lm_head``, read from its ``forward`` source.
 
-The chunked loss (:mod:`hf_seqpar.memory`) computes ``lm_head`` itself, so it must apply every
+The chunked loss (:mod:`hf_seqpar.core.memory`) computes ``lm_head`` itself, so it must apply every
 transformation the model's own ``forward`` applies between the base model and the loss:
 Granite's ``logits / config.logits_scaling``, Cohere's ``logits * self.logit_scale``, Gemma's
 ``final_logit_softcapping``, MiniCPM3's ``hidden_states / config.logits_scaling``, Falcon-H1's

@@ -1,4 +1,5 @@
-"""Stage 3: shard a full batch by sequence, and gather sequence-sharded tensors back.
+"""Shard a full batch by sequence (the third stage, after building the mesh and applying SP), and
+gather sequence-sharded tensors back.
 
 ``shard_batch`` sees the whole batch (identical on every rank of an SP group), so everything
 about the global structure (positions, padding, documents, label shift, token count) is computed
@@ -14,11 +15,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .comm import all_gather_concat, all_gather_object_fingerprints
-from .layout import Layout
-from .masks import document_ids
-from .mesh import SeqParState, find_state
-from .segments import Segments, build_segments
+from hf_seqpar.core.comm import all_gather_concat, all_gather_object_fingerprints
+from hf_seqpar.core.layout import Layout
+from hf_seqpar.core.masks import document_ids
+from hf_seqpar.core.mesh import SeqParState, find_state
+from hf_seqpar.core.segments import Segments, build_segments
 
 __all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "next_token_labels", "count_label_tokens", "IGNORE_INDEX",
            "BatchMismatchError"]
@@ -42,12 +43,12 @@ class SeqParBatch:
     """The global structure of one sharded batch, passed to the model as ``seqpar=``.
 
     Attributes:
-        state: the model's :class:`~hf_seqpar.mesh.SeqParState`.
-        layout: the :class:`~hf_seqpar.layout.Layout` used.
+        state: the model's :class:`~hf_seqpar.core.mesh.SeqParState`.
+        layout: the :class:`~hf_seqpar.core.layout.Layout` used.
         positions: ``(B, S_pad)`` global position ids, padded global order.
         valid: ``(B, S_pad)`` bool, False at user padding and at shard padding.
         doc_ids: ``(B, S_pad)`` document index, or None when no row is packed.
-        segments: the runs of valid tokens per document (:class:`~hf_seqpar.segments.Segments`),
+        segments: the runs of valid tokens per document (:class:`~hf_seqpar.core.segments.Segments`),
             built once per batch in O(S); attention plans derive from them without any S x S
             tensor.
     """
@@ -191,7 +192,7 @@ def check_documents(batch: Mapping[str, Any], features=None) -> None:
 
     Args:
         batch: the full batch.
-        features: the model's :class:`~hf_seqpar.features.AttentionFeatures` (None: a model
+        features: the model's :class:`~hf_seqpar.core.features.AttentionFeatures` (None: a model
             that separates documents).
 
     Raises:
@@ -323,7 +324,7 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     if mode == "always" or (mode == "first" and state.batches_checked == 0):
         _check_same_batch(state, batch, bsz, seq)
 
-    layout = state.strategy.make_layout(seq, state)
+    layout = state.strategy.make_layout(seq)
     main = batch.get("input_ids", batch.get("inputs_embeds"))
     device, pad = main.device, layout.pad
 
@@ -346,8 +347,7 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     if "inputs_embeds" in batch:
         local["inputs_embeds"] = layout.shard(_pad_seq(batch["inputs_embeds"], pad, 0.0), rank)
     # the strategy may want other positions than its tokens' own (see Strategy.local_position_ids)
-    position_hook = getattr(state.strategy, "local_position_ids", None)
-    local["position_ids"] = position_hook(positions, layout, rank) if position_hook else layout.shard(positions, rank)
+    local["position_ids"] = state.strategy.local_position_ids(positions, layout)
     labels = batch.get("labels")
     if labels is not None:
         # shift on the full sequence, then shard: token t is scored against label t+1 everywhere

@@ -4,7 +4,7 @@ For every (strategy, world, sequence length) it runs forward+backward steps of a
 model built from a config (random weights: speed and memory do not depend on their values) and
 reports the step time after warm-up (min / median / max over the timed steps), tokens/s (at the
 median), per-rank peak resident memory around the step, the activation bytes autograd saved (measured with ``saved_tensors_hooks``), the bytes the
-byte counter saw per step and the theory for them (:mod:`hf_seqpar.theory`), and on CUDA the MFU.
+byte counter saw per step and the theory for them (:mod:`hf_seqpar.tools.theory`), and on CUDA the MFU.
 Baselines in the same run: the plain model on one rank (strategy ``none``) and every strategy at
 ``P = 1``. Every configuration runs in freshly spawned ranks (gloo on CPU, NCCL on GPUs), so its
 peak memory does not include what earlier configurations left in the process's heap; under
@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from hf_seqpar.core.mesh import find_state
 
 __all__ = ["BenchSpec", "run_bench", "format_table", "plot_rows"]
 
@@ -118,14 +120,12 @@ def saved_activation_bytes(model, inputs: dict) -> int:
     return sum(seen.values())
 
 
-def _backward_meter(model, strategy: str):
-    """Megatron-SP's DTensor collectives are counted by a dispatch-mode meter, automatically in
-    forward and inside this context in backward; other strategies count through comm.py."""
-    if strategy == "megatron":
-        from .strategies.megatron import counting
-
-        return counting(model)
-    return contextlib.nullcontext()
+def _backward_meter(model, strategy: str | None = None):
+    """The context in which backward's collectives are counted: the strategy's ``metering()``
+    (Megatron-SP's DTensor collectives need a dispatch-mode meter; the others count through
+    comm.py, so theirs does nothing). ``strategy`` is unused (kept for callers)."""
+    state = find_state(model)
+    return contextlib.nullcontext() if state is None else state.strategy.metering()
 
 
 def _flops(shape, tokens: int, seq_len: int, batch: int) -> float:
@@ -139,8 +139,8 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     import hf_seqpar
     from transformers import LlamaForCausalLM
 
-    from .presets import load_config
-    from .theory import ModelShape, activation_bytes, comm_bytes
+    from hf_seqpar.tools.presets import load_config
+    from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
 
     dtype = getattr(torch, spec.dtype)
     elem = torch.finfo(dtype).bits // 8
@@ -265,12 +265,13 @@ def run_bench(spec: BenchSpec) -> list[dict]:
     configuration gets freshly spawned ranks (its peak memory is its own).
 
     Raises:
-        ValueError: a strategy name that is not available.
+        ValueError: an unknown strategy name.
     """
-    from .strategies import get_strategy
+    from hf_seqpar.strategies import strategy_class
 
     for s in spec.strategies:
-        get_strategy(s)
+        if s != "none":
+            strategy_class(s)
     configs = _configs(spec)
     if dist.is_initialized():
         world = dist.get_world_size()
@@ -284,7 +285,7 @@ def run_bench(spec: BenchSpec) -> list[dict]:
     # (spawn would import them again for every configuration)
     start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if start == "forkserver":
-        multiprocessing.set_forkserver_preload(["hf_seqpar.bench", "transformers.models.llama.modeling_llama"])
+        multiprocessing.set_forkserver_preload(["hf_seqpar.tools.bench", "transformers.models.llama.modeling_llama"])
     rows = []
     bar = tqdm(configs, desc="bench", leave=False)
     for config in bar:
