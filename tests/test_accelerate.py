@@ -121,6 +121,9 @@ def test_plugin_yaml_round_trip_and_env(tmp_path, monkeypatch):
     ("offload_checkpoints: true\n", ["gradient_checkpointing"]),
     ("sp_size: 4\nulysses_size: 3\n", ["ulysses_size=3", "sp_size=4"]),
     ("collective_timeout_s: 0\n", ["collective_timeout_s", "positive"]),
+    ("options:\n  backend: reference\n", ["'options' was removed", "top-level", "backend"]),
+    ("strategy: ulysses\nlayout: zigzag\n", ["strategy 'ulysses' does not take", "layout"]),
+    ("strategy: ring\nbackend: magic\n", ["backend='magic'", "reference"]),
     ("- 1\n- 2\n", ["mapping"]),
 ])
 def test_plugin_rejects_bad_config(tmp_path, text, words):
