@@ -104,11 +104,28 @@ def _plan_parser(sub) -> None:
                    help="GB/s per GPU inside a node (default: %(default)s)")
     p.add_argument("--inter-bw", type=_positive_float, default=50.0,
                    help="GB/s per GPU across nodes (default: %(default)s)")
-    p.add_argument("--sharding", default="fsdp", choices=["none", "zero1", "zero2", "fsdp"])
+    p.add_argument("--sharding", default="fsdp", choices=["none", "zero1", "zero2", "fsdp", "fsdp_offload"],
+                   help="model-state sharding; fsdp_offload keeps the sharded states in host memory (accelerate's "
+                        "fsdp_offload_params: true), as one GPU needs for an 8B model (default: %(default)s)")
     p.add_argument("--no-checkpointing", action="store_true", help="predict without activation checkpointing")
     p.add_argument("--no-chunked-loss", action="store_true", help="predict with full fp32 logits")
+    p.add_argument("--loss-chunk", type=_positive_int, default=4096,
+                   help="tokens per loss chunk (default: %(default)s)")
+    p.add_argument("--offload", action="store_true", help="predict with offload_checkpoints (host memory)")
+    p.add_argument("--mlp-tiles", type=_positive_int, default=None, help="predict with this many MLP tiles")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per micro-batch (default: %(default)s)")
-    p.add_argument("--max-seq", action="store_true", help="also report the longest sequence each candidate fits")
+    p.add_argument("--host-mem", type=_positive_float, default=1024.0,
+                   help="GiB of host memory per node for offloaded checkpoints/states (default: %(default)s)")
+    p.add_argument("--tflops", type=_positive_float, default=989.0,
+                   help="dense bf16 TFLOP/s per GPU for the attention time (default: H100 %(default)s)")
+    p.add_argument("--attn-mfu", type=_positive_float, default=0.5,
+                   help="share of --tflops the attention kernels reach (default: %(default)s)")
+    p.add_argument("--max-step-s", type=_positive_float, default=3600.0,
+                   help="longest acceptable attention time per step, seconds (default: %(default)s)")
+    p.add_argument("--max-seq", action="store_true",
+                   help="also report the longest sequence each candidate fits with these features, and the "
+                        "longest over all candidates using every GPU and every memory-feature setting, with "
+                        "the constraint that binds it and the plugin YAML")
     p.add_argument("--json", help="write the candidates to this file")
 
 
@@ -186,9 +203,17 @@ def _plan(args) -> int:
         shape = ModelShape.from_config(load_config(args.model))
     except ValueError as e:
         args.parser.error(str(e))
-    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve)
+    if args.offload and args.no_checkpointing:
+        args.parser.error("--offload offloads the checkpointed layer inputs: it needs checkpointing (drop "
+                          "--no-checkpointing)")
+    if args.attn_mfu > 1:
+        args.parser.error(f"--attn-mfu is a share of the peak, at most 1, got {args.attn_mfu:g}")
+    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve,
+                      host_mem_gib=args.host_mem, peak_tflops=args.tflops, attention_mfu=args.attn_mfu,
+                      max_step_s=args.max_step_s)
     setup = Setup(sharding=args.sharding, checkpointing=not args.no_checkpointing,
-                  chunked_loss=not args.no_chunked_loss, batch=args.batch)
+                  chunked_loss=not args.no_chunked_loss, batch=args.batch, loss_chunk_size=args.loss_chunk,
+                  offload_checkpoints=args.offload, mlp_tiles=args.mlp_tiles)
     cands = candidates(shape, cluster)
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
     if args.max_seq:
@@ -201,19 +226,49 @@ def _plan(args) -> int:
     head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
     print(head + ("  max seq" if args.max_seq else ""))
     for r in rows:
-        line = (f"{r['candidate']:<16}{r['dp']:>4}{r['states_bytes'] / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
+        states = r["states_bytes"] + r["gathered_bytes"]
+        line = (f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
                 f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
                 f"{r['comm_seconds'] * 1e3:>9.1f}")
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)
+    result = {"candidates": rows, "recommended": best, "reason": why}
     if args.max_seq:
         longest = max(rows, key=lambda r: r["max_seq_len"])
-        print(f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']}")
+        print(f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']} "
+              f"({setup.features.label})")
+        result["longest"] = _print_longest(shape, cluster, setup)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"candidates": rows, "recommended": best, "reason": why}, f, indent=1)
-    return 0 if best else 1
+            json.dump(result, f, indent=1)
+    return 0 if best or (args.max_seq and result.get("longest")) else 1
+
+
+def _print_longest(shape, cluster, setup) -> dict | None:
+    from hf_seqpar.tools.maxseq import longest
+    from hf_seqpar.tools.plan import GiB
+
+    found = longest(shape, cluster, setup)
+    if found is None:
+        print("Longest sequence with the memory features searched: nothing fits, with any feature (see the reason "
+              "above)")
+        return None
+    r, lim = found.row, found.limits
+    show = lambda v: "unbounded" if v == float("inf") else f"{int(v):,}"  # noqa: E731
+    print(f"Longest sequence with the memory features searched: {found.seq_len:,} tokens with {found.candidate} "
+          f"({found.setup.features.label}), bound by {found.binding}")
+    print(f"  device {r['total_bytes'] / GiB:.1f} of {r['budget_bytes'] / GiB:.1f} GiB per GPU "
+          f"({r['states_bytes'] / GiB:.1f} states + {r['gathered_bytes'] / GiB:.1f} gathered by FSDP + "
+          f"{r['activation_bytes'] / GiB:.1f} activations at the "
+          f"{r['peak_phase']} peak); host {r['host_node_bytes'] / GiB:.1f} of {r['host_budget_bytes'] / GiB:.0f} GiB "
+          f"per node; attention {r['attention_seconds']:.0f} s per step (limit {cluster.max_step_s:g} s)")
+    print(f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
+          f"attention time {show(lim['time'])} tokens")
+    print("  plugin YAML:\n    " + found.plugin_yaml().strip().replace("\n", "\n    "))
+    return {"seq_len": found.seq_len, "candidate": found.candidate, "features": found.setup.features.label,
+            "binding": found.binding, "limits": {k: (None if v == float("inf") else v) for k, v in lim.items()},
+            "row": r, "plugin_yaml": found.plugin_yaml()}
 
 
 def _selftest_parser(sub) -> None:

@@ -1,10 +1,11 @@
 """``hf-seqpar plan``: which strategy and degrees for a model, a sequence length and a cluster.
 
 Per candidate (strategy x SP degree x Ulysses/ring split) it predicts per-rank memory (model
-states under the chosen sharding, activations with or without checkpointing, logits with or
-without the chunked loss; :mod:`hf_seqpar.tools.theory`) and communication per step with its time on
-the links the groups span, then recommends the fitting candidate with the least SP communication
-time. It also finds the longest sequence each candidate fits.
+states under the chosen sharding, FSDP's gathered layers, the step's activation peak with the
+memory features of :class:`Setup`: :mod:`hf_seqpar.tools.memmodel`), host memory per node, attention
+time and communication per step with its time on the links the groups span (:mod:`hf_seqpar.tools.theory`),
+then recommends the fitting candidate with the least SP communication time. It also finds the
+longest sequence each candidate fits (:mod:`hf_seqpar.tools.maxseq` searches the features too).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_seqpar.strategies import STRATEGIES, strategy_class
-from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
+from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
+from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
 __all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB"]
 
@@ -23,7 +25,11 @@ HEADROOM = 0.9
 #: Bytes per parameter of the model states: (parameters, gradients, optimizer incl. fp32 master).
 STATE_BYTES = {"adamw": (2, 2, 12), "sgd": (2, 2, 4)}
 #: Which model states each sharding splits over all ranks.
-SHARDED = {"none": (), "zero1": ("opt",), "zero2": ("opt", "grad"), "fsdp": ("opt", "grad", "param")}
+SHARDED = {"none": (), "zero1": ("opt",), "zero2": ("opt", "grad"), "fsdp": ("opt", "grad", "param"),
+           "fsdp_offload": ("opt", "grad", "param")}
+#: Shardings whose (sharded) states live in host memory (FSDP's CPU offload of parameters, gradients
+#: and optimizer state: accelerate's ``fsdp_offload_params: true``); the GPU holds the gathered layers.
+HOST_STATES = ("fsdp_offload",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,15 @@ class Cluster:
     reserve_gib: float = 4.0
     """Memory kept free per GPU for the CUDA context, NCCL and kernel workspaces, GiB (``hf-seqpar
     plan --reserve``); the budget of a candidate is ``gpu_mem_gib - reserve_gib``."""
+    host_mem_gib: float = 1024.0
+    """Host memory per node for offloaded checkpoints and offloaded model states, GiB (``--host-mem``)."""
+    peak_tflops: float = 989.0
+    """Dense bf16 TFLOP/s of one GPU (H100 SXM: 989), for the attention time per step."""
+    attention_mfu: float = 0.5
+    """Share of the peak the attention kernels reach (flash attention on H100: ~0.5)."""
+    max_step_s: float = 3600.0
+    """Longest acceptable attention time per step, seconds (``--max-step-s``): a length whose
+    attention alone takes longer is reported as bound by time, not memory."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,18 @@ class Setup:
     """lm_head + cross-entropy in chunks (no fp32 logits kept)."""
     batch: int = 1
     """Rows per micro-batch."""
+    loss_chunk_size: int = 4096
+    """Tokens per chunk when ``chunked_loss``."""
+    offload_checkpoints: bool = False
+    """Checkpointed layer inputs (and the other saved tensors outside the layers) in host memory."""
+    mlp_tiles: int | None = None
+    """MLP sequence tiles (None = off)."""
+
+    @property
+    def features(self) -> Features:
+        """The memory features of :mod:`hf_seqpar.tools.memmodel`."""
+        return Features(self.checkpointing, self.offload_checkpoints and self.checkpointing, self.mlp_tiles,
+                        self.loss_chunk_size if self.chunked_loss else None)
 
 
 @dataclass(frozen=True)
@@ -110,6 +137,16 @@ def _states(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup) 
     return sum(params * b / (shard_over if k in SHARDED[setup.sharding] else 1) for k, b in per.items())
 
 
+def _gathered(shape: ModelShape, cand: Candidate, setup: Setup) -> float:
+    """FSDP's unsharded working set on the GPU: the computing and the prefetched layer's bf16
+    parameters and one layer's unsharded gradient (the embedding/lm_head is the largest "layer")."""
+    if setup.sharding not in ("fsdp", "fsdp_offload"):
+        return 0.0
+    biggest = max((shape.params - 2 * shape.vocab * shape.hidden) / shape.layers, shape.vocab * shape.hidden)
+    biggest /= cand.sp if cand.cls.shards_parameters else 1
+    return 3 * biggest * STATE_BYTES[setup.optimizer][0]
+
+
 def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
     """Seconds of SP traffic per step on the links the groups span (groups are consecutive ranks;
     a group crosses nodes once it is larger than a node)."""
@@ -120,21 +157,35 @@ def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
 
 
 def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster, setup: Setup) -> dict:
-    """Predicted memory (bytes) and communication of one candidate at one sequence length."""
+    """Predicted memory (bytes), host memory, attention time and communication of one candidate at
+    one sequence length (activations: :func:`hf_seqpar.tools.memmodel.peak_memory`)."""
     multiple = cand.cls.seq_multiple(cand.sp, cand.opts)
     seq = -(-seq_len // multiple) * multiple
     states = _states(shape, cand, cluster, setup)
-    acts = activation_bytes(cand.strategy if cand.sp > 1 else None, shape, seq, cand.sp, setup.batch, setup.elem,
-                            ulysses_size=getattr(cand.opts, "ulysses_size", None),
-                            checkpointing=setup.checkpointing, chunked_loss=setup.chunked_loss)
+    host_states = states if setup.sharding in HOST_STATES else 0.0
+    ulysses_size = getattr(cand.opts, "ulysses_size", None)
+    mem = peak_memory(MemoryModelInputs(shape, seq, cand.strategy, cand.sp, setup.features, setup.batch, setup.elem,
+                                        setup.elem, ulysses_size=ulysses_size, grads_in_peak=False))
+    acts = mem.activation_peak
     comm = comm_bytes(cand.strategy, shape, seq, cand.sp, setup.batch, setup.elem,
-                      ulysses_size=getattr(cand.opts, "ulysses_size", None)) if cand.sp > 1 else {"total": 0}
-    total = states + acts
+                      ulysses_size=ulysses_size) if cand.sp > 1 else {"total": 0}
+    device_states = states - host_states
+    gathered = _gathered(shape, cand, setup)
+    total = device_states + gathered + acts
     budget = (cluster.gpu_mem_gib - cluster.reserve_gib) * GiB
-    return dict(candidate=cand.label, strategy=cand.strategy, sp=cand.sp, ulysses=cand.ulysses, ring=cand.ring, dp=cluster.gpus // cand.sp, seq_len=seq,
-                states_bytes=states, activation_bytes=acts, total_bytes=total, budget_bytes=budget,
-                reserve_bytes=cluster.reserve_gib * GiB,
-                fits=total <= budget,
+    per_node = min(cluster.gpus, cluster.gpus_per_node)
+    host_node = per_node * (mem.host_bytes + host_states)
+    attn_s = attention_flops(shape, seq, cand.sp, setup.batch, setup.checkpointing) / (
+        cluster.peak_tflops * 1e12 * cluster.attention_mfu)
+    return dict(candidate=cand.label, strategy=cand.strategy, sp=cand.sp, ulysses=cand.ulysses, ring=cand.ring,
+                dp=cluster.gpus // cand.sp, seq_len=seq,
+                states_bytes=device_states, gathered_bytes=gathered, activation_bytes=acts, total_bytes=total,
+                budget_bytes=budget,
+                reserve_bytes=cluster.reserve_gib * GiB, peak_phase=mem.peak_phase, kept_bytes=mem.kept_bytes,
+                host_bytes=mem.host_bytes + host_states, host_node_bytes=host_node,
+                host_budget_bytes=cluster.host_mem_gib * GiB, attention_seconds=attn_s,
+                features=setup.features.label,
+                fits=total <= budget and host_node <= cluster.host_mem_gib * GiB,
                 comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, cluster))
 
 
@@ -145,6 +196,16 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     if not fitting:
         smallest = min(rows, key=lambda r: r["total_bytes"])
         reserve = smallest.get("reserve_bytes", 0) / GiB
+        states = smallest["states_bytes"] + smallest.get("gathered_bytes", 0)
+        if states > smallest["budget_bytes"]:
+            return None, (f"nothing fits: the model states alone take {states / GiB:.1f} GiB per GPU "
+                          f"({smallest['candidate']}), over the budget of {smallest['budget_bytes'] / GiB:.1f} GiB; "
+                          "shard them over more GPUs, or keep them in host memory (--sharding fsdp_offload: "
+                          "accelerate's fsdp_offload_params)")
+        if smallest.get("host_node_bytes", 0) > smallest.get("host_budget_bytes", float("inf")):
+            return None, (f"nothing fits: {smallest['candidate']} needs {smallest['host_node_bytes'] / GiB:.0f} GiB "
+                          f"of host memory per node, over --host-mem {smallest['host_budget_bytes'] / GiB:.0f} GiB; "
+                          "add nodes (the states shard over more GPUs) or host memory")
         return None, (f"nothing fits: the smallest footprint is {smallest['candidate']} at "
                       f"{smallest['total_bytes'] / GiB:.1f} GiB per GPU, over the budget of "
                       f"{smallest['budget_bytes'] / GiB:.1f} GiB (GPU memory minus a {reserve:g} GiB reserve, "
@@ -153,23 +214,50 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]] or fitting
     best = min(roomy, key=lambda r: (r["comm_seconds"], r["sp"], r["ring"]))
     why = (f"{best['candidate']} fits in {best['total_bytes'] / GiB:.1f} GiB per GPU "
-           f"({best['states_bytes'] / GiB:.1f} states + {best['activation_bytes'] / GiB:.1f} activations) with "
+           f"({(best['states_bytes'] + best.get('gathered_bytes', 0)) / GiB:.1f} states + "
+           f"{best['activation_bytes'] / GiB:.1f} activations) with "
            f"{best['comm_seconds'] * 1e3:.1f} ms of SP traffic per step, the least of the "
            f"{len(roomy)} candidates that fit with 10% headroom (dp={best['dp']})")
     return best, why
 
 
 def max_seq_len(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup, step: int = 1024) -> int:
-    """The longest sequence (a multiple of ``step``) that ``cand`` fits; activations are linear in
-    the length (flash-style attention keeps no ``S x S`` tensor), so this is solved directly."""
-    lo = evaluate(shape, step * cand.sp * 2, cand, cluster, setup)
-    hi = evaluate(shape, step * cand.sp * 4, cand, cluster, setup)
-    per_token = (hi["activation_bytes"] - lo["activation_bytes"]) / (hi["seq_len"] - lo["seq_len"])
-    budget = (cluster.gpu_mem_gib - cluster.reserve_gib) * GiB - lo["states_bytes"]
-    fixed = lo["activation_bytes"] - per_token * lo["seq_len"]
-    if budget <= fixed or per_token <= 0:
-        return 0
-    n = int((budget - fixed) / per_token) // step * step
-    while n > 0 and not evaluate(shape, n, cand, cluster, setup)["fits"]:
-        n -= step
-    return n
+    """The longest sequence (a multiple of ``step``) that ``cand`` fits in device and host memory;
+    both are linear in the length (flash-style attention keeps no ``S x S`` tensor), so this is
+    solved directly (then checked). :func:`hf_seqpar.tools.maxseq.longest` adds the time limit and
+    searches the memory features."""
+    return _limits(shape, cand, cluster, setup, step)["memory"]
+
+
+def _limits(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup, step: int = 1024) -> dict:
+    """The longest length each resource allows: ``device`` memory, ``host`` memory per node,
+    ``time`` (attention seconds per step), and ``memory`` (device and host together, a multiple of
+    ``step``). Host memory and attention time are closed forms (linear and quadratic in the
+    length); the device peak is a maximum of phases linear in the length, so it is bracketed from
+    the slope at long lengths and bisected."""
+    at = lambda k: evaluate(shape, k * step, cand, cluster, setup)  # noqa: E731
+    a, b = at(1 << 12), at(1 << 13)
+    span = b["seq_len"] - a["seq_len"]
+    host_per = (b["host_node_bytes"] - a["host_node_bytes"]) / span
+    host_fixed = a["host_node_bytes"] - host_per * a["seq_len"]
+    budget = a["host_budget_bytes"]
+    host = 0.0 if budget < host_fixed else (float("inf") if host_per <= 0 else (budget - host_fixed) / host_per)
+    dev_per = (b["total_bytes"] - a["total_bytes"]) / span
+    dev_fixed = a["total_bytes"] - dev_per * a["seq_len"]
+    est = (a["budget_bytes"] - dev_fixed) / dev_per if dev_per > 0 else float("inf")
+    device_fits = lambda k: at(k)["total_bytes"] <= a["budget_bytes"]  # noqa: E731
+    if est == float("inf"):
+        device = float("inf")
+    else:
+        lo_k, hi_k = 0, max(2, int(max(est, 0) / step) * 2 + 2)
+        while device_fits(hi_k):  # the slope at long lengths can only overestimate: rarely taken
+            lo_k, hi_k = hi_k, 2 * hi_k
+        while hi_k - lo_k > 1:
+            mid = (lo_k + hi_k) // 2
+            lo_k, hi_k = (mid, hi_k) if device_fits(mid) else (lo_k, mid)
+        device = lo_k * step
+    per_s2 = a["attention_seconds"] / a["seq_len"] ** 2
+    time = (cluster.max_step_s / per_s2) ** 0.5 if per_s2 > 0 else float("inf")
+    memory = min(device, host)
+    memory = int(min(memory, 1 << 40)) // step * step
+    return {"device": device, "host": host, "time": time, "memory": memory}

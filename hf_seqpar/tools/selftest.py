@@ -4,8 +4,10 @@ Runs, each in its own process (a CUDA fault in one case cannot hide the others),
 budget: the ``gpu``-marked tests (kernel backends against float64, strategies at ``sp_size=1``
 against the unsharded model in bf16 and under autocast, memory features), a kernel sweep (every
 available CUDA backend x fp16/bf16 x causal/window/mask, forward and backward, plus the
-variable-length pieces on packed and padded rows), and single-GPU long-sequence steps
+variable-length pieces on packed and padded rows), single-GPU long-sequence steps
 (memory and time at S and 2S for one-document and packed rows: the growth must be linear), and
+one step at the longest length :mod:`hf_seqpar.tools.memmodel` says fits a third of the GPU (its
+predicted peak against the measured one, within 15%), and
 writes ``selftest.json`` and ``selftest.md``. Without a GPU it selects nothing CUDA, says so and
 exits 0 (dry mode), so the same command is safe in CI.
 """
@@ -27,7 +29,9 @@ __all__ = ["run_selftest", "CASES"]
 LONG_CASES = [("ulysses", "single", 65536), ("ulysses", "single", 131072), ("ulysses", "packed", 65536),
               ("ulysses", "packed", 131072), ("ring", "packed", 65536), ("ring", "packed", 131072),
               ("ring", "single", 65536)]
-CASES = ["kernels", "pieces"] + [f"long:{s}:{r}:{n}" for s, r, n in LONG_CASES]
+CASES = ["kernels", "pieces", "predicted"] + [f"long:{s}:{r}:{n}" for s, r, n in LONG_CASES]
+#: The ``predicted`` case's features: single-GPU mode (sp_size 1) as in the long cases.
+PREDICTED_FEATURES = dict(loss_chunk_size=4096, gradient_checkpointing=True, mlp_tiles=4)
 
 
 def _init_world_of_one(port: int) -> None:
@@ -107,19 +111,54 @@ def _case_pieces() -> dict:
     return results
 
 
-def _case_long(strategy: str, rows: str, seq: int) -> dict:
+def _long_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 22,
+                       rope_theta=500000.0, attn_implementation="sdpa", use_cache=False)
+
+
+def predicted_length(budget_bytes: float, step: int = 4096) -> tuple[int, float]:
+    """The longest row (a multiple of ``step``) whose predicted step peak (activations and
+    gradients, bf16, :data:`PREDICTED_FEATURES`, one GPU) fits ``budget_bytes``, and that peak."""
+    from .memmodel import Features, MemoryModelInputs, peak_memory
+    from hf_seqpar.core.shape import ModelShape
+
+    shape = ModelShape.from_config(_long_config())
+    f = PREDICTED_FEATURES
+    feats = Features(f["gradient_checkpointing"], False, f["mlp_tiles"], f["loss_chunk_size"])
+    peak = lambda k: peak_memory(MemoryModelInputs(shape, k * step, "ulysses", 1, feats)).total  # noqa: E731
+    lo, hi = 0, 1
+    while peak(hi) <= budget_bytes:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if peak(mid) <= budget_bytes else (lo, mid)
+    return lo * step, (peak(lo) if lo else 0.0)
+
+
+def _case_predicted() -> dict:
+    """One step at the longest length the memory model says fits a third of the GPU: predicted
+    vs measured peak (``max_memory_allocated`` minus the allocated memory before the step)."""
+    seq, predicted = predicted_length(torch.cuda.get_device_properties(0).total_memory / 3)
+    res = _case_long("ulysses", "single", seq, PREDICTED_FEATURES)
+    res.update(seq_len=seq, predicted_step_gib=round(predicted / 2**30, 3),
+               ratio=round(res["peak_step_gib"] * 2**30 / predicted, 3) if predicted else None)
+    res["ok"] = bool(res["ok"] and res["ratio"] is not None and abs(res["ratio"] - 1) <= 0.15)
+    return res
+
+
+def _case_long(strategy: str, rows: str, seq: int, features: dict | None = None) -> dict:
     import hf_seqpar
     from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 22,
-                      rope_theta=500000.0, attn_implementation="sdpa", use_cache=False)
+    cfg = _long_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
-    prepare_model(model, SequenceParallelPlugin(strategy=strategy, sp_size=1, loss_chunk_size=4096,
-                                                gradient_checkpointing=True, mlp_tiles=4))
+    prepare_model(model, SequenceParallelPlugin(strategy=strategy, sp_size=1, **(features or PREDICTED_FEATURES)))
     ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
     batch = {"input_ids": ids, "labels": ids.clone()}
     if rows == "packed":
@@ -142,6 +181,8 @@ def _run_case(name: str) -> dict:
         return _case_kernels()
     if name == "pieces":
         return _case_pieces()
+    if name == "predicted":
+        return _case_predicted()
     _, strategy, rows, seq = name.split(":")
     return _case_long(strategy, rows, int(seq))
 

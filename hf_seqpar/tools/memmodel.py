@@ -1,0 +1,334 @@
+"""Per-rank peak memory of one training step, with every memory feature, per strategy.
+
+The model follows one step of a Llama-style decoder through its phases and takes the largest
+sum of what is live in each (bytes per rank; ``n = B S / P`` local tokens, ``e`` bytes per
+activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP width, ``V`` vocabulary,
+``L`` layers). Attention is O(S) (hf_seqpar's variable-length pieces: no ``S x S`` tensor):
+
+- **saved per layer** (what autograd keeps for the backward): two RMSNorms (fp32 input ``4h``,
+  ``rsqrt`` 4 B, normalised and weighted outputs ``2 e h``); attention's q, k, v, output and fp32
+  lse, and the output projection's input, which is a new tensor after the exchange
+  (``e (3 h_q + 2 h_kv') d + 4 h_q``, ``h_kv'`` = kv heads after Ulysses' replication); the SwiGLU
+  MLP's gate, up, silu(gate) and down input (``4 e I``; with ``mlp_tiles`` only the tile inputs,
+  which are views of the norm output). Megatron-SP adds its two all-gathered inputs.
+- **checkpointing** keeps only each layer's input (``e h``) and recomputes one layer at a time
+  in the backward; **offload_checkpoints** moves everything saved outside the checkpointed
+  layers to host memory (``save_on_cpu`` copies each saved tensor: the layer inputs, the final
+  norm's tensors, the loss's inputs and the ``lm_head`` weight it saves).
+- **backward working set of a layer** on top of its saved tensors and the residual gradients
+  (``2 e h``): the MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already
+  released; per tile with ``mlp_tiles``, plus the tile's recomputed ``4 e I``); attention's
+  output gradient and fp32 dq/dk/dv accumulators with the kernel's block gradients; the ring
+  adds the K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV
+  accumulators travelling with it; Ulysses' exchange of the q/k/v gradients holds gradients,
+  packed input and output once the kernel's accumulators are released.
+- **loss**: the plain loss keeps the fp32 log-softmax (``4 V``) and its backward holds two more
+  ``n x V`` fp32 gradients; the chunked loss holds three ``chunk x V`` fp32 tensors (a chunk's
+  logits and softmax while the next chunk's logits are computed) and fp32 ``lm_head`` weight
+  gradients.
+- **phases**: forward end and loss backward (everything kept, the loss's working set); the
+  layers' backward from the last layer (all checkpoints kept) to the first (all layer gradients
+  allocated, when gradients are not sharded); with offload the tensors come back to the device
+  for their backward (the layer's input; the loss's hidden states, or the plain loss's two
+  log-softmax copies). Forward transients of a layer (the ring's K/V in flight, one all-to-all)
+  are smaller than its backward working set and are not a phase of their own.
+- **model states** (the planner's part): parameters, gradients and optimizer states, sharded by
+  FSDP/ZeRO (:func:`hf_seqpar.tools.plan.evaluate`), plus FSDP's all-gathered layers (current and
+  prefetched) while they compute.
+
+Everything that depends on the strategy is gathered in :func:`strategy_terms`. Validated on CPU
+ranks (:mod:`hf_seqpar.tools.memcheck`, ``tests/test_memory_model.py``): fp32, Ulysses and ring, every
+feature on and off, within 10% of the measured peak; the bf16 GPU terms are the same structure
+with ``e = 2`` and have not been measured on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_seqpar.core.shape import ModelShape
+
+__all__ = ["Features", "StrategyTerms", "MemoryModelInputs", "MemoryPeak", "strategy_terms", "peak_memory",
+           "attention_flops"]
+
+FP32 = 4
+INDEX = 8  # int64 token ids / labels
+#: What ``strategy=None`` (one rank, no SP) is modelled as.
+DEFAULT_STRATEGY = "ulysses"
+
+
+@dataclass(frozen=True)
+class Features:
+    """The plugin's memory features (``SequenceParallelPlugin`` fields of the same names)."""
+
+    checkpointing: bool = False
+    """``gradient_checkpointing``: per-layer activation checkpointing."""
+    offload_checkpoints: bool = False
+    """``offload_checkpoints``: what autograd saves outside the checkpointed layers goes to host memory."""
+    mlp_tiles: int | None = None
+    """``mlp_tiles``: MLP sequence tiles, recomputed in backward (None or 1 = off)."""
+    loss_chunk_size: int | None = None
+    """``loss_chunk_size``: tokens per chunk of lm_head + cross-entropy (None = the plain loss)."""
+
+    @property
+    def label(self) -> str:
+        parts = [name for name, on in (("ckpt", self.checkpointing), ("offload", self.offload_checkpoints)) if on]
+        if self.mlp_tiles and self.mlp_tiles > 1:
+            parts.append(f"tiles{self.mlp_tiles}")
+        if self.loss_chunk_size:
+            parts.append(f"chunk{self.loss_chunk_size}")
+        return "+".join(parts) or "none"
+
+    def plugin_fields(self) -> dict:
+        """The ``SequenceParallelPlugin`` YAML keys for these features."""
+        return {"gradient_checkpointing": self.checkpointing, "offload_checkpoints": self.offload_checkpoints,
+                "mlp_tiles": self.mlp_tiles if self.mlp_tiles and self.mlp_tiles > 1 else None,
+                "loss_chunk_size": self.loss_chunk_size}
+
+
+@dataclass(frozen=True)
+class StrategyTerms:
+    """What a strategy changes in the memory of a layer (per local token unless said otherwise)."""
+
+    ulysses: int
+    """Ulysses (all-to-all) degree."""
+    ring: int
+    """Ring degree."""
+    tp: int
+    """Tensor-parallel degree (Megatron-SP), 1 otherwise."""
+    kv_heads: int
+    """kv heads attention holds per query-head set (after Ulysses' replication)."""
+    out_copy: bool
+    """The output projection's input is a new tensor (after the exchange or a transposing copy)."""
+    gathered_inputs: int
+    """Full-sequence linear inputs saved per layer (Megatron-SP's all-gathers), in units of ``(T - 1) e h``."""
+    exchange_elems: int
+    """Elements per local token one Ulysses exchange holds twice (input and output), 0 without one."""
+    ring_kv_in_flight: int
+    """K/V pairs received beside the rank's own while the ring turns (0, 1 at ``P = 2``, else 2)."""
+    params_over_sp: bool
+    """Parameters are split over the SP ranks (tensor parallel)."""
+
+
+def strategy_terms(strategy: str | None, shape: ModelShape, sp: int, ulysses_size: int | None = None) -> StrategyTerms:
+    """Every strategy-specific memory fact, in one place, asked of the strategy class (its split
+    into Ulysses and ring degrees, its activation terms, whether it shards parameters).
+
+    Args:
+        strategy: a strategy name, or None (one rank, no SP: the default strategy at degree 1,
+            which is what ``sp_size=1`` runs).
+        shape: the model.
+        sp: SP degree.
+        ulysses_size: hybrid's Ulysses degree (default: the largest the heads allow).
+
+    Raises:
+        ValueError: an unknown strategy.
+    """
+    from hf_seqpar.strategies import strategy_class
+
+    from .theory import strategy_options
+
+    name = strategy or DEFAULT_STRATEGY
+    cls = strategy_class(name)
+    opts = strategy_options(name, ulysses_size=ulysses_size)
+    u, r = cls.split(sp, opts, shape.heads)
+    act = cls.activation_terms(shape, sp, 1, opts)  # bytes per element 1: extra terms in elements
+    tp = sp if cls.shards_parameters else 1
+    if cls.shards_parameters:  # tensor parallel: heads split, full-sequence linear inputs gathered
+        return StrategyTerms(1, 1, tp, act.kv_heads, out_copy=False, gathered_inputs=2 if sp > 1 else 0,
+                             exchange_elems=0, ring_kv_in_flight=0, params_over_sp=sp > 1)
+    exchange = (shape.heads + 2 * act.kv_heads) * shape.head_dim if u > 1 else 0
+    return StrategyTerms(u, r, 1, act.kv_heads, out_copy=True, gathered_inputs=0, exchange_elems=exchange,
+                         ring_kv_in_flight=0 if r == 1 else (1 if r == 2 else 2), params_over_sp=False)
+
+
+@dataclass(frozen=True)
+class MemoryModelInputs:
+    """One prediction's inputs."""
+
+    shape: ModelShape
+    seq_len: int
+    """Padded tokens per row ``S``."""
+    strategy: str | None = "ulysses"
+    sp: int = 1
+    features: Features = field(default_factory=Features)
+    batch: int = 1
+    """Rows per micro-batch ``B``."""
+    elem: int = 2
+    """Bytes per activation element (2: bf16 compute and residual stream, as under FSDP2's bf16 ``param_dtype``)."""
+    param_elem: int = 2
+    """Bytes per element of the parameters the step computes with (and of their gradients)."""
+    ulysses_size: int | None = None
+    grads_in_peak: bool = True
+    """Whether the step's parameter gradients count in the peak (a step without gradient sharding);
+    False when the caller counts them with the model states (the planner, under FSDP/ZeRO)."""
+
+
+@dataclass
+class MemoryPeak:
+    """Per-rank memory of one step (bytes)."""
+
+    activation_peak: float
+    """Largest live activation memory on the device over the step's phases (no model states)."""
+    peak_phase: str
+    """The phase where it occurs: ``forward``, ``loss backward``, ``last layer backward`` (every earlier
+    layer's checkpoint still kept), ``first layer backward`` (every layer's gradient allocated, when
+    gradients count) or ``end``."""
+    phases: dict
+    """Activation bytes live at each phase's peak (the step's gradients as far as they exist there
+    are in :attr:`grad_at_phase`)."""
+    grad_at_phase: dict
+    """Parameter-gradient bytes allocated by each phase (full, unsharded: what a step without
+    gradient sharding holds)."""
+    host_bytes: float
+    """Host memory the offloaded tensors take (0 without offload)."""
+    kept_bytes: float
+    """Activations kept across the whole forward (layer inputs with checkpointing, else all saved)."""
+    components: dict
+    """Named terms (bytes) behind the phases, for reports."""
+
+    @property
+    def grad_bytes(self) -> float:
+        """Gradient bytes at the peak phase."""
+        return self.grad_at_phase[self.peak_phase]
+
+    @property
+    def total(self) -> float:
+        """Activations and gradients at the peak phase."""
+        return self.activation_peak + self.grad_bytes
+
+
+def _layer_saved(m: ModelShape, t: StrategyTerms, f: Features, e: int, batch: int) -> dict:
+    """Bytes per local token one layer saves for its backward (when not checkpointed)."""
+    h, d, hq = m.hidden, m.head_dim, m.heads
+    norm = FP32 * h + FP32 + 2 * e * h
+    attention = e * (2 * hq + 2 * t.kv_heads) * d + FP32 * hq + (e * hq * d if t.out_copy else 0)
+    tiled = bool(f.mlp_tiles and f.mlp_tiles > 1)
+    mlp = (e * h if batch > 1 else 0) if tiled else 4 * e * m.intermediate
+    gathered = t.gathered_inputs * (t.tp - 1) * e * h
+    return {"norms": 2 * norm, "attention": attention, "mlp": mlp, "gathered": gathered}
+
+
+def _attention_backward(m: ModelShape, t: StrategyTerms, e: int) -> float:
+    """Bytes per local token of attention's backward working set beyond its saved tensors."""
+    d, hq, kv = m.head_dim, m.heads, t.kv_heads
+    ws = e * hq * d  # the output's gradient
+    ws += FP32 * (hq + 2 * kv) * d + e * (hq + 2 * kv) * d  # fp32 dq/dk/dv accumulators + a block's gradients
+    if t.ring > 1:
+        ws += t.ring_kv_in_flight * 2 * e * kv * d  # K/V blocks in flight
+        ws += 2 * FP32 * kv * d  # the dK/dV accumulators arriving with them
+    if t.exchange_elems:
+        # Ulysses: after the kernel's backward (its accumulators and attention's saved q, k, v, out and
+        # lse released) the gradients of q, k, v go back through one all-to-all: the gradients, the
+        # packed input and the output live together
+        saved = e * (2 * hq + 2 * kv) * d + FP32 * hq
+        ws = max(ws, 3 * e * t.exchange_elems - saved)
+    return ws
+
+
+def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
+    """Predict one step's per-rank activation peak and host memory.
+
+    Args:
+        x: the model, sequence, strategy, degree, features and dtypes.
+
+    Returns:
+        A :class:`MemoryPeak`.
+
+    Raises:
+        ValueError: unknown strategy, or ``offload_checkpoints`` without checkpointing.
+    """
+    m, f, e = x.shape, x.features, x.elem
+    if f.offload_checkpoints and not f.checkpointing:
+        raise ValueError("offload_checkpoints needs checkpointing (it offloads the checkpointed layer inputs)")
+    t = strategy_terms(x.strategy, m, x.sp, x.ulysses_size)
+    n = x.batch * x.seq_len / x.sp
+    h, V, L, I = m.hidden, m.vocab, m.layers, m.intermediate
+    pe = x.param_elem
+    tiles = f.mlp_tiles if f.mlp_tiles and f.mlp_tiles > 1 else 1
+    chunk = min(f.loss_chunk_size, n) if f.loss_chunk_size else None
+
+    saved = _layer_saved(m, t, f, e, x.batch)
+    layer = sum(saved.values())
+    rope = 2 * e * m.head_dim
+    final_norm = FP32 * h + FP32 + 2 * e * h
+    loss_saved = INDEX if chunk else FP32 * V  # chunked: the labels; plain: the fp32 log-softmax
+    outside = INDEX + rope + final_norm + loss_saved  # token ids, cos/sin, final norm, loss
+
+    # what is kept through the forward (device) and what offload moves (host)
+    if f.checkpointing:
+        kept = L * e * h * n
+    else:
+        kept = L * layer * n
+    host = 0.0
+    if f.offload_checkpoints:
+        # save_on_cpu copies every saved tensor on its own: the layer inputs; the final norm's x and
+        # rsqrt twice (pow and mul save them), its output; the loss's inputs; lm_head's weight
+        # loss: the chunked one saves the labels; the plain one's log-softmax output is saved twice
+        # (by log_softmax and by nll_loss) and its target once
+        host = n * (L * e * h + INDEX + 2 * (FP32 * h + FP32) + 2 * e * h + (INDEX if chunk else 2 * FP32 * V + INDEX))
+        host += V * h * pe + h * pe
+    device_kept = 0.0 if f.offload_checkpoints else kept
+    device_outside = 0.0 if f.offload_checkpoints else outside * n
+    rope_live = rope * n  # cos/sin stay referenced by the layers' closures either way
+
+    # the loss
+    lm_grad = V * h * pe
+    if chunk:
+        # a chunk's fp32 logits and softmax (or log-softmax); from the second chunk on, the previous
+        # chunk's pair is still referenced while the next logits are computed: three chunk x V at once
+        held = (3 if n > chunk else 2) * FP32 * chunk * V
+        loss_fwd = held
+        loss_bwd = e * h * n + held + FP32 * V * h  # grad_h, the chunks, g^T h before it is added
+        loss_grad = FP32 * V * h if pe < FP32 else lm_grad  # the fp32 accumulator, cast at the end
+    else:
+        loss_fwd = e * V * n + (FP32 * V * n if e < FP32 else 0)  # logits (and their fp32 copy)
+        loss_bwd = 2 * FP32 * V * n + (e * V * n if e < FP32 else 0)  # nll and log-softmax gradients
+        loss_grad = lm_grad
+    loss_outside = device_outside if f.offload_checkpoints else outside * n
+    # with offload the loss's backward brings its saved tensors back to the device: the hidden states
+    # and labels (chunked), or the two copies of the log-softmax output (plain)
+    unpacked_loss = n * (e * h + INDEX if chunk else 2 * FP32 * V) if f.offload_checkpoints else 0.0
+    phases = {"forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd,
+              "loss backward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_bwd
+              + unpacked_loss}
+
+    # the layers' backward, from the last (every earlier layer's activations still kept, one layer's
+    # gradients) to the first (one layer's kept, every layer's gradients): linear in between
+    mlp_ws = (2 * e * I + (4 * e * I if tiles > 1 else 0)) / tiles
+    attn_ws = _attention_backward(m, t, e) - saved["mlp"] - (e * m.heads * m.head_dim if t.out_copy else 0)
+    layer_ws = 2 * e * h + max(mlp_ws, attn_ws)
+    # by the layers' backward the loss and the final norm have run theirs: ids and cos/sin remain
+    outside_no_loss = (INDEX + rope) * n if not f.offload_checkpoints else rope_live
+    if f.checkpointing:
+        # in fp32 the first norm's saved fp32 input is the kept layer input itself (in bf16 a copy)
+        # with offload the layer's input comes back to the device for its recomputation
+        shared = FP32 * h * n if e == FP32 and not f.offload_checkpoints else 0.0
+        unpacked = e * h * n if f.offload_checkpoints else 0.0
+        layer_at = lambda i: (device_kept * i / L + outside_no_loss + n * (layer + layer_ws)  # noqa: E731
+                              + unpacked - shared)
+    else:
+        layer_at = lambda i: kept * i / L + outside_no_loss + n * layer_ws  # noqa: E731
+    phases["last layer backward"] = layer_at(L)
+    phases["first layer backward"] = layer_at(1)
+    phases["end"] = 0.0
+    layer_params = (m.params - 2 * V * h - h) / L
+    if t.params_over_sp:
+        layer_params /= t.tp
+    grads = {"forward": 0.0, "loss backward": loss_grad, "last layer backward": lm_grad + h * pe + layer_params * pe,
+             "first layer backward": lm_grad + h * pe + L * layer_params * pe,
+             "end": (m.params / (t.tp if t.params_over_sp else 1)) * pe}
+    total = {k: phases[k] + (grads[k] if x.grads_in_peak else 0) for k in phases}
+    peak_phase = max(total, key=total.get)
+    comps = {"kept": kept, "outside": outside * n, "layer_saved": layer * n, "layer_ws": layer_ws * n,
+             "loss_fwd": loss_fwd, "loss_bwd": loss_bwd, **{f"layer.{k}": v * n for k, v in saved.items()}}
+    return MemoryPeak(activation_peak=phases[peak_phase], peak_phase=peak_phase, phases=phases,
+                      grad_at_phase=grads, host_bytes=host, kept_bytes=kept, components=comps)
+
+
+def attention_flops(shape: ModelShape, seq_len: int, sp: int, batch: int = 1, checkpointing: bool = True) -> float:
+    """Attention FLOPs per rank per step of causal full-sequence attention (the ``S^2`` part):
+    ``2 x 2 S^2 / 2 h_q d`` per layer forward (scores and values, half the square), the backward
+    2.5x that, plus a recomputed forward with checkpointing; split evenly over the ranks."""
+    fwd = 2 * 2 * batch * seq_len * seq_len / 2 * shape.heads * shape.head_dim
+    return shape.layers * fwd * (1 + 2.5 + (1 if checkpointing else 0)) / sp
