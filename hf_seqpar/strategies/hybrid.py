@@ -72,7 +72,8 @@ class HybridStrategy(RingStrategy):
 
     @classmethod
     def label(cls, sp: int, options) -> str:
-        return f"hybrid {options.ulysses_size}x{sp // options.ulysses_size}"
+        u = options.ulysses_size
+        return f"hybrid {u}x{sp // u}" if u else f"hybrid {sp} (largest Ulysses degree)"
 
     @classmethod
     def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
@@ -91,7 +92,7 @@ class HybridStrategy(RingStrategy):
     @classmethod
     def comm_seconds(cls, comm: dict, sp: int, options, bandwidth) -> float:
         # the all-to-all stays inside a Ulysses group (consecutive ranks), the ring spans the SP group
-        u = options.ulysses_size or sp
+        u = options.ulysses_size or sp  # unset: bound the all-to-all's links by the whole SP group
         return comm["all_to_all"] / bandwidth(u) + (comm["total"] - comm["all_to_all"]) / bandwidth(sp)
 
     def __init__(self, model_config, mesh, options):
