@@ -56,7 +56,7 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     from hf_seqpar.core.data import byte_tokenizer
 
     reset_accelerate()
-    kw = dict(max_length=40, **MODES[mode])
+    kw = {"max_length": 40, **MODES[mode]}  # a mode may override max_length (padding_free: None)
     args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum,
                      max_steps=steps, learning_rate=0.5, lr_scheduler_type="constant", optim="sgd",
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,

@@ -62,12 +62,13 @@ def test_padding_free_keys_are_checked_and_dropped(pool2):
 
 # ---- TRL: SFTTrainer + SequenceParallelMixin vs the one-process SFTTrainer ----------------------
 
-def _compare_sft(pool2, tmp_path, mode, order="mixin_first", **kw):
+def _compare_sft(pool2, tmp_path, mode, order="mixin_first", accuracy_learned=True, **kw):
     import cases_trl
 
     ref = cases_trl.sft_run(mode, sp=False, out_dir=str(tmp_path / "ref"), **kw)
     assert len(ref["logs"]) == 3, ref["logs"]
-    assert max(h["mean_token_accuracy"] for h in ref["logs"]) > 0, ref["logs"]  # the metric is not trivially 0
+    if accuracy_learned:  # the metric is not trivially 0, so comparing it means something
+        assert max(h["mean_token_accuracy"] for h in ref["logs"]) > 0, ref["logs"]
     for r in pool2.run(cases_trl.sft_run, mode, True, str(tmp_path / "sp"), order=order, **kw):
         assert r["keys"] == ref["keys"] and r["shape"] == ref["shape"], (r["keys"], ref["keys"])
         assert len(r["logs"]) == len(ref["logs"]), r["logs"]
@@ -102,7 +103,9 @@ def test_trl_sft_modes_match_one_process(pool2, tmp_path, mode):
 
 @pytest.mark.slow
 def test_trl_sft_lora_reverse_order(pool2, tmp_path):
-    _compare_sft(pool2, tmp_path, "bfd", order="host_first", lora=True)
+    # rank-4 LoRA on q/v learns no token in 3 steps (accuracy 0 in the one-process run too); loss,
+    # entropy, grad norm, token counts and every parameter are still compared
+    _compare_sft(pool2, tmp_path, "bfd", order="host_first", lora=True, accuracy_learned=False)
 
 
 @pytest.mark.slow
