@@ -72,6 +72,19 @@ def _configs(spec: BenchSpec) -> list[tuple[str, int, int]]:
     return list(dict.fromkeys(rows))
 
 
+def status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 where it is absent.
+
+    Raises:
+        OSError: no ``/proc`` (not Linux).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class _PeakRSS:
     """Peak resident memory of this process around a region (Linux ``VmHWM``, reset through
     ``/proc/self/clear_refs``; falls back to the lifetime peak elsewhere)."""
@@ -87,10 +100,7 @@ class _PeakRSS:
     @staticmethod
     def read() -> int:
         try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
+            return status_bytes("VmHWM")
         except OSError:
             pass
         import resource

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .bench import _PeakRSS, status_bytes
 from .memmodel import Features, MemoryModelInputs, peak_memory
 
 __all__ = ["MemCase", "measure_case", "predict_case", "tiny_shape_config", "validation_cases"]
@@ -101,19 +102,6 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
             "phase": mem.peak_phase}
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _malloc_follows_tensors() -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
@@ -166,11 +154,11 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     for batch in (warm, local):
         model.zero_grad(set_to_none=True)
         gc.collect()
-        before = _status("VmRSS")
-        _reset_hwm()
+        before = status_bytes("VmRSS")
+        _PeakRSS.reset()
         loss = model(**batch).loss
         loss.backward()
-        peak = _status("VmHWM") - before
+        peak = status_bytes("VmHWM") - before
         del loss
     host = 0
     if case.offload_checkpoints:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.tools.bench import _PeakRSS
+from hf_seqpar.tools.bench import _PeakRSS, status_bytes
 
 __all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
 
@@ -94,15 +94,6 @@ def _model(spec: RowSpec):
     return MistralForCausalLM(cfg)
 
 
-def _status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
     try:
         torch.set_num_threads(1)
@@ -116,7 +107,7 @@ def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
         batch = make_rows(spec, model.config.vocab_size)
         # the baseline is taken once, before the first step: later steps reuse memory the
         # allocator kept from the first, so "RSS before this step" would hide the step's peak
-        before = _status_bytes("VmRSS")
+        before = status_bytes("VmRSS")
         for step in range(spec.steps):
             model.zero_grad(set_to_none=True)
             local = batch if spec.strategy == "none" else hf_seqpar.shard_batch(batch, model)
@@ -125,7 +116,7 @@ def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
             loss = model(**local).loss
             loss.backward()
             seconds = time.perf_counter() - t0
-            peak = _status_bytes("VmHWM") - before
+            peak = status_bytes("VmHWM") - before
             del loss, local
         queue.put((rank, {"peak_mib": peak / 2**20, "seconds": seconds}))
         dist.destroy_process_group()
