@@ -156,9 +156,28 @@ def cudnn_lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_seed(q):
-    # dropout is 0, so the kernels never read the RNG state; aten's own forward returns 0-dim
-    # int64 tensors here, which is what the backward schemas take
+    # dropout is 0, so the kernels never read the RNG state; aten's flash and memory-efficient
+    # forwards return 0-dim int64 tensors here, which is what their backward schemas take
     return torch.zeros((), dtype=torch.int64)
+
+
+def cudnn_seed(q: torch.Tensor) -> torch.Tensor:
+    """cuDNN's philox seed/offset: int64 ``(1,)`` on the query's device, as aten's cuDNN forward
+    makes them (``at::zeros({1}, query.options().dtype(kLong))``); its backward checks that every
+    tensor argument is on the query's device (a CPU seed: "philox_seed is on cpu")."""
+    return torch.zeros(1, dtype=torch.int64, device=q.device)
+
+
+def bshd_layout(t: torch.Tensor) -> torch.Tensor:
+    """``(B, h, S, D)`` values over ``(B, S, h, D)`` contiguous storage: the layout aten's
+    memory-efficient forward returns its output in.
+
+    Its backward kernel does not read the output's sequence stride from the tensor: it assumes
+    ``o_strideM = num_heads * head_dim`` (``o_strideM()`` in aten's ``mem_eff_attention/
+    kernel_backward.h``), so an output in any other layout (e.g. the contiguous ``(B, h, S, D)`` of a
+    merged ring output) is read at the wrong places: silently wrong gradients, no error.
+    """
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class CudaFlashBackend(Backend):
@@ -214,7 +233,8 @@ class CudaEfficientBackend(Backend):
         """Arguments of ``aten._scaled_dot_product_efficient_attention_backward`` (K/V expanded)."""
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         seed = _dense_seed(q)
-        return ((dout.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(),
+        # out (and dout, alike) in the forward's own layout: see bshd_layout
+        return ((bshd_layout(dout.to(q.dtype)), q, k, v, bias, bshd_layout(out.to(q.dtype)),
                  efficient_lse_for_backward(lse), seed, seed, 0.0, [True, True, True, False], causal),
                 {"scale": scale})
 
@@ -246,7 +266,7 @@ class CudnnBackend(Backend):
     def backward_args(dout, q, k, v, out, lse, *, scale, causal, mask):
         """Arguments of ``aten._scaled_dot_product_cudnn_attention_backward`` (K/V expanded)."""
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
-        seed = _dense_seed(q)
+        seed = cudnn_seed(q)
         out = out.to(q.dtype).contiguous()
         # cuDNN wants dO laid out like O
         dout = dout.to(q.dtype).contiguous()

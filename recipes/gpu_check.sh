@@ -15,5 +15,6 @@ cp -r "$root/kernels" "$scratch/hf_seqpar/kernels"
 cp -r "$root/patches" "$scratch/hf_seqpar/patches"
 export PYTHONPATH="$scratch:$root/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+cd "$scratch"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -c "from hf_seqpar.tools.cli import main; import sys; sys.exit(main(['selftest', '--gpu', '--out', '$out', '--budget', '$budget', '--tests', '$root/tests']))"

@@ -51,9 +51,18 @@ def test_flash_attention_path_matches_unsharded(nccl_world_of_one, kind):
     torch.testing.assert_close(out.loss.float(), ref.loss.float(), atol=1e-2, rtol=1e-2)
 
 
+def _grad_error(model, ref32) -> float:
+    """The largest relative gradient error over the parameters, ``|g - g32| / |g32|`` (norms)."""
+    ref = dict(ref32.named_parameters())
+    errs = [float((p.grad.float() - ref[n].grad).norm() / ref[n].grad.norm().clamp_min(1e-12))
+            for n, p in model.named_parameters() if p.grad is not None]
+    return max(errs)
+
+
 def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None):
     """(sp loss, fp32 reference loss, bf16 reference loss, max |sp - ref32| logits, max |ref16 - ref32|
-    logits) for one batch on one GPU (world of one)."""
+    logits, sp gradient error, bf16 reference gradient error) for one batch on one GPU (world of
+    one); the gradient errors are :func:`_grad_error` against the fp32 reference."""
     import copy
 
     import cases
@@ -75,13 +84,15 @@ def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None)
             hf_seqpar.enable_sequence_parallel(model, strategy, 1)
         out = model(**hf_seqpar.shard_batch(batch, model))
     out.loss.backward()  # the backward runs too (kernels' backward paths), and must be finite
+    out16.loss.backward()
+    out32.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     result = [float(out.loss), float(out32.loss), float(out16.loss)]
     if out.logits is not None:
         logits = hf_seqpar.gather_sequence(out.logits, model)
         result += [float((logits[valid].float() - out32.logits[valid]).abs().max()),
                    float((out16.logits[valid].float() - out32.logits[valid]).abs().max())]
-    return result
+    return result + [_grad_error(model, ref32), _grad_error(ref16, ref32)]
 
 
 @pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
@@ -91,15 +102,18 @@ def test_strategies_match_unsharded_in_bf16_on_one_gpu(nccl_world_of_one, strate
     """Each strategy at sp_size=1 on the GPU kernels, in bf16 weights and under bf16 autocast, for
     one-document, padded and packed rows. The SP model's error against the fp32 model is bounded
     by the unsharded model's own bf16 error (x2 + a bf16 ulp at the logits' scale): the same
-    precision, different kernels and summation orders."""
-    loss, loss32, loss16, err, err16 = _gpu_pair(strategy, kind, mode)
+    precision, different kernels and summation orders. Every parameter's gradient likewise: its
+    relative error against the fp32 model within 2x the bf16 model's (+ 2e-2, a few bf16 steps)."""
+    loss, loss32, loss16, err, err16, gerr, gerr16 = _gpu_pair(strategy, kind, mode)
     assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
     assert err <= 2 * err16 + 2e-2
+    assert gerr <= 2 * gerr16 + 2e-2, f"gradient error {gerr:.3g} vs the bf16 model's {gerr16:.3g}"
 
 
 @pytest.mark.parametrize("strategy", ["ulysses", "ring"])
 def test_memory_features_on_one_gpu(nccl_world_of_one, strategy):
     """Chunked loss, MLP tiles and checkpointing (offloaded) with each strategy on the GPU, bf16."""
     features = dict(loss_chunk_size=64, mlp_tiles=2, gradient_checkpointing=True, offload_checkpoints=True)
-    loss, loss32, loss16 = _gpu_pair(strategy, "packed", "bf16-weights", features)[:3]
+    loss, loss32, loss16, *_, gerr, gerr16 = _gpu_pair(strategy, "packed", "bf16-weights", features)
     assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
+    assert gerr <= 2 * gerr16 + 2e-2, f"gradient error {gerr:.3g} vs the bf16 model's {gerr16:.3g}"

@@ -14,7 +14,7 @@ import torch
 
 from hf_seqpar.kernels import BACKENDS, block_forward, compute_dtype, select_backend
 from hf_seqpar.kernels.backends import (BIAS_ALIGN, EFFICIENT_LSE_ALIGN, CudaEfficientBackend, CudaFlashBackend,
-                                        CudnnBackend, aligned_bias, cudnn_lse_for_backward,
+                                        CudnnBackend, aligned_bias, bshd_layout, cudnn_lse_for_backward,
                                         efficient_lse_for_backward)
 
 aten = torch.ops.aten
@@ -89,6 +89,10 @@ def test_efficient_backward_args_follow_the_schema():
     assert named["attn_bias"].shape == (2, 4, 9, 9) and named["attn_bias"].stride(2) % BIAS_ALIGN == 0
     assert named["logsumexp"].stride(1) % 8 == 0 and named["logsumexp"].shape == (2, 4, 9)
     assert named["grad_input_mask"] == [True, True, True, False] and named["grad_out_"].dtype == q.dtype
+    # the kernel reads out with o_strideM = h * D (kernel_backward.h), whatever its strides say
+    for t in (named["out"], named["grad_out_"]):
+        assert t.shape == q.shape and t.stride(2) == q.shape[1] * q.shape[3] and t.stride(3) == 1
+    assert torch.equal(named["out"], q) and torch.equal(bshd_layout(q), q)
 
 
 def test_cudnn_backward_args_follow_the_schema():
@@ -102,6 +106,9 @@ def test_cudnn_backward_args_follow_the_schema():
     assert named["attn_bias"] is None
     assert named["logsumexp"].shape == (2, 4, 9, 1) and named["logsumexp"].is_contiguous()
     assert (named["max_q"], named["max_k"]) == (9, 9)
+    # the backward checks every tensor is on the query's device (aten's forward: zeros({1}) there)
+    for seed in (named["philox_seed"], named["philox_offset"]):
+        assert seed.device == q.device and seed.dtype == torch.int64 and seed.shape == (1,)
     assert cudnn_lse_for_backward(torch.randn(1, 2, 3)).dtype == torch.float32
 
 

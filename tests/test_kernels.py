@@ -151,7 +151,9 @@ def test_cuda_backends_match_reference(backend, mode):
         assert (out.double() - ref_out).abs().max() < 3e-2
         assert (lse.double()[fin] - ref_lse[fin]).abs().max() < 3e-2
         dout = torch.randn_like(out)
-        grads = block_backward(dout, q, k, v, out, lse, backend=backend, **kw)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "fp32-autocast"):
+            # the compute dtype comes from the autocast state, in the backward as in the forward
+            grads = block_backward(dout, q, k, v, out, lse, backend=backend, **kw)
         for t, g, r in zip((q, k, v), grads, reference_backward(dout, q, k, v, ref_out, ref_lse, **kw)):
             assert g.dtype == t.dtype and g.shape == t.shape
             assert (g.double() - r).abs().max() < 5e-2 * max(1.0, r.abs().max().item())

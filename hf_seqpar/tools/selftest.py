@@ -187,16 +187,21 @@ def _run_case(name: str) -> dict:
     return _case_long(strategy, rows, int(seq))
 
 
-def _pytest(tests_dir: Path, timeout: float) -> dict:
+def _pytest(tests_dir: Path, timeout: float, log: Path) -> dict:
+    """Run the ``gpu``-marked tests; their whole output goes to ``log``, its tail to the report."""
     if not tests_dir.is_dir():
         return {"skipped": f"no tests folder at {tests_dir} (run from a source checkout)"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(tests_dir)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider",
+           str(tests_dir)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tests_dir.parent)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    tail = proc.stdout.strip().splitlines()[-15:]
-    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "tail": tail}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tests_dir)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log.write_text(out)
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "log": log.name}
+    log.write_text(proc.stdout + proc.stderr)
+    tail = proc.stdout.strip().splitlines()[-25:]
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "tail": tail, "log": log.name}
 
 
 def _markdown(report: dict) -> str:
@@ -233,7 +238,10 @@ def run_selftest(out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | N
     tests = Path(tests_dir) if tests_dir else Path(__file__).resolve().parent.parent / "tests"
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "transformers": transformers.__version__, "results": {}}
-    report["results"]["pytest -m gpu"] = _pytest(tests, timeout=min(300.0, budget_s / 2))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["results"]["pytest -m gpu"] = _pytest(tests, timeout=min(300.0, budget_s / 2), log=out / "pytest-gpu.log")
+    print("pytest -m gpu", json.dumps(report["results"]["pytest -m gpu"])[:2000], flush=True)
     for name in cases or CASES:
         left = budget_s - (time.monotonic() - start)
         if left < 20:
@@ -249,8 +257,6 @@ def run_selftest(out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | N
         report["results"][name] = res
         print(name, json.dumps(res)[:300], flush=True)
     report["seconds"] = time.monotonic() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "selftest.json").write_text(json.dumps(report, indent=1))
     (out / "selftest.md").write_text(_markdown(report))
     ok = all(_ok(r) for r in report["results"].values())
