@@ -274,6 +274,11 @@ class CudnnBackend(Backend):
                  q.shape[2], k.shape[2], 0.0, causal), {"scale": scale})
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
+        if q.shape[2] == 1 and k.shape[2] == 1:
+            # "cuDNN Frontend error: s_q = s_kv = 1 is not supported"; the gradients depend only on
+            # the final out/lse, so the memory-efficient kernel gives this block's exact share
+            return CudaEfficientBackend().backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
+                                                   window=window, mask=mask)
         ke, ve = _expand_kv(q, k, v)
         args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(*args, **kwargs)

@@ -154,3 +154,15 @@ def test_flash_segments_offsets_are_checked_int32_and_in_range():
                        (torch.tensor([0, 5, 5, 10], dtype=torch.int32), 10), (torch.tensor([1, 10], dtype=torch.int32), 10)):
         with pytest.raises(ValueError, match="cu_seqlens"):
             check_cu_seqlens(bad, total)
+
+
+def test_cudnn_sends_one_by_one_blocks_to_the_efficient_backward(monkeypatch):
+    """cuDNN rejects s_q = s_kv = 1 ("cuDNN Frontend error", and on the H200 a later cuDNN call in
+    the same process crashed): such a block's gradients come from the memory-efficient kernel,
+    exact since they depend only on the final out/lse."""
+    seen = []
+    monkeypatch.setattr(CudaEfficientBackend, "backward", lambda self, *a, **kw: seen.append(a[1].shape) or a[1:4])
+    q, k, v = _qkv(s=1)
+    grads = CudnnBackend().backward(q, q, k, v, q, torch.zeros(2, 4, 1), scale=1.0, causal=True, window=None,
+                                    mask=None)
+    assert seen == [q.shape] and grads[0] is q
