@@ -59,7 +59,7 @@ def _grad_error(model, ref32) -> float:
     return max(errs)
 
 
-def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None):
+def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None, model_kw: dict | None = None):
     """(sp loss, fp32 reference loss, bf16 reference loss, max |sp - ref32| logits, max |ref16 - ref32|
     logits, sp gradient error, bf16 reference gradient error) for one batch on one GPU (world of
     one); the gradient errors are :func:`_grad_error` against the fp32 reference."""
@@ -69,7 +69,7 @@ def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None)
     import hf_seqpar
     from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 
-    base = cases.tiny_model(heads=4, kv_heads=2).cuda()
+    base = cases.tiny_model(**{"heads": 4, "kv_heads": 2, **(model_kw or {})}).cuda()
     batch = {k: v.cuda() for k, v in cases.make_batch(kind, seq=256).items()}
     valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     ref32 = copy.deepcopy(base)
@@ -116,4 +116,17 @@ def test_memory_features_on_one_gpu(nccl_world_of_one, strategy):
     features = dict(loss_chunk_size=64, mlp_tiles=2, gradient_checkpointing=True, offload_checkpoints=True)
     loss, loss32, loss16, *_, gerr, gerr16 = _gpu_pair(strategy, "packed", "bf16-weights", features)
     assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
+    assert gerr <= 2 * gerr16 + 2e-2, f"gradient error {gerr:.3g} vs the bf16 model's {gerr16:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "hybrid"])
+def test_sliding_window_on_one_gpu(nccl_world_of_one, strategy, kind):
+    """A sliding-window model (Mistral, window 37 over 256 tokens): ring and hybrid plan window-band
+    tiles with masks, which run on the memory-efficient kernel (forward and backward), the one
+    path the unwindowed cases above leave to the kernel sweep. Same bounds as above."""
+    loss, loss32, loss16, err, err16, gerr, gerr16 = _gpu_pair(
+        strategy, kind, "bf16-weights", model_kw=dict(family="mistral", sliding_window=37))
+    assert abs(loss - loss32) <= 2 * abs(loss16 - loss32) + 1e-2 * abs(loss32)
+    assert err <= 2 * err16 + 2e-2
     assert gerr <= 2 * gerr16 + 2e-2, f"gradient error {gerr:.3g} vs the bf16 model's {gerr16:.3g}"
