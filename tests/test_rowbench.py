@@ -45,3 +45,17 @@ def test_bench_rows_measures_in_fresh_ranks(capsys, tmp_path):
     rows = json.loads(out.read_text())
     assert [r["seq_len"] for r in rows] == [512, 1024] and all(r["peak_mib"] > 0 for r in rows)
     assert rows[1]["growth"] is not None and "| ulysses | 2 | packed | 1024 |" in capsys.readouterr().out
+
+
+def test_malloc_follows_tensors_is_set_unless_the_user_set_it(monkeypatch):
+    """One allocator setting for every measuring tool (rows and the memory-model check); a user's
+    ``MALLOC_MMAP_THRESHOLD_`` stands."""
+    import platform
+
+    from hf_seqpar.tools import bench
+
+    monkeypatch.setenv(bench.MALLOC_ENV, "65536")
+    assert bench.malloc_follows_tensors() is False
+    monkeypatch.delenv(bench.MALLOC_ENV)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert bench.malloc_follows_tensors() is True

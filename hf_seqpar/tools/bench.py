@@ -85,6 +85,40 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+#: glibc's ``mallopt`` parameters (``malloc.h``) and the threshold every measuring tool here uses.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_THRESHOLD = 128 * 1024
+#: glibc's environment variable for the same setting; where it is set, the user's value stands.
+MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def malloc_follows_tensors(threshold: int = MALLOC_THRESHOLD) -> bool:
+    """Make resident memory follow the live tensors on CPU, as ``max_memory_allocated`` does on a GPU.
+
+    glibc is told (``mallopt``) to serve every allocation over ``threshold`` bytes with its own
+    ``mmap`` (returned to the system when freed) and to trim free heap top over ``threshold``. With
+    glibc's default (a threshold that grows after large frees) freed buffers stay in the heap and a
+    step's peak depends on the order of earlier allocations (BENCHMARKS.md: the same step read
+    219-498 MiB between runs). Called at the start of each measuring rank (bench's row and memory
+    checks); does nothing where ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice stands).
+
+    Args:
+        threshold: bytes above which an allocation is its own mapping.
+
+    Returns:
+        True when glibc took the setting; False elsewhere (not glibc, or the variable is set).
+    """
+    import ctypes
+
+    if MALLOC_ENV in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
 class _PeakRSS:
     """Peak resident memory of this process around a region (Linux ``VmHWM``, reset through
     ``/proc/self/clear_refs``; falls back to the lifetime peak elsewhere)."""

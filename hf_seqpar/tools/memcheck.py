@@ -8,9 +8,10 @@ kernels). :func:`measure_case` runs on every rank of an initialised gloo group a
   (Linux ``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus ``VmRSS``), measured on
   the second step (the first one builds the lazily created buffers) with gradients set to None
   before it, so model and batch are in the baseline and the step's activations, buffers and
-  gradients are in the peak. glibc is told (``mallopt``) to serve every allocation over 64 KiB
-  with its own ``mmap`` and to give freed memory back at once: resident memory then follows the
-  live tensors, as a GPU's ``max_memory_allocated`` does, instead of what the heap kept. No
+  gradients are in the peak. glibc is told to serve every allocation over 128 KiB with its own
+  ``mmap`` and to give freed memory back at once (:func:`hf_seqpar.tools.bench.malloc_follows_tensors`,
+  as for the row benchmark): resident memory then follows the live tensors, as a GPU's
+  ``max_memory_allocated`` does, instead of what the heap kept. No
   constant is added for the allocator: a step of 16 tokens measures its gradients plus 0.1 MiB.
 - ``host_bytes``: what ``offload_checkpoints`` moves to host memory, counted exactly: the bytes of
   every tensor autograd saves outside the checkpointed layers during one forward (the tensors
@@ -22,19 +23,15 @@ kernels). :func:`measure_case` runs on every rank of an initialised gloo group a
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .bench import _PeakRSS, status_bytes
+from .bench import _PeakRSS, malloc_follows_tensors, status_bytes
 from .memmodel import Features, MemoryModelInputs, peak_memory
 
 __all__ = ["MemCase", "measure_case", "predict_case", "tiny_shape_config", "validation_cases"]
-
-#: glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass(frozen=True)
@@ -102,12 +99,6 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
             "phase": mem.peak_phase}
 
 
-def _malloc_follows_tensors() -> None:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
-    libc.mallopt(_M_TRIM_THRESHOLD, 64 << 10)
-
-
 def _saved_bytes_outside_checkpoints(model, batch) -> int:
     """Bytes of every tensor autograd saves outside the checkpointed layers in one forward (what
     ``save_on_cpu`` copies to host memory: each saved tensor on its own, parameters included)."""
@@ -135,7 +126,7 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     import hf_seqpar
     from hf_seqpar.core.memory import install_memory_features
 
-    _malloc_follows_tensors()
+    malloc_follows_tensors()
     world = dist.get_world_size()
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM

@@ -9,8 +9,9 @@ memory (peak resident memory during the last step minus the resident memory befo
 step, i.e. with the model and the batch already built, on CPU), the step time, tokens/s, and the growth exponent of memory
 between consecutive lengths (``log(m2 / m1) / log(S2 / S1)``: 1.0 is linear).
 
-The ranks run with glibc's ``mmap`` threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``, unless the
-environment sets it): every tensor buffer is then its own mapping, returned to the system when
+The ranks run with glibc's ``mmap`` threshold fixed at 128 KiB
+(:func:`hf_seqpar.tools.bench.malloc_follows_tensors`, unless the environment sets
+``MALLOC_MMAP_THRESHOLD_``): every tensor buffer is then its own mapping, returned to the system when
 freed, so resident memory tracks the live tensors. With glibc's default (a threshold that grows
 after large frees) freed buffers stay in the heap and the peak depends on the order of earlier
 allocations: the same Ulysses step measured 219-220 MiB at 32K tokens and 429-498 MiB at 64K
@@ -30,13 +31,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.tools.bench import _PeakRSS, status_bytes
+from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
 __all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
 
 ROW_KINDS = ("single", "packed", "padded", "window", "short")
-#: glibc's environment variable for a fixed mmap threshold, and the value the ranks run with.
-MMAP_ENV, MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_", 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,6 +95,7 @@ def _model(spec: RowSpec):
 
 def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
     try:
+        malloc_follows_tensors()
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=spec.world)
@@ -138,14 +138,8 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, spec, port, queue), daemon=True) for r in range(spec.world)]
-    saved = os.environ.get(MMAP_ENV)
-    os.environ.setdefault(MMAP_ENV, str(MMAP_THRESHOLD))  # read by glibc when each rank's process starts
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if saved is None:
-            del os.environ[MMAP_ENV]
+    for p in procs:
+        p.start()
     results = {}
     try:
         deadline = time.monotonic() + timeout
