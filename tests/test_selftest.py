@@ -21,3 +21,15 @@ def test_report_fails_when_any_nested_case_fails():
     assert _ok({"a": {"ok": True, "x": {"ok": True}}, "b": "not installed"})
     assert not _ok({"a": {"ok": True}, "k": {"cuda_flash/bf16": {"ok": False, "error": "..."}}})
     assert not _ok({"long": {"ok": False, "error": "timed out"}})
+
+
+def test_the_pieces_case_passes_on_cpu():
+    """The GPU check's variable-length case, forward and backward against float64, run on CPU
+    kernels (short rows): the check's own arithmetic and bounds are tested without a GPU."""
+    from hf_seqpar.tools.selftest import _case_pieces
+
+    res = _case_pieces("cpu", seq=1024)
+    assert set(res) == {"packed/window=None", "padded/window=None", "packed/window=300", "single/window=300"}
+    for name, r in res.items():
+        assert r["ok"], (name, r)
+        assert r["pieces"] > 1 and r["grad_rel_err"] < 5e-2

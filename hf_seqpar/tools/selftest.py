@@ -79,17 +79,21 @@ def _case_kernels() -> dict:
     return results
 
 
-def _case_pieces() -> dict:
-    from hf_seqpar.kernels import reference_forward
+def _case_pieces(device: str = "cuda", seq: int = 4096) -> dict:
+    """The variable-length pieces (packed, padded, windowed rows) against the float64 dense masked
+    reference, forward and backward (bf16). On CUDA the window-band tiles run on the
+    memory-efficient kernel, the rest on flash; ``device="cpu"`` runs the same check on CPU."""
+    from hf_seqpar.kernels import reference_backward, reference_forward
     from hf_seqpar.kernels.varlen import varlen_attention
     from hf_seqpar.core.masks import document_ids
     from hf_seqpar.core.segments import build_segments, plan_pieces
 
     results = {}
-    s = 4096
+    s = seq
+    g = torch.Generator(device=device).manual_seed(0)
     for rows, window in (("packed", None), ("padded", None), ("packed", 300), ("single", 300)):
-        valid = torch.ones(2, s, dtype=torch.bool, device="cuda")
-        pos = torch.arange(s, device="cuda").repeat(2, 1)
+        valid = torch.ones(2, s, dtype=torch.bool, device=device)
+        pos = torch.arange(s, device=device).repeat(2, 1)
         if rows == "packed":
             pos = pos % 777
         if rows == "padded":
@@ -97,17 +101,25 @@ def _case_pieces() -> dict:
             valid[1, s - 333:] = False
         docs = document_ids(pos)
         pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], True, window)
-        q, k, v = (torch.randn(2, h, s, 64, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+        q, k, v = (torch.randn(2, h, s, 64, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+                   for h in (8, 2, 2))
         out = varlen_attention(q, k, v, pieces, scale=0.125)
-        qi, ki = torch.arange(s, device="cuda")[:, None], torch.arange(s, device="cuda")[None]
+        qi, ki = torch.arange(s, device=device)[:, None], torch.arange(s, device=device)[None]
         allowed = (ki <= qi) & (ki > qi - (window or s))
         allowed = allowed[None] & valid[:, None, :] & valid[:, :, None]
         if docs is not None:
             allowed &= docs[:, :, None] == docs[:, None, :]
-        ref, _ = reference_forward(q, k, v, scale=0.125, mask=allowed[:, None])
+        mask = allowed[:, None]
+        ref, ref_lse = reference_forward(q.detach(), k.detach(), v.detach(), scale=0.125, mask=mask)
         live = valid[:, None, :, None].expand_as(out)
-        err = float((out.double() - ref)[live].abs().max())
-        results[f"{rows}/window={window}"] = {"pieces": len(pieces), "out_err": err, "ok": err < 3e-2}
+        err = float((out.detach().double() - ref)[live].abs().max())
+        # (B, h, S, D) upstream gradient, zero on padding (whose outputs are 0 on both sides)
+        dout = torch.randn(out.shape, device=device, generator=g).to(out.dtype) * live
+        out.backward(dout)
+        refg = reference_backward(dout, q.detach(), k.detach(), v.detach(), ref, ref_lse, scale=0.125, mask=mask)
+        gerr = max(float((t.grad.double() - r).abs().max() / r.abs().max()) for t, r in zip((q, k, v), refg))
+        results[f"{rows}/window={window}"] = {"pieces": len(pieces), "out_err": err, "grad_rel_err": gerr,
+                                              "ok": err < 3e-2 and gerr < 5e-2}
     return results
 
 
