@@ -8,6 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-$PWD}}
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the check runs from the scratch copy
 budget=${2:-540}
 scratch=$(mktemp -d)
 cp -r "$root/hf_seqpar" "$scratch/hf_seqpar"
@@ -15,6 +16,7 @@ cp -r "$root/kernels" "$scratch/hf_seqpar/kernels"
 cp -r "$root/patches" "$scratch/hf_seqpar/patches"
 export PYTHONPATH="$scratch:$root/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# from the copy: Python puts the working folder first on its path, and a checkout's hf_seqpar/ has no kernels/
 cd "$scratch"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -c "from hf_seqpar.tools.cli import main; import sys; sys.exit(main(['selftest', '--gpu', '--out', '$out', '--budget', '$budget', '--tests', '$root/tests']))"
