@@ -43,6 +43,16 @@ def _init_world_of_one(port: int) -> None:
     torch.cuda.set_device(0)
 
 
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` in float64 (``b``: the float64 reference)."""
+    return float((a.detach().double() - b).abs().max())
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``: a gradient's error at the scale of the reference."""
+    return _max_err(a, b) / float(b.abs().max())
+
+
 def _case_kernels() -> dict:
     from hf_seqpar.kernels import BACKENDS, block_backward, block_forward, reference_backward, reference_forward
 
@@ -70,8 +80,7 @@ def _case_kernels() -> dict:
                     grads = block_backward(dout, q, k, v, out, lse, backend=name, **kw)
                     refg = reference_backward(dout, q, k, v, ref, ref_lse, **kw)
                     torch.cuda.synchronize()
-                    errs = [float((out.double() - ref).abs().max())]
-                    errs += [float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(grads, refg)]
+                    errs = [_max_err(out, ref)] + [_rel_err(a, b) for a, b in zip(grads, refg)]
                     results[key] = {"out_err": errs[0], "grad_rel_err": max(errs[1:]),
                                     "ok": errs[0] < 3e-2 and max(errs[1:]) < 5e-2}
                 except Exception as e:  # noqa: BLE001 (recorded in the report)
@@ -112,12 +121,12 @@ def _case_pieces(device: str = "cuda", seq: int = 4096) -> dict:
         mask = allowed[:, None]
         ref, ref_lse = reference_forward(q.detach(), k.detach(), v.detach(), scale=0.125, mask=mask)
         live = valid[:, None, :, None].expand_as(out)
-        err = float((out.detach().double() - ref)[live].abs().max())
+        err = _max_err(out[live], ref[live])
         # (B, h, S, D) upstream gradient, zero on padding (whose outputs are 0 on both sides)
         dout = torch.randn(out.shape, device=device, generator=g).to(out.dtype) * live
         out.backward(dout)
         refg = reference_backward(dout, q.detach(), k.detach(), v.detach(), ref, ref_lse, scale=0.125, mask=mask)
-        gerr = max(float((t.grad.double() - r).abs().max() / r.abs().max()) for t, r in zip((q, k, v), refg))
+        gerr = max(_rel_err(t.grad, r) for t, r in zip((q, k, v), refg))
         results[f"{rows}/window={window}"] = {"pieces": len(pieces), "out_err": err, "grad_rel_err": gerr,
                                               "ok": err < 3e-2 and gerr < 5e-2}
     return results
