@@ -271,8 +271,11 @@ def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_typ
     if state is None:
         raise RuntimeError("shard_dataloader needs a model after hf_seqpar.enable_sequence_parallel()")
     dp_size, dp_rank = state.dp_size, state.dp_rank
+    # dispatch_batches=False: accelerate's dispatcher (its default for an IterableDataset placed on a
+    # device) slices every batch over all processes; here every rank reads the stream and each
+    # replica keeps its own batches (IterableDatasetShard, or datasets' file shards)
     loader = prepare_data_loader(dataloader, device=device, num_processes=dp_size, process_index=dp_rank,
-                                 put_on_device=device is not None, rng_types=rng_types,
+                                 put_on_device=device is not None, rng_types=rng_types, dispatch_batches=False,
                                  use_seedable_sampler=use_seedable_sampler, data_seed=data_seed)
     return SequenceParallelDataLoader(loader, model, shard=shard)
 

@@ -45,9 +45,10 @@ from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
-from hf_seqpar.core.comm import all_reduce_sum
+from hf_seqpar.core.comm import all_gather_concat, all_reduce_sum
 from hf_seqpar.core.mesh import find_state, unwrap_model
-from hf_seqpar.core.sharding import count_label_tokens, gather_sequence, shard_batch
+from hf_seqpar.core.sharding import _check_same_batch, count_label_tokens, gather_sequence, shard_batch
+from hf_seqpar.integrations.hosts import host_refusal
 from hf_seqpar.strategies import AUTO, strategy_class
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -107,6 +108,16 @@ class SequenceParallelMixin(Trainer):
                 "as gloo MULTI_CPU.")
         if self.sp_plugin.strategy != AUTO:  # auto picks ulysses, hybrid or ring, which the Trainer drives
             strategy_class(self.sp_plugin.strategy).check_trainer()
+        if getattr(self.args, "train_sampling_strategy", None) == "batch_rebalance":
+            raise ValueError(
+                "train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism: its sampler "
+                "deals batches to every process, while the ranks of an SP group must share each batch. Use "
+                "train_sampling_strategy='random' (the default) or 'group_by_length'.")
+        if not hasattr(Trainer, "_get_dataloader"):  # the one loader construction overrides it
+            raise NotImplementedError(
+                f"this transformers version ({__import__('transformers').__version__}) builds its data loaders "
+                "without Trainer._get_dataloader, which SequenceParallelMixin replaces to give every rank of an "
+                "SP group the same batches; use the transformers version in hf_seqpar's requirements.")
         if self.args.label_smoothing_factor:
             raise ValueError(
                 f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with sequence "
@@ -131,7 +142,26 @@ class SequenceParallelMixin(Trainer):
                 "forward (TRL's SFTTrainer installs its fused, chunked LM head, which never builds the full logits); "
                 "set loss_chunk_size: null in the SP config.")
 
-    # ---- data: as the stock Trainer, split over data-parallel replicas only -----------------
+    # ---- data: every loader as the stock Trainer builds it, split over data-parallel replicas only ----
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        """The one loader construction: ``Trainer.get_train/eval/test_dataloader`` (and a host's own
+        loaders built through this method) all come here. As the stock Trainer's (same sampler,
+        columns, collator, accelerate's per-epoch seeded sampler, ``skip_first_batches`` on resume,
+        persistent eval loaders kept) but split over the data-parallel replicas only: every rank of
+        an SP group gets the same full batches, ``compute_loss`` shards them.
+
+        Iterable datasets (torch ``IterableDataset``, ``datasets`` streaming) are read by every rank,
+        each data-parallel replica keeping its own batches (accelerate's ``IterableDatasetShard``, or
+        ``datasets``' file shards when there are enough): accelerate's ``dispatch_batches`` would
+        split each batch over *all* processes. The stream must give every rank the same items (a
+        seeded shuffle does); ``compute_loss`` checks every batch."""
+        dataloader = self._sp_dataloader(dataset, batch_size, description, sampler_fn=sampler_fn,
+                                         is_training=is_training)
+        if dataloader_key is not None and self.args.dataloader_persistent_workers:
+            self.__dict__.setdefault("_eval_dataloaders", {})[dataloader_key] = dataloader
+        return dataloader
+
     def _sp_dataloader(self, dataset, batch_size: int, description: str, sampler_fn=None, is_training=False):
         from accelerate.data_loader import prepare_data_loader
         from transformers.utils import is_datasets_available
@@ -144,42 +174,44 @@ class SequenceParallelMixin(Trainer):
                 dataset = self._remove_unused_columns(dataset, description=description)
             else:
                 collator = self._get_collator_with_removed_columns(collator, description=description)
-        params = {"batch_size": batch_size, "collate_fn": collator, "num_workers": self.args.dataloader_num_workers,
-                  "pin_memory": self.args.dataloader_pin_memory,
-                  "persistent_workers": self.args.dataloader_persistent_workers,
-                  "prefetch_factor": self.args.dataloader_prefetch_factor}
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        args = self.args
+        params = {"batch_size": batch_size, "collate_fn": collator, "num_workers": args.dataloader_num_workers,
+                  "pin_memory": args.dataloader_pin_memory, "persistent_workers": args.dataloader_persistent_workers,
+                  "prefetch_factor": args.dataloader_prefetch_factor}
+        for name in ("multiprocessing_context", "in_order"):  # DataLoader options of newer transformers
+            if hasattr(args, f"dataloader_{name}"):
+                params[name] = getattr(args, f"dataloader_{name}")
         if not isinstance(dataset, torch.utils.data.IterableDataset):
             if sampler_fn is not None:
                 params["sampler"] = sampler_fn(dataset)
-            params["drop_last"] = self.args.dataloader_drop_last
+            params["drop_last"] = args.dataloader_drop_last
             if is_training:
-                params["worker_init_fn"] = partial(seed_worker, num_workers=self.args.dataloader_num_workers,
-                                                   rank=self.args.process_index)
+                # the data-parallel replica, not the process: SP ranks of a replica draw the same augmentations
+                params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                                   rank=self.sp_state.dp_rank)
         acc, state = self.accelerator, self.sp_state
-        # what Accelerator.prepare_data_loader does, with the data-parallel replicas as the processes
+        # what Accelerator.prepare_data_loader does, with the data-parallel replicas as the processes;
+        # dispatch_batches=False: accelerate's dispatcher slices every batch over all processes
         return prepare_data_loader(
             DataLoader(dataset, **params), acc.device, num_processes=state.dp_size,
             process_index=state.dp_rank, split_batches=acc.split_batches,
-            put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=acc.dispatch_batches,
+            put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=False,
             even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
             data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking)
 
-    def get_train_dataloader(self):
-        """The stock train loader (per-epoch seeded order, resumable), split over data-parallel
-        replicas only; batches are full, ``compute_loss`` shards them."""
-        if self.train_dataset is None:
-            raise ValueError("Trainer: training requires a train_dataset.")
-        return self._sp_dataloader(self.train_dataset, self._train_batch_size, "Training",
-                                   sampler_fn=self._get_train_sampler, is_training=True)
+    def get_total_train_batch_size(self, args) -> int:
+        """Sequences per optimizer step: ``micro-batch x accumulation x data-parallel replicas`` (the
+        stock count takes every process as a replica, so samples/s came out ``sp_size`` times too high)."""
+        return self._train_batch_size * args.gradient_accumulation_steps * self.sp_state.dp_size
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        """The stock eval loader, split over data-parallel replicas only (full batches)."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, str):
-            dataset = self.eval_dataset[dataset]
-        if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        return self._sp_dataloader(dataset, self.args.eval_batch_size, "Evaluation", sampler_fn=self._get_eval_sampler)
+    def _track_num_input_tokens(self, inputs):
+        """``num_input_tokens_seen`` counting each sequence once: the stock count sums the batch of
+        every process, and the SP ranks of a replica hold the same full batch."""
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.sp_state.sp_size
 
     # ---- token counts and loss -------------------------------------------------------------
     def _label_tokens(self, batches: list) -> torch.Tensor | None:
@@ -223,16 +255,34 @@ class SequenceParallelMixin(Trainer):
         if not training or num_items_in_batch is None:  # eval: the stock count would include SP ranks
             num_items_in_batch = self._label_tokens([inputs])
         full = inputs if num_items_in_batch is None else {**inputs, "num_items_in_batch": num_items_in_batch}
+        self._sp_check_batch(full)
         local = shard_batch(full, model)
         local["seqpar"].local_loss = True  # the host gets sum_local / N; the SP sum is done below
         tokens_before = getattr(self, "_total_train_tokens", None)
-        loss, outputs = host(self, model, local, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # the outputs only when the caller wants them: TRL's SFTTrainer runs one more (full-logits)
+        # forward for return_outputs=True, and its metrics come from the loss forward anyway
+        result = host(self, model, local, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
         loss = self._sp_combine(loss, num_items_in_batch)
         if tokens_before is not None and training:
             self._sp_recount_tokens(inputs, tokens_before)
-        if return_outputs and not training and self.compute_metrics is not None and outputs.logits is not None:
+        if return_outputs and self.__dict__.get("_sp_want_logits") and getattr(outputs, "logits", None) is not None:
             outputs["logits"] = gather_sequence(outputs.logits, model)
         return (loss, outputs) if return_outputs else loss
+
+    def _sp_check_batch(self, batch) -> None:
+        """Every batch the Trainer computes on is checked to be the same on all ranks of the SP
+        group (one all-gather of 7 integers; the forward then runs several collectives per layer):
+        loaders come and go (train, eval, predict, a host's own), so a check of the first batch
+        only would let a later loader's mismatch through. ``check_batch="always"`` is left to
+        ``shard_batch``; ``"never"`` turns it off."""
+        state = self.sp_state
+        if state.config.check_batch != "first" or state.sp_size == 1:
+            return
+        main = batch.get("input_ids", batch.get("inputs_embeds"))
+        if main is None or main.dim() < 2:
+            return  # shard_batch names the problem
+        _check_same_batch(state, batch, main.shape[0], main.shape[1])
 
     def _sp_combine(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """``loss = c * sum_local / N`` from the host (``c`` = :meth:`_host_loss_scale`). DDP averages
@@ -263,10 +313,45 @@ class SequenceParallelMixin(Trainer):
         if hasattr(self, "_metrics"):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
+    def evaluation_loop(self, *args, **kwargs):
+        """As the host's, with predictions, labels and losses gathered over the data-parallel
+        replicas only (the SP ranks of a replica hold the same full rows): ``compute_metrics`` sees
+        each row once, in the stock Trainer's order. (The Trainer resets ``gather_function`` at the
+        end of every loop, so it is set at the start of each.)"""
+        self.gather_function = partial(self._sp_gather_for_metrics, use_gather_object=self.args.eval_use_gather_object)
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _sp_gather_for_metrics(self, data, use_gather_object: bool = False):
+        """``Accelerator.gather_for_metrics`` over the data-parallel group: gathered along dim 0 in
+        replica order, the last batch cut to the loader's remainder (the rows ``even_batches`` repeated)."""
+        from accelerate.utils import recursively_apply
+
+        state, gradient_state = self.sp_state, self.accelerator.gradient_state
+        tensors = True
+        try:
+            recursively_apply(lambda x: x, data, error_on_other_type=True)
+        except TypeError:
+            tensors = False
+        if use_gather_object or not tensors:
+            parts = [None] * state.dp_size
+            dist.all_gather_object(parts, data, group=state.dp_group)
+            data = [x for part in parts for x in (part if isinstance(part, list) else [part])]
+        elif state.dp_size > 1:
+            data = recursively_apply(lambda t: all_gather_concat(t.contiguous() if t.dim() else t[None], 0,
+                                                                 state.dp_group), data)
+        if gradient_state.end_of_dataloader and gradient_state.remainder > 0:
+            cut = gradient_state.remainder
+            return data[:cut] if isinstance(data, list) else recursively_apply(lambda t: t[:cut], data)
+        return data
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """As the host's ``prediction_step``, loss only unless ``compute_metrics`` needs logits."""
-        return super().prediction_step(model, inputs, prediction_loss_only or self.compute_metrics is None,
-                                       ignore_keys=ignore_keys)
+        """As the host's ``prediction_step``; the logits are gathered over the sequence only when
+        they are returned (the stock step asks ``compute_loss`` for the outputs even for the loss)."""
+        self._sp_want_logits = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._sp_want_logits = False
 
 
 def _sp_constructor(init):
@@ -275,6 +360,9 @@ def _sp_constructor(init):
     @functools.wraps(init)
     def __init__(self, *args, sp_plugin: SequenceParallelPlugin | None = None, **kwargs):
         depth = self.__dict__.get("_sp_init_depth", 0)
+        refusal = host_refusal(type(self)) if depth == 0 else None
+        if refusal:  # before the host's constructor (GRPO's would load reward models, start generation)
+            raise NotImplementedError(refusal)
         if sp_plugin is not None:
             self._sp_plugin_arg = sp_plugin
         self._sp_init_depth = depth + 1
