@@ -217,3 +217,77 @@ def varlen_keys() -> dict:
     out["errors"] = errors
     hf_seqpar.disable_sequence_parallel(model)
     return out
+
+
+# ---- issue 19 points 1, 2, 7 and issue 25's throughput: predict, compute_metrics, streaming ------
+
+def pad_collate(features) -> dict:
+    """Right padding to the longest row: input_ids 0, labels -100, attention_mask."""
+    n = max(len(f["input_ids"]) for f in features)
+    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    for f in features:
+        ids, k = [int(i) for i in f["input_ids"]], n - len(f["input_ids"])
+        out["input_ids"].append(ids + [0] * k)
+        out["labels"].append([int(i) for i in f["labels"]] + [-100] * k)
+        out["attention_mask"].append([1] * len(ids) + [0] * k)
+    return {key: torch.tensor(v) for key, v in out.items()}
+
+
+def varied_rows(n: int, seed: int) -> list[dict]:
+    """``n`` rows of 9..22 tokens (a new length almost every row), some labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, VOCAB, (9 + (5 * i) % 14,), generator=g)
+        labels = ids.clone()
+        labels[: 1 + i % 3] = -100  # a prompt that is not scored
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _row_metrics(p) -> dict:
+    """What compute_metrics sees: the row count, the scored label tokens and a row-aligned checksum."""
+    import numpy as np
+
+    labels = p.label_ids
+    scored = labels != -100
+    return {"rows": int(labels.shape[0]), "label_tokens": int(scored.sum()),
+            "row_checksum": float(np.sum(np.where(scored, labels, 0) * np.arange(1, labels.shape[0] + 1)[:, None]))}
+
+
+def trainer_paths(out_dir: str, sp: bool, steps: int = 2) -> dict:
+    """Train on a ``datasets`` iterable (streaming-style) dataset, then evaluate() and predict()
+    with compute_metrics; ``sp``: SequenceParallelTrainer on the ranks, else the stock one-process
+    Trainer. Returns the losses, final weights, train throughput, metrics and predictions, and (SP)
+    whether a batch that differs between the SP ranks after those loaders is refused."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    reset_accelerate()
+    train = _dataset(random_rows(2 * steps, seq=15, seed=7)).to_iterable_dataset()
+    evals, tests = _dataset(varied_rows(6, seed=8)), _dataset(varied_rows(6, seed=9))
+    args = _args(out_dir, max_steps=steps, include_num_input_tokens_seen="all")
+    kw = dict(model=tiny_model(heads=4, kv_heads=2), args=args, train_dataset=train, eval_dataset=evals,
+              data_collator=pad_collate, compute_metrics=_row_metrics)
+    trainer = hf_seqpar.SequenceParallelTrainer(**kw) if sp else Trainer(**kw)
+    out = {"train": trainer.train().metrics}
+    out["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out["tokens_seen"] = trainer.state.num_input_tokens_seen
+    out["eval"] = trainer.evaluate()
+    pred = trainer.predict(tests)
+    out.update(predictions=torch.as_tensor(pred.predictions), label_ids=torch.as_tensor(pred.label_ids),
+               test=pred.metrics)
+    base = hf_seqpar.core.mesh.unwrap_model(trainer.model)
+    out["params"] = {n: p.detach().clone() for n, p in base.named_parameters()}
+    if sp:
+        rank = dist.get_rank()
+        bad = pad_collate(varied_rows(2, seed=20 + rank))  # same shape, other tokens on each rank
+        bad["input_ids"] = bad["input_ids"][:, :9]
+        bad["labels"], bad["attention_mask"] = bad["labels"][:, :9], bad["attention_mask"][:, :9]
+        try:
+            trainer.prediction_step(trainer.model, bad, prediction_loss_only=True)
+            out["mismatch"] = None
+        except hf_seqpar.BatchMismatchError as e:
+            out["mismatch"] = str(e)
+        hf_seqpar.disable_sequence_parallel(trainer.model)
+    return out
