@@ -27,6 +27,16 @@ def rows(n: int, seq: int = 23, seed: int = 3) -> list[dict]:
     return out
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """A torch iterable dataset over fixed rows: a stream without ``len``."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        yield from self.rows
+
+
 def _fresh_accelerator(**kwargs):
     os.environ["ACCELERATE_USE_CPU"] = "true"  # the pool's ranks are CPU ranks of an existing gloo group
     from accelerate import Accelerator
@@ -52,7 +62,7 @@ def _params_err(model, reference) -> float:
 
 def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
                       plugin_kw: dict | None = None, parallelism_config: dict | None = None,
-                      mixed_precision: str | None = None) -> dict:
+                      mixed_precision: str | None = None, stream: bool = False) -> dict:
     """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
     unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
 
@@ -83,14 +93,16 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     initial = copy.deepcopy(model)
     # SGD: parameters move by exactly lr x gradient, so parameter errors are gradient errors
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    # stream: the rows as a torch IterableDataset (the shape of datasets' streaming=True data)
+    loader = torch.utils.data.DataLoader(Stream(data) if stream else data, batch_size=batch_size, shuffle=False)
     plugin = hf_seqpar.SequenceParallelPlugin(**{"sp_size": None if parallelism_config else sp_size, **(plugin_kw or {})})
     try:
         model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
     except ValueError as e:
         return {"error": str(e)}
     state = hf_seqpar.find_state(model)
-    assert len(sp_loader) == len(loader) // dp, (len(sp_loader), len(loader), dp)
+    if not stream:
+        assert len(sp_loader) == len(loader) // dp, (len(sp_loader), len(loader), dp)
 
     losses = []
     for batch in sp_loader:

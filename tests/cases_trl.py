@@ -75,12 +75,17 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     else:
         trainer = SFTTrainer(**common)
     batch = next(iter(trainer.get_train_dataloader()))
+    forwards = []  # decoder forwards during training (TRL's fused head runs the decoder once per forward)
+    base = hf_seqpar.core.mesh.unwrap_model(trainer.model)
+    decoder = (base.get_base_model() if hasattr(base, "get_base_model") else base).model
+    hook = decoder.register_forward_pre_hook(lambda module, args: forwards.append(1))
     trainer.train()
+    hook.remove()
     logs = [{k: v for k, v in h.items() if k in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")}
             for h in trainer.state.log_history if "loss" in h]
     model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if sp:
         hf_seqpar.disable_sequence_parallel(trainer.model)
-    return {"logs": logs, "params": params, "keys": sorted(batch), "shape": tuple(batch["input_ids"].shape),
+    return {"logs": logs, "params": params, "forwards": len(forwards), "keys": sorted(batch), "shape": tuple(batch["input_ids"].shape),
             "rank": int(os.environ.get("RANK", "0"))}

@@ -37,6 +37,14 @@ def test_dp2_x_sp2_matches_two_replica_ddp(pool4):
     _check(pool4.run(cases_accel.accelerate_parity, sp_size=2, steps=2, grad_accum=1))
 
 
+def test_dp2_x_sp2_streaming_dataset_matches_two_replica_ddp(pool4):
+    """Issue 19 point 7: an IterableDataset loader is split per data-parallel replica (each SP group
+    shares its replica's batches; accelerate's dispatcher would split them over all 4 ranks)."""
+    results = pool4.run(cases_accel.accelerate_parity, sp_size=2, steps=2, grad_accum=1, stream=True)
+    _check(results)
+    assert all(r["steps"] == 2 for r in results), results
+
+
 def test_memory_features_keep_gradients_exact(pool2):
     """Chunked loss + tiled MLP + checkpointing with CPU offload through the plugin, SP=2."""
     plugin_kw = dict(loss_chunk_size=5, mlp_tiles=3, gradient_checkpointing=True, offload_checkpoints=True)

@@ -71,6 +71,8 @@ def _compare_sft(pool2, tmp_path, mode, order="mixin_first", accuracy_learned=Tr
         assert max(h["mean_token_accuracy"] for h in ref["logs"]) > 0, ref["logs"]
     for r in pool2.run(cases_trl.sft_run, mode, True, str(tmp_path / "sp"), order=order, **kw):
         assert r["keys"] == ref["keys"] and r["shape"] == ref["shape"], (r["keys"], ref["keys"])
+        # issue 19 point 8: no extra (full-logits) forward per step for TRL's metrics
+        assert r["forwards"] == ref["forwards"] == 3 * kw.get("grad_accum", 1), (r["forwards"], ref["forwards"])
         assert len(r["logs"]) == len(ref["logs"]), r["logs"]
         for step, (mine, want) in enumerate(zip(r["logs"], ref["logs"])):
             assert set(mine) == set(want), (mine, want)
