@@ -255,7 +255,7 @@ def _row_metrics(p) -> dict:
             "row_checksum": float(np.sum(np.where(scored, labels, 0) * np.arange(1, labels.shape[0] + 1)[:, None]))}
 
 
-def trainer_paths(out_dir: str, sp: bool, steps: int = 2) -> dict:
+def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -> dict:
     """Train on a ``datasets`` iterable (streaming-style) dataset, then evaluate() and predict()
     with compute_metrics; ``sp``: SequenceParallelTrainer on the ranks, else the stock one-process
     Trainer. Returns the losses, final weights, train throughput, metrics and predictions, and (SP)
@@ -264,7 +264,8 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2) -> dict:
     from transformers import Trainer
 
     reset_accelerate()
-    train = _dataset(random_rows(2 * steps, seq=15, seed=7)).to_iterable_dataset()
+    train = _dataset(random_rows(2 * steps, seq=15, seed=7))
+    train = train.to_iterable_dataset() if stream else train
     evals, tests = _dataset(varied_rows(6, seed=8)), _dataset(varied_rows(6, seed=9))
     args = _args(out_dir, max_steps=steps, include_num_input_tokens_seen="all")
     kw = dict(model=tiny_model(heads=4, kv_heads=2), args=args, train_dataset=train, eval_dataset=evals,
