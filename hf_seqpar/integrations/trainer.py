@@ -11,10 +11,12 @@
 
 What it changes, and why:
 
-* **Data**: train/eval loaders are built as the stock Trainer builds them (same sampler, same
-  columns, accelerate's seedable sampler reseeded per epoch, ``skip_first_batches`` on resume)
-  but sharded over the data-parallel replicas only (every rank of an SP group gets the same full
-  batches); the Trainer's own loader would give every rank different data.
+* **Data**: every loader (train, eval, test, a host's own built the stock way) comes from one
+  construction, ``_get_dataloader``, as the stock Trainer builds it (same sampler, same columns,
+  accelerate's seedable sampler reseeded per epoch, ``skip_first_batches`` on resume) but sharded
+  over the data-parallel replicas only (every rank of an SP group gets the same full batches;
+  iterable/streaming datasets are read per replica, not dispatched over all processes). Every
+  batch is checked to be the same on the SP ranks. Throughput metrics count each sequence once.
 * **num_items_in_batch**: ``get_batch_samples`` counts the tokens that count in the loss
   (:func:`hf_seqpar.core.sharding.count_label_tokens`, the rule ``shard_batch`` applies) over the full
   batches of one optimizer step, summed over the data-parallel replicas when
@@ -27,8 +29,11 @@ What it changes, and why:
   The host's token metrics (TRL's ``mean_token_accuracy`` and ``entropy``: sums gathered over all
   processes, and the SP ranks hold disjoint tokens) are exact as they are; TRL's ``num_tokens`` is
   recounted on the full batches.
-* **Evaluation** goes through the same sharded ``compute_loss``; logits are gathered only when
-  ``compute_metrics`` needs them.
+* **Evaluation** goes through the same sharded ``compute_loss``; logits are gathered over the
+  sequence only when returned, and predictions/labels/losses over the data-parallel replicas only
+  (``compute_metrics`` sees each row once). The host's outputs are asked for only when the caller
+  wants them (no extra TRL forward). Unsupported hosts (DPO, GRPO, ...) are refused at construction
+  (:mod:`hf_seqpar.integrations.hosts`).
 * Checkpoints are the model's own ``save_pretrained`` output, loadable by plain transformers / PEFT.
 """
 
