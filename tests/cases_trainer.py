@@ -290,5 +290,12 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -
             out["mismatch"] = None
         except hf_seqpar.BatchMismatchError as e:
             out["mismatch"] = str(e)
+        # a host's own loader (built with accelerator.prepare, not the mixin's construction) is refused
+        try:
+            trainer._sp_own(trainer.accelerator.prepare(torch.utils.data.DataLoader(tests, batch_size=2)),
+                            "get_test_dataloader")
+            out["own_loader"] = None
+        except NotImplementedError as e:
+            out["own_loader"] = str(e)
         hf_seqpar.disable_sequence_parallel(trainer.model)
     return out

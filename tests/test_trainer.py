@@ -168,6 +168,7 @@ def test_predict_metrics_streaming_and_throughput_match_stock_trainer(pool2, tmp
         assert abs(runtime(r["train"]) - 4) <= 0.05 and abs(runtime(ref["train"]) - 4) <= 0.05, (r["train"], ref["train"])
         assert r["tokens_seen"] == ref["tokens_seen"] == 4 * 15, (r["tokens_seen"], ref["tokens_seen"])
         assert r["mismatch"] is not None and "different batches" in r["mismatch"], r["mismatch"]
+        assert r["own_loader"] is not None and "_get_dataloader" in r["own_loader"], r["own_loader"]
 
 
 @pytest.mark.parametrize("host", ["DPOTrainer", "GRPOTrainer"])

@@ -167,6 +167,26 @@ class SequenceParallelMixin(Trainer):
             self.__dict__.setdefault("_eval_dataloaders", {})[dataloader_key] = dataloader
         return dataloader
 
+    def get_train_dataloader(self):
+        return self._sp_own(super().get_train_dataloader(), "get_train_dataloader")
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._sp_own(super().get_eval_dataloader(eval_dataset), "get_eval_dataloader")
+
+    def get_test_dataloader(self, test_dataset):
+        return self._sp_own(super().get_test_dataloader(test_dataset), "get_test_dataloader")
+
+    def _sp_own(self, loader, method: str):
+        """``loader`` if :meth:`_get_dataloader` built it; a host class that builds its own (e.g. with
+        ``accelerator.prepare(DataLoader(...))``) would give the SP ranks different batches."""
+        if not getattr(loader, "_hf_seqpar_replica_loader", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}.{method} returned a loader that SequenceParallelMixin did not build "
+                f"({type(loader).__name__}): it would split the batches over all processes, while the ranks of an SP "
+                "group must share each batch. Build it with self._get_dataloader(dataset, description, batch_size, "
+                "sampler_fn) (the stock Trainer's loader construction, which the mixin makes SP-aware).")
+        return loader
+
     def _sp_dataloader(self, dataset, batch_size: int, description: str, sampler_fn=None, is_training=False):
         from accelerate.data_loader import prepare_data_loader
         from transformers.utils import is_datasets_available
@@ -199,12 +219,14 @@ class SequenceParallelMixin(Trainer):
         acc, state = self.accelerator, self.sp_state
         # what Accelerator.prepare_data_loader does, with the data-parallel replicas as the processes;
         # dispatch_batches=False: accelerate's dispatcher slices every batch over all processes
-        return prepare_data_loader(
+        loader = prepare_data_loader(
             DataLoader(dataset, **params), acc.device, num_processes=state.dp_size,
             process_index=state.dp_rank, split_batches=acc.split_batches,
             put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=False,
             even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
             data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking)
+        loader._hf_seqpar_replica_loader = True  # see _sp_own
+        return loader
 
     def get_total_train_batch_size(self, args) -> int:
         """Sequences per optimizer step: ``micro-batch x accumulation x data-parallel replicas`` (the
