@@ -260,7 +260,6 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -
     with compute_metrics; ``sp``: SequenceParallelTrainer on the ranks, else the stock one-process
     Trainer. Returns the losses, final weights, train throughput, metrics and predictions, and (SP)
     whether a batch that differs between the SP ranks after those loaders is refused."""
-    from datasets import Dataset
     from transformers import Trainer
 
     reset_accelerate()
