@@ -35,7 +35,11 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
             "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
             "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
         )
-    out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
+    decode = getattr(batch, "decode_attention", None)  # a decode step of hf_seqpar.generate
+    if decode is not None:
+        out = decode(module, query, key, value, **kwargs)
+    else:
+        out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
     return out.contiguous(), None  # (B, S_local, h, D); models may `.view` it, as after sdpa
 
 
