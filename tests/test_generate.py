@@ -1,0 +1,84 @@
+"""hf_seqpar.generate (SP prefill, sequence-sharded KV cache, lse-merged decode) against the
+unsharded model's generate on 2 and 4 gloo ranks, fp32.
+
+Tolerances: the per-step logits of the tiny fp32 model differ from the unsharded ones only by the
+order of fp32 sums (softmax over key shards merged by log-sum-exp, the prefill's SP attention):
+a few ulp of values of order 1, far below 1e-4; greedy tokens must then be identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cases_generate as cg
+
+#: (strategy, options) per world size, in the default suite (one prompt kind each, cheap) ...
+DEFAULT = [(2, "ulysses", None, "doc"), (2, "ring", None, "padded"), (4, "ring", None, "doc"),
+           (4, "hybrid", dict(ulysses_size=2), "padded")]
+#: ... and every strategy x prompt kind with a longer prompt under `slow`.
+SLOW = [(w, s, o, k) for w, s, o in [(2, "ulysses", None), (2, "ring", None), (4, "ulysses", None),
+                                      (4, "ring", None), (4, "hybrid", dict(ulysses_size=2))]
+        for k in ("doc", "padded")]
+
+
+def check(results: list[dict], seq: int) -> None:
+    """Same tokens as unsharded, logits within 1e-4, every rank identical, KV bytes 1/P."""
+    world = len(results)
+    for r in results:
+        assert r["same_tokens"], r
+        assert r["steps"] == r["ref_steps"] == cg.NEW_TOKENS and r["scores_equal_shape"]
+        assert r["logit_err"] < 1e-4, r["logit_err"]
+        assert torch.equal(r["sequences"], results[0]["sequences"])
+    check_kv_bytes([r["report"] for r in results], results[0]["ref_kv_bytes"], seq, world)
+
+
+def check_kv_bytes(reports: list[dict], ref_bytes: int, seq: int, world: int) -> None:
+    """Rank r holds its prompt shard (shard padding included) and the new tokens at positions
+    t = r (mod P): measured bytes are exactly that, i.e. 1/P of the unsharded cache plus at most
+    one shard's worth of padding and one new token per P."""
+    cached = seq + cg.NEW_TOKENS - 1  # the last new token is never fed back
+    assert all(r["unsharded_bytes"] == ref_bytes and r["tokens"] == cached for r in reports)
+    per_token = ref_bytes / cached
+    prompt_local = reports[0]["padded_prompt_positions"]
+    for rank, r in enumerate(reports):
+        owned = sum(1 for t in range(seq - 1, cached) if t % world == rank)
+        assert r["local_tokens"] == prompt_local + owned, (rank, r)
+        assert r["local_bytes"] == per_token * r["local_tokens"], (rank, r)
+        pad = prompt_local * world - (seq - 1)
+        assert r["local_bytes"] <= ref_bytes / world + per_token * (pad + math.ceil(cg.NEW_TOKENS / world)), r
+    assert max(r["local_tokens"] for r in reports) - min(r["local_tokens"] for r in reports) <= 1
+
+
+@pytest.mark.parametrize("world,strategy,options,kind", DEFAULT)
+def test_greedy_matches_unsharded(pools, world, strategy, options, kind):
+    seq = 2048
+    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq)
+
+
+@pytest.mark.parametrize("world,strategy,options", [(2, "ulysses", None), (4, "hybrid", dict(ulysses_size=2))])
+def test_seeded_sampling_matches_unsharded(pools, world, strategy, options):
+    seq = 1024
+    check(pools[world].run(cg.generate_parity, strategy, kind="padded", seq=seq, sample=True, options=options), seq)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,strategy,options,kind", SLOW)
+def test_greedy_matches_unsharded_long(pools, world, strategy, options, kind):
+    seq = 6000
+    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq)
+
+
+def test_unsupported_modes_refused_before_any_forward(pool2):
+    results = pool2.run(cg.refusals)
+    words = {"beams": "beam search", "assisted": "prompt_lookup_num_tokens", "static": "cache_implementation",
+             "chunks": "prefill_chunk_size", "attentions": "output_attentions", "hidden": "output_hidden_states",
+             "guidance": "guidance_scale", "no_cache": "use_cache=False", "right_padding": "pad on the left",
+             "megatron": "tensor"}
+    for r in results:
+        assert set(r) == set(words)
+        for name, (message, forwards) in r.items():
+            assert words[name] in message, (name, message)
+            assert forwards == 0, (name, forwards, message)
