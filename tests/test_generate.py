@@ -82,3 +82,36 @@ def test_unsupported_modes_refused_before_any_forward(pool2):
         for name, (message, forwards) in r.items():
             assert words[name] in message, (name, message)
             assert forwards == 0, (name, forwards, message)
+
+
+@pytest.mark.e2e
+def test_generate_long_recipe_runs_on_2_cpu_ranks():
+    """The needle recipe end to end: table with the SP answers equal to the unsharded ones, KV share
+    1/2, and the 8-GPU launch line."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "recipes/generate_long.py"), "--lengths", "256", "--depths", "0", "1", "--new-tokens", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^ +256 +(\S+) .* (yes|NO) +\S+ +\S+ +\S+ +(\S+)$", proc.stdout, re.M)
+    assert [(d, same) for d, same, _ in rows] == [("0.00", "yes"), ("1.00", "yes")], proc.stdout
+    assert all(abs(float(share) - 0.5) < 0.02 for *_, share in rows), rows
+    assert "accuracy at 256 tokens:" in proc.stdout
+    assert re.search(r"= \d+\.\d GiB.*\ntorchrun .*--nproc_per_node 8 .*--lengths 1048576", proc.stdout), proc.stdout
+
+
+def test_recipe_help():
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "recipes/generate_long.py"), "--help"], capture_output=True,
+                         text=True, timeout=60).stdout
+    for flag in ("--lengths", "--depths", "--strategy", "--model", "--no-compare", "--new-tokens"):
+        assert flag in out
