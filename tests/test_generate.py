@@ -13,7 +13,10 @@ import math
 import pytest
 import torch
 
+import cases
 import cases_generate as cg
+from hf_seqpar.core.shape import ModelShape
+from hf_seqpar.tools.plan_infer import inference_rows, kv_bytes_per_rank, longest_prompt
 
 #: (strategy, options) per world size, in the default suite (one prompt kind each, cheap) ...
 DEFAULT = [(2, "ulysses", None, "doc"), (2, "ring", None, "padded"), (4, "ring", None, "doc"),
@@ -24,7 +27,7 @@ SLOW = [(w, s, o, k) for w, s, o in [(2, "ulysses", None), (2, "ring", None), (4
         for k in ("doc", "padded")]
 
 
-def check(results: list[dict], seq: int) -> None:
+def check(results: list[dict], seq: int, batch: int = 1) -> None:
     """Same tokens as unsharded, logits within 1e-4, every rank identical, KV bytes 1/P."""
     world = len(results)
     for r in results:
@@ -33,6 +36,10 @@ def check(results: list[dict], seq: int) -> None:
         assert r["logit_err"] < 1e-4, r["logit_err"]
         assert torch.equal(r["sequences"], results[0]["sequences"])
     check_kv_bytes([r["report"] for r in results], results[0]["ref_kv_bytes"], seq, world)
+    # the planner's prediction (hf-seqpar plan --inference) is the fullest rank's measured bytes
+    predicted = kv_bytes_per_rank(ModelShape.from_config(cases.tiny_model().config), seq, world, cg.NEW_TOKENS,
+                                  batch, elem=4)
+    assert max(r["report"]["local_bytes"] for r in results) == predicted
 
 
 def check_kv_bytes(reports: list[dict], ref_bytes: int, seq: int, world: int) -> None:
@@ -55,20 +62,22 @@ def check_kv_bytes(reports: list[dict], ref_bytes: int, seq: int, world: int) ->
 @pytest.mark.parametrize("world,strategy,options,kind", DEFAULT)
 def test_greedy_matches_unsharded(pools, world, strategy, options, kind):
     seq = 2048
-    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq)
+    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq,
+          2 if kind == "padded" else 1)
 
 
 @pytest.mark.parametrize("world,strategy,options", [(2, "ulysses", None), (4, "hybrid", dict(ulysses_size=2))])
 def test_seeded_sampling_matches_unsharded(pools, world, strategy, options):
     seq = 1024
-    check(pools[world].run(cg.generate_parity, strategy, kind="padded", seq=seq, sample=True, options=options), seq)
+    check(pools[world].run(cg.generate_parity, strategy, kind="padded", seq=seq, sample=True, options=options), seq, 2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,strategy,options,kind", SLOW)
 def test_greedy_matches_unsharded_long(pools, world, strategy, options, kind):
     seq = 6000
-    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq)
+    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq,
+          2 if kind == "padded" else 1)
 
 
 def test_unsupported_modes_refused_before_any_forward(pool2):
@@ -115,3 +124,23 @@ def test_recipe_help():
                          text=True, timeout=60).stdout
     for flag in ("--lengths", "--depths", "--strategy", "--model", "--no-compare", "--new-tokens"):
         assert flag in out
+
+
+def test_plan_inference_llama_8b_at_1m_on_8_gpus(capsys):
+    """128 KiB of KV per token (the issue's number), 16 GiB per GPU at 1M tokens over 8, the whole
+    bf16 model per GPU, and the longest prompt filling the budget; the CLI prints the table."""
+    from hf_seqpar.tools.cli import main
+    from hf_seqpar.tools.presets import load_config
+
+    m = ModelShape.from_config(load_config("llama-3.1-8b"))
+    assert kv_bytes_per_rank(m, 1, 1, new=0) == 128 * 2**10
+    rows = {r.label: r for r in inference_rows(m, 1 << 20, 8, new=0, budget_gib=76.0)}
+    assert "megatron 8" not in rows and rows["ulysses 8"].kv_gib == 16.0
+    assert rows["ulysses 8"].weights_gib == m.params * 2 / 2**30 and rows["ulysses 8"].fits
+    best = longest_prompt(list(rows.values()))
+    at_best = {r.label: r for r in inference_rows(m, best.longest_prompt, 8, new=0, budget_gib=76.0)}[best.label]
+    above = {r.label: r for r in inference_rows(m, best.longest_prompt + 64, 8, new=0, budget_gib=76.0)}[best.label]
+    assert at_best.fits and not above.fits
+    assert main(["plan", "--inference", "--seq-len", "1048576", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ulysses 8" in out and "longest prompt on this cluster" in out

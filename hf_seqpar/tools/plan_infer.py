@@ -22,7 +22,7 @@ from hf_seqpar.core.shape import FP32, ModelShape
 from hf_seqpar.strategies import STRATEGIES
 from hf_seqpar.strategies.ulysses import kv_replication
 
-__all__ = ["InferenceRow", "inference_rows", "longest_prompt", "format_inference", "GENERATION_STRATEGIES"]
+__all__ = ["kv_bytes_per_rank", "InferenceRow", "inference_rows", "longest_prompt", "format_inference", "GENERATION_STRATEGIES"]
 
 GiB = 2**30
 #: Strategies hf_seqpar.generate runs (Megatron-SP splits the parameters and is refused).
@@ -64,6 +64,13 @@ def _per_token_bytes(m: ModelShape, sp: int, u: int, r: int, elem: int) -> tuple
     return kv, work
 
 
+def kv_bytes_per_rank(m: ModelShape, seq: int, sp: int, new: int = 32, batch: int = 1, elem: int = 2) -> int:
+    """Bytes of the sharded KV cache on the fullest rank after ``new`` tokens: ``ceil(S / P)`` prompt
+    positions and ``ceil(new / P)`` generated ones per row (positions are dealt round robin), times
+    ``2 L h_kv d elem``. Exact for prompts that are a multiple of the layout's shard multiple."""
+    return 2 * m.layers * m.kv_heads * m.head_dim * elem * batch * (-(-seq // sp) + -(-new // sp))
+
+
 def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: int, elem: int,
          budget_gib: float) -> InferenceRow:
     cls = STRATEGIES[name]
@@ -71,11 +78,12 @@ def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: 
     kv_tok, work_tok = _per_token_bytes(m, sp, u, r, elem)
     weights = m.params * elem
     local = batch * -(-seq // sp)
-    kv = kv_tok * (local + batch * -(-new // sp))
+    kv = kv_bytes_per_rank(m, seq, sp, new, batch, elem)
     work = work_tok * local
     total = weights + kv + work
     per_row = (kv_tok + work_tok) * batch / sp  # bytes per prompt token of one row
     longest = max(0, int((budget_gib * GiB - weights - kv_tok * batch * -(-new // sp)) / per_row))
+    longest -= longest % sp  # whole shards: ceil(S / P) positions per rank stay within the budget
     return InferenceRow(cls.label(sp, options), sp, weights / GiB, kv / GiB, work / GiB, total / GiB,
                         total <= budget_gib * GiB, longest)
 
