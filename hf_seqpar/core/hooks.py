@@ -33,7 +33,7 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError(
             "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
             "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
-            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
+            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded; generate with `hf_seqpar.generate(model, ...)`."
         )
     decode = getattr(batch, "decode_attention", None)  # a decode step of hf_seqpar.generate
     if decode is not None:
