@@ -56,7 +56,8 @@ def generate_parity(strategy: str, kind: str = "doc", seq: int = 2048, sample: b
     out = hf_seqpar.generate(model, **batch, **kw)
     errs = [float((a - b).abs().max()) for a, b in zip(ref.logits, out.logits)]
     report = out.cache.report()
-    report["padded_prompt_positions"] = model.hf_seqpar_state.last_layout.local_len
+    layout = model.hf_seqpar_state.last_layout  # None for a one-token prompt (nothing to prefill)
+    report["padded_prompt_positions"] = layout.local_len if layout is not None else 0
     return {"same_tokens": torch.equal(ref.sequences, out.sequences), "logit_err": max(errs),
             "steps": len(out.logits), "ref_steps": len(ref.logits), "sequences": out.sequences,
             "scores_equal_shape": [tuple(s.shape) for s in out.scores] == [tuple(s.shape) for s in ref.scores],

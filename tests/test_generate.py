@@ -72,6 +72,14 @@ def test_seeded_sampling_matches_unsharded(pools, world, strategy, options):
     check(pools[world].run(cg.generate_parity, strategy, kind="padded", seq=seq, sample=True, options=options), seq, 2)
 
 
+def test_one_token_prompt_decodes_from_an_empty_cache(pool2):
+    """Nothing to prefill: the first step's K/V land on rank 0, rank 1 attends over no key at all."""
+    results = pool2.run(cg.generate_parity, "ring", kind="doc", seq=1)
+    for r in results:
+        assert r["same_tokens"] and r["logit_err"] < 1e-4 and r["steps"] == cg.NEW_TOKENS, r
+    assert [r["report"]["local_tokens"] for r in results] == [16, 16]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world,strategy,options,kind", SLOW)
 def test_greedy_matches_unsharded_long(pools, world, strategy, options, kind):
