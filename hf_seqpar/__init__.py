@@ -16,6 +16,7 @@ from hf_seqpar.config import SequenceParallelConfig
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.mesh import SeqParState, build_mesh, find_state
 from hf_seqpar.core.sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
+from hf_seqpar.generation import generate
 from hf_seqpar.strategies import STRATEGIES
 from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
 
@@ -26,6 +27,7 @@ __all__ = [
     "disable_sequence_parallel",
     "shard_batch",
     "gather_sequence",
+    "generate",
     "SequenceParallelConfig",
     "SequenceParallelPlugin",
     "prepare_sequence_parallel",

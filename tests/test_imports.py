@@ -28,6 +28,7 @@ FORBIDDEN = {
     "hf_seqpar.config": ("hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.api"),
     "hf_seqpar.api": ("hf_seqpar.integrations", "hf_seqpar.tools"),
     "hf_seqpar.integrations": ("hf_seqpar.tools",),
+    "hf_seqpar.generation": ("hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.api", "hf_seqpar.config"),
 }
 
 

@@ -33,9 +33,13 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError(
             "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
             "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
-            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
+            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded; generate with `hf_seqpar.generate(model, ...)`."
         )
-    out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
+    decode = getattr(batch, "decode_attention", None)  # a decode step of hf_seqpar.generate
+    if decode is not None:
+        out = decode(module, query, key, value, **kwargs)
+    else:
+        out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
     return out.contiguous(), None  # (B, S_local, h, D); models may `.view` it, as after sdpa
 
 

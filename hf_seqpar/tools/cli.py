@@ -127,6 +127,11 @@ def _plan_parser(sub) -> None:
                         "longest over all candidates using every GPU and every memory-feature setting, with "
                         "the constraint that binds it and the plugin YAML")
     p.add_argument("--json", help="write the candidates to this file")
+    p.add_argument("--inference", action="store_true",
+                   help="plan hf_seqpar.generate instead of training: weights + sharded KV cache + prefill working "
+                        "set per GPU, and the longest prompt per candidate (hf_seqpar/tools/plan_infer.py)")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="--inference: tokens generated (default: "
+                                                                         "%(default)s)")
 
 
 def _bench_rows(args) -> int:
@@ -199,6 +204,10 @@ def _plan(args) -> int:
     if args.reserve >= args.gpu_mem:
         args.parser.error(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; "
                           "lower --reserve")
+    if args.inference:
+        from hf_seqpar.tools.plan_infer import plan_inference
+
+        return plan_inference(args)
     try:
         shape = ModelShape.from_config(load_config(args.model))
     except ValueError as e:
