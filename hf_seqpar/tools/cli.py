@@ -290,15 +290,21 @@ def _selftest(args) -> int:
     return run_selftest(args.out, args.budget, args.tests, args.cases)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-seqpar`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-seqpar`` argument parser (``parse_args`` gives ``command`` and the subcommand's options)."""
     parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench, plan and selftest")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _plan_parser(sub)
     _selftest_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-seqpar`` console script."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.parser = sub.choices[args.command]
+    args.parser = parser._subparsers._group_actions[0].choices[args.command]
     return {"bench": _bench, "plan": _plan, "selftest": _selftest}[args.command](args)
 
 
