@@ -182,13 +182,18 @@ def disable_sequence_parallel(model):
     for handle in state.hooks:
         handle.remove()
     state.strategy.remove(base, state)
+    _restore_plain(base, state)
+    return model
+
+
+def _restore_plain(base, state) -> None:
+    """The original attention implementation and loss back on ``base``; its SP state removed."""
     base.set_attn_implementation(state.original_attn_implementation)
     if state.original_loss_function is None:
         base.__dict__.pop("_loss_function", None)
     else:
         base.loss_function = state.original_loss_function
     delattr(base, STATE_ATTR)
-    return model
 
 
 @contextlib.contextmanager
@@ -222,12 +227,7 @@ def unsharded(model):
             "sharded over the SP group; call the model on sharded batches, or hf_seqpar.disable_sequence_parallel("
             "model) to gather them (then enable again and re-create the optimizer)")
     sp_impl, sp_loss = base.config._attn_implementation, base.__dict__.get("_loss_function")
-    base.set_attn_implementation(state.original_attn_implementation)
-    if state.original_loss_function is None:
-        base.__dict__.pop("_loss_function", None)
-    else:
-        base.loss_function = state.original_loss_function
-    delattr(base, STATE_ATTR)
+    _restore_plain(base, state)
     try:
         yield base
     finally:
