@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,9 +30,18 @@ def test_readme_has_exactly_two_quick_start_commands():
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert _quick_start_commands()[1] in ci.splitlines()
+    lines = ci.splitlines()
+    assert _quick_start_commands()[1] in lines
+    # the README's command runs the default suite (addopts: not slow, not e2e); CI then adds the
+    # end-to-end tests, in the same environment, so that it still runs everything but -m slow
+    assert lines.index("python -m pytest -m 'e2e and not slow'") > lines.index(_quick_start_commands()[1])
+    import tomllib
+
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert addopts == "-m 'not slow and not e2e'"
 
 
+@pytest.mark.e2e
 def test_readme_demo_command_runs(tmp_path):
     """The launch part of the README's first command, verbatim but for a free port and the output dir."""
     import shlex
@@ -52,6 +63,7 @@ def test_readme_demo_command_runs(tmp_path):
     assert (tmp_path / "demo" / "config.json").exists()
 
 
+@pytest.mark.e2e
 def test_demo_trains_on_two_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "recipes" / "demo_cpu.py"), "--steps", "5", "--seq-len", "512"]

@@ -35,6 +35,7 @@ def test_the_pieces_case_passes_on_cpu():
         assert r["pieces"] > 1 and r["grad_rel_err"] < 5e-2
 
 
+@pytest.mark.e2e
 def test_the_one_command_gpu_check_runs_in_dry_mode_from_any_folder(tmp_path):
     """``recipes/gpu_check.sh`` lays the package out in a scratch copy and runs the check from
     there (on the H200 it first ran the checkout's ``hf_seqpar/``, which has no ``kernels/``); a

@@ -100,6 +100,7 @@ def test_plan_cli(capsys, tmp_path):
     assert data["recommended"]["fits"] and len(data["candidates"]) > 5
 
 
+@pytest.mark.e2e
 def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
     out = tmp_path / "bench.json"
     cli.main(["bench", "--strategies", "ulysses,ring", "--world", "2", "--seq-lens", "256", "--layers", "1",
