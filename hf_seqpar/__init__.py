@@ -7,47 +7,55 @@ The public API::
     local = hf_seqpar.shard_batch(batch, model)
     out = model(**local)
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
+
+Names are imported on first use (PEP 562), so ``import hf_seqpar`` and the ``hf-seqpar`` command's
+``--help`` do not import torch or transformers.
 """
 
-from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_sequence_parallel
-from hf_seqpar.api import disable_sequence_parallel, enable_sequence_parallel
-from hf_seqpar.core.comm import CommCounter
-from hf_seqpar.config import SequenceParallelConfig
-from hf_seqpar.core.layout import Layout
-from hf_seqpar.core.mesh import SeqParState, build_mesh, find_state
-from hf_seqpar.core.sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
-from hf_seqpar.generation import generate
-from hf_seqpar.strategies import STRATEGIES
-from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "enable_sequence_parallel",
-    "disable_sequence_parallel",
-    "shard_batch",
-    "gather_sequence",
-    "generate",
-    "SequenceParallelConfig",
-    "SequenceParallelPlugin",
-    "prepare_sequence_parallel",
-    "SequenceParallelTrainer",
-    "SequenceParallelMixin",
-    "SeqParState",
-    "SeqParBatch",
-    "Layout",
-    "CommCounter",
-    "STRATEGIES",
-    "build_mesh",
-    "find_state",
-    "BatchMismatchError",
-    "HeadsNotDivisibleError",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "enable_sequence_parallel": "hf_seqpar.api",
+    "disable_sequence_parallel": "hf_seqpar.api",
+    "unsharded": "hf_seqpar.api",
+    "shard_batch": "hf_seqpar.core.sharding",
+    "gather_sequence": "hf_seqpar.core.sharding",
+    "SeqParBatch": "hf_seqpar.core.sharding",
+    "BatchMismatchError": "hf_seqpar.core.sharding",
+    "generate": "hf_seqpar.generation",
+    "SequenceParallelConfig": "hf_seqpar.config",
+    "SequenceParallelPlugin": "hf_seqpar.integrations.accelerate",
+    "prepare_sequence_parallel": "hf_seqpar.integrations.accelerate",
+    "SequenceParallelTrainer": "hf_seqpar.integrations.trainer",
+    "SequenceParallelMixin": "hf_seqpar.integrations.trainer",
+    "SeqParState": "hf_seqpar.core.mesh",
+    "build_mesh": "hf_seqpar.core.mesh",
+    "find_state": "hf_seqpar.core.mesh",
+    "Layout": "hf_seqpar.core.layout",
+    "CommCounter": "hf_seqpar.core.comm",
+    "STRATEGIES": "hf_seqpar.strategies",
+    "HeadsNotDivisibleError": "hf_seqpar.strategies.ulysses",
+}
+
+__all__ = list(_EXPORTS)
+#: subpackages and modules reachable as attributes (``hf_seqpar.tp.full_tensor``), imported on first use
+_SUBMODULES = ("api", "config", "core", "generation", "integrations", "kernels", "patches", "strategies", "tools", "tp")
 
 
 def __getattr__(name):
-    if name in ("SequenceParallelTrainer", "SequenceParallelMixin"):  # imported on first use: transformers.Trainer
-        from hf_seqpar.integrations import trainer  # is slow to import
-
-        return getattr(trainer, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"hf_seqpar.{name}")
     raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -181,10 +182,55 @@ def disable_sequence_parallel(model):
     for handle in state.hooks:
         handle.remove()
     state.strategy.remove(base, state)
+    _restore_plain(base, state)
+    return model
+
+
+def _restore_plain(base, state) -> None:
+    """The original attention implementation and loss back on ``base``; its SP state removed."""
     base.set_attn_implementation(state.original_attn_implementation)
     if state.original_loss_function is None:
         base.__dict__.pop("_loss_function", None)
     else:
         base.loss_function = state.original_loss_function
     delattr(base, STATE_ATTR)
-    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Run ``model`` as the plain model inside the block, e.g. to generate samples during training::
+
+        with hf_seqpar.unsharded(model) as plain:
+            plain.eval()
+            ids = plain.generate(prompt, max_new_tokens=32)   # full prompts, no shard_batch
+            plain.train()
+
+    Inside, the model has its original attention implementation and loss and no SP state
+    (``shard_batch`` refuses it), so it computes exactly what the unsharded model computes, on
+    whichever ranks call it, with no collective. On exit the very same state (strategy, mesh,
+    counters, hooks) is put back: training continues as if the block had not run. The block
+    yields the unwrapped model (``generate`` is not DDP's).
+
+    Raises:
+        ValueError: SP is not enabled on ``model``.
+        NotImplementedError: the strategy changes the parameters (Megatron-SP's sharded weights),
+            so there is no plain model to run in place.
+    """
+    base = unwrap_model(model)
+    state = getattr(base, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("hf_seqpar.unsharded(model): sequence parallelism is not enabled on this model; use the "
+                         "model as it is")
+    if state.strategy.shards_parameters:
+        raise NotImplementedError(
+            f"hf_seqpar.unsharded(model) cannot run strategy {state.config.strategy!r} unsharded: its parameters are "
+            "sharded over the SP group; call the model on sharded batches, or hf_seqpar.disable_sequence_parallel("
+            "model) to gather them (then enable again and re-create the optimizer)")
+    sp_impl, sp_loss = base.config._attn_implementation, base.__dict__.get("_loss_function")
+    _restore_plain(base, state)
+    try:
+        yield base
+    finally:
+        base.set_attn_implementation(sp_impl)
+        base.loss_function = sp_loss
+        setattr(base, STATE_ATTR, state)

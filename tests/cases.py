@@ -351,3 +351,66 @@ def mesh_without_sp() -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def unsharded_generation(strategy: str = "ulysses") -> dict:
+    """``hf_seqpar.unsharded`` inside training: model A takes an SP step, generates inside the block,
+    takes another SP step; model B (same seed) takes the two steps with nothing between. Inside the
+    block A must be the plain model (generation and logits equal an unsharded copy with A's weights,
+    bit for bit: the same code on the same weights), and after it A must be B, bit for bit."""
+    from hf_seqpar.core.mesh import find_state
+
+    def step(model, batch):
+        model(**hf_seqpar.shard_batch(batch, model)).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)  # what DDP does: the mean over ranks
+                    p -= 0.1 * p.grad / dist.get_world_size()
+                    p.grad = None
+
+    a, b = tiny_model(), tiny_model()
+    for m in (a, b):
+        hf_seqpar.enable_sequence_parallel(m, strategy)
+    state = find_state(a)
+    batch1, batch2 = make_batch(seed=3), make_batch(seed=4)
+    step(a, batch1)
+    step(b, batch1)
+    prompt = make_batch(bsz=1, seq=8, seed=5)["input_ids"]
+    out = {}
+    with hf_seqpar.unsharded(a) as plain:
+        ref = tiny_model()
+        ref.load_state_dict(plain.state_dict())
+        plain.eval(), ref.eval()
+        kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        out["generate_equal"] = torch.equal(plain.generate(prompt, **kw), ref.generate(prompt, **kw))
+        full = make_batch(seed=6)
+        with torch.no_grad():
+            mine, theirs = plain(**full), ref(**full)
+        out["loss_equal"] = torch.equal(mine.loss, theirs.loss)
+        out["logits_equal"] = torch.equal(mine.logits, theirs.logits)
+        out["attn_inside"] = plain.config._attn_implementation
+        out["shard_batch_inside"] = expect_error(hf_seqpar.shard_batch, full, plain)
+        plain.train()
+    out["same_state_after"] = find_state(a) is state
+    out["attn_after"] = a.config._attn_implementation
+    step(a, batch2)
+    step(b, batch2)
+    out["params_equal_after"] = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    hf_seqpar.disable_sequence_parallel(b)
+    out["not_enabled"] = expect_error(lambda: hf_seqpar.unsharded(b).__enter__())
+    return out
+
+
+def unsharded_refuses_megatron() -> str:
+    model = hf_seqpar.enable_sequence_parallel(tiny_model(), "megatron")
+    return expect_error(lambda: hf_seqpar.unsharded(model).__enter__())
+
+
+def inexact_ring(strategy: str, model) -> None:
+    """A perturbation for ``hf-seqpar selftest``'s own test: ring attention off by 0.1% (a test-only
+    hook argument of :func:`hf_seqpar.tools.cpucheck.check_strategies`, no switch in the package)."""
+    if strategy == "ring":
+        strat = hf_seqpar.find_state(model).strategy
+        exact = strat.attention
+        strat.attention = lambda *args, **kwargs: exact(*args, **kwargs) * 1.001

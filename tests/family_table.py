@@ -1,22 +1,52 @@
-"""Print the README's model-family table from a fresh run of the family matrix.
+"""Write the model-family table of ``docs/model-families.md`` from a fresh run of the family matrix.
 
 Runs :func:`family_cases.family_check` (plain and packed batch, Ulysses and ring, 2 gloo ranks,
 loss/logits/every gradient against the unsharded model) for every causal-LM family transformers
-ships, and prints one Markdown row per family. Usage::
+ships, and prints one Markdown row per family; with ``--write`` it puts the rows into the table of
+``docs/model-families.md`` (``tests/test_docs.py`` and ``tests/test_families.py`` check that table
+against the installed transformers and against each family's result). Usage::
 
-    python tests/family_table.py > /tmp/families.md          # every family (~15 min on 2 cores)
-    python tests/family_table.py llama gpt_oss               # some families
+    python tests/family_table.py --write                     # every family (~15 min on 2 cores)
+    python tests/family_table.py --write llama gpt_oss       # rewrite some rows
+    python tests/family_table.py llama                       # print only
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import sys
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 
 import family_cases as fc  # noqa: E402
 from harness import RankPool  # noqa: E402
+
+
+#: The page holding the table.
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "model-families.md"
+HEADER = "| family | ulysses | ring |\n|---|---|---|\n"
+
+
+def doc_rows(text: str | None = None) -> dict[str, str]:
+    """The table's rows in :data:`DOC` by model type, in the page's order."""
+    text = DOC.read_text() if text is None else text
+    return {m.group(1): m.group(0) for m in re.finditer(r"^\| `([^`]+)` \|.*$", text, re.M)}
+
+
+def write_rows(rows: dict[str, str]) -> None:
+    """Replace (or add) these rows of :data:`DOC`'s table, keeping it sorted by model type."""
+    text = DOC.read_text()
+    table = {**doc_rows(text), **rows}
+    start = text.index(HEADER) + len(HEADER)
+    end = start
+    for line in text[start:].splitlines(keepends=True):
+        if not line.startswith("| `"):
+            break
+        end += len(line)
+    body = "".join(table[k] + "\n" for k in sorted(table))
+    DOC.write_text(text[:start] + body + text[end:])
 
 
 def row(model_type: str, result: dict | None) -> str:
@@ -37,17 +67,22 @@ def row(model_type: str, result: dict | None) -> str:
     return f"| `{model_type}` | {cells[0]} | {cells[1]} |"
 
 
-def main(families: list[str]) -> None:
-    families = families or fc.causal_lm_families()
+def main(argv: list[str]) -> None:
+    write = "--write" in argv
+    families = [a for a in argv if a != "--write"] or fc.causal_lm_families()
+    rows = {}
     pool = RankPool(2)
     try:
-        print("| family | ulysses | ring |")
-        print("|---|---|---|")
+        print(HEADER, end="")
         for model_type in families:
             result = pool.run(fc._family_check_quiet, model_type)[0] if fc.through_registry(model_type) else None
-            print(row(model_type, result), flush=True)
+            rows[model_type] = row(model_type, result)
+            print(rows[model_type], flush=True)
     finally:
         pool.close()
+    if write:
+        write_rows(rows)
+        print(f"wrote {len(rows)} rows to {DOC}")
 
 
 if __name__ == "__main__":

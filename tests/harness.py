@@ -66,10 +66,16 @@ class RankPool:
 
     Args:
         world: number of ranks.
+        max_cases: restart the ranks after this many cases (None: never). A pool shared by many test
+            modules recycles its ranks so that what cases leave behind (every ``enable_sequence_parallel``
+            builds process groups whose sockets stay open: a hybrid mesh holds ~12 file descriptors)
+            cannot pile up without bound.
     """
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, max_cases: int | None = None):
         self.world = world
+        self.max_cases = max_cases
+        self.cases_run = 0
         self.procs: list = []
 
     def _start(self) -> None:
@@ -110,12 +116,15 @@ class RankPool:
         ``fn`` must be importable (a module-level function). Raises :class:`RankFailure` with
         the traceback of every failed rank, and restarts the pool if any rank failed or timed out.
         """
-        if not self.procs or not all(p.is_alive() for p in self.procs):
+        recycle = self.max_cases is not None and self.cases_run >= self.max_cases
+        if recycle or not self.procs or not all(p.is_alive() for p in self.procs):
             self.close()
+            self.cases_run = 0
             try:
                 self._start()
             except RankFailure:  # the free port may have been taken before the ranks bound it
                 self._start()
+        self.cases_run += 1
         for q in self.tasks:
             q.put((fn, args, kwargs))
         got = self._collect(CASE_TIMEOUT)

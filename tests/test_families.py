@@ -19,6 +19,7 @@ import pytest
 
 import cases
 import family_cases as fc
+import family_table
 
 #: The default run: one family of each kind (dense GQA, sliding window, softcap (ring refuses),
 #: MoE with qk-norm, fused qkv, logit scalings, linear attention (refused)). GPT-OSS, DeepSeek-V3
@@ -69,6 +70,9 @@ def _family_matrix(pool, model_type: str) -> None:
     if not fc.through_registry(model_type):  # refused by enable_sequence_parallel, see test_bad_input
         pytest.skip(f"{model_type} bypasses the attention registry (refused at enable time)")
     result = pool.run(fc._family_check_quiet, model_type)[0]
+    documented = family_table.doc_rows().get(model_type)
+    assert family_table.row(model_type, result) == documented, (
+        f"docs/model-families.md is out of date for {model_type}: run python tests/family_table.py --write {model_type}")
     if "build_error" in result:
         pytest.skip(f"the tiny {model_type} config does not build: {result['build_error']}")
     for strategy in ("ulysses", "ring"):

@@ -22,6 +22,9 @@ import time
 
 import pytest
 
+#: every case launches recipe ranks in subprocesses (torchrun / accelerate launch)
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
 DEADLINE = 60.0  # seconds from the fault to every rank gone

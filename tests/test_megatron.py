@@ -131,6 +131,7 @@ def test_replicated_weights_follow_rank0(pool2):
     assert all(r["equal_rank0"] for r in pool2.run(megatron_cases.replicas_follow_rank0))
 
 
+@pytest.mark.e2e
 def test_demo_trains_with_megatron(tmp_path):
     """The CPU demo with strategy=megatron (AdamW on the DTensor parameters) lowers the loss."""
     import pathlib

@@ -21,6 +21,8 @@ from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate
 from hf_seqpar.tools.presets import load_config
 from hf_seqpar.core.shape import ModelShape
 
+#: measure_case sets the ranks' allocator and measures their resident memory: ranks of its own
+PRIVATE_POOLS = True
 TOL = 0.15
 HOST_TOL = 0.01
 

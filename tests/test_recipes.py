@@ -59,6 +59,7 @@ def _loss_of(model) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", [s for s in AVAILABLE if s != "ulysses"])  # ulysses: the resume test
 def test_recipe_full_finetune(strategy, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -70,6 +71,7 @@ def test_recipe_full_finetune(strategy, tmp_path):
     assert _loss_of(model) < 5.0  # trained: random init scores ~ln(256) = 5.5
 
 
+@pytest.mark.e2e
 def test_recipe_lora(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
@@ -83,6 +85,7 @@ def test_recipe_lora(tmp_path):
     assert _loss_of(model) < base_loss  # the adapter improves on the saved base model
 
 
+@pytest.mark.e2e
 def test_recipe_help_lists_the_flags():
     out = subprocess.run([sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--help"],
                          capture_output=True, text=True, timeout=120).stdout
@@ -112,6 +115,7 @@ RESUME_RUN = ["--sp-config", str(ROOT / "recipes/accelerate/cpu-sp.yaml"), "--ma
               "--save-every", "4"]
 
 
+@pytest.mark.e2e
 def test_recipe_eval_checkpoints_and_exact_resume(tmp_path):
     """One accelerate config file for the whole run (cpu-sp.yaml: 2 ranks + the SP settings, strategy
     auto -> ulysses). 10 steps over 5 rows per epoch with held-out evaluation every 5 steps and a
@@ -170,6 +174,7 @@ def _conversations(n: int) -> list[dict]:
                           {"role": "assistant", "content": f"Doubled it is {4 * i}."}]} for i in range(n)]
 
 
+@pytest.mark.e2e
 def test_recipe_chat_data_with_a_tokenizer(tmp_path):
     tok = _byte_tokenizer(tmp_path / "tok")
     data_file = tmp_path / "chat.jsonl"

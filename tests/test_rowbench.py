@@ -36,6 +36,7 @@ def test_bench_rows_refuses_unknown_structures(capsys):
     assert "valid row structures" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_bench_rows_measures_in_fresh_ranks(capsys, tmp_path):
     out = tmp_path / "rows.json"
     assert main(["bench", "--rows", "packed", "--strategies", "ulysses", "--seq-lens", "512,1024",

@@ -100,6 +100,7 @@ def test_plan_cli(capsys, tmp_path):
     assert data["recommended"]["fits"] and len(data["candidates"]) > 5
 
 
+@pytest.mark.e2e
 def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
     out = tmp_path / "bench.json"
     cli.main(["bench", "--strategies", "ulysses,ring", "--world", "2", "--seq-lens", "256", "--layers", "1",
@@ -185,3 +186,91 @@ def test_plan_reserve_is_an_explicit_printed_option(capsys):
 def test_load_config_names_the_presets_for_an_unknown_name():
     with pytest.raises(ValueError, match="tiny, llama-3.1-8b"):
         load_config("tinyy")
+
+
+# ---- hf-seqpar plan: what it recommends and assumes, LoRA and optimizer bytes (issue 25, point 5) ----
+
+def _plan_rows(shape, cluster, setup, seq_len):
+    return [evaluate(shape, seq_len, c, cluster, setup) for c in candidates(shape, cluster)]
+
+
+def test_plan_recommends_the_smallest_sp_degree_that_fits():
+    """Llama-3.1-8B at 128K on 8 GPUs: ulysses 2 (dp 4) fits, so it is the answer, not ulysses 8."""
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    rows = _plan_rows(shape, Cluster(gpus=8), Setup(), 131072)
+    best, why = recommend(rows)
+    roomy = [r for r in rows if r["total_bytes"] <= 0.9 * r["budget_bytes"]]
+    assert min(r["sp"] for r in roomy) == 2 and not any(r["sp"] == 1 for r in roomy)
+    assert (best["candidate"], best["dp"]) == ("ulysses 2", 4), why
+    at_two = [r for r in roomy if r["sp"] == 2]
+    assert best["comm_seconds"] == min(r["comm_seconds"] for r in at_two)  # then the least traffic
+    assert "smallest SP degree" in why and "dp=4" in why
+    # a degree that fits only without headroom is taken only when nothing has headroom
+    tight = [dict(r, fits=True, total_bytes=0.95 * r["budget_bytes"]) for r in rows]
+    best, why = recommend(tight)
+    assert best["sp"] == 1 and "none with 10% headroom" in why
+
+
+def test_plan_header_prints_its_assumptions(capsys):
+    cli.main(["plan", "--seq-len", "65536", "--json", os.devnull])
+    head = capsys.readouterr().out.split("candidate ")[0]
+    for words in ("activation checkpointing of every layer", "loss in chunks of 4,096 tokens",
+                  "adamw: 2 B weights + 2 B gradients + 12 B optimizer states", "all parameters train",
+                  "sharded by fsdp over 8 GPUs", "1 row(s) per micro-batch"):
+        assert words in head, head
+    cli.main(["plan", "--seq-len", "65536", "--no-checkpointing", "--loss-chunk", "1024", "--optimizer", "sgd",
+              "--optim-bytes", "6", "--sharding", "zero2", "--json", os.devnull])
+    head = capsys.readouterr().out.split("candidate ")[0]
+    for words in ("no activation checkpointing", "loss in chunks of 1,024 tokens", "sgd: 2 B weights + 2 B "
+                  "gradients + 6 B optimizer states", "sharded by zero2"):
+        assert words in head, head
+
+
+def test_plan_optimizer_bytes_and_trained_parameters_set_the_states():
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    cluster = Cluster(gpus=8)
+    u8 = next(c for c in candidates(shape, cluster) if c.label == "ulysses 8")
+    states = lambda setup: evaluate(shape, 8192, u8, cluster, setup)["states_bytes"]  # noqa: E731
+    assert states(Setup(optim_bytes=6)) == pytest.approx(shape.params * (2 + 2 + 6) / 8)
+    trained = 10**8  # weights of every parameter, gradients and optimizer states of the trained ones
+    assert states(Setup(trainable_params=trained)) == pytest.approx((shape.params * 2 + trained * 14) / 8)
+
+
+def test_lora_params_match_peft():
+    """The planner's LoRA count equals PEFT's trainable parameters for the recipe's default targets."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_seqpar.tools.plan import lora_params
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=128)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=targets))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_params(ModelShape.from_config(config), 8) == trained
+
+
+def test_plan_8b_lora_fits_on_two_24gb_gpus(capsys):
+    """Full fine-tuning of an 8B model cannot fit 2 x 24 GB (states alone ~60 GiB per GPU); a rank-16
+    LoRA run at 16K tokens does, and is recommended."""
+    argv = ["plan", "--model", "llama-3.1-8b", "--seq-len", "16384", "--gpus", "2", "--gpu-mem", "24",
+            "--json", os.devnull]
+    assert cli.main(argv) == 1 and "nothing fits" in capsys.readouterr().out
+    assert cli.main(argv + ["--lora-rank", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended: ulysses 2" in out and "41.9M parameters train (LoRA/adapters)" in out, out
+    assert cli.main(argv + ["--trainable-params", "41943040"]) == 0
+    assert "Recommended: ulysses 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--trainable-params", "0"], "--trainable-params must be in (0,"),
+    (["--trainable-params", "1e12"], "--trainable-params must be in (0,"),
+    (["--lora-rank", "8", "--trainable-params", "10"], "not allowed with argument"),
+    (["--optim-bytes", "-1"], "must be >= 0"),
+])
+def test_plan_rejects_bad_training_options(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["plan", *argv])
+    assert words in capsys.readouterr().err

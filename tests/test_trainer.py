@@ -110,6 +110,7 @@ def test_trl_sft_lora_reverse_order(pool2, tmp_path):
     _compare_sft(pool2, tmp_path, "bfd", order="host_first", lora=True, accuracy_learned=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sft_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     """recipes/sft_trl.py under accelerate launch, offline default: trains and logs TRL's metrics."""

@@ -50,3 +50,20 @@ def test_comm_bytes_match_theory(pool2, pool4):
         for r in pool.run(cases.ulysses_traffic):
             assert r["measured"] == r["theory"], r
             assert r["per_layer_equal"], r
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_unsharded_context_generates_as_the_plain_model_and_training_resumes_unchanged(pool2, strategy):
+    """``with hf_seqpar.unsharded(model)``: generate/logits/loss inside equal an unsharded copy bit for
+    bit; after it the same SP state is back and a second step equals a model that never left SP."""
+    for r in pool2.run(cases.unsharded_generation, strategy):
+        assert r["generate_equal"] and r["loss_equal"] and r["logits_equal"], r
+        assert r["attn_inside"] == "sdpa" and r["attn_after"] == "hf_seqpar_sdpa", r
+        assert "shard_batch" in r["shard_batch_inside"] and "enable_sequence_parallel" in r["shard_batch_inside"], r
+        assert r["same_state_after"] and r["params_equal_after"], r
+        assert r["not_enabled"].startswith("ValueError") and "not enabled" in r["not_enabled"], r
+
+
+def test_unsharded_context_refuses_sharded_parameters(pool2):
+    for msg in pool2.run(cases.unsharded_refuses_megatron):
+        assert msg.startswith("NotImplementedError") and "'megatron'" in msg and "disable_sequence_parallel" in msg

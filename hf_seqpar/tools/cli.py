@@ -1,4 +1,8 @@
-"""The ``hf-seqpar`` command: ``bench``, ``plan`` and ``selftest``."""
+"""The ``hf-seqpar`` command: ``bench``, ``plan`` and ``selftest``.
+
+Only the standard library is imported at module level: each command imports what it needs, so
+``hf-seqpar --help`` and ``--version`` do not import torch or transformers.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict memory and traffic per strategy; recommend one",
                        description="Predicts per-GPU memory (model states, activations, logits) and SP traffic "
                                    "for every strategy and degree split of a model on a cluster, and recommends "
-                                   "the fitting one with the least traffic time.")
+                                   "the smallest SP degree that fits (the most data parallelism; then the least "
+                                   "traffic time). The header lists what the prediction assumes.")
     p.add_argument("--model", default="llama-3.1-8b", help="preset, config.json, model folder or Hub name "
                                                            "(default: %(default)s)")
     p.add_argument("--seq-len", type=_positive_int, default=131072, help="tokens per sequence (default: %(default)s)")
@@ -114,6 +119,18 @@ def _plan_parser(sub) -> None:
     p.add_argument("--offload", action="store_true", help="predict with offload_checkpoints (host memory)")
     p.add_argument("--mlp-tiles", type=_positive_int, default=None, help="predict with this many MLP tiles")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per micro-batch (default: %(default)s)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="optimizer of the model states: adamw 12, sgd 4 bytes of state per trained parameter, "
+                        "beside 2 B weights and 2 B gradients (default: %(default)s)")
+    p.add_argument("--optim-bytes", type=_nonnegative_float, default=None,
+                   help="optimizer-state bytes per trained parameter, fp32 master copy included, instead of the "
+                        "optimizer's (e.g. 6 for 8-bit Adam with an fp32 master copy)")
+    trained = p.add_mutually_exclusive_group()
+    trained.add_argument("--lora-rank", type=_positive_int, default=None,
+                         help="train a LoRA adapter of this rank on every attention and MLP projection (the "
+                              "recipe's --lora-targets default); the base weights are frozen")
+    trained.add_argument("--trainable-params", type=float, default=None,
+                         help="parameters that train (adapters of any kind, e.g. 4.2e7); the rest are frozen")
     p.add_argument("--host-mem", type=_positive_float, default=1024.0,
                    help="GiB of host memory per node for offloaded checkpoints/states (default: %(default)s)")
     p.add_argument("--tflops", type=_positive_float, default=989.0,
@@ -197,7 +214,8 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
-    from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend, GiB
+    from hf_seqpar.tools.plan import (Cluster, GiB, Setup, assumptions, candidates, evaluate, lora_params,
+                                      max_seq_len, recommend)
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.theory import ModelShape
 
@@ -220,9 +238,14 @@ def _plan(args) -> int:
     cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve,
                       host_mem_gib=args.host_mem, peak_tflops=args.tflops, attention_mfu=args.attn_mfu,
                       max_step_s=args.max_step_s)
+    trainable = lora_params(shape, args.lora_rank) if args.lora_rank else args.trainable_params
+    if trainable is not None and not 0 < trainable <= shape.params:
+        args.parser.error(f"--trainable-params must be in (0, {shape.params:.4g}] (the model's parameters), "
+                          f"got {trainable:g}")
     setup = Setup(sharding=args.sharding, checkpointing=not args.no_checkpointing,
                   chunked_loss=not args.no_chunked_loss, batch=args.batch, loss_chunk_size=args.loss_chunk,
-                  offload_checkpoints=args.offload, mlp_tiles=args.mlp_tiles)
+                  offload_checkpoints=args.offload, mlp_tiles=args.mlp_tiles, optimizer=args.optimizer,
+                  optim_bytes=args.optim_bytes, trainable_params=None if trainable is None else int(trainable))
     cands = candidates(shape, cluster)
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
     if args.max_seq:
@@ -232,6 +255,8 @@ def _plan(args) -> int:
           f"({shape.kv_heads} kv), seq {args.seq_len:,} on {args.gpus} x {args.gpu_mem:g} GiB")
     print(f"budget per GPU: {args.gpu_mem:g} GiB - {args.reserve:g} GiB reserve (CUDA context, NCCL, workspaces; "
           f"--reserve) = {args.gpu_mem - args.reserve:g} GiB")
+    for line in assumptions(shape, cluster, setup):
+        print("assumes: " + line)
     head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
     print(head + ("  max seq" if args.max_seq else ""))
     for r in rows:
@@ -281,33 +306,60 @@ def _print_longest(shape, cluster, setup) -> dict | None:
 
 
 def _selftest_parser(sub) -> None:
-    p = sub.add_parser("selftest", help="the one-command GPU check (dry mode without a GPU)",
-                       description="Run the CUDA checks on one GPU, each case in its own process: the gpu-marked "
-                                   "tests, a kernel-backend sweep against float64, the variable-length pieces, and "
-                                   "long single-GPU steps at S and 2S; writes selftest.json and selftest.md. "
-                                   "Without a GPU it selects nothing CUDA and exits 0.")
-    p.add_argument("--gpu", action="store_true", help="run the GPU checks (the default and only mode)")
-    p.add_argument("--out", default=".", help="folder for selftest.json / selftest.md (default: .)")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds after which no new case starts (default 540)")
-    p.add_argument("--tests", default=None, help="the repository's tests folder (default: beside the package)")
-    p.add_argument("--cases", type=_names, default=None, help="comma-separated case names (default: all)")
+    p = sub.add_parser("selftest", help="check this installation: CPU strategies vs the unsharded model; --gpu: "
+                                        "the CUDA checks",
+                       description="Without --gpu: 2 gloo ranks on CPU, one training step of every strategy on a "
+                                   "plain and a packed batch against the unsharded model (loss, logits, every "
+                                   "gradient), a pass/fail table; exit 1 on any failure. With --gpu: the CUDA checks "
+                                   "on one GPU, each case in its own process: the gpu-marked tests, a kernel-backend "
+                                   "sweep against float64, the variable-length pieces, and long single-GPU steps at "
+                                   "S and 2S; writes selftest.json and selftest.md (without a GPU it selects nothing "
+                                   "CUDA and exits 0).")
+    p.add_argument("--gpu", action="store_true", help="run the GPU checks instead of the CPU check")
+    p.add_argument("--out", default=".", help="--gpu: folder for selftest.json / selftest.md (default: .)")
+    p.add_argument("--budget", type=float, default=540.0,
+                   help="--gpu: seconds after which no new case starts (default 540)")
+    p.add_argument("--tests", default=None, help="--gpu: the repository's tests folder (default: beside the package)")
+    p.add_argument("--cases", type=_names, default=None,
+                   help="comma-separated case names (default: all): strategies on CPU, GPU case names with --gpu")
 
 
 def _selftest(args) -> int:
+    if args.gpu:
+        from hf_seqpar.tools.selftest import CASES as valid
+    else:
+        from hf_seqpar.strategies import STRATEGIES as valid
+    unknown = [c for c in args.cases or () if c not in valid]
+    if unknown:
+        args.parser.error(f"--cases {unknown}: unknown {'GPU case' if args.gpu else 'strategy'} name(s); valid: "
+                          f"{', '.join(valid)}")
+    if not args.gpu:
+        from hf_seqpar.tools.cpucheck import run_cpu_selftest
+
+        return run_cpu_selftest(args.cases)
     from hf_seqpar.tools.selftest import run_selftest
 
     return run_selftest(args.out, args.budget, args.tests, args.cases)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-seqpar`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-seqpar`` argument parser (``parse_args`` gives ``command`` and the subcommand's options)."""
+    from hf_seqpar import __version__  # the package's __init__ imports nothing heavy: --help stays fast
+
     parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench, plan and selftest")
+    parser.add_argument("--version", action="version", version=f"hf-seqpar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _plan_parser(sub)
     _selftest_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-seqpar`` console script."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.parser = sub.choices[args.command]
+    args.parser = parser._subparsers._group_actions[0].choices[args.command]
     return {"bench": _bench, "plan": _plan, "selftest": _selftest}[args.command](args)
 
 

@@ -4,7 +4,9 @@ Per candidate (strategy x SP degree x Ulysses/ring split) it predicts per-rank m
 states under the chosen sharding, FSDP's gathered layers, the step's activation peak with the
 memory features of :class:`Setup`: :mod:`hf_seqpar.tools.memmodel`), host memory per node, attention
 time and communication per step with its time on the links the groups span (:mod:`hf_seqpar.tools.theory`),
-then recommends the fitting candidate with the least SP communication time. It also finds the
+then recommends the smallest SP degree that fits (the most data parallelism; among those, the
+least SP communication time), printing the training assumptions it predicts for (checkpointing,
+loss chunks, optimizer bytes, trained parameters: full or LoRA). It also finds the
 longest sequence each candidate fits (:mod:`hf_seqpar.tools.maxseq` searches the features too).
 """
 
@@ -16,7 +18,8 @@ from hf_seqpar.strategies import STRATEGIES, strategy_class
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
-__all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB"]
+__all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB",
+           "lora_params", "assumptions"]
 
 GiB = 2**30
 #: Share of the memory budget a recommended candidate may use.
@@ -82,6 +85,21 @@ class Setup:
     """Checkpointed layer inputs (and the other saved tensors outside the layers) in host memory."""
     mlp_tiles: int | None = None
     """MLP sequence tiles (None = off)."""
+    trainable_params: int | None = None
+    """Parameters that train, i.e. have gradients and optimizer states (None: all of them, full
+    fine-tuning; a LoRA adapter: :func:`lora_params`). The others are frozen weights only."""
+    optim_bytes: float | None = None
+    """Optimizer-state bytes per trained parameter, fp32 master copy included (None: the
+    optimizer's, :data:`STATE_BYTES`: adamw 12, sgd 4; e.g. 6 for 8-bit Adam with a master copy)."""
+
+    def state_bytes(self) -> tuple[float, float, float]:
+        """Bytes per parameter of (weights, gradients, optimizer states) for a trained parameter."""
+        param, grad, opt = STATE_BYTES[self.optimizer]
+        return param, grad, (opt if self.optim_bytes is None else self.optim_bytes)
+
+    def trained(self, shape: ModelShape) -> int:
+        """How many of ``shape``'s parameters train."""
+        return shape.params if self.trainable_params is None else self.trainable_params
 
     @property
     def features(self) -> Features:
@@ -130,11 +148,22 @@ def candidates(shape: ModelShape, cluster: Cluster) -> list[Candidate]:
     return out
 
 
+def lora_params(shape: ModelShape, rank: int) -> int:
+    """Parameters of a LoRA adapter of rank ``rank`` on every attention and MLP projection (the
+    recipe's default ``--lora-targets``: q, k, v, o, gate, up, down): ``rank x (in + out)`` each
+    (Hu et al. 2021, https://arxiv.org/abs/2106.09685)."""
+    h, q, kv, inter = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h)
+    return shape.layers * rank * per_layer
+
+
 def _states(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup) -> float:
-    per = dict(zip(("param", "grad", "opt"), STATE_BYTES[setup.optimizer]))
+    param_b, grad_b, opt_b = setup.state_bytes()
     tp = cand.sp if cand.cls.shards_parameters else 1  # tensor parallel: each rank holds 1/T of the model
-    params, shard_over = shape.params / tp, cluster.gpus // tp
-    return sum(params * b / (shard_over if k in SHARDED[setup.sharding] else 1) for k, b in per.items())
+    shard_over = cluster.gpus // tp
+    counts = {"param": shape.params / tp, "grad": setup.trained(shape) / tp, "opt": setup.trained(shape) / tp}
+    per = {"param": param_b, "grad": grad_b, "opt": opt_b}
+    return sum(counts[k] * per[k] / (shard_over if k in SHARDED[setup.sharding] else 1) for k in per)
 
 
 def _gathered(shape: ModelShape, cand: Candidate, setup: Setup) -> float:
@@ -144,7 +173,9 @@ def _gathered(shape: ModelShape, cand: Candidate, setup: Setup) -> float:
         return 0.0
     biggest = max((shape.params - 2 * shape.vocab * shape.hidden) / shape.layers, shape.vocab * shape.hidden)
     biggest /= cand.sp if cand.cls.shards_parameters else 1
-    return 3 * biggest * STATE_BYTES[setup.optimizer][0]
+    param_b, grad_b, _ = setup.state_bytes()
+    trained_share = setup.trained(shape) / shape.params  # a frozen layer has no gradient to hold
+    return biggest * (2 * param_b + grad_b * trained_share)
 
 
 def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
@@ -189,9 +220,28 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
                 comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, cluster))
 
 
+def assumptions(shape: ModelShape, cluster: Cluster, setup: Setup) -> list[str]:
+    """The training set-up the predictions assume, one short line each (the table's header)."""
+    param_b, grad_b, opt_b = setup.state_bytes()
+    trained = setup.trained(shape)
+    who = ("all parameters train (full fine-tuning)" if setup.trainable_params is None else
+           f"{trained / 1e6:,.1f}M parameters train (LoRA/adapters), the {shape.params / 1e9:.2f}B base is frozen")
+    loss = (f"loss in chunks of {setup.loss_chunk_size:,} tokens (no full logits; --loss-chunk, --no-chunked-loss)"
+            if setup.chunked_loss else "full fp32 logits (no chunked loss)")
+    ckpt = "activation checkpointing of every layer" if setup.checkpointing else "no activation checkpointing"
+    extra = (["checkpoints offloaded to host memory"] if setup.offload_checkpoints and setup.checkpointing else []) + (
+        [f"MLP in {setup.mlp_tiles} tiles"] if setup.mlp_tiles else [])
+    return [f"{ckpt}; {loss}" + "".join(f"; {e}" for e in extra),
+            f"{setup.optimizer}: {param_b:g} B weights + {grad_b:g} B gradients + {opt_b:g} B optimizer states per "
+            f"trained parameter (--optimizer, --optim-bytes); {who}",
+            f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} row(s) per "
+            f"micro-batch, {setup.elem}-byte activations"]
+
+
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
-    """The fitting candidate with the least SP communication time (then the smallest SP degree,
-    which leaves the most data parallelism), and the reason."""
+    """The smallest SP degree that fits (it leaves the most data parallelism, and data parallelism
+    trains whole sequences with no SP traffic), among its candidates the least SP communication
+    time, and the reason."""
     fitting = [r for r in rows if r["fits"]]
     if not fitting:
         smallest = min(rows, key=lambda r: r["total_bytes"])
@@ -200,8 +250,9 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
         if states > smallest["budget_bytes"]:
             return None, (f"nothing fits: the model states alone take {states / GiB:.1f} GiB per GPU "
                           f"({smallest['candidate']}), over the budget of {smallest['budget_bytes'] / GiB:.1f} GiB; "
-                          "shard them over more GPUs, or keep them in host memory (--sharding fsdp_offload: "
-                          "accelerate's fsdp_offload_params)")
+                          "shard them over more GPUs, keep them in host memory (--sharding fsdp_offload: "
+                          "accelerate's fsdp_offload_params), or train an adapter (--lora-rank) or with fewer "
+                          "optimizer bytes (--optim-bytes)")
         if smallest.get("host_node_bytes", 0) > smallest.get("host_budget_bytes", float("inf")):
             return None, (f"nothing fits: {smallest['candidate']} needs {smallest['host_node_bytes'] / GiB:.0f} GiB "
                           f"of host memory per node, over --host-mem {smallest['host_budget_bytes'] / GiB:.0f} GiB; "
@@ -211,13 +262,16 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
                       f"{smallest['budget_bytes'] / GiB:.1f} GiB (GPU memory minus a {reserve:g} GiB reserve, "
                       "--reserve); add GPUs, enable checkpointing and the chunked loss, or shorten the sequence")
     # prefer candidates that leave 10% of the budget as headroom (allocator fragmentation, spikes)
-    roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]] or fitting
-    best = min(roomy, key=lambda r: (r["comm_seconds"], r["sp"], r["ring"]))
+    roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]]
+    among = "candidates that fit with 10% headroom" if roomy else "candidates that fit (none with 10% headroom)"
+    roomy = roomy or fitting
+    best = min(roomy, key=lambda r: (r["sp"], r["comm_seconds"], r["ring"]))
+    same_sp = sum(r["sp"] == best["sp"] for r in roomy)
     why = (f"{best['candidate']} fits in {best['total_bytes'] / GiB:.1f} GiB per GPU "
            f"({(best['states_bytes'] + best.get('gathered_bytes', 0)) / GiB:.1f} states + "
-           f"{best['activation_bytes'] / GiB:.1f} activations) with "
-           f"{best['comm_seconds'] * 1e3:.1f} ms of SP traffic per step, the least of the "
-           f"{len(roomy)} candidates that fit with 10% headroom (dp={best['dp']})")
+           f"{best['activation_bytes'] / GiB:.1f} activations): the smallest SP degree of the {len(roomy)} "
+           f"{among}, leaving the most data parallelism (dp={best['dp']}), and "
+           f"the least SP traffic of the {same_sp} at that degree ({best['comm_seconds'] * 1e3:.1f} ms per step)")
     return best, why
 
 
