@@ -10,6 +10,7 @@ sums) and then the SP version on its shard with ``token_logprobs`` + ``sequence_
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -91,3 +92,100 @@ def logprob_parity(strategy: str) -> dict:
     return {"sums": rel(sums.detach(), logp.sum(1).detach()), "tokens": rel(full_lp.detach(), logp.detach()),
             "entropy": rel(full_en.detach(), ent.detach()), "loss": rel(loss.detach(), ref_loss.detach()),
             "grads": grad_err, "local_len": int(lp.shape[1]), "seq": int(batch["input_ids"].shape[1])}
+
+
+# ---- TRL's DPOTrainer with and without SP -------------------------------------------------------
+
+def preference_pairs(n: int = 6, seed: int = 0) -> dict:
+    """Text preference pairs over 8 letters (the byte tokenizer scores bytes): prompts of 3-9 letters,
+    chosen completions that continue the prompt's motif, rejected ones random, of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(n):
+        motif = torch.randint(0, 8, (3,), generator=g)
+        prompt = motif.repeat(3)[: int(torch.randint(3, 10, (1,), generator=g))]
+        chosen = motif.repeat(6)[: int(torch.randint(4, 16, (1,), generator=g))]
+        rejected = torch.randint(0, 8, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g)
+        for key, value in zip(rows, (prompt, chosen, rejected)):
+            rows[key].append("".join("abcdefgh"[int(i)] for i in value))
+    return rows
+
+
+def _shared_dataset(out_dir: str, sp: bool):
+    """The pairs as an on-disk dataset that every rank opens (TRL's precompute_ref_log_probs writes its
+    cache next to the dataset's files on the main process; an in-memory dataset has a temporary
+    cache directory per process, so the other ranks would not find it, with or without SP)."""
+    from datasets import Dataset, load_from_disk
+
+    path = os.path.join(out_dir, "pairs")
+    if not sp or dist.get_rank() == 0:
+        Dataset.from_dict(preference_pairs()).save_to_disk(path)
+    if sp:
+        dist.barrier()
+    return load_from_disk(path)
+
+
+def dpo_run(sp: bool, out_dir: str, strategy: str = "ulysses", loss_type="sigmoid", ref: str = "model",
+            order: str = "mixin_first", steps: int = 3) -> dict:
+    """``steps`` optimizer steps of DPOTrainer (batch 2, fp32, SGD); the logged history and the final
+    parameters. ``ref``: ``"model"`` (an explicit, different reference model) or ``"precompute"``
+    (``precompute_ref_log_probs`` with the initial policy as reference)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from cases_trainer import reset_accelerate
+    from cases_trl import tiny_lm
+    from hf_seqpar.core.data import byte_tokenizer
+
+    reset_accelerate()
+    args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=steps, learning_rate=0.5,
+                     lr_scheduler_type="constant", optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
+                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, bf16=False, beta=0.5, loss_type=loss_type,
+                     max_length=None, precompute_ref_log_probs=ref == "precompute")
+    common = dict(model=tiny_lm(), ref_model=tiny_lm(seed=1) if ref == "model" else None, args=args,
+                  train_dataset=_shared_dataset(out_dir, sp), processing_class=byte_tokenizer())
+    if sp:
+        bases = (hf_seqpar.SequenceParallelMixin, DPOTrainer) if order == "mixin_first" else \
+            (DPOTrainer, hf_seqpar.SequenceParallelMixin)
+        trainer = type("SPDPOTrainer", bases, {})(**common, sp_plugin=hf_seqpar.SequenceParallelPlugin(
+            strategy=strategy))
+    else:
+        trainer = DPOTrainer(**common)
+    trainer.train()
+    logs = [{k: v for k, v in h.items() if k not in ("epoch", "learning_rate", "step")}
+            for h in trainer.state.log_history if "loss" in h]
+    model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    split = None
+    if sp:  # (local, full) length of the last batch each SP model saw: the rows really were split
+        states = [hf_seqpar.core.mesh.find_state(m) for m in (trainer.model, trainer.ref_model) if m is not None]
+        split = [(s.last_layout.local_len, s.last_layout.seq_len) for s in states]
+        hf_seqpar.disable_sequence_parallel(trainer.model)
+    return {"logs": logs, "params": params, "rank": int(os.environ.get("RANK", "0")), "split": split}
+
+
+def dpo_refusals(out_dir: str) -> dict:
+    """The message of each DPO/TRL set-up the mixin refuses at construction (None: not refused)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from cases_trainer import reset_accelerate
+    from cases_trl import tiny_lm
+    from hf_seqpar.core.data import byte_tokenizer
+
+    def attempt(strategy="ulysses", **kw):
+        reset_accelerate()
+        args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=1, report_to=[], use_cpu=True,
+                         bf16=False, disable_tqdm=True, save_strategy="no", **kw)
+        cls = type("SPDPOTrainer", (hf_seqpar.SequenceParallelMixin, DPOTrainer), {})
+        try:
+            cls(model=tiny_lm(), ref_model=tiny_lm(seed=1), args=args, processing_class=byte_tokenizer(),
+                train_dataset=Dataset.from_dict(preference_pairs(2)),
+                sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy))
+        except (ValueError, NotImplementedError) as e:
+            return str(e)
+        return None
+
+    return {"nca_pair": attempt(loss_type="nca_pair"), "sync_ref_model": attempt(sync_ref_model=True),
+            "megatron": attempt(strategy="megatron"), "ok": attempt(loss_type=["sigmoid", "hinge"])}
+
