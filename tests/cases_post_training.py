@@ -126,7 +126,7 @@ def _shared_dataset(out_dir: str, sp: bool):
 
 
 def dpo_run(sp: bool, out_dir: str, strategy: str = "ulysses", loss_type="sigmoid", ref: str = "model",
-            order: str = "mixin_first", steps: int = 3) -> dict:
+            order: str = "mixin_first", steps: int = 3, sp_options: dict | None = None) -> dict:
     """``steps`` optimizer steps of DPOTrainer (batch 2, fp32, SGD); the logged history and the final
     parameters. ``ref``: ``"model"`` (an explicit, different reference model) or ``"precompute"``
     (``precompute_ref_log_probs`` with the initial policy as reference)."""
@@ -148,7 +148,7 @@ def dpo_run(sp: bool, out_dir: str, strategy: str = "ulysses", loss_type="sigmoi
         bases = (hf_seqpar.SequenceParallelMixin, DPOTrainer) if order == "mixin_first" else \
             (DPOTrainer, hf_seqpar.SequenceParallelMixin)
         trainer = type("SPDPOTrainer", bases, {})(**common, sp_plugin=hf_seqpar.SequenceParallelPlugin(
-            strategy=strategy))
+            strategy=strategy, **(sp_options or {})))
     else:
         trainer = DPOTrainer(**common)
     trainer.train()
