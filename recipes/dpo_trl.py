@@ -31,9 +31,12 @@ import sysconfig
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from sft_trl import build_model  # noqa: E402  (the tiny offline model and tokenizer, or --model)
+from sft_trl import build_model, metrics_printer, train_and_save  # noqa: E402  (shared with the SFT recipe)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+#: what the log shows each step (TRL's DPO metrics)
+METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected", "entropy", "num_tokens")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,21 +110,12 @@ def main(argv=None) -> None:
                          "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null.")
     dataclasses.replace(plugin).validate(int(os.environ.get("WORLD_SIZE", "1")))
 
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     import hf_seqpar
 
     class SPDPOTrainer(hf_seqpar.SequenceParallelMixin, DPOTrainer):
         """TRL's DPOTrainer with sequence parallelism."""
-
-    class PrintMetrics(TrainerCallback):
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                        "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "num_tokens")
-                print(f"step {state.global_step:4d}/{state.max_steps} " +
-                      " ".join(f"{k} {logs[k]:.6g}" for k in keys if k in logs), flush=True)
 
     config = DPOConfig(output_dir=args.output_dir, max_length=args.max_length, loss_type=args.loss_type,
                        beta=args.beta, precompute_ref_log_probs=args.precompute_ref,
@@ -133,15 +127,9 @@ def main(argv=None) -> None:
                                                       max_length=args.max_length))
     ref_model = None if args.precompute_ref else copy.deepcopy(model).eval()
     trainer = SPDPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=load_dataset_(args),
-                           processing_class=tokenizer, sp_plugin=plugin, callbacks=[PrintMetrics()])
-    state = trainer.sp_state
-    if trainer.is_world_process_zero():
-        print(f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={state.dp_size} "
-              f"loss_type={args.loss_type} reference={'precomputed' if args.precompute_ref else 'model'}", flush=True)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        print(f"saved to {args.output_dir}", flush=True)
+                           processing_class=tokenizer, sp_plugin=plugin, callbacks=[metrics_printer(METRICS)])
+    train_and_save(trainer, plugin, args.output_dir,
+                   f"loss_type={args.loss_type} reference={'precomputed' if args.precompute_ref else 'model'}")
 
 
 if __name__ == "__main__":
