@@ -32,7 +32,8 @@ What it changes, and why:
 * **Evaluation** goes through the same sharded ``compute_loss``; logits are gathered over the
   sequence only when returned, and predictions/labels/losses over the data-parallel replicas only
   (``compute_metrics`` sees each row once). The host's outputs are asked for only when the caller
-  wants them (no extra TRL forward). Unsupported hosts (DPO, GRPO, ...) are refused at construction
+  wants them (no extra TRL forward). TRL's DPOTrainer is made exact by
+  :mod:`hf_seqpar.integrations.trl_dpo`; unsupported hosts (GRPO, ...) are refused at construction
   (:mod:`hf_seqpar.integrations.hosts`).
 * Checkpoints are the model's own ``save_pretrained`` output, loadable by plain transformers / PEFT.
 """
