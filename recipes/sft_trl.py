@@ -92,6 +92,30 @@ def build_model(args):
     return model, AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
 
+def metrics_printer(keys):
+    """A callback printing ``step i/n`` and the logged ``keys`` on the main process."""
+    from transformers import TrainerCallback
+
+    class PrintMetrics(TrainerCallback):
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                print(f"step {state.global_step:4d}/{state.max_steps} " +
+                      " ".join(f"{k} {logs[k]:.6g}" for k in keys if k in logs), flush=True)
+
+    return PrintMetrics()
+
+
+def train_and_save(trainer, plugin, output_dir: str, detail: str) -> None:
+    """Print the SP layout, train, save the model (``save_pretrained`` output)."""
+    state = trainer.sp_state
+    if trainer.is_world_process_zero():
+        print(f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={state.dp_size} {detail}", flush=True)
+    trainer.train()
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        print(f"saved to {output_dir}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -106,19 +130,11 @@ def main(argv=None) -> None:
     dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
 
     from trl import SFTConfig, SFTTrainer
-    from transformers import TrainerCallback
 
     import hf_seqpar
 
     class SPSFTTrainer(hf_seqpar.SequenceParallelMixin, SFTTrainer):
         """TRL's SFTTrainer with sequence parallelism."""
-
-    class PrintMetrics(TrainerCallback):
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                keys = ("loss", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens")
-                print(f"step {state.global_step:4d}/{state.max_steps} " +
-                      " ".join(f"{k} {logs[k]:.6g}" for k in keys if k in logs), flush=True)
 
     packing = dict(packing=False, padding_free=args.padding_free) if args.packing == "none" else \
         dict(packing=True, packing_strategy=args.packing)
@@ -135,15 +151,10 @@ def main(argv=None) -> None:
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = SPSFTTrainer(model=model, args=config, train_dataset=load_dataset_(args), processing_class=tokenizer,
-                           peft_config=peft_config, sp_plugin=plugin, callbacks=[PrintMetrics()])
-    state = trainer.sp_state
-    if trainer.is_world_process_zero():
-        print(f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={state.dp_size} "
-              f"packing={args.packing} lora={args.lora}", flush=True)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        print(f"saved to {args.output_dir}", flush=True)
+                           peft_config=peft_config, sp_plugin=plugin,
+                           callbacks=[metrics_printer(("loss", "grad_norm", "mean_token_accuracy", "entropy",
+                                                       "num_tokens"))])
+    train_and_save(trainer, plugin, args.output_dir, f"packing={args.packing} lora={args.lora}")
 
 
 if __name__ == "__main__":

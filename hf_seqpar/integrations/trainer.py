@@ -32,7 +32,8 @@ What it changes, and why:
 * **Evaluation** goes through the same sharded ``compute_loss``; logits are gathered over the
   sequence only when returned, and predictions/labels/losses over the data-parallel replicas only
   (``compute_metrics`` sees each row once). The host's outputs are asked for only when the caller
-  wants them (no extra TRL forward). Unsupported hosts (DPO, GRPO, ...) are refused at construction
+  wants them (no extra TRL forward). TRL's DPOTrainer is made exact by
+  :mod:`hf_seqpar.integrations.trl_dpo`; unsupported hosts (GRPO, ...) are refused at construction
   (:mod:`hf_seqpar.integrations.hosts`).
 * Checkpoints are the model's own ``save_pretrained`` output, loadable by plain transformers / PEFT.
 """
@@ -54,6 +55,7 @@ from hf_seqpar.core.comm import all_gather_concat, all_reduce_sum
 from hf_seqpar.core.mesh import find_state, unwrap_model
 from hf_seqpar.core.sharding import _check_same_batch, count_label_tokens, gather_sequence, shard_batch
 from hf_seqpar.integrations.hosts import host_refusal
+from hf_seqpar.integrations.trl_dpo import host_support
 from hf_seqpar.strategies import AUTO, strategy_class
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -94,9 +96,14 @@ class SequenceParallelMixin(Trainer):
     def _sp_setup(self) -> None:
         """Validate the set-up and apply SP to the model (after the host trainer's constructor)."""
         self.sp_plugin = (self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()).validate()
+        self._sp_host = host_support(self)  # TRL's DPOTrainer: its own support (trl_dpo)
+        if self._sp_host is not None:
+            self._sp_host.refuse(self)
         self._sp_refuse_unsupported()
         prepare_model(self.model, self.sp_plugin)
         self.sp_state = find_state(self.model)
+        if self._sp_host is not None:
+            self._sp_host.setup(self, prepare_model)
         # an instance attribute comes first whatever the MRO order; it calls the class's compute_loss
         self.compute_loss = self._sp_compute_loss
 
@@ -134,7 +141,7 @@ class SequenceParallelMixin(Trainer):
                 "shard as if it were the batch. Leave it unset (the model's loss is exact under SP), or subclass "
                 "and override compute_loss, which receives the local batch of hf_seqpar.shard_batch "
                 "(labels already shifted in `shift_labels`, num_items_in_batch = the full batch's count).")
-        if not self.model_accepts_loss_kwargs:
+        if not self.model_accepts_loss_kwargs and self._sp_host is None:
             raise ValueError(
                 f"{type(unwrap_model(self.model)).__name__}.forward takes no loss kwargs (num_items_in_batch), so "
                 "the Trainer would not hand it the full batch's token count and each rank's loss would be a local "
@@ -267,6 +274,8 @@ class SequenceParallelMixin(Trainer):
     def _sp_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Shard the full batch by sequence, run the host's ``compute_loss`` on this rank's shard,
         and return the loss of the whole SP group with the gradient scale DDP's mean needs."""
+        if self._sp_host is not None:  # the host's model call shards (hf_seqpar.integrations.trl_dpo)
+            return self._sp_host.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         host = type(self).compute_loss
         if "seqpar" in inputs:  # already sharded (a host that calls back into compute_loss)
             return host(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

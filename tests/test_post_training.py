@@ -1,0 +1,105 @@
+"""Post-training under sequence parallelism on 2 gloo ranks: the log-prob primitive
+(hf_seqpar.core.logprobs) against the unsharded computation, and TRL's DPOTrainer with
+SequenceParallelMixin against the one-process DPOTrainer."""
+
+from __future__ import annotations
+
+import pytest
+
+import cases_post_training
+
+#: fp32 values: the same sums in another order (~1e-6 relative); gradients are sums over more
+#: terms in another order (the project's SP gradient tolerance)
+VALUE_TOL, GRAD_TOL = 1e-5, 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_logprobs_sums_gather_and_gradients_match_unsharded(pool2, strategy):
+    """Per-row sums, per-token log-probs and entropies gathered in original order, and every
+    parameter gradient (DDP mean over the ranks) equal the unsharded full-logits computation."""
+    for r in pool2.run(cases_post_training.logprob_parity, strategy):
+        assert r["local_len"] < r["seq"], r  # the rows really are split
+        for key in ("sums", "tokens", "entropy", "loss"):
+            assert r[key] <= VALUE_TOL, (strategy, key, r)
+        assert r["grads"] <= GRAD_TOL, (strategy, r)
+
+
+# ---- TRL's DPOTrainer + SequenceParallelMixin vs the one-process DPOTrainer ---------------------
+
+def _compare_dpo(pool, tmp_path, **kw):
+    ref = cases_post_training.dpo_run(False, str(tmp_path / "ref"), **kw)
+    assert len(ref["logs"]) == 3, ref["logs"]
+    assert any(h["rewards/margins"] != 0 for h in ref["logs"]), ref["logs"]  # the rewards mean something
+    for r in pool.run(cases_post_training.dpo_run, True, str(tmp_path / "sp"), **kw):
+        assert r["split"] and all(local < full for local, full in r["split"]), r["split"]
+        assert len(r["logs"]) == len(ref["logs"]), r["logs"]
+        for step, (mine, want) in enumerate(zip(r["logs"], ref["logs"])):
+            assert set(mine) == set(want), (sorted(mine), sorted(want))
+            # the loss and rewards are functions of differences of log-prob sums of size |logps|: their fp32
+            # error scales with those sums (times beta = 0.5), not with the (small) difference
+            logps = 0.5 * max(abs(want["logps/chosen"]), abs(want["logps/rejected"]))
+            for key, value in want.items():
+                tol = GRAD_TOL if key == "grad_norm" else VALUE_TOL
+                scale = max(abs(value), logps if key == "loss" or key.startswith("rewards/") else 1e-3)
+                assert abs(mine[key] - value) <= tol * scale, (r["rank"], step, key, mine[key], value)
+        for name, p in ref["params"].items():
+            err = float((r["params"][name] - p).abs().max() / p.abs().max().clamp_min(1e-12))
+            assert err <= VALUE_TOL, (r["rank"], name, err)
+    return ref
+
+
+def test_dpo_sigmoid_with_reference_model_matches_one_process(pool2, tmp_path):
+    """Loss, every TRL metric, grad norms and final weights (ulysses, explicit reference model)."""
+    _compare_dpo(pool2, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,loss_type,ref,order", [
+    ("ring", "sigmoid", "model", "mixin_first"),
+    ("ulysses", "ipo", "precompute", "host_first"),
+    ("ring", "ipo", "model", "host_first"),
+    ("ring", "hinge", "precompute", "mixin_first"),
+])
+def test_dpo_matrix_matches_one_process(pool2, tmp_path, strategy, loss_type, ref, order):
+    """The acceptance matrix: ulysses and ring, sigmoid/ipo/hinge, a reference model or
+    precomputed reference log-probs, either MRO order."""
+    _compare_dpo(pool2, tmp_path, strategy=strategy, loss_type=loss_type, ref=ref, order=order)
+
+
+@pytest.mark.slow
+def test_dpo_hybrid_on_four_ranks_matches_one_process(pool4, tmp_path):
+    """Hybrid 2 x 2 (Ulysses inside pairs of ranks, ring across them), reference model."""
+    _compare_dpo(pool4, tmp_path, strategy="hybrid", sp_options={"ulysses_size": 2})
+
+
+@pytest.mark.slow
+def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
+    """recipes/dpo_trl.py under accelerate launch, offline default: trains and logs TRL's DPO metrics."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from test_recipes import _port
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(root / "recipes/accelerate/cpu.yaml"), "--num_processes", "2", "--main_process_port", _port(),
+           str(root / "recipes/dpo_trl.py"), "--max-steps", "3", "--max-pairs", "12", "--lr", "1e-3",
+           "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "strategy=ulysses sp_size=2" in proc.stdout, proc.stdout
+    steps = re.findall(r"^step +\d+/3 loss (\S+) grad_norm \S+ rewards/chosen \S+ rewards/rejected \S+ "
+                       r"rewards/margins (\S+) rewards/accuracies (\S+)", proc.stdout, re.M)
+    assert len(steps) == 3, proc.stdout
+    assert float(steps[0][1]) == 0.0 and abs(float(steps[0][0]) - 0.693147) < 1e-4, steps  # ref = initial policy
+    assert any(float(s[1]) != 0.0 for s in steps[1:]), steps  # the policy moved away from the reference
+
+
+def test_dpo_refusals_name_what_works(pool2, tmp_path):
+    """Untested DPO options and Megatron-SP are refused at construction with what works."""
+    for r in pool2.run(cases_post_training.dpo_refusals, str(tmp_path)):
+        for key in ("nca_pair", "sync_ref_model"):
+            assert r[key] and key in r[key] and "sigmoid" in r[key] and "precompute_ref_log_probs" in r[key], r
+        assert r["megatron"] and "egatron" in r["megatron"], r["megatron"]
