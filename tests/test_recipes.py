@@ -269,3 +269,155 @@ def test_recipe_checks_options_before_loading_anything(recipe, monkeypatch, argv
         recipe.main(argv)
     for w in words:
         assert w in str(err.value), str(err.value)
+
+
+# ---- data through `datasets`, packing that keeps documents whole -------------------------------
+
+def test_load_table_reads_a_dataset_folder_with_a_card_and_prints_caps(recipe, tmp_path):
+    """A normal HF dataset folder (data files + README.md card) loads; --max-docs says what it drops;
+    the default keeps every row."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a dataset card\n")
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(7)))
+    said = []
+    args = recipe.parse_args(["--dataset", str(folder)])
+    assert args.max_docs is None
+    ds = recipe.data.load_table(args, lambda *a, **k: said.append(a[0]))
+    assert ds["text"] == [f"document {i}" for i in range(7)] and said == []
+    args = recipe.parse_args(["--dataset", str(folder), "--max-docs", "5"])
+    ds = recipe.data.load_table(args, lambda *a, **k: said.append(a[0]))
+    assert len(ds) == 5 and said == ["--max-docs 5: using the first 5 of 7 rows (2 dropped)"]
+    # tokenised through Dataset.map, the same examples as row by row
+    args = recipe.parse_args(["--dataset", str(folder), "--num-proc", "2"])
+    ds = recipe.data.load_table(args)
+    assert recipe.data.tokenize(ds, "text", None, args) == recipe.data.to_examples(ds, "text", None, args)
+
+
+def test_bfd_packing_keeps_documents_whole(recipe):
+    data = recipe.data
+    lengths = [7, 3, 5, 2, 6, 1, 4]  # 28 tokens; best-fit decreasing into rows of 8: [7,1] [6,2] [5,3] [4]
+    examples = [([100 * k + j for j in range(n)], [100 * k + j for j in range(n)]) for k, n in enumerate(lengths)]
+    rows = data.pack_bfd(examples, 8)
+    assert len(rows) == 4
+    seen = []
+    for row in rows:
+        ids, pos, labels = (row[k].tolist() for k in ("input_ids", "position_ids", "labels"))
+        assert len(ids) == 8
+        starts = [i for i, p in enumerate(pos) if p == 0] + [8]
+        for a, b in zip(starts, starts[1:]):
+            assert pos[a:b] == list(range(b - a)) and labels[a] == -100
+            if ids[a] != 0 or b - a == lengths[ids[a] // 100]:  # a document, whole, not padding
+                k = ids[a] // 100
+                assert ids[a:b] == examples[k][0] and labels[a + 1:b] == examples[k][0][1:]
+                seen.append(k)
+            else:  # the row's padded tail: trained on nothing
+                assert set(ids[a:b]) == {0} and set(labels[a:b]) == {-100}
+    assert sorted(seen) == list(range(len(lengths)))  # every document exactly once
+    assert sorted(sum(len(e[0]) for e in examples if True) for _ in [0]) == [28]
+    # an example longer than a row is split by pack() (and said), never by pack_bfd
+    said = []
+    rows = data.pack([(list(range(1, 20)), list(range(1, 20)))], 8, "bfd", lambda *a, **k: said.append(a[0]))
+    assert [r["position_ids"].tolist() for r in rows] == [list(range(8)), list(range(8)), [0, 1, 2, 0, 1, 2, 3, 4]]
+    assert said and "1 of 1 examples are longer than a row of 8 tokens" in said[0]
+    with pytest.raises(ValueError, match="does not fit a row of 8"):
+        data.pack_bfd([(list(range(9)), list(range(9)))], 8)
+
+
+# ---- configs: model-agnostic FSDP wrapping, one config file named once -------------------------
+
+@pytest.mark.parametrize("name", ["gpu-8", "gpu-multinode", "gpu-1-offload"])
+def test_gpu_configs_wrap_any_models_decoder_layers(name):
+    """No hard-coded layer class: accelerate's FSDP2 transformer wrap falls back to the model's
+    _no_split_modules, so a Qwen2 model wraps its Qwen2DecoderLayers."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    fsdp = load_config_from_file(str(ROOT / f"recipes/accelerate/{name}.yaml")).fsdp_config
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+                                            transformer_cls_names_to_wrap=fsdp.get("fsdp_transformer_layer_cls_to_wrap"))
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert [type(m).__name__ for m in model.modules() if policy(m)] == ["Qwen2DecoderLayer"] * 2
+
+
+def test_sp_settings_named_twice_are_refused(recipe, tmp_path, monkeypatch):
+    """The accelerate file the launcher read has hf_seqpar_* keys and --sp-config names another file:
+    refused, naming both (which one would win is not guessed)."""
+    common = importlib.import_module("recipe_common")
+    monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
+    launcher = str(ROOT / "recipes/accelerate/cpu-sp.yaml")
+    monkeypatch.setattr(common, "launcher_config_file", lambda: launcher)
+    plugin, source = common.load_sp_plugin(None, "x")
+    assert plugin.loss_chunk_size == 1024 and source.startswith(launcher)  # read from the launcher's file
+    with pytest.raises(SystemExit, match="two SP configs.*cpu-sp.yaml.*ring.yaml"):
+        common.load_sp_plugin(str(ROOT / "recipes/sp/ring.yaml"), "x")
+    assert common.load_sp_plugin(launcher, "x")[0].loss_chunk_size == 1024  # the same file twice is fine
+    monkeypatch.setattr(common, "launcher_config_file", lambda: None)
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    with pytest.raises(SystemExit, match="pass it again as --sp-config"):
+        common.load_sp_plugin(None, "x")
+
+
+# ---- docs agree with the code: sdpa needs no S x S mask for a packed row ------------------------
+
+def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
+    """recipes/README.md and README.md say a packed row under SP's sdpa path needs O(S) memory, no
+    S x S mask. Checked: every tensor handed to torch's SDPA (and every attention_mask a decoder
+    layer's attention sees) for a packed 512-token row of 3 documents has fewer than S*S elements,
+    while the plain model builds an S x S mask for the same row; the losses agree (fp32, ~1e-6)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_seqpar
+
+    S = 512
+    pos = torch.cat([torch.arange(n) for n in (200, 150, 162)])[None]
+    ids = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": pos}
+
+    def run(model, inputs):
+        seen = []
+        real = F.scaled_dot_product_attention
+
+        def spy(q, k, v, attn_mask=None, **kw):
+            seen.append(0 if attn_mask is None else attn_mask.numel())
+            return real(q, k, v, attn_mask=attn_mask, **kw)
+
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, a, kw: seen.append(kw["attention_mask"].numel() if torch.is_tensor(kw.get("attention_mask"))
+                                           else 0), with_kwargs=True)
+            for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+        F.scaled_dot_product_attention = spy
+        try:
+            with torch.no_grad():
+                loss = float(model(**inputs).loss)
+        finally:
+            F.scaled_dot_product_attention = real
+            for h in hooks:
+                h.remove()
+        return loss, max(seen)
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config)
+    sp_model = LlamaForCausalLM(config)
+    sp_model.load_state_dict(plain.state_dict())
+    plain_loss, plain_mask = run(plain, {**batch, "use_cache": False})  # no cache: transformers reads the packing
+    assert plain_mask >= S * S  # the contrast: transformers' own sdpa path builds the dense mask
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        hf_seqpar.enable_sequence_parallel(sp_model, "ulysses", 1)
+        sp_loss, sp_mask = run(sp_model, hf_seqpar.shard_batch(batch, sp_model))
+    finally:
+        dist.destroy_process_group()
+    assert sp_mask < S * S, sp_mask
+    assert abs(sp_loss - plain_loss) < 1e-5, (sp_loss, plain_loss)
+    for doc in ("recipes/README.md", "README.md"):  # and no doc claims otherwise
+        text = re.sub(r"\s+", " ", (ROOT / doc).read_text())
+        assert not re.search(r"sdpa[^.]*needs? an `?S x S", text), doc
