@@ -172,6 +172,11 @@ def find_checkpoint(args) -> str | None:
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         _fail(f"--resume-from {path}: not a complete checkpoint of this recipe (no {STATE_FILE}); give an "
               "OUTPUT_DIR/checkpoint-STEP folder written with --save-every")
+    custom = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_"))
+    if custom:  # accelerate would unpickle these with weights_only=False: code in them would run
+        _fail(f"--resume-from {path}: it holds {custom}, which this recipe never writes (its state is JSON and "
+              "tensors); such pickles run code when loaded. Delete them if you trust them not, or resume from a "
+              "checkpoint this version of the recipe wrote")
     return path
 
 

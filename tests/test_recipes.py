@@ -33,14 +33,27 @@ def _port() -> str:
 def _run(out_dir, *args, config: str = "recipes/accelerate/cpu.yaml") -> str:
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), "--num_processes", "2",
            "--main_process_port", _port(), str(ROOT / "recipes/finetune_long_context.py"), "--output-dir", str(out_dir),
-           *args]
+           "--log-every", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out_dir.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
 
+def _scalars(out_dir) -> dict[str, dict[int, float]]:
+    """The tensorboard scalars written under ``out_dir``: ``{tag: {step: value}}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in pathlib.Path(out_dir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return found
+
+
 def _losses(stdout: str, steps: int) -> dict[int, str]:
-    """Logged loss per step, as printed (6 decimals)."""
+    """Logged loss per step, as printed (6 decimals; the runs log every step)."""
     return {int(s): x for s, x in re.findall(rf"^step +(\d+)/{steps} +loss (\d+\.\d+)", stdout, re.M)}
 
 
@@ -59,17 +72,28 @@ def _loss_of(model) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", [s for s in AVAILABLE if s != "ulysses"])  # ulysses: the resume test
 def test_recipe_full_finetune(strategy, tmp_path):
+    """Loss goes down; tensorboard event files under the output folder hold loss, lr and grad norm
+    for every step (the loss as printed); the saved model loads, with the user's use_cache (True)."""
     from transformers import AutoModelForCausalLM
 
-    losses = _launch(strategy, tmp_path / "out")
+    losses = _launch(strategy, tmp_path / "out", "--report-to", "tensorboard")
     assert losses[-1] < losses[0] - 0.3, losses
+    scalars = _scalars(tmp_path / "out")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_memory_mib"):
+        assert sorted(scalars.get(tag, {})) == list(range(1, 7)), (tag, scalars.keys())
+    assert [round(scalars["train/loss"][s], 4) for s in range(1, 7)] == [round(x, 4) for x in losses]
+    assert scalars["train/lr"][1] == pytest.approx(3e-3) and scalars["train/lr"][6] < scalars["train/lr"][2]
+    assert all(v > 0 for v in scalars["train/grad_norm"].values())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config._attn_implementation == "sdpa"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
     assert _loss_of(model) < 5.0  # trained: random init scores ~ln(256) = 5.5
 
 
+@pytest.mark.e2e
 def test_recipe_lora(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
@@ -107,37 +131,58 @@ def test_accelerate_configs_load(name):
 
 # ---- evaluation, checkpoints, exact resume; the one-config-file path ------------------------
 
-RESUME_RUN = ["--sp-config", str(ROOT / "recipes/accelerate/cpu-sp.yaml"), "--max-steps", "10", "--max-docs", "2",
-              "--max-seq-len", "1024", "--max-doc-len", "300", "--eval-every", "5", "--eval-fraction", "0.3",
-              "--save-every", "4"]
+RESUME_RUN = ["--max-steps", "10", "--max-docs", "2", "--max-seq-len", "1024", "--max-doc-len", "300", "--eval-every", "5",
+              "--eval-fraction", "0.3", "--save-every", "3", "--save-total-limit", "2"]
 
 
+class _Payload:
+    """Unpickling this creates the file ``path`` (what a malicious pickle in a checkpoint could do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.e2e
 def test_recipe_eval_checkpoints_and_exact_resume(tmp_path):
-    """One accelerate config file for the whole run (cpu-sp.yaml: 2 ranks + the SP settings, strategy
-    auto -> ulysses). 10 steps over 5 rows per epoch with held-out evaluation every 5 steps and a
-    checkpoint every 4; resuming from checkpoint-8 (epoch 2, mid-epoch) gives the uninterrupted run's
-    losses, evaluation and final weights exactly."""
+    """One accelerate config file, named once (cpu-sp.yaml: 2 ranks + the SP settings, strategy auto ->
+    ulysses, read from the file the launcher read). 10 steps over 7 rows per epoch with held-out
+    evaluation every 5 steps and a checkpoint every 3, the newest 2 kept. Then checkpoint-9 is made
+    incomplete (as a crash while saving leaves it) and accelerate's RNG pickles in checkpoint-6 are
+    replaced by pickles that create a file when loaded (custom_checkpoint_*.pkl files are refused:
+    test_resume_refuses_custom_pickles): ``--resume-from latest`` skips checkpoint-9 with a message, runs no pickle, and
+    resuming from checkpoint-6 (mid-epoch 1) gives the uninterrupted run's losses, evaluation and final
+    weights exactly."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     full = _run(tmp_path / "full", *RESUME_RUN, config="recipes/accelerate/cpu-sp.yaml")
-    assert "strategy=ulysses sp_size=2" in full and "5 batches per epoch" in full, full
+    assert "strategy=ulysses sp_size=2" in full and "7 batches per epoch" in full, full
+    assert "SP config: " + str(ROOT / "recipes/accelerate/cpu-sp.yaml") in full, full
+    assert "--max-docs 2: using the first 2 of" in full, full
     losses = _losses(full, 10)
     assert sorted(losses) == list(range(1, 11)), full
     assert float(losses[10]) < float(losses[1]) - 0.3, losses
-    evals = re.findall(r"^eval at step (\d+): loss (\d+\.\d+) over 2 held-out rows", full, re.M)
+    evals = re.findall(r"^eval at step (\d+): loss (\d+\.\d+) over 3 held-out rows", full, re.M)
     assert [e[0] for e in evals] == ["5", "10"] and float(evals[1][1]) < float(evals[0][1]), full
-    for step in (4, 8):
-        assert (tmp_path / "full" / f"checkpoint-{step}" / "recipe_state.json").is_file()
+    kept = sorted(p.name for p in (tmp_path / "full").iterdir() if p.name.startswith(("checkpoint-", ".partial")))
+    assert kept == ["checkpoint-6", "checkpoint-9"], kept  # --save-total-limit 2 removed checkpoint-3
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     assert _loss_of(model) < 5.0  # trained: random init scores ~ln(256) = 5.5
 
-    resumed = _run(tmp_path / "resumed", *RESUME_RUN, "--resume-from", str(tmp_path / "full" / "checkpoint-8"),
-                   config="recipes/accelerate/cpu-sp.yaml")
-    assert re.search(r"resumed from .*checkpoint-8 at step 8 \(epoch 2, batch 3 of 5\)", resumed), resumed
-    assert _losses(resumed, 10) == {9: losses[9], 10: losses[10]}, (resumed, losses)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    (tmp_path / "full" / "checkpoint-9" / "recipe_state.json").unlink()  # a save that did not finish
+    marker = tmp_path / "pickle-ran"
+    for name in ("random_states_0.pkl", "random_states_1.pkl"):  # accelerate's; read with weights_only=True
+        torch.save(_Payload(marker), tmp_path / "full" / "checkpoint-6" / name)
+    resumed = _run(tmp_path / "full", *RESUME_RUN, "--resume-from", "latest", config="recipes/accelerate/cpu-sp.yaml")
+    assert not marker.exists(), "a pickle in the checkpoint was run on resume"
+    assert re.search(r"resumed from .*checkpoint-6 at step 6 \(epoch 1, batch 6 of 7\)", resumed), resumed
+    assert _losses(resumed, 10) == {s: losses[s] for s in (7, 8, 9, 10)}, (resumed, losses)
     assert re.findall(r"^eval at step 10: loss (\d+\.\d+)", resumed, re.M) == [evals[1][1]], resumed
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    b = load_file(tmp_path / "full" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -170,6 +215,7 @@ def _conversations(n: int) -> list[dict]:
                           {"role": "assistant", "content": f"Doubled it is {4 * i}."}]} for i in range(n)]
 
 
+@pytest.mark.e2e
 def test_recipe_chat_data_with_a_tokenizer(tmp_path):
     tok = _byte_tokenizer(tmp_path / "tok")
     data_file = tmp_path / "chat.jsonl"
@@ -254,6 +300,8 @@ def test_max_doc_len_pieces_restart_positions_and_pack(recipe):
      ["3 launched rank(s)", "4 query heads", "3"]),
     (["--sp-config", str(ROOT / "recipes/sp/hybrid.yaml")], {"WORLD_SIZE": "3"}, ["3 launched rank(s)", "ulysses_size"]),
     (["--resume-from", "nowhere"], {}, ["--resume-from nowhere", "recipe_state.json"]),
+    (["--max-docs", "0"], {}, ["--max-docs", ">= 1"]),
+    (["--save-total-limit", "-1"], {}, ["--save-total-limit", ">= 0"]),
 ])
 def test_recipe_checks_options_before_loading_anything(recipe, monkeypatch, argv, env, words):
     def loaded(*args, **kwargs):
@@ -421,3 +469,31 @@ def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
     for doc in ("recipes/README.md", "README.md"):  # and no doc claims otherwise
         text = re.sub(r"\s+", " ", (ROOT / doc).read_text())
         assert not re.search(r"sdpa[^.]*needs? an `?S x S", text), doc
+
+
+def test_resume_refuses_custom_pickles(recipe, tmp_path, monkeypatch):
+    """A checkpoint holding custom_checkpoint_*.pkl (which accelerate unpickles with weights_only=False)
+    is refused before anything is loaded, and the pickle is not run; `latest` is the newest complete
+    folder, an incomplete newer one is skipped."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model, tokenizer or data was loaded before the checkpoint was checked")
+
+    for name in ("build_model", "load_tokenizer"):
+        monkeypatch.setattr(recipe, name, loaded)
+    monkeypatch.setattr(recipe.data, "load_table", loaded)
+    monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
+    args = recipe.parse_args([])
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "recipe_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "sp_size": 1,
+                                                        "args": {k: getattr(args, k) for k in recipe.RESUME_KEYS}}))
+    (tmp_path / "checkpoint-8").mkdir()  # incomplete: no recipe_state.json
+    (tmp_path / "checkpoint-8" / "model.safetensors").write_bytes(b"")
+    marker = tmp_path / "pickle-ran"
+    torch.save(_Payload(marker), ckpt / "custom_checkpoint_0.pkl")
+    with pytest.raises(SystemExit) as err:
+        recipe.main(["--resume-from", "latest", "--output-dir", str(tmp_path)])
+    assert "checkpoint-4" in str(err.value) and "custom_checkpoint_0.pkl" in str(err.value), str(err.value)
+    assert not marker.exists()
+    common = importlib.import_module("recipe_common")
+    assert common.latest_checkpoint(str(tmp_path), "x") == str(ckpt)
