@@ -90,6 +90,13 @@ def _render(messages: list[dict], tokenizer, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def require_chat_template(tokenizer) -> None:
+    """Raises ValueError (naming the fix) when ``tokenizer`` is not None and has no chat template."""
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat data needs a tokenizer with a chat template; pass --tokenizer with one (e.g. an "
+                         "-Instruct model's), or use the byte-level default (no --tokenizer/--model)")
+
+
 def chat_example(messages: list[dict], tokenizer, n_prompt: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its labels: the assistant turns only (or, with
     ``n_prompt``, the messages from index ``n_prompt`` on, prompt-completion style).
@@ -102,9 +109,7 @@ def chat_example(messages: list[dict], tokenizer, n_prompt: int | None = None) -
         ValueError: the tokenizer has no chat template, or its template does not render a
             conversation's prefixes as prefixes of the whole (the completion cannot be located).
     """
-    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat data needs a tokenizer with a chat template; pass --tokenizer with one (e.g. an "
-                         "-Instruct model's), or use the byte-level default (no --tokenizer/--model)")
+    require_chat_template(tokenizer)
     trained = [i for i, m in enumerate(messages) if (m["role"] == "assistant" if n_prompt is None else i >= n_prompt)]
     ids, labels, done = [], [], ""
     for i in trained:
@@ -150,7 +155,7 @@ def tokenize(ds, fmt: str, tokenizer, args) -> list[tuple[list[int], list[int]]]
     """:func:`to_examples` through ``datasets.Dataset.map``: ``--num-proc`` workers, and the result
     cached next to a file-backed dataset (a second run, or the other ranks after rank 0, read it)."""
     if fmt == "chat":
-        chat_example([], tokenizer)  # no chat template: the clear error here, before any worker starts
+        require_chat_template(tokenizer)  # the clear error here, before any worker starts
     # only what the encoding depends on, so the cache fingerprint does not change with other options
     cols = types.SimpleNamespace(text_column=args.text_column, messages_column=args.messages_column)
 

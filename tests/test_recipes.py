@@ -112,10 +112,30 @@ def test_recipe_help_lists_the_flags():
                          capture_output=True, text=True, timeout=120).stdout
     for flag in ("--sp-config", "--model", "--dataset", "--max-seq-len", "--max-steps", "--output-dir", "--lora",
                  "--tokenizer", "--data-format", "--messages-column", "--max-doc-len", "--eval-every",
-                 "--eval-fraction", "--save-every", "--resume-from"):
+                 "--eval-fraction", "--save-every", "--save-total-limit", "--resume-from", "--report-to",
+                 "--log-every", "--packing", "--num-proc"):
         assert flag in out, flag
+    # the docstring as written: shell continuations and the literal "\n" of the byte chat format kept
+    assert "--num_processes 2 \\\n        recipes/finetune_long_context.py" in out, out[:1500]
+    assert "<|role|>\\ncontent<|end|>\\n" in out, out[:3000]
     for group in ("sequence parallelism:", "model and tokenizer:", "data:", "training:", "evaluation and checkpoints:"):
         assert group in out, group
+
+
+@pytest.mark.e2e
+def test_recipe_in_one_process_warns_and_a_nan_loss_fails(tmp_path):
+    """Started without a launcher: a warning names `accelerate launch --num_processes N`. A loss that
+    turns NaN (lr 1e30, no clipping) stops the run with a non-zero exit and no saved model."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HF_SEQPAR_CONFIG")}
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--output-dir",
+                           str(tmp_path / "out"), "--max-steps", "5", "--max-seq-len", "256", "--max-docs", "2",
+                           "--lr", "1e30", "--max-grad-norm", "0", "--log-every", "1"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "ONE process, so sp_size=1" in proc.stderr and "accelerate launch --num_processes N" in proc.stderr
+    assert re.search(r"error: the training loss is nan at step \d+: stopped, and no model saved", proc.stderr), \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "config.json").exists()
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu-8", "gpu-multinode"])
@@ -220,8 +240,12 @@ def test_recipe_chat_data_with_a_tokenizer(tmp_path):
     tok = _byte_tokenizer(tmp_path / "tok")
     data_file = tmp_path / "chat.jsonl"
     data_file.write_text("".join(json.dumps(c) + "\n" for c in _conversations(60)))
-    out = _run(tmp_path / "out", "--sp-config", str(ROOT / "recipes/sp/ring.yaml"), "--dataset", str(data_file),
-               "--tokenizer", str(tmp_path / "tok"), "--max-seq-len", "256", "--max-doc-len", "96", "--max-steps", "6")
+    # one config file, named once: `hf_seqpar_strategy: ring` in the accelerate file is what runs
+    accel = tmp_path / "accel-ring.yaml"
+    accel.write_text((ROOT / "recipes/accelerate/cpu-sp.yaml").read_text().replace("hf_seqpar_strategy: auto",
+                                                                                   "hf_seqpar_strategy: ring"))
+    out = _run(tmp_path / "out", "--dataset", str(data_file), "--tokenizer", str(tmp_path / "tok"), "--max-seq-len",
+               "256", "--max-doc-len", "96", "--max-steps", "6", config=str(accel))
     assert "strategy=ring sp_size=2" in out and "chat data" in out, out
     losses = [float(x) for x in _losses(out, 6).values()]
     assert len(losses) == 6 and losses[-1] < losses[0], out
