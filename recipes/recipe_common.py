@@ -16,7 +16,9 @@ COMPLETE_FILE = "recipe_state.json"
 
 
 def warn(prog: str, msg: str) -> None:
-    print(f"{prog}: WARNING: {msg}", file=sys.stderr, flush=True)
+    """A warning on stderr, from the first rank only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 # ---- where the SP settings come from ---------------------------------------------------------

@@ -521,3 +521,52 @@ def test_resume_refuses_custom_pickles(recipe, tmp_path, monkeypatch):
     assert not marker.exists()
     common = importlib.import_module("recipe_common")
     assert common.latest_checkpoint(str(tmp_path), "x") == str(ckpt)
+
+
+# ---- recipes/sft_trl.py: shipped SP configs, LoRA base, chat data, checkpoints, exact resume -------
+
+def _sft(out_dir, *args) -> subprocess.CompletedProcess:
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"), "--num_processes", "2",
+           "--main_process_port", _port(), str(ROOT / "recipes/sft_trl.py"), "--output-dir", str(out_dir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out_dir.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.e2e
+def test_sft_trl_shipped_config_lora_chat_checkpoints_and_exact_resume(tmp_path):
+    """sft_trl.py with a shipped SP config (ring.yaml sets loss_chunk_size: the recipe says it drops
+    it), chat data with the default byte-level tokenizer, LoRA, held-out evaluation, tensorboard and a
+    checkpoint every 2 steps; resuming from checkpoint-2 gives the uninterrupted run's metrics for
+    steps 3-4 (num_tokens aside: TRL 1.16 restarts its token counter on resume), its evaluation and
+    its adapter weights exactly; the adapter loads with its saved base model."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    data_file = tmp_path / "chat.jsonl"
+    data_file.write_text("".join(json.dumps(c) + "\n" for c in _conversations(40)))
+    run = ["--sp-config", str(ROOT / "recipes/sp/ring.yaml"), "--dataset", str(data_file), "--max-length", "256",
+           "--max-steps", "4", "--save-steps", "2", "--eval-fraction", "0.2", "--eval-steps", "2", "--lora",
+           "--lr", "1e-2"]
+    full = _sft(tmp_path / "full", *run, "--report-to", "tensorboard")
+    assert "strategy=ring sp_size=2" in full.stdout, full.stdout
+    assert full.stderr.count("loss_chunk_size=1024") == 1 and "runs with loss_chunk_size: null" in full.stderr
+
+    def metrics(stdout):
+        return {int(s): m for s, m in re.findall(r"^step +(\d+)/4 (loss .*) num_tokens", stdout, re.M)}
+
+    steps = metrics(full.stdout)
+    assert sorted(steps) == [1, 2, 3, 4], full.stdout
+    evals = re.findall(r"^eval at step (\d+): loss (\S+)", full.stdout, re.M)
+    assert [e[0] for e in evals] == ["2", "4"], full.stdout
+    assert (tmp_path / "full" / "checkpoint-2").is_dir() and (tmp_path / "full" / "checkpoint-4").is_dir()
+    assert sorted(_scalars(tmp_path / "full").get("train/loss", {})) == [1, 2, 3, 4]
+
+    resumed = _sft(tmp_path / "resumed", *run, "--resume-from", str(tmp_path / "full" / "checkpoint-2"))
+    assert metrics(resumed.stdout) == {3: steps[3], 4: steps[4]}, (resumed.stdout, steps)
+    assert re.findall(r"^eval at step (\d+): loss (\S+)", resumed.stdout, re.M) == [evals[1]], resumed.stdout
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "full" / "base_model")
