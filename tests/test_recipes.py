@@ -1,7 +1,9 @@
 """recipes/: the fine-tuning recipe under `accelerate launch` on 2 CPU ranks for every available
-strategy (loss goes down, the checkpoint loads with plain transformers / PEFT), evaluation,
-checkpoints and exact resume, chat data with a tokenizer, the checks made before anything is
-loaded, the recipe's data functions, and the configs."""
+strategy (loss goes down, tensorboard scalars, the checkpoint loads with plain transformers / PEFT),
+evaluation, checkpoints (atomic, rotated, no pickle run on resume) and exact resume, one config file
+named once, chat data with a tokenizer, one process and NaN losses, the checks made before anything
+is loaded, the data functions (datasets folders, bfd packing), the configs and docs; sft_trl.py's
+checkpoints and exact resume. Subprocess launches are marked `e2e`."""
 
 from __future__ import annotations
 
@@ -570,3 +572,14 @@ def test_sft_trl_shipped_config_lora_chat_checkpoints_and_exact_resume(tmp_path)
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "full")
     assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "full" / "base_model")
+
+
+def test_recipes_readme_lists_the_plugins_keys():
+    """recipes/README.md's list of SP config keys is the plugin's fields (no removed `options`)."""
+    import dataclasses
+
+    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
+
+    text = re.sub(r"\s+", " ", (ROOT / "recipes/README.md").read_text())
+    listed = re.search(r"Keys are the plugin's fields: (.*?)\. Unknown keys", text).group(1)
+    assert re.findall(r"`(\w+)`", listed) == [f.name for f in dataclasses.fields(SequenceParallelPlugin)]
