@@ -316,6 +316,18 @@ def test_max_doc_len_pieces_restart_positions_and_pack(recipe):
 
 # ---- the checks made before the model and the data are loaded --------------------------------
 
+@pytest.fixture
+def nothing_loaded(recipe, monkeypatch):
+    """Loading a model, tokenizer or data fails the test (the checks must come first)."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model, tokenizer or data was loaded before the options were checked")
+
+    for name in ("build_model", "load_tokenizer"):
+        monkeypatch.setattr(recipe, name, loaded)
+    monkeypatch.setattr(recipe.data, "load_table", loaded)
+    monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
+
+
 @pytest.mark.parametrize("argv, env, words", [
     (["--max-steps", "0"], {}, ["--max-steps", ">= 1", "0"]),
     (["--max-doc-len", "0"], {}, ["--max-doc-len", ">= 1"]),
@@ -329,14 +341,7 @@ def test_max_doc_len_pieces_restart_positions_and_pack(recipe):
     (["--max-docs", "0"], {}, ["--max-docs", ">= 1"]),
     (["--save-total-limit", "-1"], {}, ["--save-total-limit", ">= 0"]),
 ])
-def test_recipe_checks_options_before_loading_anything(recipe, monkeypatch, argv, env, words):
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model, tokenizer or data was loaded before the options were checked")
-
-    for name in ("build_model", "load_tokenizer"):
-        monkeypatch.setattr(recipe, name, loaded)
-    monkeypatch.setattr(recipe.data, "load_table", loaded)
-    monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
+def test_recipe_checks_options_before_loading_anything(recipe, nothing_loaded, monkeypatch, argv, env, words):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as err:
@@ -497,17 +502,10 @@ def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
         assert not re.search(r"sdpa[^.]*needs? an `?S x S", text), doc
 
 
-def test_resume_refuses_custom_pickles(recipe, tmp_path, monkeypatch):
+def test_resume_refuses_custom_pickles(recipe, nothing_loaded, tmp_path):
     """A checkpoint holding custom_checkpoint_*.pkl (which accelerate unpickles with weights_only=False)
     is refused before anything is loaded, and the pickle is not run; `latest` is the newest complete
     folder, an incomplete newer one is skipped."""
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model, tokenizer or data was loaded before the checkpoint was checked")
-
-    for name in ("build_model", "load_tokenizer"):
-        monkeypatch.setattr(recipe, name, loaded)
-    monkeypatch.setattr(recipe.data, "load_table", loaded)
-    monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
     args = recipe.parse_args([])
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
