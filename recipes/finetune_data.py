@@ -191,7 +191,11 @@ def pack(examples: list, seq_len: int, packing: str, say=print) -> list[dict]:
     (``"wrapped"``). With ``bfd`` an example longer than a row is split into pieces of ``seq_len``
     (each restarting its positions), and how many were split is printed."""
     if packing == "wrapped":
-        return pack_examples(examples, seq_len)
+        rows = pack_examples(examples, seq_len)
+        tail = sum(len(ids) for ids, _ in examples) - len(rows) * seq_len
+        if tail:
+            say(f"packing: the last {tail} tokens do not fill a row of {seq_len} and are dropped", flush=True)
+        return rows
     long = sum(len(ids) > seq_len for ids, _ in examples)
     if long:
         say(f"packing: {long} of {len(examples)} examples are longer than a row of {seq_len} tokens and were split "

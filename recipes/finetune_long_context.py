@@ -402,7 +402,14 @@ def prepare_data(args, accelerator, tokenizer, dp_size: int):
               f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
               "raise --max-docs or add data")
     eval_rows = data.pack(eval_ex, args.max_seq_len, args.packing, say) if args.eval_every else []
-    eval_rows = eval_rows[: len(eval_rows) // (args.batch_size * dp_size) * (args.batch_size * dp_size)]
+    per_batch = args.batch_size * dp_size
+    if len(rows) % per_batch:
+        say(f"{len(rows) % per_batch} of {len(rows)} packed rows left out of each epoch (the order changes per "
+            f"epoch): a batch is --batch-size {args.batch_size} x {dp_size} replicas", flush=True)
+    if len(eval_rows) % per_batch:
+        say(f"{len(eval_rows) % per_batch} of {len(eval_rows)} held-out rows dropped: evaluation uses whole batches "
+            f"of {per_batch} rows", flush=True)
+    eval_rows = eval_rows[: len(eval_rows) // per_batch * per_batch]
     if args.eval_every and not eval_rows:
         _fail(f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
               f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction")

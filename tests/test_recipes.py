@@ -370,7 +370,17 @@ def test_load_table_reads_a_dataset_folder_with_a_card_and_prints_caps(recipe, t
     # tokenised through Dataset.map, the same examples as row by row
     args = recipe.parse_args(["--dataset", str(folder), "--num-proc", "2"])
     ds = recipe.data.load_table(args)
+    cache = pathlib.Path(ds.cache_files[0]["filename"]).parent
+
+    def cached():
+        return sorted(p.name for p in cache.glob("cache-*.arrow"))
+
+    before = cached()
     assert recipe.data.tokenize(ds, "text", None, args) == recipe.data.to_examples(ds, "text", None, args)
+    made = cached()
+    assert len(made) > len(before)  # the tokenised rows were written next to the dataset
+    recipe.data.tokenize(ds, "text", None, args)
+    assert cached() == made  # and a second run (or another rank) reads them instead of tokenising again
 
 
 def test_bfd_packing_keeps_documents_whole(recipe):
