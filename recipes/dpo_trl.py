@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     ref_model = None if args.precompute_ref else copy.deepcopy(model).eval()
     trainer = SPDPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=load_dataset_(args),
                            processing_class=tokenizer, sp_plugin=plugin, callbacks=[metrics_printer(METRICS)])
-    train_and_save(trainer, plugin, args.output_dir,
+    train_and_save(trainer, args.output_dir,
                    f"loss_type={args.loss_type} reference={'precomputed' if args.precompute_ref else 'model'}")
 
 

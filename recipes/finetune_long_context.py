@@ -1,26 +1,35 @@
-"""Fine-tune a Llama-style causal LM on long packed sequences with sequence parallelism.
+r"""Fine-tune a Llama-style causal LM on long packed sequences with sequence parallelism.
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \
         recipes/finetune_long_context.py --sp-config recipes/sp/ulysses.yaml --max-steps 6 --output-dir out/demo
 
 One config file for the whole run: an accelerate config file can carry the SP settings as
-``hf_seqpar_*`` keys of its ``parallelism_config:`` section; pass it to both:
+``hf_seqpar_*`` keys of its ``parallelism_config:`` section; name it once, to the launcher (the
+recipe reads the file the launcher read; naming another with --sp-config as well is refused):
 
     accelerate launch --config_file recipes/accelerate/cpu-sp.yaml recipes/finetune_long_context.py \
-        --sp-config recipes/accelerate/cpu-sp.yaml --max-steps 6 --output-dir out/demo
+        --max-steps 6 --output-dir out/demo
 
 Full fine-tuning or LoRA (``--lora``), any strategy (``--sp-config``, or the file named by
 ``$HF_SEQPAR_CONFIG``). Data: plain text (``--text-column``), chat (a ``messages`` column of
 ``{"role", "content"}`` turns, rendered with the tokenizer's chat template; loss on the assistant
 turns only) or prompt-completion (``prompt`` and ``completion`` columns; loss on the completion
-only); ``--data-format`` overrides the guess from the columns. Examples are packed into rows of
-``--max-seq-len`` tokens with position_ids restarting at every example, so no token attends
-across examples; ``--max-doc-len`` splits longer ones into pieces that restart positions.
+only); ``--data-format`` overrides the guess from the columns. Data go through ``datasets``
+(``load_dataset`` for files, folders and Hub names; tokenised with ``map``, cached, ``--num-proc``
+workers, rank 0 first). Examples are packed into rows of ``--max-seq-len`` tokens with
+position_ids restarting at every example, so no token attends across examples: ``--packing bfd``
+(default) places whole examples best-fit decreasing and pads each row's free tail, ``wrapped``
+concatenates and cuts at row edges; ``--max-doc-len`` splits longer ones into pieces that restart
+positions (examples longer than a row are always split so).
 
 Evaluation: ``--eval-fraction`` of the examples is held out and evaluated every ``--eval-every``
 steps (token-weighted loss over the held-out rows). Checkpoints: every ``--save-every`` steps to
-``OUTPUT_DIR/checkpoint-STEP`` (model, optimizer, scheduler, RNG states and the data position);
-``--resume-from`` continues exactly where one stopped (same losses as the uninterrupted run). At
+``OUTPUT_DIR/checkpoint-STEP`` (model, optimizer, and as data, never pickles: scheduler, RNG
+states and the data position), written aside and renamed into place; ``--save-total-limit``
+keeps the newest N. ``--resume-from`` (``latest``: the newest complete one) continues exactly
+where one stopped (same losses as the uninterrupted run). Logging: a progress bar (loss, lr, grad
+norm, tokens/s, memory), a line every ``--log-every`` steps, and accelerate's trackers
+(``--report-to tensorboard``, wandb, ...; event files under OUTPUT_DIR). At
 the end it saves a model (or LoRA adapter) that plain transformers / PEFT load. Options and the
 world size are checked before any model or data is loaded.
 
@@ -37,6 +46,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -44,15 +54,18 @@ import torch
 import torch.distributed as dist
 
 import hf_seqpar
-from hf_seqpar.integrations.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
+from hf_seqpar.integrations.accelerate import SP_CONFIG_ENV
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_data as data  # noqa: E402  (the recipe's data module, next to this file)
+import recipe_common as common  # noqa: E402
+
+PROG = "finetune_long_context.py"
 
 STATE_FILE = "recipe_state.json"
 #: Options that must not change between a checkpoint and ``--resume-from`` (exact resume).
 RESUME_KEYS = ("model", "tokenizer", "dataset", "dataset_config", "dataset_split", "text_column", "messages_column",
-               "data_format", "max_seq_len", "max_doc_len", "max_docs", "batch_size", "grad_accum", "eval_fraction",
+               "data_format", "max_seq_len", "max_doc_len", "max_docs", "packing", "batch_size", "grad_accum", "eval_fraction",
                "seed", "lora", "lora_r", "lora_alpha", "lora_targets")
 
 
@@ -60,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("sequence parallelism")
     g.add_argument("--sp-config", default=None,
-                   help=f"SP settings: a SequenceParallelPlugin YAML (recipes/sp/*.yaml) or an accelerate config file "
-                        f"with hf_seqpar_* keys in its parallelism_config section (recipes/accelerate/cpu-sp.yaml); "
-                        f"default ${SP_CONFIG_ENV}, else Ulysses over all ranks")
+                   help=f"SP settings: a SequenceParallelPlugin YAML (recipes/sp/*.yaml); default ${SP_CONFIG_ENV}, "
+                        f"else the hf_seqpar_* keys of the accelerate config file the launcher read "
+                        f"(recipes/accelerate/cpu-sp.yaml), else Ulysses over all ranks")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", default=None,
                    help="Hub name or local path of a causal LM (e.g. meta-llama/Llama-3.1-8B); default: a tiny "
@@ -89,7 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--text-column", default="text", help="column with the documents (default: %(default)s)")
     g.add_argument("--messages-column", default="messages",
                    help="column with chat turns [{role, content}, ...] (default: %(default)s)")
-    g.add_argument("--max-docs", type=int, default=2000, help="rows read from the dataset (default: %(default)s)")
+    g.add_argument("--max-docs", type=int, default=None,
+                   help="read only the first N rows of the dataset (printed when it drops rows; default: all)")
+    g.add_argument("--num-proc", type=int, default=None,
+                   help="worker processes for tokenisation (datasets.map; default: one)")
+    g.add_argument("--packing", default="bfd", choices=["bfd", "wrapped"],
+                   help="bfd: whole examples placed best-fit decreasing, each row's free tail padded (not trained "
+                        "on); wrapped: examples concatenated and cut at row edges (default: %(default)s)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
     g.add_argument("--max-doc-len", type=int, default=None,
                    help="split longer examples into pieces of at most this many tokens, each restarting its "
@@ -116,9 +135,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=0,
                    help="save a checkpoint to OUTPUT_DIR/checkpoint-STEP every N optimizer steps; 0 = never "
                         "(default: %(default)s)")
+    g.add_argument("--save-total-limit", type=int, default=0,
+                   help="keep only the newest N checkpoints; 0 = keep all (default: %(default)s)")
     g.add_argument("--resume-from", default=None,
-                   help="a checkpoint-STEP folder (or 'latest': the newest in --output-dir) to continue from "
-                        "exactly; the data options must be those of the run that wrote it")
+                   help="a checkpoint-STEP folder (or 'latest': the newest complete one in --output-dir) to "
+                        "continue from exactly; the data options must be those of the run that wrote it")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-every", type=int, default=10,
+                   help="print a log line every N optimizer steps and at the last (default: %(default)s); the "
+                        "progress bar updates every step")
+    g.add_argument("--report-to", default="none",
+                   help="accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ... "
+                        "'all' (every installed one) or 'none'; logs train/loss, train/lr, train/grad_norm, "
+                        "eval/loss under --output-dir (default: %(default)s; accelerate's config file has no "
+                        "log_with key to take it from)")
     g.add_argument("--output-dir", default="out/finetune", help="where checkpoints and the final model go "
                                                                 "(default: %(default)s)")
     return p.parse_args(argv)
@@ -127,27 +157,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- checks before anything is loaded --------------------------------------------------------
 
 def _fail(msg: str):
-    raise SystemExit(f"finetune_long_context.py: error: {msg}")
+    raise SystemExit(f"{PROG}: error: {msg}")
 
 
 def find_checkpoint(args) -> str | None:
-    """The folder of ``--resume-from`` (``latest``: the newest ``checkpoint-*`` in ``--output-dir``)."""
+    """The folder of ``--resume-from`` (``latest``: the newest complete ``checkpoint-*`` in ``--output-dir``)."""
     if args.resume_from is None:
         return None
     path = args.resume_from
     if path == "latest":
-        found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] \
-            if os.path.isdir(args.output_dir) else []
-        if not found:
-            _fail(f"--resume-from latest: no checkpoint-* folder in --output-dir {args.output_dir}")
-        path = os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[-1])))
+        path = common.latest_checkpoint(args.output_dir, PROG)
+        if path is None:
+            _fail(f"--resume-from latest: no complete checkpoint-* folder in --output-dir {args.output_dir}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        _fail(f"--resume-from {path}: not a checkpoint of this recipe (no {STATE_FILE}); give an "
+        _fail(f"--resume-from {path}: not a complete checkpoint of this recipe (no {STATE_FILE}); give an "
               "OUTPUT_DIR/checkpoint-STEP folder written with --save-every")
+    custom = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_"))
+    if custom:  # accelerate would unpickle these with weights_only=False: code in them would run
+        _fail(f"--resume-from {path}: it holds {custom}, which this recipe never writes (its state is JSON and "
+              "tensors); such pickles run code when loaded. Delete them if you trust them not, or resume from a "
+              "checkpoint this version of the recipe wrote")
     return path
 
 
-def validate(args, plugin) -> str | None:
+def validate(args, plugin, source: str = "defaults") -> str | None:
     """Check the options, the world size and the model's heads against the SP plugin before any model
     or data is loaded. Returns the checkpoint folder to resume from (or None).
 
@@ -156,10 +189,13 @@ def validate(args, plugin) -> str | None:
     """
     from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
 
-    for name in ("max_seq_len", "max_steps", "batch_size", "grad_accum", "max_docs", "lora_r", "lora_alpha"):
+    for name in ("max_seq_len", "max_steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+    for name in ("max_docs", "num_proc"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1 (or left out), got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "save_total_limit"):
         if getattr(args, name) < 0:
             _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.max_doc_len is not None and args.max_doc_len < 1:
@@ -180,7 +216,7 @@ def validate(args, plugin) -> str | None:
         cls = STRATEGIES[name]
         cls.check_model(config, sp, cls.options_from(dataclasses.replace(plugin, strategy=name)))
     except (ValueError, NotImplementedError) as e:
-        _fail(f"{world} launched rank(s), SP config {args.sp_config or os.environ.get(SP_CONFIG_ENV) or 'defaults'}: {e}")
+        _fail(f"{world} launched rank(s), SP config {source}: {e}")
     if cls.shards_parameters and args.save_every:
         _fail(f"--save-every with strategy {name} is not supported by this recipe (its tensor-parallel DTensor "
               "weights are not saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs")
@@ -223,7 +259,7 @@ def model_config(args, tokenizer):
     vocab = 256 if tokenizer is None else len(tokenizer)
     return LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.max_seq_len,
-                       attn_implementation=args.attn_implementation, use_cache=False)
+                       attn_implementation=args.attn_implementation)
 
 
 def build_model(args, tokenizer):
@@ -236,9 +272,7 @@ def build_model(args, tokenizer):
     # full fine-tuning keeps fp32 master weights (bf16 autocast from the accelerate config);
     # LoRA trains only the adapter, so the frozen base is loaded in bf16 on GPUs
     dtype = torch.bfloat16 if (args.lora and torch.cuda.is_available()) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
-    model.config.use_cache = False
-    return model
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
 
 
 def add_lora(model, args, base_dir: str | None):
@@ -302,17 +336,45 @@ def evaluate(model, loader, accelerator, max_batches: int) -> float:
     return float(total[0] / total[1])
 
 
-def save_checkpoint(accelerator, args, position, world: int, sp: int) -> str:
-    """``OUTPUT_DIR/checkpoint-STEP``: accelerate's state (model, optimizer, scheduler, RNG, the
-    position) and the options an exact resume needs unchanged."""
+def save_checkpoint(accelerator, args, position, scheduler, world: int, sp: int) -> str:
+    """``OUTPUT_DIR/checkpoint-STEP``: accelerate's model and optimizer state, each rank's RNG state
+    (tensors), and :data:`STATE_FILE` (JSON: the data position, the scheduler's state and the options
+    an exact resume needs unchanged). Written into a staging folder that is renamed into place once
+    complete, so a crash leaves no folder that looks like a checkpoint."""
+    staging = common.staging_dir(args.output_dir, position.step)
+    if accelerator.is_main_process and os.path.exists(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(staging, f"rng_state_{accelerator.process_index}.pt"))
+    accelerator.wait_for_everyone()
     path = os.path.join(args.output_dir, f"checkpoint-{position.step}")
-    accelerator.save_state(path)
     if accelerator.is_main_process:
-        with open(os.path.join(path, STATE_FILE), "w") as f:
-            json.dump({"step": position.step, "world_size": world, "sp_size": sp,
+        with open(os.path.join(staging, STATE_FILE), "w") as f:
+            json.dump({"step": position.step, "world_size": world, "sp_size": sp, "position": position.state_dict(),
+                       "scheduler": scheduler.scheduler.state_dict(),
                        "args": {k: getattr(args, k) for k in RESUME_KEYS}}, f, indent=1)
+        path = common.publish(staging, args.output_dir, position.step, args.save_total_limit)
     accelerator.wait_for_everyone()
     return path
+
+
+def load_checkpoint(accelerator, path: str, position, scheduler) -> None:
+    """Restore :func:`save_checkpoint`'s folder: no pickle is run (accelerate loads the model and the
+    optimizer with ``torch.load(weights_only=True)``, the RNG state is tensors, the rest JSON; custom
+    objects are never registered, so no ``custom_checkpoint_*.pkl`` is read)."""
+    accelerator.load_state(path, load_kwargs={"weights_only": True})
+    with open(os.path.join(path, STATE_FILE)) as f:
+        saved = json.load(f)
+    position.load_state_dict(saved["position"])
+    scheduler.scheduler.load_state_dict(saved["scheduler"])
+    rng = torch.load(os.path.join(path, f"rng_state_{accelerator.process_index}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def peak_memory_mib(device) -> float:
@@ -324,20 +386,52 @@ def peak_memory_mib(device) -> float:
 
 # ---- training ------------------------------------------------------------------------------
 
+def prepare_data(args, accelerator, tokenizer, dp_size: int):
+    """``(fmt, rows, eval_rows)``: the dataset loaded, tokenised (rank 0 first; the others read its
+    ``datasets`` cache), split and packed. Every cap is printed by the main process."""
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    with accelerator.main_process_first():
+        table = data.load_table(args, say)
+        fmt = data.data_format(table.column_names, args)
+        examples = data.tokenize(table, fmt, tokenizer, args)
+    examples = data.cap_length(examples, args.max_doc_len)
+    train_ex, eval_ex = data.split_heldout(examples, args.eval_fraction if args.eval_every else 0.0, args.seed)
+    rows = data.pack(train_ex, args.max_seq_len, args.packing, say)
+    if len(rows) < args.batch_size * dp_size:
+        _fail(f"the training data make {len(rows)} packed rows of --max-seq-len={args.max_seq_len} tokens, fewer than "
+              f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
+              "raise --max-docs or add data")
+    eval_rows = data.pack(eval_ex, args.max_seq_len, args.packing, say) if args.eval_every else []
+    per_batch = args.batch_size * dp_size
+    if len(rows) % per_batch:
+        say(f"{len(rows) % per_batch} of {len(rows)} packed rows left out of each epoch (the order changes per "
+            f"epoch): a batch is --batch-size {args.batch_size} x {dp_size} replicas", flush=True)
+    if len(eval_rows) % per_batch:
+        say(f"{len(eval_rows) % per_batch} of {len(eval_rows)} held-out rows dropped: evaluation uses whole batches "
+            f"of {per_batch} rows", flush=True)
+    eval_rows = eval_rows[: len(eval_rows) // per_batch * per_batch]
+    if args.eval_every and not eval_rows:
+        _fail(f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
+              f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction")
+    return fmt, rows, eval_rows
+
+
 def main(argv=None) -> None:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     args = parse_args(argv)
-    plugin = SequenceParallelPlugin.load(args.sp_config)  # validate before anything starts
-    ckpt = validate(args, plugin)
+    plugin, source = common.load_sp_plugin(args.sp_config, PROG)  # validate before anything starts
+    ckpt = validate(args, plugin, source)
+    common.warn_if_one_process(PROG)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU ranks started by `accelerate launch` (MULTI_GPU config -> torchrun): tell accelerate to
         # run them as MULTI_CPU on gloo; without it each process would think it is alone
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     # the plugin's collective_timeout_s (if set) bounds how long a collective waits for a stuck rank
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, **plugin.accelerator_kwargs())
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, log_with=common.report_to(args.report_to),
+                              project_dir=args.output_dir, **plugin.accelerator_kwargs())
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // accelerator.num_processes))
     main_proc = accelerator.is_main_process
@@ -346,27 +440,16 @@ def main(argv=None) -> None:
 
     # data first (cheap, and its errors come before the model is loaded)
     tokenizer = load_tokenizer(args)
-    table = data.load_table(args)
-    fmt = data.data_format(table.column_names, args)
-    examples = data.cap_length(data.to_examples(table, fmt, tokenizer, args), args.max_doc_len)
-    train_ex, eval_ex = data.split_heldout(examples, args.eval_fraction if args.eval_every else 0.0, args.seed)
-    rows = data.pack_examples(train_ex, args.max_seq_len)
-    if len(rows) < args.batch_size * dp_size:
-        _fail(f"the training data make {len(rows)} packed rows of --max-seq-len={args.max_seq_len} tokens, fewer than "
-              f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
-              "raise --max-docs or add data")
-    eval_rows = data.pack_examples(eval_ex, args.max_seq_len) if args.eval_every else []
-    eval_rows = eval_rows[: len(eval_rows) // (args.batch_size * dp_size) * (args.batch_size * dp_size)]
-    if args.eval_every and not eval_rows:
-        _fail(f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
-              f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction")
+    fmt, rows, eval_rows = prepare_data(args, accelerator, tokenizer, dp_size)
 
     model = build_model(args, tokenizer)
+    use_cache = model.config.use_cache  # the user's value, restored in the saved config
     base_dir = None
     if args.lora and args.model is None:
         base_dir = os.path.abspath(os.path.join(args.output_dir, "base_model"))
         if main_proc:
             model.save_pretrained(base_dir)
+    model.config.use_cache = False  # no KV cache in training
     if args.lora:
         model = add_lora(model, args, base_dir)
     lr = args.lr or (3e-3 if args.model is None else (2e-4 if args.lora else 2e-5))
@@ -379,25 +462,58 @@ def main(argv=None) -> None:
     model, optimizer, scheduler, loader, *eval_loader = hf_seqpar.prepare_sequence_parallel(
         accelerator, plugin, model, optimizer, scheduler, *objects)
     position = Position()
-    accelerator.register_for_checkpointing(scheduler, position)
     state = hf_seqpar.find_state(model)
     tokens_per_step = args.max_seq_len * args.batch_size * args.grad_accum * dp_size
+    accelerator.init_trackers("finetune_long_context", config=common.tracker_config(args))
     if main_proc:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"hf_seqpar finetune: {world} ranks ({accelerator.device.type}), strategy={state.strategy.name} "
-              f"sp_size={state.sp_size} dp_size={dp_size}, {fmt} data, {len(rows)} packed rows of {args.max_seq_len} "
-              f"tokens ({len(loader)} batches per epoch per replica), {len(eval_rows)} held-out rows, "
-              f"{n_train / 1e6:.2f}M trainable parameters, lr {lr:g}{', LoRA' if args.lora else ''}", flush=True)
+              f"sp_size={state.sp_size} dp_size={dp_size} (SP config: {source}), {fmt} data, {len(rows)} packed rows "
+              f"of {args.max_seq_len} tokens ({len(loader)} batches per epoch per replica), {len(eval_rows)} held-out "
+              f"rows, {n_train / 1e6:.2f}M trainable parameters, lr {lr:g}{', LoRA' if args.lora else ''}", flush=True)
     if ckpt is not None:
-        accelerator.load_state(ckpt)
+        load_checkpoint(accelerator, ckpt, position, scheduler)
         accelerator.step = position.accum_step
         if main_proc:
             print(f"resumed from {ckpt} at step {position.step} (epoch {position.epoch + 1}, batch "
                   f"{position.batch_in_epoch} of {len(loader)})", flush=True)
 
+    loss = train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, position, state.sp_size,
+                 tokens_per_step, len(eval_rows), tqdm)
+    if not math.isfinite(loss):
+        accelerator.end_training()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _fail(f"the training loss is {loss} at step {position.step}: stopped, and no model saved (its weights "
+              f"are no longer finite); lower --lr (now {lr:g}), keep --max-grad-norm > 0, or resume from an "
+              "earlier checkpoint")
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    (unwrapped.get_base_model() if args.lora else unwrapped).config.use_cache = use_cache
+    unwrapped.save_pretrained(args.output_dir, is_main_process=main_proc, state_dict=state_dict,
+                              save_function=accelerator.save)
+    if main_proc:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.output_dir)
+        kind = "LoRA adapter (peft.AutoPeftModelForCausalLM)" if args.lora else "model (AutoModelForCausalLM)"
+        print(f"saved {kind} to {args.output_dir}", flush=True)
+    accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, position, sp_size: int,
+          tokens_per_step: int, n_eval_rows: int, tqdm) -> float:
+    """The training loop from ``position`` to ``--max-steps``; returns the last step's loss (stops
+    early at a non-finite one)."""
+    main_proc = accelerator.is_main_process
     model.train()
     bar = tqdm(total=args.max_steps, initial=position.step, disable=not main_proc, desc="train", dynamic_ncols=True)
     micro_losses, t0, loss = [], time.perf_counter(), float("nan")
+    clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure the norm, clip nothing
+    grad_norm = lr = float("nan")
     while position.step < args.max_steps:
         loader.set_epoch(position.epoch)
         for i, batch in enumerate(loader):
@@ -406,8 +522,9 @@ def main(argv=None) -> None:
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -421,43 +538,38 @@ def main(argv=None) -> None:
             dt, micro_losses = time.perf_counter() - t0, []
             peaks = [None] * dist.get_world_size()
             dist.all_gather_object(peaks, round(peak_memory_mib(accelerator.device)))
+            accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                             "train/tokens_per_s": tokens_per_step / dt, "train/peak_memory_mib": max(peaks)},
+                            step=position.step)
             if main_proc:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                tqdm.write(f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  {tokens_per_step / dt:,.0f} "
-                           f"tokens/s  peak memory MiB per rank {peaks}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}",
+                                tok_s=f"{tokens_per_step / dt:,.0f}", mem_mib=max(peaks))
+                if position.step % args.log_every == 0 or position.step == args.max_steps or not math.isfinite(loss):
+                    tqdm.write(f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  lr {lr:.4e}  grad_norm "
+                               f"{grad_norm:.4f}  {tokens_per_step / dt:,.0f} tokens/s  peak memory MiB per rank {peaks}")
+            if not math.isfinite(loss):
+                break
             if args.eval_every and (position.step % args.eval_every == 0 or position.step == args.max_steps):
                 eval_loss = evaluate(model, eval_loader[0], accelerator, args.eval_batches)
+                accelerator.log({"eval/loss": eval_loss}, step=position.step)
                 if main_proc:
-                    tqdm.write(f"eval at step {position.step}: loss {eval_loss:.6f} over {len(eval_rows)} held-out rows"
+                    tqdm.write(f"eval at step {position.step}: loss {eval_loss:.6f} over {n_eval_rows} held-out rows"
                                f"{f' (first {args.eval_batches} batches)' if args.eval_batches else ''}")
             if args.save_every and position.step % args.save_every == 0:
                 position.accum_step = accelerator.step
-                path = save_checkpoint(accelerator, args, position, world, state.sp_size)
+                path = save_checkpoint(accelerator, args, position, scheduler, accelerator.num_processes, sp_size)
                 if main_proc:
                     tqdm.write(f"saved checkpoint {path}")
             t0 = time.perf_counter()
-            if position.step >= args.max_steps or not math.isfinite(loss):
+            if position.step >= args.max_steps:
                 break
         else:
             position.epoch, position.batch_in_epoch = position.epoch + 1, 0
             continue
         break
     bar.close()
-
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=main_proc, state_dict=state_dict,
-                              save_function=accelerator.save)
-    if main_proc:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.output_dir)
-        kind = "LoRA adapter (peft.AutoPeftModelForCausalLM)" if args.lora else "model (AutoModelForCausalLM)"
-        print(f"saved {kind} to {args.output_dir}", flush=True)
-    accelerator.end_training()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return loss
 
 
 if __name__ == "__main__":

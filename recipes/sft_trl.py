@@ -1,6 +1,6 @@
-"""Supervised fine-tuning with TRL's SFTTrainer and sequence parallelism.
+r"""Supervised fine-tuning with TRL's SFTTrainer and sequence parallelism.
 
-    accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \\
+    accelerate launch --config_file recipes/accelerate/cpu.yaml --num_processes 2 \
         recipes/sft_trl.py --max-steps 4 --output-dir out/sft
 
 The trainer is ``class SPSFTTrainer(hf_seqpar.SequenceParallelMixin, trl.SFTTrainer)``: TRL
@@ -9,33 +9,54 @@ whose position_ids restart at every document), hf_seqpar splits every row over t
 TRL's loss and metrics (loss, grad_norm, mean_token_accuracy, entropy, num_tokens) are those of
 the one-process SFTTrainer. ``--lora`` trains a LoRA adapter instead of the full model.
 
-Data: ``--dataset`` is a local .jsonl/.json/.parquet/.csv/.txt file with a ``text`` column, or
-``messages`` (chat, needs a tokenizer with a chat template), or ``prompt``/``completion``
-(loss on the completion only). Without ``--dataset``/``--model`` it runs offline: Python's
-standard-library sources as text, a byte-level tokenizer (``hf_seqpar.core.data.byte_tokenizer``) and
-a tiny Llama-style model built from a config.
+SP settings: ``--sp-config``, ``$HF_SEQPAR_CONFIG``, or the ``hf_seqpar_*`` keys of the accelerate
+config file the launcher read. TRL computes the loss with its own chunked LM head, so an SP
+config's ``loss_chunk_size`` is set to null here (said when it happens); every shipped config runs.
+
+Data: ``--dataset`` is a local .jsonl/.json/.parquet/.csv/.txt file, a dataset folder or a Hub
+name (``datasets.load_dataset``), with a ``text`` column, or ``messages`` (chat), or
+``prompt``/``completion`` (loss on the completion only). Without ``--dataset``/``--model`` it runs
+offline: Python's standard-library sources as text, a byte-level tokenizer
+(``hf_seqpar.core.data.byte_tokenizer``, given a chat template here so chat data work) and a tiny
+Llama-style model built from a config (saved in OUTPUT_DIR/base_model with ``--lora``, where the
+adapter's ``base_model_name_or_path`` points).
+
+Checkpoints (``--save-steps``, ``--save-total-limit``), ``--resume-from DIR|latest`` (the Trainer's
+exact resume), held-out evaluation (``--eval-fraction``, ``--eval-steps``) and trackers
+(``--report-to tensorboard,wandb,...``) are the Trainer's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import pathlib
-import sysconfig
+import sys
+import types
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import finetune_data  # noqa: E402  (the recipes' data module, next to this file)
+import recipe_common as common  # noqa: E402
+
+PROG = "sft_trl.py"
 PACKING = ("bfd", "bfd_split", "wrapped", "none")
+#: The byte-level tokenizer's chat template (the format finetune_long_context.py uses for it).
+BYTE_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else the hf_seqpar_* "
+                                                     "keys of the launcher's accelerate config, else Ulysses over all ranks)")
     p.add_argument("--model", default=None, help="model name or path (default: a tiny Llama built from a config)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's; byte-level without --model)")
-    p.add_argument("--dataset", default=None, help="local data file (default: the standard library's sources)")
-    p.add_argument("--max-docs", type=int, default=200, help="documents of the offline default")
+    p.add_argument("--dataset", default=None, help="local data file or folder, or a Hub dataset name (default: the "
+                                                   "standard library's sources)")
+    p.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    p.add_argument("--dataset-split", default="train", help="split to use (default: %(default)s)")
+    p.add_argument("--max-docs", type=int, default=None, help="read only the first N rows (printed; default: all)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per packed row (per example without packing)")
     p.add_argument("--packing", choices=PACKING, default="bfd", help="TRL packing strategy, or none")
     p.add_argument("--padding-free", action="store_true", help="with --packing none: one flattened row per batch")
@@ -48,33 +69,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default on GPUs; fp32 on CPU)")
     p.add_argument("--logging-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="share of the rows held out for evaluation (0 = no evaluation; default: %(default)s)")
+    p.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: --logging-steps)")
+    p.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps; 0 = never (default)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--resume-from", default=None,
+                   help="a checkpoint-STEP folder, or 'latest' (the newest in --output-dir), to continue from exactly")
+    p.add_argument("--report-to", default="none",
+                   help="Trainer trackers, comma-separated (tensorboard, wandb, ...), 'all' or 'none' (default)")
     p.add_argument("--output-dir", default="out/sft-trl")
     args = p.parse_args(argv)
     if args.padding_free and args.packing != "none":
         p.error("--padding-free is for --packing none (the packing strategies are padding-free already)")
-    for name in ("max_length", "batch_size", "grad_accum", "max_steps", "max_docs", "lora_r", "logging_steps"):
+    for name in ("max_length", "batch_size", "grad_accum", "max_steps", "lora_r", "logging_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.dataset is not None and not os.path.isfile(args.dataset):
-        p.error(f"--dataset {args.dataset}: no such file")
+    for name in ("max_docs", "eval_steps", "save_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (or left out), got {getattr(args, name)}")
+    if args.save_steps < 0:
+        p.error(f"--save-steps must be >= 0 (0 = never), got {args.save_steps}")
+    if not 0 <= args.eval_fraction < 1:
+        p.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.dataset is not None and os.path.sep in args.dataset and not os.path.exists(args.dataset):
+        p.error(f"--dataset {args.dataset}: no such file or folder")
     return args
 
 
-def load_dataset_(args):
-    from datasets import Dataset, load_dataset
-
-    if args.dataset is None:  # offline default: the standard library's own sources
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)[: args.max_docs]
-        return Dataset.from_dict({"text": [p.read_text(errors="replace") for p in files]})
-    ext = pathlib.Path(args.dataset).suffix.lstrip(".")
-    builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-    if builder is None:
-        raise ValueError(f"--dataset {args.dataset}: unsupported file type {ext!r}; use .jsonl/.json/.parquet/.csv/.txt")
-    return load_dataset(builder, data_files=[args.dataset], split="train")
+def load_dataset_(args, say=print):
+    """The rows: :func:`finetune_data.load_table` (the standard library's sources offline; files,
+    folders and Hub names through ``datasets.load_dataset``; ``--max-docs`` printed)."""
+    view = types.SimpleNamespace(dataset=args.dataset, dataset_config=args.dataset_config,
+                                 dataset_split=args.dataset_split, max_docs=args.max_docs, text_column="text")
+    return finetune_data.load_table(view, say)
 
 
 def build_model(args):
+    """``(model, tokenizer)``: the tiny default (byte-level tokenizer with a chat template) or ``--model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_seqpar.core.data import byte_tokenizer
@@ -82,52 +114,78 @@ def build_model(args):
     torch.manual_seed(args.seed)
     if args.model is None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else byte_tokenizer()
+        if not args.tokenizer:
+            tokenizer.chat_template = BYTE_CHAT_TEMPLATE
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(args.max_length, 2048),
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=None, use_cache=False)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
         return LlamaForCausalLM(config), tokenizer
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
 
 def metrics_printer(keys):
-    """A callback printing ``step i/n`` and the logged ``keys`` on the main process."""
+    """A callback printing ``step i/n`` with the logged ``keys``, and eval losses, on the main process."""
     from transformers import TrainerCallback
 
     class PrintMetrics(TrainerCallback):
         def on_log(self, targs, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs and "loss" in logs:
+            if not (state.is_world_process_zero and logs):
+                return
+            if "loss" in logs:
                 print(f"step {state.global_step:4d}/{state.max_steps} " +
                       " ".join(f"{k} {logs[k]:.6g}" for k in keys if k in logs), flush=True)
+            if "eval_loss" in logs:
+                print(f"eval at step {state.global_step}: loss {logs['eval_loss']:.6g}", flush=True)
 
     return PrintMetrics()
 
 
-def train_and_save(trainer, plugin, output_dir: str, detail: str) -> None:
-    """Print the SP layout, train, save the model (``save_pretrained`` output)."""
+def train_and_save(trainer, output_dir: str, detail: str, resume=None, restore=None) -> None:
+    """Print the SP layout, train (from ``resume``), call ``restore()`` if given, save the model."""
     state = trainer.sp_state
     if trainer.is_world_process_zero():
-        print(f"strategy={plugin.strategy} sp_size={state.sp_size} dp_size={state.dp_size} {detail}", flush=True)
-    trainer.train()
+        print(f"strategy={state.strategy.name} sp_size={state.sp_size} dp_size={state.dp_size} {detail}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    if restore is not None:
+        restore()
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         print(f"saved to {output_dir}", flush=True)
 
 
+def sp_plugin(args):
+    """The SP settings, ``loss_chunk_size`` dropped (loudly) for TRL's own chunked loss."""
+    import dataclasses
+
+    plugin, source = common.load_sp_plugin(args.sp_config, PROG)  # a bad file fails here, before any loading
+    if plugin.loss_chunk_size is not None:
+        common.warn(PROG, f"SP config {source} sets loss_chunk_size={plugin.loss_chunk_size}; TRL's SFTTrainer computes "
+                          "the loss with its own chunked LM head (hf_seqpar's chunked loss would replace it), so this "
+                          "recipe runs with loss_chunk_size: null. Sequence sharding and every other setting are kept.")
+        plugin = dataclasses.replace(plugin, loss_chunk_size=None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: error: {world} launched rank(s), SP config {source}: {e}") from None
+    return plugin, source
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
+    plugin, source = sp_plugin(args)
+    common.warn_if_one_process(PROG)
+    resume = args.resume_from
+    if resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
 
-    plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
-    if plugin.loss_chunk_size is not None:
-        raise SystemExit(f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's SFTTrainer computes the "
-                         "loss with its own fused, chunked LM head; use an SP config with loss_chunk_size: null "
-                         "(or none: Ulysses over all ranks).")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if resume is None:
+            raise SystemExit(f"{PROG}: error: --resume-from latest: no checkpoint-* folder in {args.output_dir}")
+    elif resume is not None and not os.path.isdir(resume):
+        raise SystemExit(f"{PROG}: error: --resume-from {resume}: no such folder")
 
     from trl import SFTConfig, SFTTrainer
 
@@ -138,24 +196,49 @@ def main(argv=None) -> None:
 
     packing = dict(packing=False, padding_free=args.padding_free) if args.packing == "none" else \
         dict(packing=True, packing_strategy=args.packing)
+    evaluation = dict(eval_strategy="steps", eval_steps=args.eval_steps or args.logging_steps) if args.eval_fraction \
+        else {}
     config = SFTConfig(output_dir=args.output_dir, max_length=None if args.padding_free else args.max_length,
-                       per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                       max_steps=args.max_steps, learning_rate=args.lr, logging_steps=args.logging_steps,
-                       bf16=args.bf16 or on_gpu, use_cpu=not on_gpu, report_to=[], save_strategy="no",
-                       seed=args.seed, disable_tqdm=True, **packing)
+                       per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+                       gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=args.lr,
+                       logging_steps=args.logging_steps, bf16=args.bf16 or on_gpu, use_cpu=not on_gpu,
+                       report_to=[r for r in args.report_to.split(",") if r] if args.report_to != "all" else "all",
+                       save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+                       save_total_limit=args.save_total_limit, seed=args.seed, data_seed=args.seed,
+                       disable_tqdm=True, **evaluation, **packing)
     model, tokenizer = build_model(args)
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
+        if args.model is None:  # no Hub name: save the base where the adapter's config can point
+            base_dir = os.path.abspath(os.path.join(args.output_dir, "base_model"))
+            if int(os.environ.get("RANK", "0")) == 0:
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+            model.name_or_path = model.config._name_or_path = base_dir
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    trainer = SPSFTTrainer(model=model, args=config, train_dataset=load_dataset_(args), processing_class=tokenizer,
-                           peft_config=peft_config, sp_plugin=plugin,
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # training; the saved config gets the user's value back below
+    data = load_dataset_(args, print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None))
+    if "messages" in data.column_names:
+        finetune_data.require_chat_template(tokenizer)
+    eval_data = None
+    if args.eval_fraction:
+        split = data.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        data, eval_data = split["train"], split["test"]
+    trainer = SPSFTTrainer(model=model, args=config, train_dataset=data, eval_dataset=eval_data,
+                           processing_class=tokenizer, peft_config=peft_config, sp_plugin=plugin,
                            callbacks=[metrics_printer(("loss", "grad_norm", "mean_token_accuracy", "entropy",
                                                        "num_tokens"))])
-    train_and_save(trainer, plugin, args.output_dir, f"packing={args.packing} lora={args.lora}")
 
+    def restore_use_cache():
+        base = trainer.model.get_base_model() if args.lora else trainer.model
+        base.config.use_cache = use_cache
+
+    train_and_save(trainer, args.output_dir, f"(SP config: {source}) packing={args.packing} lora={args.lora}",
+                   resume=resume, restore=restore_use_cache)
 
 if __name__ == "__main__":
     main()
