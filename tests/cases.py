@@ -55,6 +55,10 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         row0 = torch.cat([torch.arange(n) for n in short])[:seq]
         row1 = torch.cat([torch.arange(4), torch.arange(seq - 9), torch.arange(5)])
         batch["position_ids"] = torch.stack([row0, row1])
+    elif kind == "tiny_docs":  # one row of many 1-3 token documents (packed into few kernel calls)
+        lengths = torch.randint(1, 4, (seq,), generator=g).tolist()
+        batch = {k: v[:1] for k, v in batch.items()}
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[:seq][None]
     elif kind == "no_labels":
         del batch["labels"]
     elif kind == "labels_first_quarter":  # later ranks hold no label token at all
@@ -77,6 +81,7 @@ PARITY_CASES = {
     "packed_mixed_rows_window": dict(model_kw=dict(family="mistral", sliding_window=7),
                                      batch_kw=dict(kind="packed_mixed", seq=48)),
     "packed_mixed_rows": dict(batch_kw=dict(kind="packed_mixed", seq=45)),
+    "packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "lora": dict(lora=True, batch_kw=dict(kind="padding")),
     "grad_checkpointing": dict(checkpointing=True, batch_kw=dict(kind="packed")),

@@ -20,6 +20,7 @@ CASES = {
     "llama_kv_groups_straddle_ranks": dict(model_kw=dict(heads=12, kv_heads=3)),
     "llama_padding_left_right": dict(batch_kw=dict(kind="padding")),
     "llama_packed_3_docs": dict(batch_kw=dict(kind="packed", seq=40)),
+    "llama_packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "llama_odd_length": dict(batch_kw=dict(seq=29)),
     "mistral_window_packed_mixed_rows": dict(model_kw=dict(family="mistral", sliding_window=7),
                                              batch_kw=dict(kind="packed_mixed", seq=48)),
