@@ -356,3 +356,45 @@ def mesh_without_sp() -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def shared_config() -> dict:
+    """Two models built from one config object; SP enabled on the first only. The second's plain
+    forward must stay the plain model's, the first stays exact, disabling restores the first's
+    own config object everywhere, a save carries no hf_seqpar name, and a model built from the SP
+    model's config is fixed by the advice its error gives (``disable_sequence_parallel``)."""
+    import json
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    m1 = tiny_model()
+    config = m1.config
+    torch.manual_seed(5)
+    m2 = LlamaForCausalLM(config)
+    ids = make_batch(seq=16)["input_ids"]
+    with torch.no_grad():
+        m2_before, m1_before = m2(input_ids=ids).logits, m1(input_ids=ids).logits
+    hf_seqpar.enable_sequence_parallel(m1, "ulysses")
+    out = {"shared_impl": config._attn_implementation, "m2_impl": m2.config._attn_implementation}
+    with torch.no_grad():
+        out["m2_plain"] = _rel(m2(input_ids=ids).logits, m2_before)
+        local = hf_seqpar.shard_batch({"input_ids": ids}, m1)
+        out["m1_sp"] = _rel(hf_seqpar.gather_sequence(m1(**local).logits, m1), m1_before)
+        m3 = LlamaForCausalLM(m1.config)  # from the SP model's own config
+        out["m3_error"] = expect_error(m3, input_ids=ids)
+        hf_seqpar.disable_sequence_parallel(m3)
+        out["m3_fixed"] = tuple(m3(input_ids=ids).logits.shape)
+    with tempfile.TemporaryDirectory() as d:
+        if dist.get_rank() == 0:
+            m1.save_pretrained(d)
+            with open(f"{d}/config.json") as f:
+                out["saved_seqpar_names"] = [k for k, v in json.load(f).items() if "seqpar" in f"{k}{v}"]
+    hf_seqpar.disable_sequence_parallel(m1)
+    out["restored"] = m1.config is config and all(
+        m.__dict__.get("config", config) is config for m in m1.modules() if isinstance(
+            m.__dict__.get("config"), type(config)))
+    out["impl_after"] = m1.config._attn_implementation
+    with torch.no_grad():
+        out["m1_after"] = _rel(m1(input_ids=ids).logits, m1_before)
+    return out

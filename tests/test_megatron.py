@@ -108,6 +108,16 @@ EXPECTED_ERRORS = {
 }
 
 
+def test_forward_without_shard_batch_is_refused_before_any_layer(pool2):
+    """A plain forward or generate() of a Megatron-SP model gives the same clear error as the
+    other strategies (it used to fail inside rotary embedding on the sharded hidden states)."""
+    for r in pool2.run(megatron_cases.forward_without_shard_batch):
+        for call in ("forward", "generate"):
+            assert r[call].startswith("RuntimeError:") and "no `seqpar=` batch structure" in r[call], r[call]
+            assert "disable_sequence_parallel(model)" in r[call], r[call]
+        assert r["logits_after"] <= cases.LOGITS_TOL, r
+
+
 def test_bad_input_messages(pool2):
     for messages in pool2.run(megatron_cases.megatron_bad_inputs):
         assert messages["untouched_after_error"] is True

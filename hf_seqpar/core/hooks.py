@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import AttentionInterface, AttentionMaskInterface
 
-__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward"]
+__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward", "require_batch", "missing_batch_error"]
 
 PREFIX = "hf_seqpar_"
 
@@ -20,6 +20,22 @@ PREFIX = "hf_seqpar_"
 def registered_name(inner: str) -> str:
     """The registry name that wraps implementation ``inner``."""
     return PREFIX + inner
+
+
+def missing_batch_error() -> RuntimeError:
+    """The error of a forward of an SP model without the ``seqpar=`` structure of ``shard_batch``."""
+    return RuntimeError(
+        "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
+        "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
+        "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
+    )
+
+
+def require_batch(module, args, kwargs):
+    """Forward pre-hook of an SP model: refuse a forward without ``seqpar=`` before any layer runs
+    (Megatron-SP would otherwise fail deep inside its sharded layers, e.g. in rotary embedding)."""
+    if kwargs.get("seqpar") is None:
+        raise missing_batch_error()
 
 
 def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -30,11 +46,7 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """
     batch = kwargs.pop("seqpar", None)
     if batch is None:
-        raise RuntimeError(
-            "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
-            "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
-            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded (e.g. for generate())."
-        )
+        raise missing_batch_error()
     out = batch.state.strategy.attention(module, query, key, value, batch, **kwargs)
     return out.contiguous(), None  # (B, S_local, h, D); models may `.view` it, as after sdpa
 

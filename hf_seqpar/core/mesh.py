@@ -175,6 +175,9 @@ class SeqParState:
     """The attention implementation the model had; restored by ``disable_sequence_parallel``."""
     original_loss_function: Any = None
     """The model's own ``_loss_function`` override (None when it used the class default)."""
+    original_config: Any = None
+    """The model's own config object: SP works on a private copy (so that another model built from
+    the same config object is unaffected); ``disable_sequence_parallel`` puts it back."""
     counter: CommCounter = field(default_factory=CommCounter)
     """Byte counter of every collective SP runs for this model."""
     batches_checked: int = 0
