@@ -16,6 +16,7 @@ from hf_seqpar.core.features import attention_features, check_sequence_mixing
 from hf_seqpar.core.hooks import PREFIX, register, require_batch
 from hf_seqpar.core.local_attention import SUPPORTED_INNER
 from hf_seqpar.core.loss import SequenceParallelLoss
+from hf_seqpar.core.sharding import record_outputs
 from hf_seqpar.core.mesh import STATE_ATTR, SeqParState, build_mesh, check_mesh, require_distributed, unwrap_model
 from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
 
@@ -144,6 +145,7 @@ def enable_sequence_parallel(
         state.strategy.apply(base, state)
         state.hooks = [h for h in (moe.install(base),) if h is not None]
         state.hooks.append(base.register_forward_pre_hook(require_batch, with_kwargs=True))
+        state.hooks.append(base.register_forward_hook(record_outputs, with_kwargs=True))
     except BaseException:
         disable_sequence_parallel(base)  # leave the model as it was
         raise

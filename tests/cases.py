@@ -398,3 +398,35 @@ def shared_config() -> dict:
     with torch.no_grad():
         out["m1_after"] = _rel(m1(input_ids=ids).logits, m1_before)
     return out
+
+
+def gather_earlier_batch(strategy: str = "ulysses") -> dict:
+    """gather_sequence of an earlier batch's logits after a later batch sharded to the same local
+    length (31 then 32 tokens): it used to take the latest layout (32 positions under Ulysses, 29
+    with 2 real tokens lost under ring). Model outputs remember their batch; a tensor that is no
+    model output needs its batch named (else: an error, never a guess); a named batch that is not
+    the tensor's is refused."""
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    hf_seqpar.enable_sequence_parallel(model, strategy)
+    b1, b2 = make_batch(seq=31, seed=1), make_batch(seq=32, seed=2)
+    gather = hf_seqpar.gather_sequence
+    with torch.no_grad():
+        ref1 = reference(input_ids=b1["input_ids"]).logits
+        l1 = hf_seqpar.shard_batch(b1, model)
+        out1 = model(**l1).logits
+        l2 = hf_seqpar.shard_batch(b2, model)
+        out2 = model(**l2).logits
+        ref2 = reference(input_ids=b2["input_ids"]).logits
+        result = {"same_local_len": out1.shape[1] == out2.shape[1]}
+        for name, full, ref in (("default", gather(out1, model), ref1), ("latest", gather(out2, model), ref2),
+                                ("named", gather(out1.detach(), model, batch=l1), ref1),
+                                ("seqpar", gather(out1.detach() * 1, model, batch=l1["seqpar"]), ref1),
+                                ("batch_as_model", gather(out1.detach(), l1), ref1)):
+            result[name] = _rel(full, ref) if full.shape == ref.shape else f"shape {tuple(full.shape)}"
+        result["unnamed_derived"] = expect_error(gather, out1.detach(), model)
+        result["wrong_batch"] = expect_error(gather, out1, model, batch=l2)
+        result["wrong_length"] = expect_error(gather, out1.detach(), model,
+                                              batch=hf_seqpar.shard_batch(make_batch(seq=64), model))
+    hf_seqpar.disable_sequence_parallel(model)
+    return result

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from hf_seqpar.core.comm import CommCounter
 
@@ -185,6 +186,12 @@ class SeqParState:
     last_layout: Any = None
     """The :class:`~hf_seqpar.core.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
+    layouts_by_local_len: dict = field(default_factory=dict)
+    """``{local_len: Layout}`` of every batch ``shard_batch`` sharded; None where two different
+    layouts had the same local length (``gather_sequence`` then needs the batch named)."""
+    sharded_outputs: Any = field(default_factory=WeakTensorKeyDictionary)
+    """Output tensors of the model's forwards -> the layout of their batch (weak keys), so that
+    ``gather_sequence`` of an earlier batch's logits uses that batch's layout."""
     features: Any = None
     """The model's :class:`~hf_seqpar.core.features.AttentionFeatures`, read at enable time."""
     requested: Any = None

@@ -231,7 +231,7 @@ class SequenceParallelMixin(Trainer):
         if tokens_before is not None and training:
             self._sp_recount_tokens(inputs, tokens_before)
         if return_outputs and not training and self.compute_metrics is not None and outputs.logits is not None:
-            outputs["logits"] = gather_sequence(outputs.logits, model)
+            outputs["logits"] = gather_sequence(outputs.logits, model, batch=local)
         return (loss, outputs) if return_outputs else loss
 
     def _sp_combine(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
