@@ -430,3 +430,14 @@ def gather_earlier_batch(strategy: str = "ulysses") -> dict:
                                               batch=hf_seqpar.shard_batch(make_batch(seq=64), model))
     hf_seqpar.disable_sequence_parallel(model)
     return result
+
+
+def check_gather_earlier_batch(results: list[dict]) -> None:
+    """Assert :func:`gather_earlier_batch`'s results: every gather exact, every mismatch refused."""
+    for r in results:
+        assert r["same_local_len"] is True
+        for name in ("default", "latest", "named", "seqpar", "batch_as_model"):
+            assert isinstance(r[name], float) and r[name] <= LOGITS_TOL, (name, r[name])
+        assert r["unnamed_derived"].startswith("ValueError:") and "batch=local" in r["unnamed_derived"], r
+        assert r["wrong_batch"].startswith("ValueError:") and "31" in r["wrong_batch"] and "32" in r["wrong_batch"], r
+        assert r["wrong_length"].startswith("ValueError:") and "batch=local" in r["wrong_length"], r
