@@ -8,7 +8,7 @@ taken, then the maximum over the ranks. ``--unpacked`` also runs the rows with t
 small attention pieces turned off (``hf_seqpar.core.segments.pack_pieces`` replaced by the
 identity inside this script's ranks), i.e. one kernel call per document as before.
 
-    python benchmarks/many_docs.py [--steps 8] [--unpacked]
+    python benchmarks/many_docs.py [--steps 8] [--unpacked] [--strategies none,ulysses,ring,megatron]
 
 Prints a markdown table; measures, asserts nothing.
 """
@@ -98,12 +98,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--unpacked", action="store_true", help="also run without packing small pieces (the old path)")
+    ap.add_argument("--strategies", default="none,ulysses,ring,megatron", help="comma-separated (default: all)")
     args = ap.parse_args()
     s = rows()["3 docs"].shape[1]
     print(f"one row of {s} tokens; CPU seconds per forward+backward step (median of {args.steps}, max over ranks)\n")
     print(f"| strategy | ranks | pieces packed | {DOCS} docs s | 3 docs s | ratio |")
     print("|---|---|---|---|---|---|")
-    for strategy, world in (("none", 1), ("ulysses", 2), ("ring", 2), ("megatron", 2)):
+    for strategy in args.strategies.split(","):
+        world = 1 if strategy == "none" else 2
         for packed in (True, False) if args.unpacked and strategy != "none" else (True,):
             r = measure(strategy, world, packed, args.steps)
             many, few = r[f"{DOCS} docs"], r["3 docs"]

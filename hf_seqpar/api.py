@@ -7,6 +7,7 @@ import dataclasses
 import logging
 
 import torch.distributed as dist
+from torch.nn import Module
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -137,7 +138,7 @@ def enable_sequence_parallel(
         requested=requested,
     )
     state.counter.enabled = config.count_comm
-    state.original_config = _own_config(base)
+    state.original_config = _own_config(model if isinstance(model, Module) else base, base)
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
     setattr(base, STATE_ATTR, state)
@@ -170,12 +171,13 @@ def _repoint_configs(model, pairs: dict) -> None:
             module.__dict__["config"] = pairs[id(cfg)]
 
 
-def _own_config(base) -> PretrainedConfig:
-    """Give ``base`` (and its submodules) a private copy of its config, so that what SP writes on
-    it (the attention implementation) leaves other models built from the same config object
-    alone; returns the original, which ``disable_sequence_parallel`` puts back."""
+def _own_config(root, base) -> PretrainedConfig:
+    """Give ``base`` (and every module under ``root``, its wrappers included: PEFT keeps a
+    reference too) a private copy of its config, so that what SP writes on it (the attention
+    implementation) leaves other models built from the same config object alone; returns the
+    original, which ``disable_sequence_parallel`` puts back."""
     original = base.config
-    _repoint_configs(base, _config_pairs(original, copy.deepcopy(original)))
+    _repoint_configs(root, _config_pairs(original, copy.deepcopy(original)))
     return original
 
 
@@ -219,7 +221,8 @@ def disable_sequence_parallel(model):
         handle.remove()
     state.strategy.remove(base, state)
     if state.original_config is not None:  # the model's own config object again (SP wrote on a copy)
-        _repoint_configs(base, _config_pairs(base.config, state.original_config))
+        root = model if isinstance(model, Module) else base
+        _repoint_configs(root, _config_pairs(base.config, state.original_config))
     else:
         base.set_attn_implementation(state.original_attn_implementation)
     if state.original_loss_function is None:
