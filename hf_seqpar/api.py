@@ -8,15 +8,17 @@ import dataclasses
 import logging
 
 import torch.distributed as dist
+from torch.nn import Module
 from torch.distributed.device_mesh import DeviceMesh
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from hf_seqpar.config import STRATEGY_OPTION_FIELDS, SequenceParallelConfig
 from hf_seqpar.core import moe
 from hf_seqpar.core.features import attention_features, check_sequence_mixing
-from hf_seqpar.core.hooks import register
+from hf_seqpar.core.hooks import PREFIX, register, require_batch
 from hf_seqpar.core.local_attention import SUPPORTED_INNER
 from hf_seqpar.core.loss import SequenceParallelLoss
+from hf_seqpar.core.sharding import record_outputs
 from hf_seqpar.core.mesh import STATE_ATTR, SeqParState, build_mesh, check_mesh, require_distributed, unwrap_model
 from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
 
@@ -137,16 +139,47 @@ def enable_sequence_parallel(
         requested=requested,
     )
     state.counter.enabled = config.count_comm
+    state.original_config = _own_config(model if isinstance(model, Module) else base, base)
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
     setattr(base, STATE_ATTR, state)
     try:
         state.strategy.apply(base, state)
         state.hooks = [h for h in (moe.install(base),) if h is not None]
+        state.hooks.append(base.register_forward_pre_hook(require_batch, with_kwargs=True))
+        state.hooks.append(base.register_forward_hook(record_outputs, with_kwargs=True))
     except BaseException:
         disable_sequence_parallel(base)  # leave the model as it was
         raise
     return model
+
+
+def _config_pairs(old, new, pairs=None) -> dict:
+    """``{id(config): its copy}`` for a config and every sub-config it holds (text/vision configs)."""
+    pairs = {} if pairs is None else pairs
+    pairs[id(old)] = new
+    for name, value in vars(old).items():
+        if isinstance(value, PretrainedConfig) and id(value) not in pairs:
+            _config_pairs(value, getattr(new, name), pairs)
+    return pairs
+
+
+def _repoint_configs(model, pairs: dict) -> None:
+    """Point every submodule's ``config`` that ``pairs`` maps at its replacement."""
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if cfg is not None and id(cfg) in pairs:
+            module.__dict__["config"] = pairs[id(cfg)]
+
+
+def _own_config(root, base) -> PretrainedConfig:
+    """Give ``base`` (and every module under ``root``, its wrappers included: PEFT keeps a
+    reference too) a private copy of its config, so that what SP writes on it (the attention
+    implementation) leaves other models built from the same config object alone; returns the
+    original, which ``disable_sequence_parallel`` puts back."""
+    original = base.config
+    _repoint_configs(root, _config_pairs(original, copy.deepcopy(original)))
+    return original
 
 
 def _make_config(config, strategy, sp_size, check_batch, count_comm, options) -> SequenceParallelConfig:
@@ -167,10 +200,13 @@ def _make_config(config, strategy, sp_size, check_batch, count_comm, options) ->
 
 
 def disable_sequence_parallel(model):
-    """Undo :func:`enable_sequence_parallel`: original attention implementation and loss.
+    """Undo :func:`enable_sequence_parallel`: the model's own config object (SP worked on a copy),
+    attention implementation, loss and parameters.
 
     Args:
-        model: the model (or wrapper) SP was enabled on. A model without SP is returned as is.
+        model: the model (or wrapper) SP was enabled on. A model without SP is returned as is,
+            except that a config naming an ``hf_seqpar_*`` attention implementation (a model built
+            from an SP model's config) gets the wrapped implementation back.
 
     Returns:
         The same ``model`` object.
@@ -178,10 +214,16 @@ def disable_sequence_parallel(model):
     base = unwrap_model(model)
     state = getattr(base, STATE_ATTR, None)
     if state is None:
+        impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
+        if impl.startswith(PREFIX):  # built from an SP model's config: SP's name without SP's state
+            base.set_attn_implementation(impl[len(PREFIX):])
         return model
     for handle in state.hooks:
         handle.remove()
     state.strategy.remove(base, state)
+    if state.original_config is not None:  # the model's own config object again (SP wrote on a copy)
+        root = model if isinstance(model, Module) else base
+        _repoint_configs(root, _config_pairs(base.config, state.original_config))
     _restore_plain(base, state)
     return model
 

@@ -4,7 +4,9 @@ A batch's attention structure (documents, padding, causality, windows) is descri
 ``(rows, query range, key range, kind)`` in the local coordinates of the q and k tensors. A
 piece is one kernel call on views of q/k/v: ``full`` (every query sees every key), ``causal``
 (square, top-left aligned: the diagonal block of one document) or ``masked`` (a small band
-tile, with a mask built from global indices for that tile only). Pieces touching the same query
+tile, with a mask built from global indices for that tile only) or ``packed`` (several small
+full/causal pieces of one tile, e.g. the diagonals of many tiny packed documents, run as one call
+with a small block-diagonal mask: :func:`pack_pieces`). Pieces touching the same query
 rows are merged by their log-sum-exp (:func:`~hf_seqpar.kernels.merge.merge_into`), so nothing
 of size ``S_q x S_k`` is ever allocated outside the kernels' own tiles: memory is O(S) plus the
 largest band tile.
@@ -18,13 +20,20 @@ layout). This module knows nothing of transformers or process groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Piece", "band_mask", "check_pieces", "pieces_forward", "pieces_backward", "varlen_attention"]
+__all__ = ["Piece", "band_mask", "packed_mask", "pack_pieces", "check_pieces", "pieces_forward", "pieces_backward",
+           "unpack_pieces", "varlen_attention", "PACK_SPAN", "CALL_COST"]
 
-FULL, CAUSAL, MASKED = "full", "causal", "masked"
+FULL, CAUSAL, MASKED, PACKED = "full", "causal", "masked", "packed"
+
+#: Largest query (and key) span of a ``packed`` tile: its mask is at most PACK_SPAN x PACK_SPAN.
+PACK_SPAN = 128
+#: What one kernel call costs, in score entries per row and head (launch, views, lse merge): small
+#: pieces are packed into one tile while the tile's area stays below their work plus this per piece.
+CALL_COST = 2048
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class Piece:
         k_global: global index of local key ``k0`` (``masked`` only).
         causal: the attention is causal (``masked`` only).
         window: the sliding window (``masked`` only; None = none).
+        parts: ``packed`` only: the ``full``/``causal`` pieces the tile runs in one call (same rows,
+            inside the tile's ranges, pairwise disjoint entries).
     """
 
     rows: tuple[int, int]
@@ -51,12 +62,78 @@ class Piece:
     k_global: int = 0
     causal: bool = True
     window: int | None = None
+    parts: tuple = ()
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # packed: mask per device
 
     @property
     def work(self) -> int:
         """Score entries per row and head the kernel computes (half the square when causal)."""
         nq, nk = self.q[1] - self.q[0], self.k[1] - self.k[0]
         return nq * (nq + 1) // 2 if self.kind == CAUSAL else nq * nk
+
+
+def packed_mask(p: Piece, device=None) -> torch.Tensor:
+    """Bool ``(1, 1, nq, nk)`` of a ``packed`` tile: the union of its parts (a ``full`` part is its
+    rectangle, a ``causal`` part its top-left aligned lower triangle); built once per device."""
+    key = str(device)
+    if key not in p._masks:
+        q0, k0 = p.q[0], p.k[0]
+        nq, nk = p.q[1] - q0, p.k[1] - k0
+        # (n, 5): each part's tile-relative q0, q1, k0, k1 and whether it is causal
+        parts = torch.tensor([(a.q[0] - q0, a.q[1] - q0, a.k[0] - k0, a.k[1] - k0, a.kind == CAUSAL)
+                              for a in p.parts])
+        qa, qb, ka, kb, causal = (parts[:, i].view(-1, 1, 1) for i in range(5))
+        qi, ki = torch.arange(nq).view(1, nq, 1), torch.arange(nk).view(1, 1, nk)
+        inside = (qi >= qa) & (qi < qb) & (ki >= ka) & (ki < kb)  # (n, nq, nk)
+        inside &= (causal == 0) | (ki - ka <= qi - qa)
+        p._masks[key] = inside.any(0)[None, None].to(device)
+    return p._masks[key]
+
+
+def pack_pieces(pieces, span: int = PACK_SPAN, call_cost: int = CALL_COST) -> list[Piece]:
+    """Group consecutive small ``full``/``causal`` pieces of the same rows into ``packed`` tiles.
+
+    A row of many tiny documents otherwise costs one kernel call per document, so its time follows
+    its document count rather than its attention work. A tile spans at most ``span`` queries and
+    ``span`` keys, and grows only while its area stays below the summed work of its parts plus
+    ``call_cost`` per part, so packing never does much more arithmetic than it saves in calls.
+    The result is exact: the parts' entries are disjoint, so one softmax over their union equals
+    their lse merge.
+    """
+    out: list[Piece] = []
+    group: list[Piece] = []
+    box = [0, 0, 0, 0, 0]  # q0, q1, k0, k1, budget of the open group
+
+    def close():
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            out.append(Piece(group[0].rows, (box[0], box[1]), (box[2], box[3]), PACKED, parts=tuple(group)))
+        group.clear()
+
+    for p in pieces:
+        small = p.kind in (FULL, CAUSAL) and p.q[1] - p.q[0] <= span and p.k[1] - p.k[0] <= span
+        if not small:
+            close()
+            out.append(p)
+            continue
+        if group and p.rows == group[0].rows:
+            q0, q1, k0, k1 = min(box[0], p.q[0]), max(box[1], p.q[1]), min(box[2], p.k[0]), max(box[3], p.k[1])
+            budget = box[4] + p.work + call_cost
+            if q1 - q0 <= span and k1 - k0 <= span and (q1 - q0) * (k1 - k0) <= budget:
+                group.append(p)
+                box[:] = [q0, q1, k0, k1, budget]
+                continue
+        close()
+        group.append(p)
+        box[:] = [p.q[0], p.q[1], p.k[0], p.k[1], p.work + call_cost]
+    close()
+    return out
+
+
+def unpack_pieces(pieces) -> list[Piece]:
+    """The pieces with every ``packed`` tile replaced by its parts (for kernels without masks)."""
+    return [part for p in pieces for part in (p.parts if p.kind == PACKED else (p,))]
 
 
 def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, window: int | None,
@@ -87,7 +164,9 @@ def check_pieces(pieces, batch: int, sq: int, sk: int) -> None:
     for p in pieces:
         (b0, b1), (q0, q1), (k0, k1) = p.rows, p.q, p.k
         ok = (0 <= b0 < b1 <= batch and 0 <= q0 < q1 <= sq and 0 <= k0 < k1 <= sk
-              and p.kind in (FULL, CAUSAL, MASKED) and (p.kind != CAUSAL or q1 - q0 == k1 - k0))
+              and p.kind in (FULL, CAUSAL, MASKED, PACKED) and (p.kind != CAUSAL or q1 - q0 == k1 - k0)
+              and all(q0 <= a.q[0] and a.q[1] <= q1 and k0 <= a.k[0] and a.k[1] <= k1 and a.rows == p.rows
+                      for a in p.parts))
         if not ok:
             raise ValueError(f"attention piece {p} does not fit q/k of (B, S_q, S_k) = ({batch}, {sq}, {sk}); "
                              "this is a bug in the piece planner: please report it")
@@ -99,9 +178,20 @@ def _views(p: Piece, *tensors, dim: int = 2, keys: bool = False):
 
 
 def _mask(p: Piece, device):
+    if p.kind == PACKED:
+        return packed_mask(p, device)
     if p.kind != MASKED:
         return None
     return band_mask(p.q_global, p.q[1] - p.q[0], p.k_global, p.k[1] - p.k[0], p.causal, p.window, device)
+
+
+def _runnable(pieces, backend: str | None):
+    """A forced backend that takes no masks runs the parts of packed tiles one by one."""
+    from . import BACKENDS
+
+    if backend is not None and backend in BACKENDS and not BACKENDS[backend].supports_mask:
+        return unpack_pieces(pieces)
+    return pieces
 
 
 def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | None = None) -> None:
@@ -118,6 +208,7 @@ def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | No
     from . import block_forward, merge_into
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    pieces = _runnable(pieces, backend)
     for p in pieces:
         qs, = _views(p, q)
         ks, vs = _views(p, k, v, keys=True)
@@ -142,6 +233,7 @@ def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float
     from . import block_backward
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    pieces = _runnable(pieces, backend)
     for p in pieces:
         dos, qs, os_ = _views(p, dout, q, out)
         ls, = _views(p, lse)

@@ -55,6 +55,10 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         row0 = torch.cat([torch.arange(n) for n in short])[:seq]
         row1 = torch.cat([torch.arange(4), torch.arange(seq - 9), torch.arange(5)])
         batch["position_ids"] = torch.stack([row0, row1])
+    elif kind == "tiny_docs":  # one row of many 1-3 token documents (packed into few kernel calls)
+        lengths = torch.randint(1, 4, (seq,), generator=g).tolist()
+        batch = {k: v[:1] for k, v in batch.items()}
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[:seq][None]
     elif kind == "no_labels":
         del batch["labels"]
     elif kind == "labels_first_quarter":  # later ranks hold no label token at all
@@ -77,6 +81,7 @@ PARITY_CASES = {
     "packed_mixed_rows_window": dict(model_kw=dict(family="mistral", sliding_window=7),
                                      batch_kw=dict(kind="packed_mixed", seq=48)),
     "packed_mixed_rows": dict(batch_kw=dict(kind="packed_mixed", seq=45)),
+    "packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "lora": dict(lora=True, batch_kw=dict(kind="padding")),
     "grad_checkpointing": dict(checkpointing=True, batch_kw=dict(kind="packed")),
@@ -414,3 +419,88 @@ def inexact_ring(strategy: str, model) -> None:
         strat = hf_seqpar.find_state(model).strategy
         exact = strat.attention
         strat.attention = lambda *args, **kwargs: exact(*args, **kwargs) * 1.001
+
+
+def shared_config() -> dict:
+    """Two models built from one config object; SP enabled on the first only. The second's plain
+    forward must stay the plain model's, the first stays exact, disabling restores the first's
+    own config object everywhere, a save carries no hf_seqpar name, and a model built from the SP
+    model's config is fixed by the advice its error gives (``disable_sequence_parallel``)."""
+    import json
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    m1 = tiny_model()
+    config = m1.config
+    torch.manual_seed(5)
+    m2 = LlamaForCausalLM(config)
+    ids = make_batch(seq=16)["input_ids"]
+    with torch.no_grad():
+        m2_before, m1_before = m2(input_ids=ids).logits, m1(input_ids=ids).logits
+    hf_seqpar.enable_sequence_parallel(m1, "ulysses")
+    out = {"shared_impl": config._attn_implementation, "m2_impl": m2.config._attn_implementation}
+    with torch.no_grad():
+        out["m2_plain"] = _rel(m2(input_ids=ids).logits, m2_before)
+        local = hf_seqpar.shard_batch({"input_ids": ids}, m1)
+        out["m1_sp"] = _rel(hf_seqpar.gather_sequence(m1(**local).logits, m1), m1_before)
+        m3 = LlamaForCausalLM(m1.config)  # from the SP model's own config
+        out["m3_error"] = expect_error(m3, input_ids=ids)
+        hf_seqpar.disable_sequence_parallel(m3)
+        out["m3_fixed"] = tuple(m3(input_ids=ids).logits.shape)
+    with tempfile.TemporaryDirectory() as d:
+        if dist.get_rank() == 0:
+            m1.save_pretrained(d)
+            with open(f"{d}/config.json") as f:
+                out["saved_seqpar_names"] = [k for k, v in json.load(f).items() if "seqpar" in f"{k}{v}"]
+    hf_seqpar.disable_sequence_parallel(m1)
+    out["restored"] = m1.config is config and all(
+        m.__dict__.get("config", config) is config for m in m1.modules() if isinstance(
+            m.__dict__.get("config"), type(config)))
+    out["impl_after"] = m1.config._attn_implementation
+    with torch.no_grad():
+        out["m1_after"] = _rel(m1(input_ids=ids).logits, m1_before)
+    return out
+
+
+def gather_earlier_batch(strategy: str = "ulysses") -> dict:
+    """gather_sequence of an earlier batch's logits after a later batch sharded to the same local
+    length (31 then 32 tokens): it used to take the latest layout (32 positions under Ulysses, 29
+    with 2 real tokens lost under ring). Model outputs remember their batch; a tensor that is no
+    model output needs its batch named (else: an error, never a guess); a named batch that is not
+    the tensor's is refused."""
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    hf_seqpar.enable_sequence_parallel(model, strategy)
+    b1, b2 = make_batch(seq=31, seed=1), make_batch(seq=32, seed=2)
+    gather = hf_seqpar.gather_sequence
+    with torch.no_grad():
+        ref1 = reference(input_ids=b1["input_ids"]).logits
+        l1 = hf_seqpar.shard_batch(b1, model)
+        out1 = model(**l1).logits
+        l2 = hf_seqpar.shard_batch(b2, model)
+        out2 = model(**l2).logits
+        ref2 = reference(input_ids=b2["input_ids"]).logits
+        result = {"same_local_len": out1.shape[1] == out2.shape[1]}
+        for name, full, ref in (("default", gather(out1, model), ref1), ("latest", gather(out2, model), ref2),
+                                ("named", gather(out1.detach(), model, batch=l1), ref1),
+                                ("seqpar", gather(out1.detach() * 1, model, batch=l1["seqpar"]), ref1),
+                                ("batch_as_model", gather(out1.detach(), l1), ref1)):
+            result[name] = _rel(full, ref) if full.shape == ref.shape else f"shape {tuple(full.shape)}"
+        result["unnamed_derived"] = expect_error(gather, out1.detach(), model)
+        result["wrong_batch"] = expect_error(gather, out1, model, batch=l2)
+        result["wrong_length"] = expect_error(gather, out1.detach(), model,
+                                              batch=hf_seqpar.shard_batch(make_batch(seq=64), model))
+    hf_seqpar.disable_sequence_parallel(model)
+    return result
+
+
+def check_gather_earlier_batch(results: list[dict]) -> None:
+    """Assert :func:`gather_earlier_batch`'s results: every gather exact, every mismatch refused."""
+    for r in results:
+        assert r["same_local_len"] is True
+        for name in ("default", "latest", "named", "seqpar", "batch_as_model"):
+            assert isinstance(r[name], float) and r[name] <= LOGITS_TOL, (name, r[name])
+        assert r["unnamed_derived"].startswith("ValueError:") and "batch=local" in r["unnamed_derived"], r
+        assert r["wrong_batch"].startswith("ValueError:") and "31" in r["wrong_batch"] and "32" in r["wrong_batch"], r
+        assert r["wrong_length"].startswith("ValueError:") and "batch=local" in r["wrong_length"], r

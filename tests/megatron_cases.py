@@ -223,3 +223,23 @@ def replicas_follow_rank0() -> dict:
     rank0 = family_model()
     return {"equal_rank0": all(torch.equal(a, b) for a, b in zip(mine, [rank0.model.norm.weight,
                                                                         rank0.lm_head.weight]))}
+
+
+def forward_without_shard_batch() -> dict:
+    """Megatron-SP fed a plain batch (no ``shard_batch``): a plain forward and ``generate()``
+    must raise the "no seqpar= batch structure" error before any layer runs, and the model must
+    stay usable with a sharded batch afterwards."""
+    from cases import expect_error
+
+    model = family_model()
+    reference = copy.deepcopy(model)
+    hf_seqpar.enable_sequence_parallel(model, "megatron")
+    ids = make_batch(seq=16)["input_ids"]
+    out = {"forward": expect_error(model, input_ids=ids),
+           "generate": expect_error(model.generate, input_ids=ids, max_new_tokens=2, do_sample=False)}
+    local = hf_seqpar.shard_batch({"input_ids": ids}, model)
+    with torch.no_grad():
+        logits = hf_seqpar.gather_sequence(model(**local).logits, model)
+        out["logits_after"] = _rel(logits, reference(input_ids=ids).logits)
+    hf_seqpar.disable_sequence_parallel(model)
+    return out

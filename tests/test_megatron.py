@@ -20,6 +20,7 @@ CASES = {
     "llama_kv_groups_straddle_ranks": dict(model_kw=dict(heads=12, kv_heads=3)),
     "llama_padding_left_right": dict(batch_kw=dict(kind="padding")),
     "llama_packed_3_docs": dict(batch_kw=dict(kind="packed", seq=40)),
+    "llama_packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "llama_odd_length": dict(batch_kw=dict(seq=29)),
     "mistral_window_packed_mixed_rows": dict(model_kw=dict(family="mistral", sliding_window=7),
                                              batch_kw=dict(kind="packed_mixed", seq=48)),
@@ -105,6 +106,16 @@ EXPECTED_ERRORS = {
     "intermediate_not_divisible": ("ValueError", ["intermediate size 63", "sp_size=2", "[1, 3, 7, 9, 21, 63]"]),
     "lora_wrapped": ("TypeError", ["model.layers.0.self_attn.q_proj", "peft", "ulysses", "merge_and_unload"]),
 }
+
+
+def test_forward_without_shard_batch_is_refused_before_any_layer(pool2):
+    """A plain forward or generate() of a Megatron-SP model gives the same clear error as the
+    other strategies (it used to fail inside rotary embedding on the sharded hidden states)."""
+    for r in pool2.run(megatron_cases.forward_without_shard_batch):
+        for call in ("forward", "generate"):
+            assert r[call].startswith("RuntimeError:") and "no `seqpar=` batch structure" in r[call], r[call]
+            assert "disable_sequence_parallel(model)" in r[call], r[call]
+        assert r["logits_after"] <= cases.LOGITS_TOL, r
 
 
 def test_bad_input_messages(pool2):

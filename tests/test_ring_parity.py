@@ -81,3 +81,9 @@ def test_blocks_outside_window_or_document_are_skipped():
     assert all(skipped >= 6 for _, skipped in windowed[2:])
     packed = _work(lay, packed=True)  # 3 documents: no block attends across a document boundary
     assert sum(s for _, s in packed) > sum(s for _, s in _work(lay))
+
+
+@pytest.mark.parametrize("strategy", ["ring"])
+def test_gather_of_an_earlier_batch_uses_its_own_layout_or_raises(pool2, strategy):
+    """A 31-token batch's logits gathered after a 32-token batch (same shard size)."""
+    cases.check_gather_earlier_batch(pool2.run(cases.gather_earlier_batch, strategy))

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hf_seqpar.kernels import reference_backward, reference_forward
-from hf_seqpar.kernels.varlen import Piece, check_pieces, pieces_backward, pieces_forward, varlen_attention
+from hf_seqpar.kernels.varlen import (PACK_SPAN, PACKED, Piece, check_pieces, pieces_backward, pieces_forward,
+                                      unpack_pieces, varlen_attention)
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.masks import document_ids
 from hf_seqpar.core.segments import TILE, build_segments, plan_pieces
@@ -173,3 +174,30 @@ def test_pieces_outside_the_tensors_are_refused_before_any_kernel():
     with pytest.raises(ValueError, match="does not fit"):
         check_pieces([Piece((0, 1), (0, 5), (0, 4), "causal")], 1, 5, 5)
     check_pieces([Piece((0, 2), (1, 5), (0, 4), "causal")], 2, 5, 5)
+
+
+def test_many_tiny_documents_run_in_few_exact_kernel_calls():
+    """A row of 300 documents of 1-3 tokens: a few packed tiles (each at most PACK_SPAN square),
+    not one kernel call per document, and still exact against float64 with the dense mask
+    (forward and every gradient); a forced backend without masks runs the tiles' parts instead."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 4, (300,), generator=g).tolist()
+    s = sum(lengths)
+    docs = document_ids(torch.cat([torch.arange(n) for n in lengths])[None].repeat(2, 1))
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[1, s - 7:] = False  # the second row: right padding inside the last tiles
+    pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], True, None)
+    packed = [p for p in pieces if p.kind == PACKED]
+    assert len(pieces) <= 2 * (s // (PACK_SPAN // 2) + 1), len(pieces)  # 2 row groups, tiles >= half full
+    assert all(p.q[1] - p.q[0] <= PACK_SPAN and p.k[1] - p.k[0] <= PACK_SPAN for p in packed)
+    live_docs = 300 + docs[1][valid[1]].unique().numel()
+    assert len(unpack_pieces(pieces)) == live_docs  # unpacked: one causal piece per document and row group
+    q, k, v = _qkv(s, seed=4)
+    dout = torch.randn_like(q) * valid[:, None, :, None]
+    allowed = dense_allowed(valid, docs, True, None)
+    for runnable in (pieces, unpack_pieces(pieces)):
+        out, lse = torch.zeros(q.shape), torch.full(q.shape[:3], float("-inf"))
+        pieces_forward(q, k, v, runnable, out, lse, scale=0.3)
+        grads = [torch.zeros(t.shape) for t in (q, k, v)]
+        pieces_backward(dout, q, k, v, out, lse, runnable, *grads, scale=0.3)
+        _check_against_reference(q, k, v, out, lse, grads, dout, allowed)

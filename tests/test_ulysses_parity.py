@@ -39,6 +39,17 @@ def test_user_mesh_without_sp_is_refused(pool2):
     assert all("needs a dimension named 'sp'" in m and "('cp',)" in m for m in messages), messages
 
 
+def test_sp_changes_to_a_shared_config_stay_on_the_sp_model(pool2):
+    """m2 = LlamaForCausalLM(m1.config); SP on m1 used to rewrite the shared config (m2's plain
+    forward raised, and the advice `disable_sequence_parallel(m2)` did nothing)."""
+    for r in pool2.run(cases.shared_config):
+        assert r["shared_impl"] == r["m2_impl"] == "sdpa", r
+        assert r["m2_plain"] == 0.0 and r["m1_sp"] <= cases.LOGITS_TOL and r["m1_after"] <= cases.LOGITS_TOL, r
+        assert "disable_sequence_parallel(model)" in r["m3_error"] and r["m3_fixed"] == (2, 16, cases.VOCAB), r
+        assert r.get("saved_seqpar_names", []) == [], r
+        assert r["restored"] is True and r["impl_after"] == "sdpa", r
+
+
 def test_sp1_is_the_plain_model(pool2):
     """sp_size=1 (pure data parallel) still goes through the hooks and stays exact."""
     _check(pool2.run(cases.parity, "ulysses", sp_size=1, batch_kw=dict(kind="packed")))
@@ -67,3 +78,9 @@ def test_unsharded_context_generates_as_the_plain_model_and_training_resumes_unc
 def test_unsharded_context_refuses_sharded_parameters(pool2):
     for msg in pool2.run(cases.unsharded_refuses_megatron):
         assert msg.startswith("NotImplementedError") and "'megatron'" in msg and "disable_sequence_parallel" in msg
+
+
+@pytest.mark.parametrize("strategy", ["ulysses"])
+def test_gather_of_an_earlier_batch_uses_its_own_layout_or_raises(pool2, strategy):
+    """A 31-token batch's logits gathered after a 32-token batch (same shard size)."""
+    cases.check_gather_earlier_batch(pool2.run(cases.gather_earlier_batch, strategy))

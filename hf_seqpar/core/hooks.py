@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import AttentionInterface, AttentionMaskInterface
 
-__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward"]
+__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward", "require_batch", "missing_batch_error"]
 
 PREFIX = "hf_seqpar_"
 
@@ -20,6 +20,23 @@ PREFIX = "hf_seqpar_"
 def registered_name(inner: str) -> str:
     """The registry name that wraps implementation ``inner``."""
     return PREFIX + inner
+
+
+def missing_batch_error() -> RuntimeError:
+    """The error of a forward of an SP model without the ``seqpar=`` structure of ``shard_batch``."""
+    return RuntimeError(
+        "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
+        "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
+        "`hf_seqpar.disable_sequence_parallel(model)` (or `with hf_seqpar.unsharded(model):`) to run it "
+        "unsharded; generate with `hf_seqpar.generate(model, ...)`."
+    )
+
+
+def require_batch(module, args, kwargs):
+    """Forward pre-hook of an SP model: refuse a forward without ``seqpar=`` before any layer runs
+    (Megatron-SP would otherwise fail deep inside its sharded layers, e.g. in rotary embedding)."""
+    if kwargs.get("seqpar") is None and getattr(module, "hf_seqpar_state", None) is not None:
+        raise missing_batch_error()  # (no state: inside ``hf_seqpar.unsharded``, the plain model runs)
 
 
 def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -30,11 +47,7 @@ def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """
     batch = kwargs.pop("seqpar", None)
     if batch is None:
-        raise RuntimeError(
-            "this model runs sequence-parallel attention but the forward got no `seqpar=` batch "
-            "structure: pass `model(**hf_seqpar.shard_batch(batch, model))`, or call "
-            "`hf_seqpar.disable_sequence_parallel(model)` to run it unsharded; generate with `hf_seqpar.generate(model, ...)`."
-        )
+        raise missing_batch_error()
     decode = getattr(batch, "decode_attention", None)  # a decode step of hf_seqpar.generate
     if decode is not None:
         out = decode(module, query, key, value, **kwargs)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from hf_seqpar.core.comm import CommCounter
 
@@ -175,6 +176,9 @@ class SeqParState:
     """The attention implementation the model had; restored by ``disable_sequence_parallel``."""
     original_loss_function: Any = None
     """The model's own ``_loss_function`` override (None when it used the class default)."""
+    original_config: Any = None
+    """The model's own config object: SP works on a private copy (so that another model built from
+    the same config object is unaffected); ``disable_sequence_parallel`` puts it back."""
     counter: CommCounter = field(default_factory=CommCounter)
     """Byte counter of every collective SP runs for this model."""
     batches_checked: int = 0
@@ -182,6 +186,12 @@ class SeqParState:
     last_layout: Any = None
     """The :class:`~hf_seqpar.core.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
+    layouts_by_local_len: dict = field(default_factory=dict)
+    """``{local_len: Layout}`` of every batch ``shard_batch`` sharded; None where two different
+    layouts had the same local length (``gather_sequence`` then needs the batch named)."""
+    sharded_outputs: Any = field(default_factory=WeakTensorKeyDictionary)
+    """Output tensors of the model's forwards -> the layout of their batch (weak keys), so that
+    ``gather_sequence`` of an earlier batch's logits uses that batch's layout."""
     features: Any = None
     """The model's :class:`~hf_seqpar.core.features.AttentionFeatures`, read at enable time."""
     requested: Any = None

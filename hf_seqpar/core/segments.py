@@ -4,7 +4,10 @@
 tokens with their document (like ``cu_seqlens``: :class:`Segments`). Which keys a block of
 queries may see is then derived analytically, run against run (:func:`plan_pieces`): inside one
 document a query block either sees a whole key range (keys entirely before it), its causal
-diagonal, or nothing, and only sliding-window bands need a mask, built per small tile. The pieces
+diagonal, or nothing, and only sliding-window bands need a mask, built per small tile; runs of
+tiny documents are packed into a few tiles with a small block-diagonal mask
+(:func:`~hf_seqpar.kernels.varlen.pack_pieces`), so a row costs its attention work, not one
+kernel call per document. The pieces
 are executed by :mod:`hf_seqpar.kernels.varlen`. Ulysses (the full sequence after the
 all-to-all), ring and hybrid (one block pair per ring step) and Megatron-SP use the same planner.
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_seqpar.kernels.varlen import CAUSAL, FULL, MASKED, Piece
+from hf_seqpar.kernels.varlen import CAUSAL, FULL, MASKED, Piece, pack_pieces
 
 __all__ = ["Segments", "build_segments", "plan_pieces", "TILE"]
 
@@ -143,8 +146,8 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
         window: sliding window, or None.
 
     Returns:
-        :class:`~hf_seqpar.kernels.varlen.Piece` list in local coordinates; empty when no query
-        sees any key.
+        :class:`~hf_seqpar.kernels.varlen.Piece` list in local coordinates, small pieces packed
+        (:func:`~hf_seqpar.kernels.varlen.pack_pieces`); empty when no query sees any key.
     """
     if window is not None and window >= segments.length:
         window = None  # the window covers the whole sequence
@@ -167,7 +170,7 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
                                                 kind, a, c, causal, window))
 
                         _pair(qs, qe, ks, ke, causal, window, emit)
-    return pieces
+    return pack_pieces(pieces)
 
 
 def _offsets(chunks) -> list[int]:

@@ -360,18 +360,87 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     local["use_cache"] = False
     local["seqpar"] = SeqParBatch(state, layout, positions, valid, doc_ids)
     state.last_layout = layout
+    _note_layout(state, layout)
     return local
 
 
-def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | None = None) -> torch.Tensor:
+def _note_layout(state: SeqParState, layout: Layout) -> None:
+    """Remember ``layout`` by its local length; a second, different layout of the same local length
+    marks that length ambiguous (None) for :func:`gather_sequence` without a named batch."""
+    seen = state.layouts_by_local_len
+    if seen.get(layout.local_len, layout) != layout:
+        seen[layout.local_len] = None
+    elif layout.local_len not in seen:
+        seen[layout.local_len] = layout
+
+
+@torch.compiler.disable  # bookkeeping on Python objects, outside any compiled graph
+def record_outputs(module, args, kwargs, output) -> None:
+    """Forward hook of an SP model: the output tensors of a forward remember the layout of its
+    ``seqpar=`` batch, so that :func:`gather_sequence` of an earlier batch's logits uses that
+    batch's layout rather than the latest one."""
+    batch = kwargs.get("seqpar")
+    if not isinstance(batch, SeqParBatch):
+        return
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else (output,)
+    for value in values:
+        for t in (value if isinstance(value, tuple) else (value,)):
+            if torch.is_tensor(t) and t.dim() >= 2:
+                batch.state.sharded_outputs[t] = batch.layout
+
+
+def _resolve(tensor, source, layout, batch) -> tuple[SeqParState, Layout, str]:
+    """The state and layout :func:`gather_sequence` uses, and where the layout came from."""
+    if isinstance(source, Mapping) or isinstance(source, SeqParBatch):
+        batch, source = source, None  # gather_sequence(x, local): the batch names the layout
+    if isinstance(batch, Mapping):
+        if not isinstance(batch.get("seqpar"), SeqParBatch):
+            raise TypeError("gather_sequence(batch=...) takes the dict shard_batch returned (with its `seqpar`) or "
+                            f"that SeqParBatch; got a mapping with keys {sorted(batch)[:8]}")
+        batch = batch["seqpar"]
+    state = batch.state if batch is not None else _require_state(source)
+    known = state.sharded_outputs.get(tensor)
+    named = batch.layout if batch is not None else layout
+    if named is not None:
+        if known is not None and known != named:
+            raise ValueError(
+                f"gather_sequence was given the layout of another batch than the one this tensor came from: the "
+                f"tensor is an output of a forward on a sequence of {known.seq_len} ({known.kind}, {known.local_len} "
+                f"per rank), the named batch has {named.seq_len} ({named.kind}, {named.local_len} per rank). Pass "
+                "the dict shard_batch returned for the tensor's own batch (or drop batch=/layout=: model outputs "
+                "remember their batch).")
+        return state, named, "the named batch" if batch is not None else "layout="
+    if known is not None:
+        return state, known, "the forward that produced the tensor"
+    if state.last_layout is None:
+        raise RuntimeError("gather_sequence needs a layout: call shard_batch first (or pass batch=)")
+    seen = state.layouts_by_local_len
+    if seen.get(state.last_layout.local_len, state.last_layout) is None:
+        raise ValueError(
+            f"gather_sequence cannot tell which batch this tensor came from: it is not an output of a forward of "
+            f"this model, and batches of different lengths were sharded to the same {state.last_layout.local_len} "
+            "positions per rank, so the latest batch's layout could be the wrong one (silently wrong tokens). Name "
+            "the batch: `local = hf_seqpar.shard_batch(batch, model)` ... `hf_seqpar.gather_sequence(tensor, "
+            "model, batch=local)` (or pass `layout=local['seqpar'].layout`).")
+    return state, state.last_layout, "the latest shard_batch call"
+
+
+def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | None = None, *,
+                    batch=None) -> torch.Tensor:
     """The full-sequence tensor from every rank's shard, in original token order.
+
+    Which layout undoes the sharding, first match: ``batch`` (or a batch passed as ``model``);
+    ``layout``; the forward that produced ``tensor`` (model outputs remember their batch); the
+    latest ``shard_batch`` call, only when no other batch sharded to the same local length (else
+    the tensor's batch is ambiguous and this raises rather than guess).
 
     Args:
         tensor: this rank's shard, e.g. ``out.logits`` ``(B, S_local, V)``.
-        model: the SP model.
+        model: the SP model, or the dict :func:`shard_batch` returned (or its ``seqpar``).
         dim: the sequence dimension of ``tensor``.
-        layout: the layout of the batch the tensor came from; defaults to the most recent
-            ``shard_batch`` call on this model.
+        layout: the :class:`~hf_seqpar.core.layout.Layout` of the batch the tensor came from.
+        batch: the dict :func:`shard_batch` returned for the tensor's batch, or its
+            :class:`SeqParBatch` (``local["seqpar"]``).
 
     Returns:
         A plain (detached) tensor with the sequence dimension of the original batch: shard
@@ -379,17 +448,16 @@ def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | 
 
     Raises:
         RuntimeError: the model has no SP, or no batch was sharded yet.
-        ValueError: the tensor's sequence length does not match the layout.
+        ValueError: the tensor's sequence length does not match the layout, or the tensor's batch
+            is ambiguous (name it with ``batch=``).
     """
-    state = _require_state(model)
-    layout = layout or state.last_layout
-    if layout is None:
-        raise RuntimeError("gather_sequence needs a layout: call shard_batch first (or pass layout=)")
+    state, layout, source = _resolve(tensor, model, layout, batch)
     dim = dim % tensor.dim()
     if tensor.shape[dim] != layout.local_len:
         raise ValueError(
-            f"tensor has {tensor.shape[dim]} positions along dim {dim}, but each rank holds "
-            f"{layout.local_len} (sequence {layout.seq_len} padded to {layout.padded_len} over {layout.sp_size} ranks)"
-        )
+            f"tensor has {tensor.shape[dim]} positions along dim {dim}, but the layout of {source} holds "
+            f"{layout.local_len} per rank (sequence {layout.seq_len} padded to {layout.padded_len} over "
+            f"{layout.sp_size} ranks); pass the tensor's own batch: gather_sequence(tensor, model, batch=local) "
+            "with `local` the dict shard_batch returned for it")
     full = all_gather_concat(tensor, dim, state.sp_group, state.counter)
     return layout.unshard(full, dim)

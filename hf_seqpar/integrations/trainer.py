@@ -303,7 +303,7 @@ class SequenceParallelMixin(Trainer):
         if tokens_before is not None and training:
             self._sp_recount_tokens(inputs, tokens_before)
         if return_outputs and self.__dict__.get("_sp_want_logits") and getattr(outputs, "logits", None) is not None:
-            outputs["logits"] = gather_sequence(outputs.logits, model)
+            outputs["logits"] = gather_sequence(outputs.logits, model, batch=local)
         return (loss, outputs) if return_outputs else loss
 
     def _sp_check_batch(self, batch) -> None:
