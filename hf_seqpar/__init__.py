@@ -9,16 +9,6 @@ The public API::
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
 """
 
-from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_sequence_parallel
-from hf_seqpar.api import disable_sequence_parallel, enable_sequence_parallel
-from hf_seqpar.core.comm import CommCounter
-from hf_seqpar.config import SequenceParallelConfig
-from hf_seqpar.core.layout import Layout
-from hf_seqpar.core.mesh import SeqParState, build_mesh, find_state
-from hf_seqpar.core.sharding import BatchMismatchError, SeqParBatch, gather_sequence, shard_batch
-from hf_seqpar.strategies import STRATEGIES
-from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,9 +33,40 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name in ("SequenceParallelTrainer", "SequenceParallelMixin"):  # imported on first use: transformers.Trainer
-        from hf_seqpar.integrations import trainer  # is slow to import
+#: public name -> the module that defines it; imported on first use (PEP 562), so that
+#: ``import hf_seqpar.kernels`` (a leaf) does not import torch.distributed's users or transformers
+_EXPORTS = {
+    "SequenceParallelPlugin": "hf_seqpar.integrations.accelerate",
+    "prepare_sequence_parallel": "hf_seqpar.integrations.accelerate",
+    "enable_sequence_parallel": "hf_seqpar.api",
+    "disable_sequence_parallel": "hf_seqpar.api",
+    "CommCounter": "hf_seqpar.core.comm",
+    "SequenceParallelConfig": "hf_seqpar.config",
+    "Layout": "hf_seqpar.core.layout",
+    "SeqParState": "hf_seqpar.core.mesh",
+    "build_mesh": "hf_seqpar.core.mesh",
+    "find_state": "hf_seqpar.core.mesh",
+    "BatchMismatchError": "hf_seqpar.core.sharding",
+    "SeqParBatch": "hf_seqpar.core.sharding",
+    "gather_sequence": "hf_seqpar.core.sharding",
+    "shard_batch": "hf_seqpar.core.sharding",
+    "STRATEGIES": "hf_seqpar.strategies",
+    "HeadsNotDivisibleError": "hf_seqpar.strategies.ulysses",
+    "SequenceParallelTrainer": "hf_seqpar.integrations.trainer",  # transformers.Trainer is slow to import
+    "SequenceParallelMixin": "hf_seqpar.integrations.trainer",
+}
 
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_seqpar' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

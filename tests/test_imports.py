@@ -1,5 +1,6 @@
 """The package's import graph: no cycle (module-level and late imports alike), and the layers of
-the architecture respected (core < tp < strategies < config/api < integrations < tools)."""
+the architecture respected (kernels < core < tp < strategies < config/api < integrations < tools; kernels is a
+leaf: no hf_seqpar module and no transformers)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SOURCES = {"hf_seqpar": "hf_seqpar", "patches": "hf_seqpar.patches", "kernels": 
 FORBIDDEN = {
     "hf_seqpar.core": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
                        "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.kernels": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
+    "hf_seqpar.kernels": ("hf_seqpar.core", "hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
                           "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
     "hf_seqpar.tp": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
                      "hf_seqpar.api", "hf_seqpar.patches"),
@@ -99,6 +100,25 @@ def test_layers_do_not_import_upwards():
             if name == prefix or name.startswith(prefix + "."):
                 bad += [f"{name} imports {d}" for d in deps if d.startswith(forbidden)]
     assert not bad, bad
+
+
+def test_kernels_are_a_leaf():
+    """kernels/ imports no other hf_seqpar module and not transformers (source and run time)."""
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("hf_seqpar.kernels"):
+            assert all(d.startswith("hf_seqpar.kernels") for d in _imports(name, path, modules)), name
+            nodes = ast.walk(ast.parse(path.read_text()))
+            outside = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in nodes
+                       if isinstance(n, (ast.Import, ast.ImportFrom))
+                       for a in (n.names if isinstance(n, ast.Import) else [n])]
+            assert not [m for m in outside if m and m.split(".")[0] == "transformers"], name
+    code = ("import sys, hf_seqpar.kernels, hf_seqpar.kernels.varlen, hf_seqpar.kernels.backends\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('transformers') or m.startswith('hf_seqpar.')\n"
+            "             and not m.startswith('hf_seqpar.kernels'))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
