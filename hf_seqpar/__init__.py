@@ -4,6 +4,7 @@ The public API::
 
     import hf_seqpar
     model = hf_seqpar.enable_sequence_parallel(model, strategy="ulysses", sp_size=None)
+    hf_seqpar.resolve(config, world_size, model_config)  # optional dry run: the same checks, no process group
     local = hf_seqpar.shard_batch(batch, model)
     out = model(**local)
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
@@ -17,6 +18,7 @@ __all__ = [
     "shard_batch",
     "gather_sequence",
     "SequenceParallelConfig",
+    "resolve",
     "SequenceParallelPlugin",
     "prepare_sequence_parallel",
     "SequenceParallelTrainer",
@@ -42,6 +44,7 @@ _EXPORTS = {
     "disable_sequence_parallel": "hf_seqpar.api",
     "CommCounter": "hf_seqpar.core.comm",
     "SequenceParallelConfig": "hf_seqpar.config",
+    "resolve": "hf_seqpar.config",
     "Layout": "hf_seqpar.core.layout",
     "SeqParState": "hf_seqpar.core.mesh",
     "build_mesh": "hf_seqpar.core.mesh",

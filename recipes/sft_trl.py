@@ -19,7 +19,6 @@ a tiny Llama-style model built from a config.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sysconfig
@@ -95,6 +94,7 @@ def build_model(args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
+    from hf_seqpar.config import resolve
     from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
 
     plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                          "loss with its own fused, chunked LM head; use an SP config with loss_chunk_size: null "
                          "(or none: Ulysses over all ranks).")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
+    resolve(plugin, world)  # sizes against the launched world, before any loading
 
     from trl import SFTConfig, SFTTrainer
     from transformers import TrainerCallback

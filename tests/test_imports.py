@@ -170,7 +170,7 @@ def test_no_strategy_name_branch_outside_the_strategies():
 def test_a_fifth_strategy_is_one_class_and_one_table_line(monkeypatch):
     """Registering a new class in the table is enough for the config, the cost model and the planner."""
     from hf_seqpar import strategies
-    from hf_seqpar.config import SequenceParallelConfig
+    from hf_seqpar.config import SequenceParallelConfig, resolve
     from hf_seqpar.core.shape import ModelShape
     from hf_seqpar.strategies.ulysses import UlyssesStrategy
     from hf_seqpar.tools import plan, theory
@@ -180,9 +180,9 @@ def test_a_fifth_strategy_is_one_class_and_one_table_line(monkeypatch):
         description = "a copy of Ulysses under another name"
 
     monkeypatch.setitem(strategies.STRATEGIES, "fifth", Fifth)
-    SequenceParallelConfig(strategy="fifth").validate(4)
+    resolve(SequenceParallelConfig(strategy="fifth"), 4)
     with pytest.raises(ValueError, match="strategy 'fifth' does not take option"):
-        SequenceParallelConfig(strategy="fifth", layout="zigzag").validate()
+        SequenceParallelConfig(strategy="fifth", layout="zigzag")
     shape = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
     assert theory.comm_bytes("fifth", shape, 64, 4) == theory.comm_bytes("ulysses", shape, 64, 4)
     labels = [c.label for c in plan.candidates(shape, plan.Cluster(gpus=4))]

@@ -87,7 +87,7 @@ class SequenceParallelMixin(Trainer):
 
     def _sp_setup(self) -> None:
         """Validate the set-up and apply SP to the model (after the host trainer's constructor)."""
-        self.sp_plugin = (self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()).validate()
+        self.sp_plugin = self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()
         self._sp_refuse_unsupported()
         prepare_model(self.model, self.sp_plugin)
         self.sp_state = find_state(self.model)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
+from hf_seqpar.kernels import backend_named
 from hf_seqpar.core.mesh import MeshDims
 from hf_seqpar.core.shape import ModelShape
 
@@ -93,9 +94,10 @@ class Strategy:
         return cls.Options(**values)
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         """Raise a clear error if this strategy cannot run ``model_config`` on ``sp_size`` ranks
-        with ``options``; called before the model is modified."""
+        with ``options``; called before the model is modified. ``world_size`` (when known) makes
+        the advice one the launched world can follow."""
 
     @classmethod
     def check_features(cls, features) -> None:
@@ -166,14 +168,12 @@ class Strategy:
         self.dims = MeshDims(mesh)
         self.sp_size, self.sp_rank, self.sp_group = self.dims.sp_size, self.dims.sp_rank, self.dims.sp_group
         self.dp_size, self.dp_group = self.dims.dp_size, self.dims.dp_group
+        #: The attention kernel backend the options name, looked up once (a ``hf_seqpar.kernels``
+        #: ``Backend``; None: chosen per block for the device and dtype).
+        self.backend = backend_named(getattr(options, "backend", None))
 
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None
-
-    @property
-    def backend(self) -> str | None:
-        """The attention kernel backend the options name (None: chosen per device and dtype)."""
-        return getattr(self.options, "backend", None)
 
     def make_layout(self, seq_len: int) -> "Layout":
         """The layout ``shard_batch`` applies to a sequence of ``seq_len`` tokens."""

@@ -58,7 +58,7 @@ class HybridStrategy(RingStrategy):
     bench_world = 4
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         _ulysses_size(model_config.num_attention_heads, sp_size, options)
 
     @classmethod

@@ -30,7 +30,7 @@ from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.local_attention import full_sequence_attention
 from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
-from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
+from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, heads_advice
 from hf_seqpar.tp import TensorParallel
 
 __all__ = ["MegatronStrategy"]
@@ -57,7 +57,7 @@ class MegatronStrategy(Strategy):
     shards_parameters = True
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         from hf_seqpar import patches  # patches import hf_seqpar.tp; imported when needed
 
         fam = patches.family(getattr(model_config, "model_type", None))
@@ -65,8 +65,7 @@ class MegatronStrategy(Strategy):
         if heads % sp_size:
             raise HeadsNotDivisibleError(
                 f"Megatron-SP splits attention heads over the SP ranks, but the model has {heads} query heads, "
-                f"which sp_size={sp_size} does not divide. Use an sp_size in {divisors(heads)}, or "
-                "strategy='ring'/'hybrid' (no head-count limit)."
+                f"which sp_size={sp_size} does not divide. {heads_advice(heads, sp_size, world_size)}"
             )
         inter = model_config.intermediate_size
         if inter % sp_size:
