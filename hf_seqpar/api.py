@@ -14,7 +14,9 @@ from hf_seqpar.config import STRATEGY_OPTION_FIELDS, SequenceParallelConfig, res
 from hf_seqpar.core import moe
 from hf_seqpar.core.hooks import register
 from hf_seqpar.core.loss import SequenceParallelLoss
-from hf_seqpar.core.mesh import STATE_ATTR, SeqParState, build_mesh, check_mesh, require_distributed, unwrap_model
+from hf_seqpar.core.comm import CommCounter
+from hf_seqpar.core.mesh import (STATE_ATTR, MeshDims, SeqParState, build_mesh, check_mesh, require_distributed,
+                                 unwrap_model)
 from hf_seqpar.strategies import STRATEGIES
 
 logger = logging.getLogger("hf_seqpar")
@@ -72,8 +74,10 @@ def enable_sequence_parallel(
     """
     config = _make_config(config, strategy, sp_size, check_batch, count_comm, options)
     require_distributed()
+    dims = None
     if mesh is not None:
-        config.sp_size = check_mesh(mesh, config.sp_size).sp_size  # sizes by dimension name
+        dims = check_mesh(mesh, config.sp_size)  # sizes by dimension name
+        config.sp_size = dims.sp_size
     base = unwrap_model(model)
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"enable_sequence_parallel needs a transformers PreTrainedModel, got {type(base).__name__}")
@@ -93,19 +97,19 @@ def enable_sequence_parallel(
         logger.warning("hf_seqpar: strategy='auto' chose %r: %s", resolved.config.strategy, resolved.reason)
     config, cls, options, features, impl = (resolved.config, resolved.strategy, resolved.options, resolved.features,
                                             resolved.attn_implementation)
-    if mesh is None:
-        mesh = build_mesh(config.sp_size)
-
+    if dims is None:
+        dims = MeshDims(build_mesh(config.sp_size))
+    counter = CommCounter(enabled=config.count_comm)
     state = SeqParState(
         config=config,
-        mesh=mesh,
-        strategy=cls(base.config, mesh, options),
+        dims=dims,
+        strategy=cls(base.config, dims, options, counter=counter, attn_implementation=impl),
         original_attn_implementation=impl,
         original_loss_function=base.__dict__.get("_loss_function"),
+        counter=counter,
         features=features,
         requested=resolved.requested,
     )
-    state.counter.enabled = config.count_comm
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
     setattr(base, STATE_ATTR, state)

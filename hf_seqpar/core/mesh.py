@@ -3,14 +3,20 @@ keeps on the model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hf_seqpar.core.comm import CommCounter
+from hf_seqpar.core.features import AttentionFeatures
+from hf_seqpar.core.layout import Layout
+
+if TYPE_CHECKING:  # annotations only (the config and the strategies sit above core: named through the package)
+    import hf_seqpar
 
 __all__ = ["build_mesh", "MeshDims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState", "STATE_ATTR", "find_state", "unwrap_model"]
 
@@ -163,62 +169,69 @@ class SeqParState:
     through the model or through the per-batch context that ``shard_batch`` creates.
     """
 
-    config: Any
-    """The validated :class:`~hf_seqpar.config.SequenceParallelConfig` (``sp_size`` and, for
-    ``auto``, the strategy resolved)."""
-    mesh: DeviceMesh
-    """The mesh (``"sp"`` dimension, usually ``"dp"``)."""
-    strategy: Any
-    """The :class:`~hf_seqpar.strategies.base.Strategy` built for this model: its groups and sizes,
-    and whatever it built in ``apply``."""
+    config: hf_seqpar.config.SequenceParallelConfig
+    """The resolved :class:`~hf_seqpar.config.SequenceParallelConfig` (``sp_size`` and, for
+    ``auto``, the strategy filled in by :func:`hf_seqpar.resolve`)."""
+    dims: MeshDims
+    """The mesh and its sizes, ranks and groups by dimension name: the one copy, which the
+    strategy reads too."""
+    strategy: hf_seqpar.strategies.base.Strategy
+    """The :class:`~hf_seqpar.strategies.base.Strategy` built for this model (given the same
+    :attr:`dims`, the :attr:`counter` and the attention implementation), and whatever it built in
+    ``apply``."""
     original_attn_implementation: str
     """The attention implementation the model had; restored by ``disable_sequence_parallel``."""
-    original_loss_function: Any = None
+    original_loss_function: Callable | None = None
     """The model's own ``_loss_function`` override (None when it used the class default)."""
     counter: CommCounter = field(default_factory=CommCounter)
     """Byte counter of every collective SP runs for this model."""
     batches_checked: int = 0
     """How many batches ``shard_batch`` verified to be identical across the SP group."""
-    last_layout: Any = None
+    last_layout: Layout | None = None
     """The :class:`~hf_seqpar.core.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
-    features: Any = None
+    features: AttentionFeatures | None = None
     """The model's :class:`~hf_seqpar.core.features.AttentionFeatures`, read at enable time."""
-    requested: Any = None
+    requested: hf_seqpar.config.SequenceParallelConfig | None = None
     """The configuration as requested (before ``auto`` was resolved), to recognise a repeated call."""
     hooks: list = field(default_factory=list)
     """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
     of the full sequence, :mod:`hf_seqpar.core.moe`); removed by ``disable_sequence_parallel``."""
 
     @property
+    def mesh(self) -> DeviceMesh:
+        """The mesh (``"sp"`` dimension, usually ``"dp"``)."""
+        return self.dims.mesh
+
+    @property
     def sp_group(self):
         """Process group of this rank's SP group."""
-        return self.strategy.sp_group
+        return self.dims.sp_group
 
     @property
     def dp_group(self):
         """Process group of this rank's data-parallel replicas (same SP rank); None without ``"dp"``."""
-        return self.strategy.dp_group
+        return self.dims.dp_group
 
     @property
     def sp_size(self) -> int:
         """Ranks per sequence."""
-        return self.strategy.sp_size
+        return self.dims.sp_size
 
     @property
     def sp_rank(self) -> int:
         """This rank's index inside its SP group."""
-        return self.strategy.sp_rank
+        return self.dims.sp_rank
 
     @property
     def dp_size(self) -> int:
         """Data-parallel replicas (the ``"dp"`` dimension; 1 without one)."""
-        return self.strategy.dp_size
+        return self.dims.dp_size
 
     @property
     def dp_rank(self) -> int:
         """This rank's index along ``"dp"`` (0 without one)."""
-        return self.strategy.dims.dp_rank
+        return self.dims.dp_rank
 
 
 def unwrap_model(model):

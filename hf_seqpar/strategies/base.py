@@ -156,21 +156,49 @@ class Strategy:
         return comm["total"] / bandwidth(sp)
 
     # ---- at run time -----------------------------------------------------------------------------
-    def __init__(self, model_config, mesh, options):
+    def __init__(self, model_config, dims: MeshDims, options, *, counter=None, attn_implementation: str | None = None):
         """Bind the strategy to one model and one mesh.
 
         Args:
             model_config: the model's transformers config.
-            mesh: the ``DeviceMesh`` (an ``"sp"`` dimension, optionally ``"dp"`` and others).
+            dims: the sizes and groups of the mesh (``"sp"``, optionally ``"dp"`` and others), the
+                object the model's :class:`~hf_seqpar.core.mesh.SeqParState` owns; read, not copied.
             options: this strategy's :attr:`Options`.
+            counter: the :class:`~hf_seqpar.core.comm.CommCounter` every collective reports to.
+            attn_implementation: the model's own attention implementation (what the full-sequence
+                attention calls).
         """
-        self.model_config, self.mesh, self.options = model_config, mesh, options
-        self.dims = MeshDims(mesh)
-        self.sp_size, self.sp_rank, self.sp_group = self.dims.sp_size, self.dims.sp_rank, self.dims.sp_group
-        self.dp_size, self.dp_group = self.dims.dp_size, self.dims.dp_group
+        self.model_config, self.dims, self.options = model_config, dims, options
+        self.mesh = dims.mesh
+        self.counter, self.attn_implementation = counter, attn_implementation
         #: The attention kernel backend the options name, looked up once (a ``hf_seqpar.kernels``
         #: ``Backend``; None: chosen per block for the device and dtype).
         self.backend = backend_named(getattr(options, "backend", None))
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence."""
+        return self.dims.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's index in its SP group."""
+        return self.dims.sp_rank
+
+    @property
+    def sp_group(self):
+        """This rank's SP process group."""
+        return self.dims.sp_group
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (1 without a ``"dp"`` dimension)."""
+        return self.dims.dp_size
+
+    @property
+    def dp_group(self):
+        """This rank's data-parallel process group (None without ``"dp"``)."""
+        return self.dims.dp_group
 
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None

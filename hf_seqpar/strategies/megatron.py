@@ -104,8 +104,8 @@ class MegatronStrategy(Strategy):
         # token), but the two all-gathered linear inputs are full-sequence: T x e h per local token
         return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=2 * (sp - 1) * elem * m.hidden if sp > 1 else 0.0)
 
-    def __init__(self, model_config, mesh, options):
-        super().__init__(model_config, mesh, options)
+    def __init__(self, model_config, dims, options, **context):
+        super().__init__(model_config, dims, options, **context)
         self.tensor_parallel = None
         self.kv_replicated = False
 
@@ -117,12 +117,11 @@ class MegatronStrategy(Strategy):
         return positions
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
         if self.kv_replicated:
             key, value = _select_kv(query, key, value, module.config, self.sp_rank)
         # query (B, h/T, S, D), key/value (B, h_kv', S, D): this rank's heads, the full sequence
-        return full_sequence_attention(module, query, key, value, batch, state.original_attn_implementation,
-                                       **kwargs)
+        return full_sequence_attention(module, query, key, value, batch, self.attn_implementation,
+                                       backend=self.backend, **kwargs)
 
     def apply(self, model, state) -> None:
         from hf_seqpar import patches
@@ -130,7 +129,7 @@ class MegatronStrategy(Strategy):
         if self.sp_size == 1:  # tensor parallel of degree 1: nothing to split; skip DTensor's per-op dispatch
             return
         plan = patches.family(model.config.model_type).megatron_plan(model.config, self.sp_size)
-        self.tensor_parallel = TensorParallel(self.dims.sp_mesh, state.counter)
+        self.tensor_parallel = TensorParallel(self.dims.sp_mesh, self.counter)
         self.tensor_parallel.apply(model, plan, groups=[self.dp_group])
         self.kv_replicated = plan.kv_replicated
 

@@ -133,8 +133,7 @@ class UlyssesStrategy(Strategy):
         return Layout("contiguous", seq_len, self.sp_size, self.sp_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
-        group, counter, layer = self.sp_group, state.counter, getattr(module, "layer_idx", None)
+        group, counter, layer = self.sp_group, self.counter, getattr(module, "layer_idx", None)
         rep = kv_replication(query.shape[1], key.shape[1], self.sp_size)
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -143,6 +142,6 @@ class UlyssesStrategy(Strategy):
         if kwargs.get("s_aux") is not None:  # per-head attention sinks (GPT-OSS): those of this rank's heads
             n = q.shape[1]
             kwargs["s_aux"] = kwargs["s_aux"][self.sp_rank * n:(self.sp_rank + 1) * n]
-        out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
+        out = full_sequence_attention(module, q, k, v, batch, self.attn_implementation, backend=self.backend, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)
