@@ -139,7 +139,7 @@ def test_each_subpackage_imports_first_in_a_fresh_interpreter():
 
 def _import_in_fresh_interpreters(groups: dict[str, list[str]]) -> None:
     for group, names in sorted(groups.items()):
-        code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\n" % sorted(names, reverse=True)
+        code = f"import importlib\nfor n in {sorted(names, reverse=True)!r}:\n    importlib.import_module(n)\n"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, f"{group}: {proc.stderr[-2000:]}"
 
