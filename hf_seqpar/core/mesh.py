@@ -18,7 +18,8 @@ from hf_seqpar.core.layout import Layout
 if TYPE_CHECKING:  # annotations only (the config and the strategies sit above core: named through the package)
     import hf_seqpar
 
-__all__ = ["build_mesh", "MeshDims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState", "STATE_ATTR", "find_state", "unwrap_model"]
+__all__ = ["build_mesh", "MeshDims", "from_dims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState",
+           "STATE_ATTR", "find_state", "unwrap_model"]
 
 #: Attribute of the underlying ``PreTrainedModel`` that holds its :class:`SeqParState`.
 STATE_ATTR = "hf_seqpar_state"
@@ -145,6 +146,12 @@ class MeshDims:
         return self.mesh.mesh.movedim(self.names.index("sp"), -1).reshape(-1, self.sp_size)
 
 
+def from_dims(name: str, doc: str) -> property:
+    """A read-only property that answers ``self.dims.<name>``: the objects that need the mesh's
+    sizes and groups (the state, the strategy) read the one :class:`MeshDims`, never a copy."""
+    return property(lambda self: getattr(self.dims, name), doc=doc)
+
+
 def check_mesh(mesh: DeviceMesh, sp_size: int | None) -> MeshDims:
     """Check a user's mesh against the configured ``sp_size`` (None: take the mesh's).
 
@@ -198,40 +205,14 @@ class SeqParState:
     """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
     of the full sequence, :mod:`hf_seqpar.core.moe`); removed by ``disable_sequence_parallel``."""
 
-    @property
-    def mesh(self) -> DeviceMesh:
-        """The mesh (``"sp"`` dimension, usually ``"dp"``)."""
-        return self.dims.mesh
-
-    @property
-    def sp_group(self):
-        """Process group of this rank's SP group."""
-        return self.dims.sp_group
-
-    @property
-    def dp_group(self):
-        """Process group of this rank's data-parallel replicas (same SP rank); None without ``"dp"``."""
-        return self.dims.dp_group
-
-    @property
-    def sp_size(self) -> int:
-        """Ranks per sequence."""
-        return self.dims.sp_size
-
-    @property
-    def sp_rank(self) -> int:
-        """This rank's index inside its SP group."""
-        return self.dims.sp_rank
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel replicas (the ``"dp"`` dimension; 1 without one)."""
-        return self.dims.dp_size
-
-    @property
-    def dp_rank(self) -> int:
-        """This rank's index along ``"dp"`` (0 without one)."""
-        return self.dims.dp_rank
+    mesh = from_dims("mesh", "The mesh (``\"sp\"`` dimension, usually ``\"dp\"``).")
+    sp_group = from_dims("sp_group", "Process group of this rank's SP group.")
+    dp_group = from_dims("dp_group", "Process group of this rank's data-parallel replicas (same SP rank); None "
+                                     "without ``\"dp\"``.")
+    sp_size = from_dims("sp_size", "Ranks per sequence.")
+    sp_rank = from_dims("sp_rank", "This rank's index inside its SP group.")
+    dp_size = from_dims("dp_size", "Data-parallel replicas (the ``\"dp\"`` dimension; 1 without one).")
+    dp_rank = from_dims("dp_rank", "This rank's index along ``\"dp\"`` (0 without one).")
 
 
 def unwrap_model(model):

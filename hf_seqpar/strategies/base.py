@@ -25,7 +25,7 @@ import torch
 
 from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
 from hf_seqpar.kernels import backend_named
-from hf_seqpar.core.mesh import MeshDims
+from hf_seqpar.core.mesh import MeshDims, from_dims
 from hf_seqpar.core.shape import ModelShape
 
 if TYPE_CHECKING:
@@ -175,30 +175,12 @@ class Strategy:
         #: ``Backend``; None: chosen per block for the device and dtype).
         self.backend = backend_named(getattr(options, "backend", None))
 
-    @property
-    def sp_size(self) -> int:
-        """Ranks per sequence."""
-        return self.dims.sp_size
-
-    @property
-    def sp_rank(self) -> int:
-        """This rank's index in its SP group."""
-        return self.dims.sp_rank
-
-    @property
-    def sp_group(self):
-        """This rank's SP process group."""
-        return self.dims.sp_group
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel replicas (1 without a ``"dp"`` dimension)."""
-        return self.dims.dp_size
-
-    @property
-    def dp_group(self):
-        """This rank's data-parallel process group (None without ``"dp"``)."""
-        return self.dims.dp_group
+    # the sizes and groups, read from the state's one MeshDims
+    sp_size = from_dims("sp_size", "Ranks per sequence.")
+    sp_rank = from_dims("sp_rank", "This rank's index in its SP group.")
+    sp_group = from_dims("sp_group", "This rank's SP process group.")
+    dp_size = from_dims("dp_size", "Data-parallel replicas (1 without a ``\"dp\"`` dimension).")
+    dp_group = from_dims("dp_group", "This rank's data-parallel process group (None without ``\"dp\"``).")
 
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None
