@@ -19,8 +19,8 @@ SOURCES = {"hf_seqpar": "hf_seqpar", "patches": "hf_seqpar.patches", "kernels": 
 FORBIDDEN = {
     "hf_seqpar.core": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
                        "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.kernels": ("hf_seqpar.core", "hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
-                          "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
+    "hf_seqpar.kernels": ("hf_seqpar.core", "hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations",
+                          "hf_seqpar.tools", "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
     "hf_seqpar.tp": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
                      "hf_seqpar.api", "hf_seqpar.patches"),
     "hf_seqpar.patches": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",

@@ -98,9 +98,9 @@ def test_heads_advice_is_true_for_the_world_and_the_heads():
     from hf_seqpar import HeadsNotDivisibleError
 
     def message(heads, sp, world):
+        model = LlamaConfig(num_attention_heads=heads, num_key_value_heads=heads, hidden_size=8 * heads)
         with pytest.raises(HeadsNotDivisibleError) as err:
-            resolve(SequenceParallelConfig(sp_size=sp), world, LlamaConfig(num_attention_heads=heads,
-                                                                          num_key_value_heads=heads, hidden_size=8 * heads))
+            resolve(SequenceParallelConfig(sp_size=sp), world, model)
         return str(err.value)
 
     # 3 heads on 2 ranks: hybrid would have no Ulysses degree > 1, and only sp_size 1 fits both

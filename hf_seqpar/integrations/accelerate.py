@@ -122,7 +122,8 @@ class SequenceParallelPlugin(SequenceParallelConfig):
             section = plugin_section(data, source)
             unknown = sorted(set(section) - {f.name for f in fields(cls)})
             if unknown:
-                raise ValueError(unknown_keys_message(source, unknown, [f.name for f in fields(cls)], ACCELERATE_PREFIX))
+                valid = [f.name for f in fields(cls)]
+                raise ValueError(unknown_keys_message(source, unknown, valid, ACCELERATE_PREFIX))
             return cls.from_dict(section, source=source)
         return cls.from_dict(data, source=f"SP config {str(path)!r}")
 
