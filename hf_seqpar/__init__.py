@@ -4,6 +4,7 @@ The public API::
 
     import hf_seqpar
     model = hf_seqpar.enable_sequence_parallel(model, strategy="ulysses", sp_size=None)
+    hf_seqpar.resolve(config, world_size, model_config)  # optional dry run: the same checks, no process group
     local = hf_seqpar.shard_batch(batch, model)
     out = model(**local)
     full_logits = hf_seqpar.gather_sequence(out.logits, model)
@@ -29,6 +30,7 @@ _EXPORTS = {
     "BatchMismatchError": "hf_seqpar.core.sharding",
     "generate": "hf_seqpar.generation",
     "SequenceParallelConfig": "hf_seqpar.config",
+    "resolve": "hf_seqpar.config",
     "SequenceParallelPlugin": "hf_seqpar.integrations.accelerate",
     "prepare_sequence_parallel": "hf_seqpar.integrations.accelerate",
     "SequenceParallelTrainer": "hf_seqpar.integrations.trainer",

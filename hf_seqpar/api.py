@@ -12,36 +12,19 @@ from torch.nn import Module
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_seqpar.config import STRATEGY_OPTION_FIELDS, SequenceParallelConfig
+from hf_seqpar.config import STRATEGY_OPTION_FIELDS, SequenceParallelConfig, resolve
 from hf_seqpar.core import moe
-from hf_seqpar.core.features import attention_features, check_sequence_mixing
+from hf_seqpar.core.comm import CommCounter
 from hf_seqpar.core.hooks import PREFIX, register, require_batch
-from hf_seqpar.core.local_attention import SUPPORTED_INNER
 from hf_seqpar.core.loss import SequenceParallelLoss
+from hf_seqpar.core.mesh import (STATE_ATTR, MeshDims, SeqParState, build_mesh, check_mesh, require_distributed,
+                                 unwrap_model)
 from hf_seqpar.core.sharding import record_outputs
-from hf_seqpar.core.mesh import STATE_ATTR, SeqParState, build_mesh, check_mesh, require_distributed, unwrap_model
-from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
+from hf_seqpar.strategies import STRATEGIES
 
 logger = logging.getLogger("hf_seqpar")
 
 __all__ = ["enable_sequence_parallel", "disable_sequence_parallel"]
-
-
-def _check_attention(model: PreTrainedModel) -> str:
-    if not getattr(model, "_supports_attention_backend", False):
-        raise TypeError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
-            "so hf_seqpar cannot hook its attention. Use a model family that does (Llama, Mistral, Qwen2/3, "
-            "Phi-3, Gemma, ...), or file an issue to add a patch for this one in hf_seqpar.patches."
-        )
-    impl = model.config._attn_implementation
-    if impl not in SUPPORTED_INNER:
-        raise ValueError(
-            f"attention implementation {impl!r} cannot be wrapped for sequence parallelism; load the model "
-            f"with attn_implementation set to one of {list(SUPPORTED_INNER)} (e.g. "
-            f"`model.set_attn_implementation('sdpa')`) before enable_sequence_parallel()."
-        )
-    return impl
 
 
 def enable_sequence_parallel(
@@ -94,51 +77,42 @@ def enable_sequence_parallel(
     """
     config = _make_config(config, strategy, sp_size, check_batch, count_comm, options)
     require_distributed()
+    dims = None
     if mesh is not None:
-        config.sp_size = check_mesh(mesh, config.sp_size).sp_size  # sizes by dimension name
-    config.validate(dist.get_world_size() if mesh is None else mesh.size())
+        dims = check_mesh(mesh, config.sp_size)  # sizes by dimension name
+        config.sp_size = dims.sp_size
     base = unwrap_model(model)
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"enable_sequence_parallel needs a transformers PreTrainedModel, got {type(base).__name__}")
+    world = dist.get_world_size() if mesh is None else mesh.size()
     existing = getattr(base, STATE_ATTR, None)
     if existing is not None:
-        if existing.requested == config:
+        again = copy.copy(config)
+        again.sp_size = again.sp_size or world
+        if existing.requested == again:
             return model
         raise ValueError(
             f"sequence parallelism is already enabled on this model with {existing.config.to_dict()}; call "
             "hf_seqpar.disable_sequence_parallel(model) first to change it"
         )
-    requested = copy.copy(config)
-    impl = _check_attention(base)
-    if config.strategy == AUTO:
-        name, reason = choose_strategy(base.config, config.sp_size)
-        if dist.get_rank() == 0:
-            logger.warning("hf_seqpar: strategy='auto' chose %r: %s", name, reason)
-        config = dataclasses.replace(config, strategy=name)
-        try:
-            STRATEGIES[name].options_from(config)
-        except ValueError as e:
-            raise ValueError(f"strategy='auto' chose {name!r} ({reason}), but {e}; name the strategy instead of "
-                             "'auto' or drop the option") from None
-    cls = STRATEGIES[config.strategy]
-    options = cls.options_from(config)
-    cls.check_model(base.config, config.sp_size, options)
-    features = attention_features(base)
-    check_sequence_mixing(features)
-    cls.check_features(features)
-    if mesh is None:
-        mesh = build_mesh(config.sp_size)
-
+    resolved = resolve(config, world, model=base)  # the one check: world, auto, options, model, features
+    if resolved.reason is not None and dist.get_rank() == 0:
+        logger.warning("hf_seqpar: strategy='auto' chose %r: %s", resolved.config.strategy, resolved.reason)
+    config, cls, options, features, impl = (resolved.config, resolved.strategy, resolved.options, resolved.features,
+                                            resolved.attn_implementation)
+    if dims is None:
+        dims = MeshDims(build_mesh(config.sp_size))
+    counter = CommCounter(enabled=config.count_comm)
     state = SeqParState(
         config=config,
-        mesh=mesh,
-        strategy=cls(base.config, mesh, options),
+        dims=dims,
+        strategy=cls(base.config, dims, options, counter=counter, attn_implementation=impl),
         original_attn_implementation=impl,
         original_loss_function=base.__dict__.get("_loss_function"),
+        counter=counter,
         features=features,
-        requested=requested,
+        requested=resolved.requested,
     )
-    state.counter.enabled = config.count_comm
     state.original_config = _own_config(model if isinstance(model, Module) else base, base)
     base.loss_function = SequenceParallelLoss(base.loss_function)
     base.set_attn_implementation(register(impl))
@@ -183,12 +157,14 @@ def _own_config(root, base) -> PretrainedConfig:
 
 
 def _make_config(config, strategy, sp_size, check_batch, count_comm, options) -> SequenceParallelConfig:
-    """The validated (world-independent) config of an ``enable_sequence_parallel`` call."""
+    """The config of an ``enable_sequence_parallel`` call: a plain copy of ``config`` (already checked
+    when it was built), or one built (and so checked) from the keywords."""
     if config is not None:
         if options:
             raise ValueError(f"pass strategy options in the config, not as keywords next to config= (got {sorted(options)})")
-        base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SequenceParallelConfig)}
-        return SequenceParallelConfig(**base).validate()
+        plain = object.__new__(SequenceParallelConfig)  # the same fields, no second check
+        plain.__dict__.update({f.name: getattr(config, f.name) for f in dataclasses.fields(SequenceParallelConfig)})
+        return plain
     unknown = sorted(set(options) - set(STRATEGY_OPTION_FIELDS))
     if unknown:
         takes = ([f.name for f in dataclasses.fields(STRATEGIES[strategy].Options)] if strategy in STRATEGIES
@@ -196,7 +172,7 @@ def _make_config(config, strategy, sp_size, check_batch, count_comm, options) ->
         raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; it takes: {takes or 'no options'} "
                          f"(strategy options of any strategy: {list(STRATEGY_OPTION_FIELDS)})")
     return SequenceParallelConfig(strategy=strategy, sp_size=sp_size, check_batch=check_batch, count_comm=count_comm,
-                                  **options).validate()
+                                  **options)
 
 
 def disable_sequence_parallel(model):

@@ -20,6 +20,7 @@ __all__ = [
     "block_forward",
     "block_backward",
     "select_backend",
+    "backend_named",
     "merge_into",
     "reference_attention",
     "reference_forward",
@@ -47,14 +48,29 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def select_backend(device: torch.device, needs_mask: bool, name: str | None = None,
+def backend_named(name: str | Backend | None) -> Backend | None:
+    """The backend called ``name`` (a :class:`Backend` or None is returned as is): resolve a name
+    once, then pass the object to every block call.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name is None or isinstance(name, Backend):
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def select_backend(device: torch.device, needs_mask: bool, name: str | Backend | None = None,
                    dtype: torch.dtype | None = None) -> Backend:
     """The backend for a block on ``device``.
 
     Args:
         device: the tensors' device.
         needs_mask: whether the block needs an arbitrary mask.
-        name: a backend name to force (see ``BACKENDS``).
+        name: a backend to force: a name of ``BACKENDS``, or the :class:`Backend` itself (from
+            :func:`backend_named`, so that the name is not looked up at every block).
         dtype: the compute dtype (backends that do not take it are skipped: e.g. the CUDA flash
             and cuDNN kernels take only fp16/bf16, so fp32 blocks go to the memory-efficient one).
 
@@ -62,9 +78,8 @@ def select_backend(device: torch.device, needs_mask: bool, name: str | None = No
         ValueError: unknown name, or a forced backend that cannot run this block.
     """
     if name is not None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}")
-        backend = BACKENDS[name]
+        backend = backend_named(name)
+        name = backend.name
         if device.type not in backend.devices or not backend.available():
             raise ValueError(f"attention backend {name!r} cannot run on {device.type} here "
                              f"(devices {backend.devices}, available={backend.available()})")
@@ -106,6 +121,8 @@ def _prepare(q, k, v, causal, window, mask, backend_name):
 
 
 def _native(name):
+    if isinstance(name, Backend):
+        return name.native_window
     return name is not None and BACKENDS.get(name, Backend()).native_window
 
 
@@ -121,7 +138,7 @@ def block_forward(q, k, v, *, scale: float, causal: bool = False, window: int | 
         causal: top-left aligned causal mask (``S_q == S_k``).
         window: sliding window, keys with ``k > q - window``.
         mask: bool ``(B|1, 1, S_q, S_k)``, True = attend.
-        backend: force a backend by name.
+        backend: force a backend (a name or a :class:`Backend`).
 
     Inputs of different dtypes are cast to :func:`compute_dtype` (the autocast dtype under
     autocast).

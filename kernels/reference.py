@@ -9,7 +9,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["reference_attention", "reference_forward", "reference_backward", "allowed_mask"]
+__all__ = ["reference_attention", "reference_forward", "reference_backward", "allowed_mask", "window_visible"]
+
+
+def window_visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, is_causal: bool, sliding_window: int | None):
+    """Which keys a query may see by position alone (causality and sliding window), as transformers'
+    masks define it; ``q_idx`` and ``kv_idx`` broadcast against each other.
+
+    - causal: ``kv <= q``; with a window also ``kv > q - window`` (``sliding_window_overlay``:
+      the query and the ``window - 1`` keys before it).
+    - not causal (e.g. Gemma3 with ``use_bidirectional_attention=True``): every key; with a window
+      ``|q - kv| < window`` (Gemma3's ``_bidirectional_window_overlay`` OR-ed onto the causal window
+      mask: ``window - 1`` keys on each side).
+
+    Returns:
+        A bool tensor of the broadcast shape.
+    """
+    if is_causal:
+        allowed = kv_idx <= q_idx
+        if sliding_window is not None:
+            allowed = allowed & (kv_idx > q_idx - sliding_window)
+        return allowed
+    if sliding_window is not None:
+        return (q_idx - kv_idx).abs() < sliding_window
+    return (q_idx >= 0) & (kv_idx >= 0)  # everything, in the broadcast shape
 
 
 def allowed_mask(sq: int, sk: int, causal: bool, window: int | None, mask: torch.Tensor | None, device=None):

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .reference import window_visible
+
 __all__ = ["Piece", "band_mask", "packed_mask", "pack_pieces", "check_pieces", "pieces_forward", "pieces_backward",
            "unpack_pieces", "varlen_attention", "PACK_SPAN", "CALL_COST"]
 
@@ -140,11 +142,9 @@ def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, wind
               device=None) -> torch.Tensor:
     """Bool ``(1, 1, nq, nk)``: which keys each query of a tile may see, from global indices.
 
-    The rule is the one of every path, :func:`hf_seqpar.core.masks.window_visible`: causal ``k <= q``
+    The rule is the one of every path, :func:`hf_seqpar.kernels.reference.window_visible`: causal ``k <= q``
     and, with a window, ``k > q - window``; bidirectional windows ``|q - k| < window``.
     """
-    from hf_seqpar.core.masks import window_visible
-
     q = torch.arange(q_global, q_global + nq, device=device)[:, None]
     k = torch.arange(k_global, k_global + nk, device=device)[None, :]
     allowed = window_visible(q, k, causal, window).expand(nq, nk)

@@ -30,6 +30,8 @@ import sysconfig
 
 import torch
 
+import hf_seqpar
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from sft_trl import build_model, metrics_printer, train_and_save  # noqa: E402  (shared with the SFT recipe)
 
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
     if plugin.loss_chunk_size is not None:
         raise SystemExit(f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's DPOTrainer scores tokens "
                          "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null.")
-    dataclasses.replace(plugin).validate(int(os.environ.get("WORLD_SIZE", "1")))
+    hf_seqpar.resolve(plugin, int(os.environ.get("WORLD_SIZE", "1")))  # the library's dry run, before any loading
 
     from trl import DPOConfig, DPOTrainer
 

@@ -41,7 +41,6 @@ Python's own standard-library sources as the corpus.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -187,8 +186,6 @@ def validate(args, plugin, source: str = "defaults") -> str | None:
     Raises:
         SystemExit: a bad option or world size (the message names it and the fix).
     """
-    from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy
-
     for name in ("max_seq_len", "max_steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -209,12 +206,10 @@ def validate(args, plugin, source: str = "defaults") -> str | None:
     if args.warmup_steps > args.max_steps:
         _fail(f"--warmup-steps {args.warmup_steps} exceeds --max-steps {args.max_steps}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        sp = dataclasses.replace(plugin).validate(world).sp_size
+    try:  # the library's dry run: world size, auto, options and the model's checks, with no process group
         config = model_config(args, None) if args.model is None else _hub_config(args.model)
-        name = choose_strategy(config, sp)[0] if plugin.strategy == AUTO else plugin.strategy
-        cls = STRATEGIES[name]
-        cls.check_model(config, sp, cls.options_from(dataclasses.replace(plugin, strategy=name)))
+        resolved = hf_seqpar.resolve(plugin, world, config)
+        sp, name, cls = resolved.sp_size, resolved.config.strategy, resolved.strategy
     except (ValueError, NotImplementedError) as e:
         _fail(f"{world} launched rank(s), SP config {source}: {e}")
     if cls.shards_parameters and args.save_every:

@@ -35,6 +35,8 @@ import types
 
 import torch
 
+import hf_seqpar
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_data  # noqa: E402  (the recipes' data module, next to this file)
 import recipe_common as common  # noqa: E402
@@ -166,7 +168,7 @@ def sp_plugin(args):
         plugin = dataclasses.replace(plugin, loss_chunk_size=None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        dataclasses.replace(plugin).validate(world)  # sizes against the launched world, before any loading
+        hf_seqpar.resolve(plugin, world)  # the library's dry run against the launched world, before any loading
     except ValueError as e:
         raise SystemExit(f"{PROG}: error: {world} launched rank(s), SP config {source}: {e}") from None
     return plugin, source

@@ -1,5 +1,6 @@
 """The package's import graph: no cycle (module-level and late imports alike), and the layers of
-the architecture respected (core < tp < strategies < config/api < integrations < tools)."""
+the architecture respected (kernels < core < tp < strategies < config/api < integrations < tools; kernels is a
+leaf: no hf_seqpar module and no transformers)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ SOURCES = {"hf_seqpar": "hf_seqpar", "patches": "hf_seqpar.patches", "kernels": 
 FORBIDDEN = {
     "hf_seqpar.core": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
                        "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.kernels": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
-                          "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
+    "hf_seqpar.kernels": ("hf_seqpar.core", "hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations",
+                          "hf_seqpar.tools", "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
     "hf_seqpar.tp": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
                      "hf_seqpar.api", "hf_seqpar.patches"),
     "hf_seqpar.patches": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
@@ -102,6 +103,25 @@ def test_layers_do_not_import_upwards():
     assert not bad, bad
 
 
+def test_kernels_are_a_leaf():
+    """kernels/ imports no other hf_seqpar module and not transformers (source and run time)."""
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("hf_seqpar.kernels"):
+            assert all(d.startswith("hf_seqpar.kernels") for d in _imports(name, path, modules)), name
+            nodes = ast.walk(ast.parse(path.read_text()))
+            outside = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in nodes
+                       if isinstance(n, (ast.Import, ast.ImportFrom))
+                       for a in (n.names if isinstance(n, ast.Import) else [n])]
+            assert not [m for m in outside if m and m.split(".")[0] == "transformers"], name
+    code = ("import sys, hf_seqpar.kernels, hf_seqpar.kernels.varlen, hf_seqpar.kernels.backends\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('transformers') or m.startswith('hf_seqpar.')\n"
+            "             and not m.startswith('hf_seqpar.kernels'))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     """Every module imported in a fresh interpreter, deepest names first (the graph test above is
     what excludes cycles for every import order)."""
@@ -120,7 +140,7 @@ def test_each_subpackage_imports_first_in_a_fresh_interpreter():
 
 def _import_in_fresh_interpreters(groups: dict[str, list[str]]) -> None:
     for group, names in sorted(groups.items()):
-        code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\n" % sorted(names, reverse=True)
+        code = f"import importlib\nfor n in {sorted(names, reverse=True)!r}:\n    importlib.import_module(n)\n"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, f"{group}: {proc.stderr[-2000:]}"
 
@@ -151,7 +171,7 @@ def test_no_strategy_name_branch_outside_the_strategies():
 def test_a_fifth_strategy_is_one_class_and_one_table_line(monkeypatch):
     """Registering a new class in the table is enough for the config, the cost model and the planner."""
     from hf_seqpar import strategies
-    from hf_seqpar.config import SequenceParallelConfig
+    from hf_seqpar.config import SequenceParallelConfig, resolve
     from hf_seqpar.core.shape import ModelShape
     from hf_seqpar.strategies.ulysses import UlyssesStrategy
     from hf_seqpar.tools import plan, theory
@@ -161,9 +181,9 @@ def test_a_fifth_strategy_is_one_class_and_one_table_line(monkeypatch):
         description = "a copy of Ulysses under another name"
 
     monkeypatch.setitem(strategies.STRATEGIES, "fifth", Fifth)
-    SequenceParallelConfig(strategy="fifth").validate(4)
+    resolve(SequenceParallelConfig(strategy="fifth"), 4)
     with pytest.raises(ValueError, match="strategy 'fifth' does not take option"):
-        SequenceParallelConfig(strategy="fifth", layout="zigzag").validate()
+        SequenceParallelConfig(strategy="fifth", layout="zigzag")
     shape = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
     assert theory.comm_bytes("fifth", shape, 64, 4) == theory.comm_bytes("ulysses", shape, 64, 4)
     labels = [c.label for c in plan.candidates(shape, plan.Cluster(gpus=4))]

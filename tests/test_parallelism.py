@@ -56,7 +56,7 @@ def _pc(**kw):
     (dict(sp_size=3), {}, ["sp_size=3", "does not divide the 4"]),
 ])
 def test_parallelism_config_that_would_split_twice_is_refused(pc, kw, words):
-    plugin = SequenceParallelPlugin(sp_size=kw.pop("plugin_sp", None)).validate()
+    plugin = SequenceParallelPlugin(sp_size=kw.pop("plugin_sp", None))
     with pytest.raises(ValueError) as err:
         apply_parallelism_config(plugin, _pc(**pc), 4, **kw)
     for w in words:
@@ -64,7 +64,7 @@ def test_parallelism_config_that_would_split_twice_is_refused(pc, kw, words):
 
 
 def test_parallelism_config_sizes_are_read():
-    plugin = SequenceParallelPlugin(strategy="ring", loss_chunk_size=8).validate()
+    plugin = SequenceParallelPlugin(strategy="ring", loss_chunk_size=8)
     assert apply_parallelism_config(plugin, None, 4) is plugin
     got = apply_parallelism_config(plugin, _pc(sp_size=2), 4)  # dp sizes left at 1: the rest of the world
     assert (got.sp_size, got.strategy, got.loss_chunk_size) == (2, "ring", 8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hf_seqpar
-from hf_seqpar.config import SequenceParallelConfig
+from hf_seqpar.config import SequenceParallelConfig, resolve
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.masks import dense_mask, document_ids, flash_segments
 from hf_seqpar.strategies import STRATEGIES, strategy_class
@@ -47,15 +47,75 @@ def test_layout_rejects_bad_multiple():
 
 
 def test_config_validation_gives_numbers():
-    assert SequenceParallelConfig(sp_size=None).validate(8).sp_size == 8
+    assert resolve(SequenceParallelConfig(sp_size=None), 8).sp_size == 8
     with pytest.raises(ValueError, match=r"world size 6 is not a multiple of sp_size=4.*\[1, 2, 3, 6\]"):
-        SequenceParallelConfig(sp_size=4).validate(6)
+        resolve(SequenceParallelConfig(sp_size=4), 6)
     with pytest.raises(ValueError, match="positive integer"):
-        SequenceParallelConfig(sp_size=0).validate()
+        SequenceParallelConfig(sp_size=0)
     with pytest.raises(ValueError, match="check_batch='sometimes'"):
-        SequenceParallelConfig(check_batch="sometimes").validate()
+        SequenceParallelConfig(check_batch="sometimes")
     with pytest.raises(ValueError, match="unknown strategy 'x'; valid strategies are"):
-        SequenceParallelConfig(strategy="x").validate()
+        SequenceParallelConfig(strategy="x")
+
+
+def test_config_literals_name_what_the_package_has():
+    import typing
+
+    from hf_seqpar import config
+    from hf_seqpar.core.layout import LAYOUT_MULTIPLE
+    from hf_seqpar.kernels import BACKENDS
+
+    assert set(config.BACKEND_NAMES) == set(BACKENDS) and set(config.LAYOUTS) == set(LAYOUT_MULTIPLE)
+    hints = typing.get_type_hints(SequenceParallelConfig)
+    assert typing.get_args(hints["layout"]) == (config.LayoutName, type(None))
+    with pytest.raises(ValueError, match="backend='nope'"):
+        SequenceParallelConfig(strategy="ring", backend="nope")
+    from hf_seqpar.kernels import backend_named, select_backend
+
+    resolved = backend_named("reference")  # a name is looked up once; blocks get the object
+    assert resolved is BACKENDS["reference"] and select_backend(torch.device("cpu"), True, resolved) is resolved
+
+
+def test_resolve_is_a_dry_run_without_a_process_group():
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    assert not dist.is_initialized()
+    model = LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    got = resolve(SequenceParallelConfig(strategy="auto"), 4, model)
+    assert (got.sp_size, got.config.strategy, got.requested.strategy) == (4, "hybrid", "auto")
+    assert "ulysses_size=2" in got.reason and "6 query heads" in got.reason
+    assert resolve(SequenceParallelConfig(strategy="auto"), 4).strategy is None  # nothing to pick from
+    with pytest.raises(ValueError, match="6 query heads, which sp_size=4 does not divide"):
+        resolve(SequenceParallelConfig(), 4, model)
+    config = SequenceParallelConfig(strategy="ring")
+    assert resolve(config, 2).config.sp_size == 2 and config.sp_size is None  # the config is not modified
+
+
+def test_heads_advice_is_true_for_the_world_and_the_heads():
+    from transformers import LlamaConfig
+
+    from hf_seqpar import HeadsNotDivisibleError
+
+    def message(heads, sp, world):
+        model = LlamaConfig(num_attention_heads=heads, num_key_value_heads=heads, hidden_size=8 * heads)
+        with pytest.raises(HeadsNotDivisibleError) as err:
+            resolve(SequenceParallelConfig(sp_size=sp), world, model)
+        return str(err.value)
+
+    # 3 heads on 2 ranks: hybrid would have no Ulysses degree > 1, and only sp_size 1 fits both
+    assert "would run as ring" in message(3, 2, 2) and "ranks: [1] " in message(3, 2, 2)
+    assert "ulysses_size=2 x ring_size=2" in message(6, 4, 8) and "ranks: [1, 2] " in message(6, 4, 8)
+
+
+def test_config_typos_suggest_the_closest_key():
+    from hf_seqpar import SequenceParallelPlugin
+
+    with pytest.raises(ValueError, match=r"sp_sise -> did you mean sp_size\?"):
+        SequenceParallelPlugin.from_dict({"sp_sise": 2})
+    with pytest.raises(ValueError) as err:
+        SequenceParallelPlugin.from_dict({"options": {"backend": "reference"}})
+    assert "0.2" not in str(err.value)  # no version that this package has not reached
 
 
 def test_strategy_table():

@@ -88,6 +88,8 @@ def full_sequence_attention(
     value: torch.Tensor,
     batch,
     impl: str,
+    *,
+    backend=None,
     **kwargs,
 ) -> torch.Tensor:
     """Exact attention over the whole (padded) sequence.
@@ -99,6 +101,8 @@ def full_sequence_attention(
         value: like ``key``.
         batch: the :class:`~hf_seqpar.core.sharding.SeqParBatch` of this forward.
         impl: the model's original attention implementation.
+        backend: the block-attention backend of the variable-length path (a ``hf_seqpar.kernels``
+            ``Backend`` or name; None: per block for the device and dtype).
         **kwargs: what the model passed to attention (``scaling``, ``dropout``,
             ``sliding_window``, ...); ``s_aux`` (attention sinks) must be those of the heads of
             ``query``.
@@ -127,7 +131,6 @@ def full_sequence_attention(
         pieces = batch.cached(("pieces", seq_len, is_causal, window),
                               lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        backend = batch.state.strategy.backend
         # (B, h, S, D) -> (B, S, h, D) as the model's own attention functions return it
         return varlen_attention(query, key, value, pieces, scale=scale, backend=backend).transpose(1, 2)
     mask_fn = AttentionMaskInterface._global_mapping[impl]

@@ -10,7 +10,7 @@ A rank without label tokens contributes ``0 / N = 0``.
 
 from __future__ import annotations
 
-__all__ = ["SequenceParallelLoss", "combines"]
+__all__ = ["SequenceParallelLoss", "combines", "combine_over_sp"]
 
 
 def combines(seqpar) -> bool:
@@ -18,6 +18,15 @@ def combines(seqpar) -> bool:
     ``shard_batch`` batch, unless the caller marked it ``seqpar.local_loss = True`` (the Trainer
     integration, which hands the local loss to the host trainer and combines it itself)."""
     return seqpar is not None and not getattr(seqpar, "local_loss", False)
+
+
+def combine_over_sp(loss, seqpar):
+    """``loss`` (this rank's ``sum_local / N``) summed over the SP group by the strategy (the one
+    place the ranks' losses are combined), or as it is when :func:`combines` says no."""
+    if not combines(seqpar):  # no shard_batch, or the caller sums the local losses itself
+        return loss
+    state = seqpar.state
+    return state.strategy.combine_loss(loss, state.sp_group, state.counter)
 
 
 class SequenceParallelLoss:
@@ -36,7 +45,4 @@ class SequenceParallelLoss:
 
     def __call__(self, logits, labels, vocab_size: int, **kwargs):
         loss = self.inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        batch = kwargs.get("seqpar")
-        if not combines(batch):  # no shard_batch, or the caller sums the local losses itself
-            return loss
-        return batch.state.strategy.combine_loss(loss, batch.state.sp_group, batch.state.counter)
+        return combine_over_sp(loss, kwargs.get("seqpar"))

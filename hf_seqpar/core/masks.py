@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import and_masks, packed_sequence_mask_function
 
+from hf_seqpar.kernels.reference import window_visible  # the one rule, kept in the kernels (a leaf)
+
 __all__ = ["document_ids", "window_visible", "structure_mask_function", "dense_mask", "flash_segments", "check_cu_seqlens"]
 
 
@@ -32,29 +34,6 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     if (ids[:, -1] == 0).all():
         return None
     return ids
-
-
-def window_visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, is_causal: bool, sliding_window: int | None):
-    """Which keys a query may see by position alone (causality and sliding window), as transformers'
-    masks define it; ``q_idx`` and ``kv_idx`` broadcast against each other.
-
-    - causal: ``kv <= q``; with a window also ``kv > q - window`` (``sliding_window_overlay``:
-      the query and the ``window - 1`` keys before it).
-    - not causal (e.g. Gemma3 with ``use_bidirectional_attention=True``): every key; with a window
-      ``|q - kv| < window`` (Gemma3's ``_bidirectional_window_overlay`` OR-ed onto the causal window
-      mask: ``window - 1`` keys on each side).
-
-    Returns:
-        A bool tensor of the broadcast shape.
-    """
-    if is_causal:
-        allowed = kv_idx <= q_idx
-        if sliding_window is not None:
-            allowed = allowed & (kv_idx > q_idx - sliding_window)
-        return allowed
-    if sliding_window is not None:
-        return (q_idx - kv_idx).abs() < sliding_window
-    return (q_idx >= 0) & (kv_idx >= 0)  # everything, in the broadcast shape
 
 
 def structure_mask_function(is_causal: bool, sliding_window: int | None, doc_ids: torch.Tensor | None):

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from hf_seqpar.core import moe
-from hf_seqpar.core.loss import combines
+from hf_seqpar.core.loss import combine_over_sp
 from hf_seqpar.core.logits import LogitTransform, logit_transform
 from hf_seqpar.core.sharding import IGNORE_INDEX
 
@@ -174,8 +174,7 @@ def _chunked_forward(chunk: int, transform: LogitTransform):
         out = base(input_ids=input_ids, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items,
                                transform)
-        if combines(seqpar):  # the exact SP loss: sum_local / N, summed over the SP group
-            loss = seqpar.state.strategy.combine_loss(loss, seqpar.state.sp_group, seqpar.state.counter)
+        loss = combine_over_sp(loss, seqpar)  # the exact SP loss: sum_local / N, summed over the SP group
         router_logits = getattr(out, "router_logits", None)
         if not router_logits:
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,

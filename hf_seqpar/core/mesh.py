@@ -3,8 +3,9 @@ keeps on the model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -12,8 +13,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from hf_seqpar.core.comm import CommCounter
+from hf_seqpar.core.features import AttentionFeatures
+from hf_seqpar.core.layout import Layout
 
-__all__ = ["build_mesh", "MeshDims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState", "STATE_ATTR", "find_state", "unwrap_model"]
+if TYPE_CHECKING:  # annotations only (the config and the strategies sit above core: named through the package)
+    import transformers
+
+    import hf_seqpar
+
+__all__ = ["build_mesh", "MeshDims", "from_dims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState",
+           "STATE_ATTR", "find_state", "unwrap_model"]
 
 #: Attribute of the underlying ``PreTrainedModel`` that holds its :class:`SeqParState`.
 STATE_ATTR = "hf_seqpar_state"
@@ -140,6 +149,12 @@ class MeshDims:
         return self.mesh.mesh.movedim(self.names.index("sp"), -1).reshape(-1, self.sp_size)
 
 
+def from_dims(name: str, doc: str) -> property:
+    """A read-only property that answers ``self.dims.<name>``: the objects that need the mesh's
+    sizes and groups (the state, the strategy) read the one :class:`MeshDims`, never a copy."""
+    return property(lambda self: getattr(self.dims, name), doc=doc)
+
+
 def check_mesh(mesh: DeviceMesh, sp_size: int | None) -> MeshDims:
     """Check a user's mesh against the configured ``sp_size`` (None: take the mesh's).
 
@@ -164,71 +179,52 @@ class SeqParState:
     through the model or through the per-batch context that ``shard_batch`` creates.
     """
 
-    config: Any
-    """The validated :class:`~hf_seqpar.config.SequenceParallelConfig` (``sp_size`` and, for
-    ``auto``, the strategy resolved)."""
-    mesh: DeviceMesh
-    """The mesh (``"sp"`` dimension, usually ``"dp"``)."""
-    strategy: Any
-    """The :class:`~hf_seqpar.strategies.base.Strategy` built for this model: its groups and sizes,
-    and whatever it built in ``apply``."""
+    config: hf_seqpar.config.SequenceParallelConfig
+    """The resolved :class:`~hf_seqpar.config.SequenceParallelConfig` (``sp_size`` and, for
+    ``auto``, the strategy filled in by :func:`hf_seqpar.resolve`)."""
+    dims: MeshDims
+    """The mesh and its sizes, ranks and groups by dimension name: the one copy, which the
+    strategy reads too."""
+    strategy: hf_seqpar.strategies.base.Strategy
+    """The :class:`~hf_seqpar.strategies.base.Strategy` built for this model (given the same
+    :attr:`dims`, the :attr:`counter` and the attention implementation), and whatever it built in
+    ``apply``."""
     original_attn_implementation: str
     """The attention implementation the model had; restored by ``disable_sequence_parallel``."""
-    original_loss_function: Any = None
+    original_loss_function: Callable | None = None
     """The model's own ``_loss_function`` override (None when it used the class default)."""
-    original_config: Any = None
+    original_config: transformers.PretrainedConfig | None = None
     """The model's own config object: SP works on a private copy (so that another model built from
     the same config object is unaffected); ``disable_sequence_parallel`` puts it back."""
     counter: CommCounter = field(default_factory=CommCounter)
     """Byte counter of every collective SP runs for this model."""
     batches_checked: int = 0
     """How many batches ``shard_batch`` verified to be identical across the SP group."""
-    last_layout: Any = None
+    last_layout: Layout | None = None
     """The :class:`~hf_seqpar.core.layout.Layout` of the most recent ``shard_batch`` call, used by
     ``gather_sequence`` when no layout is given."""
-    layouts_by_local_len: dict = field(default_factory=dict)
+    layouts_by_local_len: dict[int, Layout | None] = field(default_factory=dict)
     """``{local_len: Layout}`` of every batch ``shard_batch`` sharded; None where two different
     layouts had the same local length (``gather_sequence`` then needs the batch named)."""
-    sharded_outputs: Any = field(default_factory=WeakTensorKeyDictionary)
+    sharded_outputs: WeakTensorKeyDictionary = field(default_factory=WeakTensorKeyDictionary)
     """Output tensors of the model's forwards -> the layout of their batch (weak keys), so that
     ``gather_sequence`` of an earlier batch's logits uses that batch's layout."""
-    features: Any = None
+    features: AttentionFeatures | None = None
     """The model's :class:`~hf_seqpar.core.features.AttentionFeatures`, read at enable time."""
-    requested: Any = None
+    requested: hf_seqpar.config.SequenceParallelConfig | None = None
     """The configuration as requested (before ``auto`` was resolved), to recognise a repeated call."""
     hooks: list = field(default_factory=list)
     """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
     of the full sequence, :mod:`hf_seqpar.core.moe`); removed by ``disable_sequence_parallel``."""
 
-    @property
-    def sp_group(self):
-        """Process group of this rank's SP group."""
-        return self.strategy.sp_group
-
-    @property
-    def dp_group(self):
-        """Process group of this rank's data-parallel replicas (same SP rank); None without ``"dp"``."""
-        return self.strategy.dp_group
-
-    @property
-    def sp_size(self) -> int:
-        """Ranks per sequence."""
-        return self.strategy.sp_size
-
-    @property
-    def sp_rank(self) -> int:
-        """This rank's index inside its SP group."""
-        return self.strategy.sp_rank
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel replicas (the ``"dp"`` dimension; 1 without one)."""
-        return self.strategy.dp_size
-
-    @property
-    def dp_rank(self) -> int:
-        """This rank's index along ``"dp"`` (0 without one)."""
-        return self.strategy.dims.dp_rank
+    mesh = from_dims("mesh", "The mesh (``\"sp\"`` dimension, usually ``\"dp\"``).")
+    sp_group = from_dims("sp_group", "Process group of this rank's SP group.")
+    dp_group = from_dims("dp_group", "Process group of this rank's data-parallel replicas (same SP rank); None "
+                                     "without ``\"dp\"``.")
+    sp_size = from_dims("sp_size", "Ranks per sequence.")
+    sp_rank = from_dims("sp_rank", "This rank's index inside its SP group.")
+    dp_size = from_dims("dp_size", "Data-parallel replicas (the ``\"dp\"`` dimension; 1 without one).")
+    dp_rank = from_dims("dp_rank", "This rank's index along ``\"dp\"`` (0 without one).")
 
 
 def unwrap_model(model):

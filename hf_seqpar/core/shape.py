@@ -18,9 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelShape", "FP32", "norm_bytes", "layer_activation_bytes", "outside_activation_bytes"]
+__all__ = ["ModelShape", "FP32", "INDEX", "norm_bytes", "attention_saved_bytes", "mlp_saved_bytes",
+           "layer_activation_bytes", "outside_activation_bytes"]
 
+#: Bytes of an fp32 element (the lse, norms' upcasts, accumulators): defined here only.
 FP32 = 4
+#: Bytes of an int64 element (token ids, labels).
+INDEX = 8
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,17 @@ class ModelShape:
 
 def norm_bytes(m: ModelShape, elem: int) -> float:
     """Bytes one RMSNorm saves per token: fp32 input, ``rsqrt``, normalised output, next input."""
-    return 4 * m.hidden + FP32 + 2 * elem * m.hidden
+    return FP32 * m.hidden + FP32 + 2 * elem * m.hidden
+
+
+def attention_saved_bytes(m: ModelShape, elem: int, kv_heads: int) -> float:
+    """Bytes attention saves per local token: q, k, v, its output and the fp32 lse."""
+    return elem * (2 * m.heads * m.head_dim + 2 * kv_heads * m.head_dim) + FP32 * m.heads
+
+
+def mlp_saved_bytes(m: ModelShape, elem: int) -> float:
+    """Bytes the SwiGLU MLP saves per token: gate, up, silu(gate) and the down projection's input."""
+    return 4 * elem * m.intermediate
 
 
 def layer_activation_bytes(m: ModelShape, elem: int, kv_heads: int, extra: float = 0.0) -> float:
@@ -79,11 +93,10 @@ def layer_activation_bytes(m: ModelShape, elem: int, kv_heads: int, extra: float
         kv_heads: kv heads attention saves (after any replication).
         extra: strategy-specific bytes per token (see ``ActivationTerms.extra_per_token``).
     """
-    attention = elem * (2 * m.heads * m.head_dim + 2 * kv_heads * m.head_dim) + FP32 * m.heads
-    return 2 * norm_bytes(m, elem) + attention + 4 * elem * m.intermediate + extra
+    return 2 * norm_bytes(m, elem) + attention_saved_bytes(m, elem, kv_heads) + mlp_saved_bytes(m, elem) + extra
 
 
 def outside_activation_bytes(m: ModelShape, elem: int, chunked_loss: bool) -> float:
     """Bytes saved per token outside the decoder layers: ids and labels, RoPE, final norm, and the
     fp32 log-softmax of the loss unless the loss is chunked."""
-    return 8 + 8 + 2 * elem * m.head_dim + norm_bytes(m, elem) + (0 if chunked_loss else FP32 * m.vocab)
+    return INDEX + INDEX + 2 * elem * m.head_dim + norm_bytes(m, elem) + (0 if chunked_loss else FP32 * m.vocab)

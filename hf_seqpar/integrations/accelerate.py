@@ -25,7 +25,6 @@ for (see :mod:`hf_seqpar.core.loss`). The scheduler steps once per optimizer ste
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, fields
 
@@ -33,10 +32,9 @@ import torch
 import torch.distributed as dist
 
 from hf_seqpar.api import enable_sequence_parallel
-from hf_seqpar.config import SequenceParallelConfig
-from hf_seqpar.core.mesh import check_positive_int
+from hf_seqpar.config import SequenceParallelConfig, resolve, unknown_keys_message
 from hf_seqpar.core.memory import check_memory_features, install_memory_features
-from hf_seqpar.core.mesh import build_mesh, find_state, unwrap_model
+from hf_seqpar.core.mesh import build_mesh, check_positive_int, find_state, unwrap_model
 from hf_seqpar.integrations.parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
                           is_accelerate_config, plugin_section)
 from hf_seqpar.core.sharding import shard_batch
@@ -79,28 +77,29 @@ class SequenceParallelPlugin(SequenceParallelConfig):
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "the SP config") -> "SequenceParallelPlugin":
-        """Build and validate a plugin from a dict.
+        """Build a plugin from a dict (building it checks every field).
 
         Args:
             data: field names to values.
             source: where the dict came from (for messages).
 
         Returns:
-            A validated plugin.
+            The plugin.
 
         Raises:
-            ValueError: unknown keys or invalid values.
+            ValueError: unknown keys (with the closest valid key) or invalid values.
         """
         if not isinstance(data, dict):
             raise ValueError(f"{source} must be a mapping of option: value, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
-        if "options" in data:  # hf_seqpar 0.1 kept strategy options in a mapping
-            raise ValueError(f"{source}: the key 'options' was removed in hf_seqpar 0.2; write its entries as "
-                             f"top-level keys instead (e.g. 'backend: reference'; valid keys: {', '.join(names)})")
+        if "options" in data:  # an earlier format of this file kept strategy options in a mapping
+            raise ValueError(f"{source}: the key 'options' was removed (an earlier format of this file kept the "
+                             f"strategy options in it); write its entries as top-level keys instead (e.g. "
+                             f"'backend: reference'; valid keys: {', '.join(names)})")
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(names)}")
-        return cls(**data).validate()
+            raise ValueError(unknown_keys_message(source, unknown, names))
+        return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "SequenceParallelPlugin":
@@ -123,8 +122,8 @@ class SequenceParallelPlugin(SequenceParallelConfig):
             section = plugin_section(data, source)
             unknown = sorted(set(section) - {f.name for f in fields(cls)})
             if unknown:
-                raise ValueError(f"{source} has unknown key(s) {[ACCELERATE_PREFIX + k for k in unknown]}; valid "
-                                 f"hf_seqpar keys are: {', '.join(ACCELERATE_PREFIX + f.name for f in fields(cls))}")
+                valid = [f.name for f in fields(cls)]
+                raise ValueError(unknown_keys_message(source, unknown, valid, ACCELERATE_PREFIX))
             return cls.from_dict(section, source=source)
         return cls.from_dict(data, source=f"SP config {str(path)!r}")
 
@@ -133,24 +132,21 @@ class SequenceParallelPlugin(SequenceParallelConfig):
         """The plugin from ``path``, else from the file named by ``$HF_SEQPAR_CONFIG``, else defaults.
 
         Returns:
-            A validated plugin.
+            The plugin (checked when built).
 
         Raises:
             FileNotFoundError, ValueError: as :meth:`from_yaml`.
         """
         path = path or os.environ.get(SP_CONFIG_ENV)
-        return cls.from_yaml(path) if path else cls().validate()
+        return cls.from_yaml(path) if path else cls()
 
-    def validate(self, world_size: int | None = None) -> "SequenceParallelPlugin":
-        """Check every field (the config's, then the memory features); return ``self``.
-
-        Args:
-            world_size: as :meth:`SequenceParallelConfig.validate`.
+    def __post_init__(self) -> None:
+        """Check every field (the config's, then the memory features), once, when the plugin is built.
 
         Raises:
             ValueError: a field has the wrong type or value (the message names it and the fix).
         """
-        super().validate(world_size)
+        super().__post_init__()
         for name in ("loss_chunk_size", "mlp_tiles"):
             check_positive_int(name, getattr(self, name))
         t = self.collective_timeout_s
@@ -162,7 +158,6 @@ class SequenceParallelPlugin(SequenceParallelConfig):
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise ValueError("offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
                              "checkpointed layer inputs)")
-        return self
 
     def accelerator_kwargs(self) -> dict:
         """Keyword arguments for ``accelerate.Accelerator`` that apply :attr:`collective_timeout_s`
@@ -195,7 +190,7 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
 
     Args:
         model: a transformers causal LM or a PEFT model of one.
-        plugin: the validated plugin.
+        plugin: the plugin.
         mesh: a ``("dp", "sp")`` DeviceMesh; default :func:`hf_seqpar.build_mesh` over the world.
             Without a mesh (the HF Trainer's path) the ``ParallelismConfig`` of accelerate's current
             state is checked first: ``sp_size``/``cp_size``/``tp_size`` > 1 there are refused (the
@@ -208,7 +203,6 @@ def prepare_model(model, plugin: SequenceParallelPlugin, mesh=None):
         RuntimeError: ``torch.distributed`` not initialised.
         ValueError, NotImplementedError, TypeError: see ``enable_sequence_parallel``.
     """
-    plugin.validate()
     if mesh is None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         apply_parallelism_config(plugin, current_parallelism_config(), world, trainer=True)
@@ -354,12 +348,10 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     """
     from accelerate.scheduler import AcceleratedScheduler
 
-    plugin.validate()
     _ensure_process_group(accelerator)
     plugin = apply_parallelism_config(plugin, getattr(accelerator, "parallelism_config", None), dist.get_world_size(),
                                       deepspeed=getattr(accelerator, "distributed_type", None) == "DEEPSPEED")
-    sp_size = plugin.sp_size or dist.get_world_size()
-    dataclasses.replace(plugin, sp_size=sp_size).validate(dist.get_world_size())  # clear message, no collective
+    sp_size = resolve(plugin, dist.get_world_size()).sp_size  # clear message, no collective
     mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu",
                       timeout=plugin.collective_timeout_s)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -95,7 +95,7 @@ class SequenceParallelMixin(Trainer):
 
     def _sp_setup(self) -> None:
         """Validate the set-up and apply SP to the model (after the host trainer's constructor)."""
-        self.sp_plugin = (self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()).validate()
+        self.sp_plugin = self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()
         self._sp_host = host_support(self)  # TRL's DPOTrainer: its own support (trl_dpo)
         if self._sp_host is not None:
             self._sp_host.refuse(self)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
-from hf_seqpar.core.mesh import MeshDims
+from hf_seqpar.kernels import backend_named
+from hf_seqpar.core.mesh import MeshDims, from_dims
 from hf_seqpar.core.shape import ModelShape
 
 if TYPE_CHECKING:
@@ -93,9 +94,10 @@ class Strategy:
         return cls.Options(**values)
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         """Raise a clear error if this strategy cannot run ``model_config`` on ``sp_size`` ranks
-        with ``options``; called before the model is modified."""
+        with ``options``; called before the model is modified. ``world_size`` (when known) makes
+        the advice one the launched world can follow."""
 
     @classmethod
     def check_features(cls, features) -> None:
@@ -154,26 +156,34 @@ class Strategy:
         return comm["total"] / bandwidth(sp)
 
     # ---- at run time -----------------------------------------------------------------------------
-    def __init__(self, model_config, mesh, options):
+    def __init__(self, model_config, dims: MeshDims, options, *, counter=None, attn_implementation: str | None = None):
         """Bind the strategy to one model and one mesh.
 
         Args:
             model_config: the model's transformers config.
-            mesh: the ``DeviceMesh`` (an ``"sp"`` dimension, optionally ``"dp"`` and others).
+            dims: the sizes and groups of the mesh (``"sp"``, optionally ``"dp"`` and others), the
+                object the model's :class:`~hf_seqpar.core.mesh.SeqParState` owns; read, not copied.
             options: this strategy's :attr:`Options`.
+            counter: the :class:`~hf_seqpar.core.comm.CommCounter` every collective reports to.
+            attn_implementation: the model's own attention implementation (what the full-sequence
+                attention calls).
         """
-        self.model_config, self.mesh, self.options = model_config, mesh, options
-        self.dims = MeshDims(mesh)
-        self.sp_size, self.sp_rank, self.sp_group = self.dims.sp_size, self.dims.sp_rank, self.dims.sp_group
-        self.dp_size, self.dp_group = self.dims.dp_size, self.dims.dp_group
+        self.model_config, self.dims, self.options = model_config, dims, options
+        self.mesh = dims.mesh
+        self.counter, self.attn_implementation = counter, attn_implementation
+        #: The attention kernel backend the options name, looked up once (a ``hf_seqpar.kernels``
+        #: ``Backend``; None: chosen per block for the device and dtype).
+        self.backend = backend_named(getattr(options, "backend", None))
+
+    # the sizes and groups, read from the state's one MeshDims
+    sp_size = from_dims("sp_size", "Ranks per sequence.")
+    sp_rank = from_dims("sp_rank", "This rank's index in its SP group.")
+    sp_group = from_dims("sp_group", "This rank's SP process group.")
+    dp_size = from_dims("dp_size", "Data-parallel replicas (1 without a ``\"dp\"`` dimension).")
+    dp_group = from_dims("dp_group", "This rank's data-parallel process group (None without ``\"dp\"``).")
 
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None
-
-    @property
-    def backend(self) -> str | None:
-        """The attention kernel backend the options name (None: chosen per device and dtype)."""
-        return getattr(self.options, "backend", None)
 
     def make_layout(self, seq_len: int) -> "Layout":
         """The layout ``shard_batch`` applies to a sequence of ``seq_len`` tokens."""

@@ -58,7 +58,7 @@ class HybridStrategy(RingStrategy):
     bench_world = 4
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         _ulysses_size(model_config.num_attention_heads, sp_size, options)
 
     @classmethod
@@ -95,8 +95,8 @@ class HybridStrategy(RingStrategy):
         u = options.ulysses_size or sp  # unset: bound the all-to-all's links by the whole SP group
         return comm["all_to_all"] / bandwidth(u) + (comm["total"] - comm["all_to_all"]) / bandwidth(sp)
 
-    def __init__(self, model_config, mesh, options):
-        super().__init__(model_config, mesh, options)
+    def __init__(self, model_config, dims, options, **context):
+        super().__init__(model_config, dims, options, **context)
         self.ulysses_size = _ulysses_size(model_config.num_attention_heads, self.sp_size, options)
         self.ring_size = self.sp_size // self.ulysses_size
         self.mesh3d = None
@@ -116,15 +116,14 @@ class HybridStrategy(RingStrategy):
         return Layout(kind, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options), inner=self.ulysses_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
         ugroup, rgroup = self.mesh3d.get_group("ulysses"), self.mesh3d.get_group("ring")
-        counter, layer = state.counter, getattr(module, "layer_idx", None)
+        counter, layer = self.counter, getattr(module, "layer_idx", None)
         rep = kv_replication(query.shape[1], key.shape[1], self.ulysses_size)
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/U, U*S/P, D): the Ulysses group's pieces form this ring shard
         q, k, v = seq_to_heads((query, key, value), ugroup, counter, layer)
         out = ring_attention(module, q, k, v, batch, rgroup, self.mesh3d.get_local_rank("ring"), batch.layout,
-                             **kwargs)
+                             backend=self.backend, counter=counter, **kwargs)
         # (B, h/U, U*S/P, D) -> (B, U*S/P, h/U, D) -> (B, S/P, h, D)
         return all_to_all(out.transpose(1, 2), 1, 2, ugroup, counter, layer)

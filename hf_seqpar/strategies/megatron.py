@@ -30,7 +30,7 @@ from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.local_attention import full_sequence_attention
 from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
-from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError
+from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, heads_advice
 from hf_seqpar.tp import TensorParallel
 
 __all__ = ["MegatronStrategy"]
@@ -57,7 +57,7 @@ class MegatronStrategy(Strategy):
     shards_parameters = True
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         from hf_seqpar import patches  # patches import hf_seqpar.tp; imported when needed
 
         fam = patches.family(getattr(model_config, "model_type", None))
@@ -65,8 +65,7 @@ class MegatronStrategy(Strategy):
         if heads % sp_size:
             raise HeadsNotDivisibleError(
                 f"Megatron-SP splits attention heads over the SP ranks, but the model has {heads} query heads, "
-                f"which sp_size={sp_size} does not divide. Use an sp_size in {divisors(heads)}, or "
-                "strategy='ring'/'hybrid' (no head-count limit)."
+                f"which sp_size={sp_size} does not divide. {heads_advice(heads, sp_size, world_size)}"
             )
         inter = model_config.intermediate_size
         if inter % sp_size:
@@ -105,8 +104,8 @@ class MegatronStrategy(Strategy):
         # token), but the two all-gathered linear inputs are full-sequence: T x e h per local token
         return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=2 * (sp - 1) * elem * m.hidden if sp > 1 else 0.0)
 
-    def __init__(self, model_config, mesh, options):
-        super().__init__(model_config, mesh, options)
+    def __init__(self, model_config, dims, options, **context):
+        super().__init__(model_config, dims, options, **context)
         self.tensor_parallel = None
         self.kv_replicated = False
 
@@ -118,12 +117,11 @@ class MegatronStrategy(Strategy):
         return positions
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
         if self.kv_replicated:
             key, value = _select_kv(query, key, value, module.config, self.sp_rank)
         # query (B, h/T, S, D), key/value (B, h_kv', S, D): this rank's heads, the full sequence
-        return full_sequence_attention(module, query, key, value, batch, state.original_attn_implementation,
-                                       **kwargs)
+        return full_sequence_attention(module, query, key, value, batch, self.attn_implementation,
+                                       backend=self.backend, **kwargs)
 
     def apply(self, model, state) -> None:
         from hf_seqpar import patches
@@ -131,7 +129,7 @@ class MegatronStrategy(Strategy):
         if self.sp_size == 1:  # tensor parallel of degree 1: nothing to split; skip DTensor's per-op dispatch
             return
         plan = patches.family(model.config.model_type).megatron_plan(model.config, self.sp_size)
-        self.tensor_parallel = TensorParallel(self.dims.sp_mesh, state.counter)
+        self.tensor_parallel = TensorParallel(self.dims.sp_mesh, self.counter)
         self.tensor_parallel.apply(model, plan, groups=[self.dp_group])
         self.kv_replicated = plan.kv_replicated
 

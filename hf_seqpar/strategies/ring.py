@@ -141,7 +141,8 @@ def check_ring_features(name: str, features) -> None:
             "sequences, split by heads; sp_size must divide the query heads).")
 
 
-def ring_attention(module, query, key, value, batch, group, q_outer: int, layout: Layout, **kwargs):
+def ring_attention(module, query, key, value, batch, group, q_outer: int, layout: Layout, *, backend=None,
+                   counter=None, **kwargs):
     """Exact ring attention of the local queries over all ranks' keys.
 
     Args:
@@ -153,21 +154,21 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
         group: the ring's process group (``layout.outer`` ranks).
         q_outer: this rank's position in the ring.
         layout: the batch layout.
+        backend: the block-attention backend (None: per block for the device and dtype).
+        counter: the :class:`~hf_seqpar.core.comm.CommCounter` of the model.
         **kwargs: the attention keywords from the model (``scaling``, ``sliding_window``, ...).
 
     Returns:
         ``(B, h_q, S_q, D)``.
     """
     check_ring_kwargs(module, kwargs)
-    state = batch.state
     plans = ring_plans(batch, q_outer, layout, getattr(module, "is_causal", True), kwargs.get("sliding_window"))
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     # one compute dtype before anything travels (under autocast RoPE gives fp32 q/k, v is bf16):
     # the autocast dtype, as the model's own SDPA would use; autograd casts the gradients back
     dtype = compute_dtype(query, key, value)
     query, key, value = (t.to(dtype) for t in (query, key, value))
-    backend = state.strategy.backend
-    return _RingAttention.apply(query, key, value, plans, group, scale, backend, state.counter,
+    return _RingAttention.apply(query, key, value, plans, group, scale, backend, counter,
                                 getattr(module, "layer_idx", None))
 
 
@@ -207,5 +208,6 @@ class RingStrategy(Strategy):
         return Layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options))
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        out = ring_attention(module, query, key, value, batch, self.sp_group, self.sp_rank, batch.layout, **kwargs)
+        out = ring_attention(module, query, key, value, batch, self.sp_group, self.sp_rank, batch.layout,
+                             backend=self.backend, counter=self.counter, **kwargs)
         return out.transpose(1, 2)  # (B, h, S/P, D) -> (B, S/P, h, D)

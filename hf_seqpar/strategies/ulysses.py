@@ -18,14 +18,34 @@ from hf_seqpar.core.local_attention import full_sequence_attention
 from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
 
-__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "ulysses_comm_bytes", "HeadsNotDivisibleError"]
+__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "ulysses_comm_bytes", "HeadsNotDivisibleError",
+           "heads_advice"]
 
 
 class HeadsNotDivisibleError(ValueError):
     """The head count does not split over the SP ranks."""
 
 
-def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+def heads_advice(heads: int, sp_size: int, world_size: int | None = None) -> str:
+    """What to do when ``sp_size`` does not divide the ``heads`` query heads: advice that holds for
+    these head counts and, when known, this world size (hybrid only where it keeps a Ulysses
+    degree > 1, sp sizes only those that divide both the heads and the world)."""
+    u = max(d for d in divisors(sp_size) if heads % d == 0)  # the largest Ulysses degree the heads allow
+    if u > 1:
+        use = (f"strategy='hybrid' (ulysses_size={u} x ring_size={sp_size // u} here) or strategy='ring' "
+               "(no head-count limit)")
+    else:
+        use = (f"strategy='ring' (no head-count limit; strategy='hybrid' would run as ring here: no Ulysses "
+               f"degree > 1 divides both the {heads} query heads and sp_size={sp_size})")
+    allowed = divisors(heads)
+    if world_size is None:
+        return f"Use {use}, or an sp_size that divides {heads}: {allowed}."
+    fits = [d for d in allowed if world_size % d == 0]
+    return (f"Use {use}, or an sp_size that divides both the {heads} query heads and the {world_size} ranks: "
+            f"{fits} (the heads alone allow {allowed}).")
+
+
+def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int, world_size: int | None = None) -> int:
     """How many times each kv head must be replicated so that ``sp_size`` ranks each get whole
     kv heads matching their query heads (1 when ``num_kv_heads`` divides evenly).
 
@@ -34,13 +54,13 @@ def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
     ``h`` uses expanded head ``h // (G / r)``, which is ``h // G`` as before.
 
     Raises:
-        HeadsNotDivisibleError: ``num_heads`` is not divisible by ``sp_size``.
+        HeadsNotDivisibleError: ``num_heads`` is not divisible by ``sp_size`` (the advice is for
+            ``world_size`` ranks when given).
     """
     if num_heads % sp_size:
         raise HeadsNotDivisibleError(
             f"Ulysses splits attention heads over the SP ranks, but the model has {num_heads} query heads, "
-            f"which sp_size={sp_size} does not divide. Use strategy='ring' or strategy='hybrid' (no "
-            f"head-count limit), or an sp_size that divides {num_heads}: {divisors(num_heads)}."
+            f"which sp_size={sp_size} does not divide. {heads_advice(num_heads, sp_size, world_size)}"
         )
     groups = num_heads // num_kv_heads
     return next(r for r in divisors(groups) if (num_kv_heads * r) % sp_size == 0)
@@ -87,9 +107,9 @@ class UlyssesStrategy(Strategy):
     description = "all-to-all between sequence shards and head shards (DeepSpeed-Ulysses)"
 
     @classmethod
-    def check_model(cls, model_config, sp_size: int, options) -> None:
+    def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         heads = model_config.num_attention_heads
-        kv_replication(heads, getattr(model_config, "num_key_value_heads", None) or heads, sp_size)
+        kv_replication(heads, getattr(model_config, "num_key_value_heads", None) or heads, sp_size, world_size)
 
     @classmethod
     def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
@@ -113,8 +133,7 @@ class UlyssesStrategy(Strategy):
         return Layout("contiguous", seq_len, self.sp_size, self.sp_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        state = batch.state
-        group, counter, layer = self.sp_group, state.counter, getattr(module, "layer_idx", None)
+        group, counter, layer = self.sp_group, self.counter, getattr(module, "layer_idx", None)
         rep = kv_replication(query.shape[1], key.shape[1], self.sp_size)
         if rep > 1:  # (B, h_kv, S/P, D) -> (B, h_kv * rep, S/P, D)
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -123,6 +142,6 @@ class UlyssesStrategy(Strategy):
         if kwargs.get("s_aux") is not None:  # per-head attention sinks (GPT-OSS): those of this rank's heads
             n = q.shape[1]
             kwargs["s_aux"] = kwargs["s_aux"][self.sp_rank * n:(self.sp_rank + 1) * n]
-        out = full_sequence_attention(module, q, k, v, batch, state.original_attn_implementation, **kwargs)
+        out = full_sequence_attention(module, q, k, v, batch, self.attn_implementation, backend=self.backend, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)

@@ -46,13 +46,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_seqpar.core.shape import ModelShape
+from hf_seqpar.core.shape import FP32, INDEX, ModelShape, attention_saved_bytes, mlp_saved_bytes, norm_bytes
 
 __all__ = ["Features", "StrategyTerms", "MemoryModelInputs", "MemoryPeak", "strategy_terms", "peak_memory",
            "attention_flops"]
 
-FP32 = 4
-INDEX = 8  # int64 token ids / labels
 #: What ``strategy=None`` (one rank, no SP) is modelled as.
 DEFAULT_STRATEGY = "ulysses"
 
@@ -201,10 +199,10 @@ class MemoryPeak:
 def _layer_saved(m: ModelShape, t: StrategyTerms, f: Features, e: int, batch: int) -> dict:
     """Bytes per local token one layer saves for its backward (when not checkpointed)."""
     h, d, hq = m.hidden, m.head_dim, m.heads
-    norm = FP32 * h + FP32 + 2 * e * h
-    attention = e * (2 * hq + 2 * t.kv_heads) * d + FP32 * hq + (e * hq * d if t.out_copy else 0)
+    norm = norm_bytes(m, e)
+    attention = attention_saved_bytes(m, e, t.kv_heads) + (e * hq * d if t.out_copy else 0)
     tiled = bool(f.mlp_tiles and f.mlp_tiles > 1)
-    mlp = (e * h if batch > 1 else 0) if tiled else 4 * e * m.intermediate
+    mlp = (e * h if batch > 1 else 0) if tiled else mlp_saved_bytes(m, e)
     gathered = t.gathered_inputs * (t.tp - 1) * e * h
     return {"norms": 2 * norm, "attention": attention, "mlp": mlp, "gathered": gathered}
 
@@ -221,7 +219,7 @@ def _attention_backward(m: ModelShape, t: StrategyTerms, e: int) -> float:
         # Ulysses: after the kernel's backward (its accumulators and attention's saved q, k, v, out and
         # lse released) the gradients of q, k, v go back through one all-to-all: the gradients, the
         # packed input and the output live together
-        saved = e * (2 * hq + 2 * kv) * d + FP32 * hq
+        saved = attention_saved_bytes(m, e, kv)
         ws = max(ws, 3 * e * t.exchange_elems - saved)
     return ws
 
@@ -251,7 +249,7 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     saved = _layer_saved(m, t, f, e, x.batch)
     layer = sum(saved.values())
     rope = 2 * e * m.head_dim
-    final_norm = FP32 * h + FP32 + 2 * e * h
+    final_norm = norm_bytes(m, e)
     loss_saved = INDEX if chunk else FP32 * V  # chunked: the labels; plain: the fp32 log-softmax
     outside = INDEX + rope + final_norm + loss_saved  # token ids, cos/sin, final norm, loss
 

@@ -164,26 +164,26 @@ class TensorParallel:
         on each layer's input/output set it in backward (reverse order)."""
         meter = CollectiveMeter(self.counter, {g.group_name: g.size() for g in groups})
         self.meter = meter
-    
+
         def set_layer(layer, phase):
             def hook(*_):
                 meter.layer, meter.phase = layer, phase
             return hook
-    
+
         def layer_pre(i):
             def hook(module, args):
                 set_layer(i, "fwd")()
                 if args and torch.is_tensor(args[0]) and args[0].requires_grad:
                     args[0].register_hook(set_layer(i - 1 if i else None, "bwd"))
             return hook
-    
+
         def layer_post(i):
             def hook(module, args, out):
                 set_layer(None, "fwd")()
                 if torch.is_tensor(out) and out.requires_grad:
                     out.register_hook(set_layer(i, "bwd"))
             return hook
-    
+
         for i, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(layer_pre(i)))
             self._handles.append(layer.register_forward_hook(layer_post(i)))
