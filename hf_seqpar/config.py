@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from hf_seqpar.core.layout import LAYOUT_MULTIPLE
+from hf_seqpar.core.layout import LAYOUT_CHOICES
 from hf_seqpar.core.mesh import check_positive_int, check_sp_size
 from hf_seqpar.strategies import AUTO, STRATEGIES, strategy_class
 from hf_seqpar.strategies.base import STRATEGY_OPTION_FIELDS
@@ -20,7 +20,7 @@ __all__ = ["SequenceParallelConfig", "CHECK_BATCH_MODES", "LAYOUTS", "STRATEGY_O
 
 CHECK_BATCH_MODES = ("first", "always", "never")
 #: Sequence layouts (``hf_seqpar.core.layout``) the ring-based strategies take.
-LAYOUTS = tuple(LAYOUT_MULTIPLE)
+LAYOUTS = LAYOUT_CHOICES
 
 
 @dataclass
@@ -46,8 +46,10 @@ class SequenceParallelConfig:
     the group is the ring. None: the largest degree the query heads allow."""
 
     layout: str | None = None
-    """``ring`` and ``hybrid`` only: ``"zigzag"`` (balanced causal work; the default when None) or
-    ``"contiguous"``."""
+    """``ring`` and ``hybrid`` only: ``"auto"`` (the default when None: ``zigzag`` for rows of one
+    document, ``balanced`` for packed or padded rows that zigzag leaves unbalanced), ``"zigzag"``
+    (balances the causal work of one document), ``"balanced"`` (equal chunks given to ranks by
+    their causal work, per batch: :mod:`hf_seqpar.core.balance`) or ``"contiguous"``."""
 
     backend: str | None = None
     """``ring`` and ``hybrid`` only: the block-attention kernel, a name of
@@ -80,8 +82,9 @@ class SequenceParallelConfig:
         for name in ("sp_size", "ulysses_size"):
             check_positive_int(name, getattr(self, name))
         if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r}; use 'zigzag' (balanced causal work) or 'contiguous' "
-                             "(or None for the strategy's default)")
+            raise ValueError(f"layout={self.layout!r}; use 'auto' (zigzag, or balanced for packed rows), "
+                             "'zigzag' (balanced causal work of one document), 'balanced' (chunks by causal work) or "
+                             "'contiguous' (or None for the strategy's default)")
         if self.backend is not None:
             from hf_seqpar.kernels import BACKENDS
 

@@ -33,9 +33,35 @@ import torch.distributed as dist
 
 from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
-__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
+__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows", "skewed_positions",
+           "longtail_positions", "PARETO_ALPHA"]
 
-ROW_KINDS = ("single", "packed", "padded", "window", "short")
+ROW_KINDS = ("single", "packed", "padded", "window", "short", "skewed", "longtail")
+#: Tail index of the ``longtail`` rows' document lengths (Pareto: P(len > x) ~ x^-alpha).
+PARETO_ALPHA = 1.2
+
+
+def skewed_positions(seq_len: int) -> torch.Tensor:
+    """``(1, S)`` position ids of a ``skewed`` row: its first 3/4 one document, the rest
+    documents of ``S / 32`` tokens (the last one shorter if they do not fit)."""
+    long, short = 3 * seq_len // 4, max(1, seq_len // 32)
+    rest = torch.arange(seq_len - long) % short
+    return torch.cat([torch.arange(long), rest])[None]
+
+
+def longtail_positions(seq_len: int, seed: int = 0, alpha: float = PARETO_ALPHA) -> torch.Tensor:
+    """``(1, S)`` position ids of a ``longtail`` row: documents packed in the order drawn, their
+    lengths Pareto-distributed (tail index ``alpha``, shortest ``max(16, S / 256)`` tokens, at most
+    ``S``; the last one cut at the row's end), from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    shortest = max(16, seq_len // 256)
+    parts, total = [], 0
+    while total < seq_len:
+        u = float(torch.rand((), generator=g))
+        n = min(int(shortest * (1.0 - u) ** (-1.0 / alpha)), seq_len - total)
+        parts.append(torch.arange(n))
+        total += n
+    return torch.cat(parts)[None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,8 @@ class RowSpec:
     seq_len: int
     """Tokens per row."""
     rows: str = "single"
-    """Row structure: one of :data:`ROW_KINDS` (``short``: plain rows of ``doc_len`` tokens)."""
+    """Row structure: one of :data:`ROW_KINDS` (``short``: plain rows of ``doc_len`` tokens;
+    ``skewed``: :func:`skewed_positions`; ``longtail``: :func:`longtail_positions`, seed 0)."""
     doc_len: int = 1024
     """Document length of ``packed`` rows (and the row length of ``short``)."""
     window: int = 1024
@@ -74,6 +101,10 @@ def make_rows(spec: RowSpec, vocab: int) -> dict:
     batch = {"input_ids": ids, "labels": ids.clone()}
     if spec.rows == "packed":
         batch["position_ids"] = (torch.arange(s) % spec.doc_len)[None]
+    elif spec.rows == "skewed":
+        batch["position_ids"] = skewed_positions(s)
+    elif spec.rows == "longtail":
+        batch["position_ids"] = longtail_positions(s)
     elif spec.rows == "padded":
         mask = torch.ones(rows, s, dtype=torch.long)
         mask[:, s - int(s * spec.pad_frac):] = 0
