@@ -81,6 +81,13 @@ def _bench_parser(sub) -> None:
                    help="measure these row structures instead: comma list of single, packed, padded, window, "
                         "short (plain rows of --doc-len tokens, the same tokens per step); prints memory growth "
                         "S^x between lengths and each structure against single (hybrid runs on 4 ranks)")
+    g.add_argument("--scaling", action="store_true",
+                   help="measure the speed-up from 1 to P ranks instead: per-step wall time and each rank's CPU "
+                        "time (its own compute) for --strategies x --world x --rows (single, skewed, longtail) x "
+                        "--layouts, fresh ranks per point, with the layout's per-rank attention work")
+    g.add_argument("--layouts", type=_names, default=["auto"],
+                   help="ring/hybrid layouts for --scaling: comma list of auto, zigzag, balanced, contiguous "
+                        "(default: auto)")
     g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
     g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
     g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
@@ -158,10 +165,45 @@ def _bench_rows(args) -> int:
     return 0
 
 
+def _bench_scaling(args) -> int:
+    from hf_seqpar.config import LAYOUTS
+    from hf_seqpar.tools.rowbench import ROW_KINDS
+    from hf_seqpar.tools.scaling import ScalingSpec, format_scaling, measure_scaling
+
+    kinds = args.rows or ["single", "skewed", "longtail"]
+    bad = sorted(set(kinds) - set(ROW_KINDS)) + sorted(set(args.layouts) - set(LAYOUTS))
+    if bad:
+        args.parser.error(f"{bad}: --rows takes {list(ROW_KINDS)}, --layouts {list(LAYOUTS)}")
+    rows = []
+    for strategy in args.strategies:
+        layouts = args.layouts if strategy in ("ring", "hybrid") else [None]
+        options = (("ulysses_size", args.ulysses_size),) if args.ulysses_size and strategy == "hybrid" else ()
+        for kind in kinds:
+            for n in args.seq_lens:
+                for i, layout in enumerate(layouts):
+                    for world in args.world:
+                        if world == 1 and i:
+                            continue  # one rank: the layout does not matter, measured once
+                        opts = options if world > 1 else ()
+                        spec = ScalingSpec(strategy, world, kind, n, None if layout == "auto" else layout,
+                                           args.model, args.layers, args.steps, args.warmup, opts)
+                        row = measure_scaling(spec)
+                        print(f"{strategy} P={world} {kind} S={n} layout={layout} ({row['layout_used']}): "
+                              f"wall {row['wall_s']:.2f} s, CPU per rank {row['cpu_s_per_rank']}", flush=True)
+                        rows.append(row)
+    print(format_scaling(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def _bench(args) -> int:
     from hf_seqpar.tools.bench import BenchSpec, format_table, plot_rows, run_bench
     from hf_seqpar.tools.presets import load_config
 
+    if args.scaling:
+        return _bench_scaling(args)
     if args.rows:
         return _bench_rows(args)
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
-__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows", "skewed_positions",
+__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "run_ranks", "growth_table", "format_rows", "skewed_positions",
            "longtail_positions", "PARETO_ALPHA"]
 
 ROW_KINDS = ("single", "packed", "padded", "window", "short", "skewed", "longtail")
@@ -161,6 +161,20 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
     Raises:
         RuntimeError: a rank failed (its error) or did not answer within ``timeout`` seconds.
     """
+    results = run_ranks(_rank_main, spec, spec.world, timeout)
+    tokens = spec.seq_len
+    seconds = max(r["seconds"] for r in results.values())
+    return dict(asdict(spec), peak_mib=max(r["peak_mib"] for r in results.values()), seconds=seconds,
+                tokens_per_s=tokens / seconds)
+
+
+def run_ranks(target, spec, world: int, timeout: float = 1800.0) -> dict:
+    """Start ``world`` fresh spawned ranks running ``target(rank, spec, port, queue)`` (each puts
+    ``(rank, result)`` on the queue, or ``(rank, {"error": ...})``); return ``{rank: result}``.
+
+    Raises:
+        RuntimeError: a rank failed (its error) or did not answer within ``timeout`` seconds.
+    """
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -168,13 +182,13 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, spec, port, queue), daemon=True) for r in range(spec.world)]
+    procs = [ctx.Process(target=target, args=(r, spec, port, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results = {}
     try:
         deadline = time.monotonic() + timeout
-        while len(results) < spec.world:
+        while len(results) < world:
             try:
                 rank, res = queue.get(timeout=5.0)
             except queue_module.Empty:
@@ -190,10 +204,7 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    tokens = spec.seq_len
-    seconds = max(r["seconds"] for r in results.values())
-    return dict(asdict(spec), peak_mib=max(r["peak_mib"] for r in results.values()), seconds=seconds,
-                tokens_per_s=tokens / seconds)
+    return results
 
 
 def growth_table(rows: list[dict]) -> list[dict]:
