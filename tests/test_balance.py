@@ -97,3 +97,13 @@ def test_layout_rejects_bad_spans():
         Layout("balanced", 8, 2, 4, spans=(((0, 4),), ((2, 6),)))
     with pytest.raises(ValueError, match="exactly for 'balanced'"):
         Layout("balanced", 8, 2, 4)
+
+
+def test_plan_reports_the_rings_attention_balance():
+    from hf_seqpar.tools.plan import Candidate, attention_balance
+
+    ring = attention_balance(Candidate("ring", 4, 1, 4), 4096, "skewed")
+    assert ring["layout"] == "balanced" and ring["work_max_over_mean"] <= 1.05
+    assert ring["zigzag_work_max_over_mean"] >= 1.75
+    assert attention_balance(Candidate("ring", 4, 1, 4), 4096, "single")["layout"] == "zigzag"
+    assert attention_balance(Candidate("ulysses", 4, 4, 1), 4096, "skewed")["work_max_over_mean"] == 1.0

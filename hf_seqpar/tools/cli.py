@@ -133,6 +133,10 @@ def _plan_parser(sub) -> None:
                    help="also report the longest sequence each candidate fits with these features, and the "
                         "longest over all candidates using every GPU and every memory-feature setting, with "
                         "the constraint that binds it and the plugin YAML")
+    p.add_argument("--rows", default="single", choices=["single", "skewed", "longtail"],
+                   help="row whose per-rank attention work (max/mean) is predicted for ring/hybrid: one document, "
+                        "skewed (3/4 one document, the rest S/32-token ones) or longtail (Pareto document lengths, "
+                        "seed 0) (default: %(default)s)")
     p.add_argument("--json", help="write the candidates to this file")
 
 
@@ -234,7 +238,7 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
-    from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend, GiB
+    from hf_seqpar.tools.plan import Cluster, Setup, attention_balance, candidates, evaluate, max_seq_len, recommend, GiB
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.theory import ModelShape
 
@@ -258,6 +262,8 @@ def _plan(args) -> int:
                   offload_checkpoints=args.offload, mlp_tiles=args.mlp_tiles)
     cands = candidates(shape, cluster)
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
+    for c, r in zip(cands, rows):
+        r["attention_balance"] = attention_balance(c, args.seq_len, args.rows)
     if args.max_seq:
         for c, r in zip(cands, rows):
             r["max_seq_len"] = max_seq_len(shape, c, cluster, setup)
@@ -266,12 +272,15 @@ def _plan(args) -> int:
     print(f"budget per GPU: {args.gpu_mem:g} GiB - {args.reserve:g} GiB reserve (CUDA context, NCCL, workspaces; "
           f"--reserve) = {args.gpu_mem - args.reserve:g} GiB")
     head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
-    print(head + ("  max seq" if args.max_seq else ""))
+    print(head + f"  work max/mean ({args.rows} row; zigzag)" + ("  max seq" if args.max_seq else ""))
     for r in rows:
         states = r["states_bytes"] + r["gathered_bytes"]
+        bal = r["attention_balance"]
+        work = (f"{bal['work_max_over_mean']:.2f} {bal['layout']}, pad {bal['pad']} "
+                f"({bal['zigzag_work_max_over_mean']:.2f})" if bal["layout"] else "1.00 (all tokens)")
         line = (f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
                 f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
-                f"{r['comm_seconds'] * 1e3:>9.1f}")
+                f"{r['comm_seconds'] * 1e3:>9.1f}  {work}")
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)
