@@ -178,10 +178,15 @@ def _bench_scaling(args) -> int:
     bad = sorted(set(kinds) - set(ROW_KINDS)) + sorted(set(args.layouts) - set(LAYOUTS))
     if bad:
         args.parser.error(f"{bad}: --rows takes {list(ROW_KINDS)}, --layouts {list(LAYOUTS)}")
+    from dataclasses import fields
+
+    from hf_seqpar.strategies import strategy_class
+
     rows = []
     for strategy in args.strategies:
-        layouts = args.layouts if strategy in ("ring", "hybrid") else [None]
-        options = (("ulysses_size", args.ulysses_size),) if args.ulysses_size and strategy == "hybrid" else ()
+        takes = {f.name for f in fields(strategy_class(strategy).Options)}  # the options it takes
+        layouts = args.layouts if "layout" in takes else [None]
+        options = (("ulysses_size", args.ulysses_size),) if args.ulysses_size and "ulysses_size" in takes else ()
         for kind in kinds:
             for n in args.seq_lens:
                 for i, layout in enumerate(layouts):
