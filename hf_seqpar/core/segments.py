@@ -17,7 +17,7 @@ rule for every path: :func:`hf_seqpar.core.masks.window_visible`).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -175,7 +175,35 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
                                                 kind, a, c, causal, window))
 
                         _pair(qs, qe, ks, ke, causal, window, emit)
-    return pieces
+    return _merge_full(pieces)
+
+
+def _merge_full(pieces: list[Piece]) -> list[Piece]:
+    """Join ``full`` pieces that are neighbours in local coordinates: the same rows and queries
+    with adjacent keys (a query span before several key chunks of one document, which a rank
+    stores one after the other), then the same rows and keys with adjacent queries. Every query
+    of a full piece sees every key, so the union is one full piece: fewer, larger kernel calls
+    for layouts of many chunks, the same scores."""
+    full = [p for p in pieces if p.kind == FULL]
+    if len(full) < 2:
+        return pieces
+    for axis, other in (("k", "q"), ("q", "k")):
+        groups: dict = {}
+        for p in full:
+            groups.setdefault((p.rows, getattr(p, other)), []).append(p)
+        full = []
+        for group in groups.values():
+            group.sort(key=lambda p: getattr(p, axis))
+            cur = group[0]
+            for p in group[1:]:
+                (a, b), (c, d) = getattr(cur, axis), getattr(p, axis)
+                if c == b:
+                    cur = replace(cur, **{axis: (a, d)})
+                else:
+                    full.append(cur)
+                    cur = p
+            full.append(cur)
+    return [p for p in pieces if p.kind != FULL] + full
 
 
 def _offsets(chunks) -> list[int]:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
-__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "run_ranks", "growth_table", "format_rows", "skewed_positions",
+__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "run_ranks", "growth_table", "format_rows", "init_rank", "skewed_positions",
            "longtail_positions", "PARETO_ALPHA"]
 
 ROW_KINDS = ("single", "packed", "padded", "window", "short", "skewed", "longtail")
@@ -124,12 +124,17 @@ def _model(spec: RowSpec):
     return MistralForCausalLM(cfg)
 
 
+def init_rank(rank: int, world: int, port: int) -> None:
+    """Set up a measuring rank: glibc's allocator following the tensors, one thread, gloo."""
+    malloc_follows_tensors()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
     try:
-        malloc_follows_tensors()
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=spec.world)
+        init_rank(rank, spec.world, port)
         import hf_seqpar
 
         model = _model(spec).train()

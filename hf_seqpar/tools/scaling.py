@@ -17,7 +17,6 @@ the others it knows.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -56,12 +55,9 @@ class ScalingSpec:
 
 def _rank_main(rank: int, spec: ScalingSpec, port: int, queue) -> None:
     try:
-        from hf_seqpar.tools.bench import malloc_follows_tensors
+        from hf_seqpar.tools.rowbench import init_rank
 
-        malloc_follows_tensors()
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=spec.world)
+        init_rank(rank, spec.world, port)
         queue.put((rank, _measure(spec)))
         dist.destroy_process_group()
     except BaseException as e:  # report, never hang the parent
