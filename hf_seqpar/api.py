@@ -57,7 +57,7 @@ def enable_sequence_parallel(
         config: a :class:`~hf_seqpar.config.SequenceParallelConfig` (or the Accelerate plugin) to use
             instead of the arguments above.
         **options: strategy options, fields of :class:`~hf_seqpar.config.SequenceParallelConfig`:
-            ring and hybrid take ``layout`` (``"zigzag"``, default, or ``"contiguous"``) and
+            ring and hybrid take ``layout`` (``"auto"``, default, ``"zigzag"``, ``"balanced"`` or ``"contiguous"``) and
             ``backend`` (an ``hf_seqpar.kernels.BACKENDS`` name); hybrid also ``ulysses_size``
             (default: the largest the heads allow).
 

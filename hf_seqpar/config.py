@@ -27,8 +27,8 @@ __all__ = ["SequenceParallelConfig", "Resolved", "resolve", "unknown_keys_messag
            "BACKEND_NAMES", "STRATEGY_OPTION_FIELDS"]
 
 CheckBatch = Literal["first", "always", "never"]
-#: Sequence layouts (``hf_seqpar.core.layout.LAYOUT_MULTIPLE``) the ring-based strategies take.
-LayoutName = Literal["zigzag", "contiguous"]
+#: Sequence layouts (``hf_seqpar.core.layout.LAYOUT_CHOICES``) the ring-based strategies take.
+LayoutName = Literal["auto", "zigzag", "balanced", "contiguous"]
 #: Names of ``hf_seqpar.kernels.BACKENDS`` (tests/test_units.py checks that they agree).
 BackendName = Literal["reference", "torch_cpu", "cuda_flash", "cuda_efficient", "cuda_cudnn", "flash_attn"]
 
@@ -73,8 +73,10 @@ class SequenceParallelConfig:
     the group is the ring. None: the largest degree the query heads allow."""
 
     layout: LayoutName | None = None
-    """``ring`` and ``hybrid`` only: ``"zigzag"`` (balanced causal work; the default when None) or
-    ``"contiguous"``."""
+    """``ring`` and ``hybrid`` only: ``"auto"`` (the default when None: ``zigzag`` for rows of one
+    document, ``balanced`` for packed or padded rows that zigzag leaves unbalanced), ``"zigzag"``
+    (balances the causal work of one document), ``"balanced"`` (equal chunks given to ranks by
+    their causal work, per batch: :mod:`hf_seqpar.core.balance`) or ``"contiguous"``."""
 
     backend: BackendName | None = None
     """``ring`` and ``hybrid`` only: the block-attention kernel, a name of
@@ -101,8 +103,9 @@ class SequenceParallelConfig:
         for name in ("sp_size", "ulysses_size"):
             check_positive_int(name, getattr(self, name))
         if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r}; use 'zigzag' (balanced causal work) or 'contiguous' "
-                             "(or None for the strategy's default)")
+            raise ValueError(f"layout={self.layout!r}; use 'auto' (zigzag, or balanced for packed rows), "
+                             "'zigzag' (balanced causal work of one document), 'balanced' (chunks by causal work) or "
+                             "'contiguous' (or None for the strategy's default)")
         if self.backend is not None and self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend={self.backend!r}; valid attention backends: {sorted(BACKEND_NAMES)} "
                              "(or None to pick one for the device and dtype)")

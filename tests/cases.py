@@ -59,6 +59,11 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
         lengths = torch.randint(1, 4, (seq,), generator=g).tolist()
         batch = {k: v[:1] for k, v in batch.items()}
         batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[:seq][None]
+    elif kind in ("skewed", "longtail"):  # one packed row: bench's skewed / long-tailed documents
+        from hf_seqpar.tools.rowbench import longtail_positions, skewed_positions
+
+        batch = {k: v[:1] for k, v in batch.items()}
+        batch["position_ids"] = skewed_positions(seq) if kind == "skewed" else longtail_positions(seq, seed)
     elif kind == "no_labels":
         del batch["labels"]
     elif kind == "labels_first_quarter":  # later ranks hold no label token at all
@@ -162,6 +167,8 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
             return grad
 
         result.update(worst_grad_error(model, reference, averaged))
+    lay = local["seqpar"].layout
+    result["layout"] = (lay.kind, lay.multiple // lay.sp_size)  # the layout run, chunks per rank
     hf_seqpar.disable_sequence_parallel(model)
     return result
 
@@ -285,14 +292,15 @@ def bad_inputs() -> dict:
     return out
 
 
-def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
+def ring_traffic(strategy: str = "ring", options: dict | None = None, batch_kw: dict | None = None) -> dict:
     """Ring bytes per layer from the counter, with the theory: forward ``(R-1)`` x local K/V;
-    backward ``(R-1)`` x local K/V plus ``R`` x fp32 dK/dV accumulators (``R``: ring size)."""
+    backward ``(R-1)`` x local K/V plus ``R`` x fp32 dK/dV accumulators (``R``: ring size), on
+    ``make_batch(**batch_kw)`` (default: 41 plain tokens)."""
     heads, kv_heads, layers = 4, 2, 2
     model = tiny_model(heads=heads, kv_heads=kv_heads, layers=layers)
     hf_seqpar.enable_sequence_parallel(model, strategy, count_comm=True, **(options or {}))
     state = hf_seqpar.find_state(model)
-    batch = make_batch(seq=41)
+    batch = make_batch(**(batch_kw or dict(seq=41)))
     local = hf_seqpar.shard_batch(batch, model)
     # positions follow the layout: every rank holds the global position of each of its tokens
     assert torch.equal(local["position_ids"], batch["seqpar"].layout.shard(batch["seqpar"].positions, state.sp_rank)
@@ -307,6 +315,7 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None) -> dict:
     kv_bytes = 2 * bsz * kv_local * (n_local * u) * head_dim * 4  # K and V of this rank's ring shard
     by_layer = state.counter.by_layer
     result = {
+        "layout": local["seqpar"].layout.kind,
         "fwd": [by_layer[(i, "ring_kv.fwd")] for i in range(layers)],
         "fwd_theory": (ring - 1) * kv_bytes,
         "bwd": [by_layer[(i, "ring_kv.bwd")] + by_layer[(i, "ring_dkv.bwd")] for i in range(layers)],

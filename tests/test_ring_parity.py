@@ -35,6 +35,28 @@ def test_ring_contiguous_layout_and_reference_backend(pools, world):
                                         batch_kw=dict(kind="padding")))
 
 
+#: Packed rows under the work-balanced layout (forced, and picked by layout="auto"), with a
+#: window and GQA: loss, logits and every gradient against the unsharded model.
+BALANCED_CASES = {
+    "skewed_auto": dict(batch_kw=dict(kind="skewed", seq=96)),
+    "longtail_balanced": dict(batch_kw=dict(kind="longtail", seq=160, seed=3), options=dict(layout="balanced")),
+    "skewed_window_gqa": dict(model_kw=dict(family="mistral", sliding_window=9, heads=4, kv_heads=2),
+                              batch_kw=dict(kind="skewed", seq=80), options=dict(layout="balanced")),
+}
+
+
+@pytest.mark.parametrize("case", list(BALANCED_CASES))
+def test_balanced_layout_matches_unsharded(pool2, pool4, case):
+    runs = [(pool2, "ring", {}), (pool4, "ring", {}), (pool4, "hybrid", dict(ulysses_size=2))]
+    for pool, strategy, extra in runs:
+        kw = dict(BALANCED_CASES[case])
+        kw["options"] = {**kw.get("options", {}), **extra}
+        results = pool.run(cases.parity, strategy, **kw)
+        cases.check_parity(results)
+        kind, chunks = results[0]["layout"]
+        assert kind == "balanced" and chunks >= 2, (strategy, results[0]["layout"])
+
+
 def test_auto_picks_hybrid_for_6_heads_on_4_ranks(pool4):
     """6 heads on 4 ranks: Ulysses cannot split them, auto runs hybrid 2 x 2, exactly."""
     cases.check_parity(pool4.run(cases.parity, "auto", model_kw=dict(heads=6, kv_heads=3),
@@ -42,9 +64,13 @@ def test_auto_picks_hybrid_for_6_heads_on_4_ranks(pool4):
 
 
 def test_ring_bytes_match_theory(pool2, pool4):
-    runs = [(pool2, "ring", None), (pool4, "ring", None), (pool4, "hybrid", dict(ulysses_size=2))]
-    for pool, strategy, options in runs:
-        for r in pool.run(cases.ring_traffic, strategy, options):
+    skewed = dict(kind="skewed", seq=96)  # the balanced layout: more spans per rank, the same bytes
+    runs = [(pool2, "ring", None, None), (pool4, "ring", None, None), (pool4, "hybrid", dict(ulysses_size=2), None),
+            (pool2, "ring", None, skewed), (pool4, "hybrid", dict(ulysses_size=2), skewed)]
+    for pool, strategy, options, batch_kw in runs:
+        results = pool.run(cases.ring_traffic, strategy, options, batch_kw)
+        assert results[0]["layout"] == ("balanced" if batch_kw else "zigzag")
+        for r in results:
             assert all(b == r["fwd_theory"] for b in r["fwd"]), (strategy, r)
             assert all(b == r["bwd_theory"] for b in r["bwd"]), (strategy, r)
             assert r["fwd_theory"] > 0

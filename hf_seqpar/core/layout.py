@@ -7,6 +7,8 @@ A layout maps the padded global sequence ``[0, padded_len)`` onto ``P`` ranks, e
 - ``zigzag``: the sequence is cut into ``2P`` chunks; rank ``r`` holds chunks ``r`` and
   ``2P - 1 - r``, which balances causal attention work (the zigzag layout of
   ring-flash-attention; cf. Brandon et al. 2023, "Striped attention", arXiv:2311.09431).
+- ``balanced``: explicit ``spans`` per rank (equal chunks given out by their causal work, for
+  packed rows: :mod:`hf_seqpar.core.balance` builds them once per batch).
 
 With ``inner > 1`` (the hybrid strategy) the layout applies to ``P / inner`` *outer* groups of
 ranks (the ring), and each outer shard is split contiguously over the ``inner`` ranks of its
@@ -21,10 +23,13 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["Layout", "LAYOUT_MULTIPLE"]
+__all__ = ["Layout", "LAYOUT_MULTIPLE", "LAYOUT_CHOICES"]
 
-#: How many equal chunks per rank each layout cuts the sequence into.
-LAYOUT_MULTIPLE = {"contiguous": 1, "zigzag": 2}
+#: How many equal chunks per rank each layout cuts the sequence into (``balanced``: at least).
+LAYOUT_MULTIPLE = {"contiguous": 1, "zigzag": 2, "balanced": 2}
+#: What the ring-based strategies' ``layout`` option takes: a layout, or ``auto`` (zigzag, or
+#: ``balanced`` for packed rows that zigzag leaves unbalanced: :func:`hf_seqpar.core.balance.choose_layout`).
+LAYOUT_CHOICES = ("auto", *LAYOUT_MULTIPLE)
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,15 @@ class Layout:
     """A sequence layout over ``sp_size`` ranks.
 
     Args:
-        kind: ``"contiguous"`` or ``"zigzag"``.
+        kind: ``"contiguous"``, ``"zigzag"`` or ``"balanced"``.
         seq_len: original (unpadded) sequence length ``S``.
         sp_size: number of ranks ``P``.
         multiple: the padded length is a multiple of this (the strategy's requirement, which
             must itself be a multiple of ``P * LAYOUT_MULTIPLE[kind]``).
         inner: ranks per outer group (1 except for hybrid).
+        spans: ``balanced`` only: per outer rank, its global ranges ``((g0, g1), ...)`` of the
+            padded sequence in storage order; together they cover ``[0, padded_len)`` once, each
+            rank ``padded_len / outer`` positions.
     """
 
     kind: str
@@ -45,6 +53,7 @@ class Layout:
     sp_size: int
     multiple: int
     inner: int = 1
+    spans: tuple = ()
 
     def __post_init__(self):
         if self.kind not in LAYOUT_MULTIPLE:
@@ -56,6 +65,20 @@ class Layout:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.sp_size % self.inner:
             raise ValueError(f"inner={self.inner} must divide sp_size={self.sp_size}")
+        if (self.kind == "balanced") != bool(self.spans):
+            raise ValueError(f"layout {self.kind!r}: spans are given exactly for 'balanced' layouts")
+        if self.spans:
+            self._check_spans()
+
+    def _check_spans(self) -> None:
+        size = self.padded_len // self.outer
+        totals = [sum(b - a for a, b in s) for s in self.spans]
+        flat = sorted(r for s in self.spans for r in s)
+        covers = all(a < b for a, b in flat) and flat[0][0] == 0 and flat[-1][1] == self.padded_len and all(
+            x[1] == y[0] for x, y in zip(flat, flat[1:]))
+        if len(self.spans) != self.outer or any(t != size for t in totals) or not covers:
+            raise ValueError(f"balanced layout spans must give each of the {self.outer} outer ranks {size} "
+                             f"positions and cover [0, {self.padded_len}) once; got totals {totals}")
 
     @property
     def padded_len(self) -> int:
@@ -81,6 +104,8 @@ class Layout:
         """The global ranges ``[(g0, g1), ...]`` of outer group ``outer_rank``'s shard, in storage
         order (what :meth:`outer_indices` enumerates, without materialising the indices)."""
         n = self.outer
+        if self.kind == "balanced":
+            return list(self.spans[outer_rank])
         if self.kind == "contiguous":
             size = self.padded_len // n
             return [(outer_rank * size, (outer_rank + 1) * size)]
@@ -90,13 +115,7 @@ class Layout:
 
     def outer_indices(self, outer_rank: int) -> torch.Tensor:
         """Global indices of the shard of outer group ``outer_rank``, in storage order."""
-        n = self.outer
-        if self.kind == "contiguous":
-            size = self.padded_len // n
-            return torch.arange(outer_rank * size, (outer_rank + 1) * size)
-        c = self.padded_len // (2 * n)  # zigzag chunk length
-        j = 2 * n - 1 - outer_rank
-        return torch.cat([torch.arange(outer_rank * c, (outer_rank + 1) * c), torch.arange(j * c, (j + 1) * c)])
+        return torch.cat([torch.arange(g0, g1) for g0, g1 in self.outer_chunks(outer_rank)])
 
     def local_indices(self, rank: int) -> torch.Tensor:
         """Global (padded) indices held by ``rank``, in the order the rank stores them."""

@@ -19,7 +19,8 @@ rule for every path: :func:`hf_seqpar.core.masks.window_visible`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,8 +128,13 @@ def _pair(qs, qe, ks, ke, causal, window, emit):
                 emit(a, b, *sub)
 
 
-def _clip(runs, lo, hi):
-    for s, e, d in runs:
+def _clip(runs, ends, lo, hi):
+    """The runs (sorted, disjoint; ``ends`` their ends) cut to ``[lo, hi)``: O(log #runs + output),
+    so a layout of many chunks (the balanced layout) plans in time linear in its pieces."""
+    for i in range(bisect.bisect_right(ends, lo), len(runs)):
+        s, e, d = runs[i]
+        if s >= hi:
+            return
         s, e = max(s, lo), min(e, hi)
         if s < e:
             yield s, e, d
@@ -158,19 +164,49 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
         by_doc: dict[int, list] = {}
         for run in runs:
             by_doc.setdefault(run[2], []).append(run)
+        ends = [e for _, e, _ in runs]
+        doc_ends = {d: [e for _, e, _ in rs] for d, rs in by_doc.items()}
         for (qg0, qg1), qo in zip(q_chunks, q_off):
             for (kg0, kg1), ko in zip(k_chunks, k_off):
                 if causal and kg0 >= qg1:
                     continue  # the key chunk lies entirely after the query chunk
-                for qs, qe, doc in _clip(runs, qg0, qg1):
-                    for ks, ke, _ in _clip(by_doc[doc], kg0, kg1):
+                for qs, qe, doc in _clip(runs, ends, qg0, qg1):
+                    for ks, ke, _ in _clip(by_doc[doc], doc_ends[doc], kg0, kg1):
 
                         def emit(a, b, c, d, kind, qo=qo, ko=ko, qg0=qg0, kg0=kg0, b0=b0, b1=b1):
                             pieces.append(Piece((b0, b1), (a - qg0 + qo, b - qg0 + qo), (c - kg0 + ko, d - kg0 + ko),
                                                 kind, a, c, causal, window))
 
                         _pair(qs, qe, ks, ke, causal, window, emit)
-    return pack_pieces(pieces)
+    return pack_pieces(_merge_full(pieces))
+
+
+def _merge_full(pieces: list[Piece]) -> list[Piece]:
+    """Join ``full`` pieces that are neighbours in local coordinates: the same rows and queries
+    with adjacent keys (a query span before several key chunks of one document, which a rank
+    stores one after the other), then the same rows and keys with adjacent queries. Every query
+    of a full piece sees every key, so the union is one full piece: fewer, larger kernel calls
+    for layouts of many chunks, the same scores."""
+    full = [p for p in pieces if p.kind == FULL]
+    if len(full) < 2:
+        return pieces
+    for axis, other in (("k", "q"), ("q", "k")):
+        groups: dict = {}
+        for p in full:
+            groups.setdefault((p.rows, getattr(p, other)), []).append(p)
+        full = []
+        for group in groups.values():
+            group.sort(key=lambda p: getattr(p, axis))
+            cur = group[0]
+            for p in group[1:]:
+                (a, b), (c, d) = getattr(cur, axis), getattr(p, axis)
+                if c == b:
+                    cur = replace(cur, **{axis: (a, d)})
+                else:
+                    full.append(cur)
+                    cur = p
+            full.append(cur)
+    return [p for p in pieces if p.kind != FULL] + full
 
 
 def _offsets(chunks) -> list[int]:

@@ -324,18 +324,20 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     if mode == "always" or (mode == "first" and state.batches_checked == 0):
         _check_same_batch(state, batch, bsz, seq)
 
-    layout = state.strategy.make_layout(seq)
     main = batch.get("input_ids", batch.get("inputs_embeds"))
-    device, pad = main.device, layout.pad
-
+    device = main.device
     user_pos = batch.get("position_ids")
     positions = (user_pos if user_pos is not None else torch.arange(seq, device=device)[None]).expand(bsz, seq)
-    # shard padding continues each row's positions (its tokens are masked out anyway)
-    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=device)], dim=1)
     mask = batch.get("attention_mask")
     valid = (mask.bool() if mask is not None else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+    doc_ids = document_ids(positions) if user_pos is not None else None
+    # the layout may depend on the rows' documents (ring/hybrid balance their causal work), O(B S)
+    layout = state.strategy.make_layout(seq, valid, doc_ids)
+    pad = layout.pad
+
+    # shard padding continues each row's positions (its tokens are masked out anyway)
+    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=device)], dim=1)
     valid = _pad_seq(valid, pad, False)
-    doc_ids = document_ids(positions[:, :seq]) if user_pos is not None else None
     if doc_ids is not None:
         # shard padding forms one more document per row (flash segments keep it apart)
         doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(bsz, pad)], dim=1)

@@ -185,8 +185,10 @@ class Strategy:
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None
 
-    def make_layout(self, seq_len: int) -> "Layout":
-        """The layout ``shard_batch`` applies to a sequence of ``seq_len`` tokens."""
+    def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> "Layout":
+        """The layout ``shard_batch`` applies to a batch of ``seq_len`` tokens per row; ``valid``
+        (bool ``(B, S)``) and ``doc_ids`` (``(B, S)`` or None) describe its rows, for layouts that
+        balance the work of packed rows (:func:`hf_seqpar.core.balance.choose_layout`)."""
         raise NotImplementedError
 
     def local_position_ids(self, positions: torch.Tensor, layout) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Hybrid Ulysses x Ring on a 2D mesh (USP: Fang & Zhao 2024, https://arxiv.org/abs/2405.07719).
 
 ``sp_size = ulysses_size x ring_size``. Consecutive ranks form a Ulysses group (all-to-all over
-the fastest links); the Ulysses groups form a ring. The layout is zigzag (or contiguous) over the
-ring, each ring shard split contiguously over its Ulysses group, so the all-to-all reassembles a
+the fastest links); the Ulysses groups form a ring. The layout (zigzag, work-balanced or
+contiguous) is over the ring, each ring shard split contiguously over its Ulysses group, so the all-to-all reassembles a
 ring shard with ``h / ulysses_size`` heads, and ring attention runs over the ring. Ulysses needs
 only ``ulysses_size`` to divide the heads, so the SP degree is no longer capped by the head count.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from hf_seqpar.core.balance import choose_layout
 from hf_seqpar.core.comm import all_to_all
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.shape import ModelShape
@@ -111,9 +112,9 @@ class HybridStrategy(RingStrategy):
     def remove(self, model, state) -> None:
         self.mesh3d = None
 
-    def make_layout(self, seq_len: int) -> Layout:
-        kind = self.options.layout
-        return Layout(kind, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options), inner=self.ulysses_size)
+    def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
+        return choose_layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options),
+                             self.ulysses_size, valid, doc_ids)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         ugroup, rgroup = self.mesh3d.get_group("ulysses"), self.mesh3d.get_group("ring")

@@ -109,7 +109,7 @@ class MegatronStrategy(Strategy):
         self.tensor_parallel = None
         self.kv_replicated = False
 
-    def make_layout(self, seq_len: int) -> Layout:
+    def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
         return Layout("contiguous", seq_len, self.sp_size, self.sp_size)
 
     def local_position_ids(self, positions: torch.Tensor, layout) -> torch.Tensor:

@@ -11,7 +11,13 @@ Which keys a query may see is planned per (query rank, key rank) block from the 
 (:func:`~hf_seqpar.core.segments.plan_pieces`): padding, documents, causality and windows are exact,
 each block is a few variable-length pieces (whole key ranges, causal diagonals, small window-band
 tiles) and blocks with nothing to attend are skipped, all without an S x S tensor. With the
-zigzag layout every rank does the same causal work.
+zigzag layout every rank does the same causal work on one document; on packed rows ``layout="auto"``
+switches to the work-balanced layout (:mod:`hf_seqpar.core.balance`).
+
+In the backward the dK/dV accumulators travel one hop per step like the K/V: each step computes
+its block's gradients into fresh buffers while the accumulator of that block is still on its
+way from the previous rank, then adds them and starts the next hop (as ring-flash-attention
+does), so both transfers overlap a block's compute.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from hf_seqpar.kernels import compute_dtype
 from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
 
 from hf_seqpar.core.comm import RingShift
+from hf_seqpar.core.balance import choose_layout
 from hf_seqpar.core.layout import LAYOUT_MULTIPLE, Layout
 from hf_seqpar.core.shape import FP32, ModelShape
 from hf_seqpar.core.segments import plan_pieces
@@ -38,8 +45,10 @@ __all__ = ["RingStrategy", "RingOptions", "ring_attention", "ring_plans", "check
 class RingOptions:
     """Options of the ring strategy."""
 
-    layout: str = "zigzag"
-    """``"zigzag"`` (every rank does the same causal work) or ``"contiguous"``."""
+    layout: str = "auto"
+    """``"auto"`` (zigzag; the work-balanced layout for packed/padded rows zigzag leaves
+    unbalanced), ``"zigzag"`` (every rank does the same causal work on one document),
+    ``"balanced"`` or ``"contiguous"`` (:mod:`hf_seqpar.core.balance`)."""
     backend: str | None = None
     """Block-attention kernel (a name of ``hf_seqpar.kernels.BACKENDS``); None: per device and dtype."""
 
@@ -94,19 +103,25 @@ class _RingAttention(torch.autograd.Function):
         group, counter, layer = ctx.group, ctx.counter, ctx.layer
         world, me = dist.get_world_size(group), dist.get_rank(group)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dkv = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-               torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
-        kv = [k, v]
+        kv, travelling = [k, v], None  # travelling: the hop of the previous step's accumulators
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.bwd", layer) if step < world - 1 else None
             pieces = ctx.plans[(me - step) % world]
+            grads = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                     torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
             if pieces is not None:
-                pieces_backward(dout, q, kv[0], kv[1], out, lse, pieces, dq, dkv[0], dkv[1], scale=ctx.scale,
+                pieces_backward(dout, q, kv[0], kv[1], out, lse, pieces, dq, grads[0], grads[1], scale=ctx.scale,
                                 backend=ctx.backend)
+            if travelling is not None:  # this block's accumulators, from the previous rank
+                grads = [acc.add_(g) for acc, g in zip(travelling.wait(), grads)]
             if world > 1:  # the accumulators travel with their K/V block; after P hops they are home
-                dkv = RingShift(dkv, group, counter, "ring_dkv.bwd", layer).wait()
+                travelling = RingShift(grads, group, counter, "ring_dkv.bwd", layer)
+            else:
+                dkv = grads
             if shift is not None:
                 kv = shift.wait()
+        if travelling is not None:
+            dkv = travelling.wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
@@ -173,7 +188,7 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
 
 
 class RingStrategy(Strategy):
-    """``strategy="ring"``: zigzag (default) or contiguous shards, K/V around the ring."""
+    """``strategy="ring"``: zigzag, work-balanced or contiguous shards, K/V around the ring."""
 
     name = "ring"
     description = "ring attention: K/V blocks around the ring, lse merge, zigzag load balance"
@@ -185,7 +200,7 @@ class RingStrategy(Strategy):
 
     @classmethod
     def seq_multiple(cls, sp: int, options) -> int:
-        return sp * LAYOUT_MULTIPLE[options.layout]
+        return sp * LAYOUT_MULTIPLE.get(options.layout, 2)  # auto/balanced: at least zigzag's (per batch)
 
     @classmethod
     def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
@@ -204,8 +219,9 @@ class RingStrategy(Strategy):
     def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
         return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
 
-    def make_layout(self, seq_len: int) -> Layout:
-        return Layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options))
+    def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
+        return choose_layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options),
+                             1, valid, doc_ids)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         out = ring_attention(module, query, key, value, batch, self.sp_group, self.sp_rank, batch.layout,

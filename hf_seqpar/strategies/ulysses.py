@@ -129,7 +129,7 @@ class UlyssesStrategy(Strategy):
         kv = m.kv_heads * kv_replication(m.heads, m.kv_heads, sp) if sp > 1 else m.kv_heads
         return ActivationTerms(kv_heads=kv, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
 
-    def make_layout(self, seq_len: int) -> Layout:
+    def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
         return Layout("contiguous", seq_len, self.sp_size, self.sp_size)
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:

@@ -85,6 +85,13 @@ def _bench_parser(sub) -> None:
                    help="measure these row structures instead: comma list of single, packed, padded, window, "
                         "short (plain rows of --doc-len tokens, the same tokens per step); prints memory growth "
                         "S^x between lengths and each structure against single (hybrid runs on 4 ranks)")
+    g.add_argument("--scaling", action="store_true",
+                   help="measure the speed-up from 1 to P ranks instead: per-step wall time and each rank's CPU "
+                        "time (its own compute) for --strategies x --world x --rows (single, skewed, longtail) x "
+                        "--layouts, fresh ranks per point, with the layout's per-rank attention work")
+    g.add_argument("--layouts", type=_names, default=["auto"],
+                   help="ring/hybrid layouts for --scaling: comma list of auto, zigzag, balanced, contiguous "
+                        "(default: auto)")
     g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
     g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
     g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
@@ -143,6 +150,10 @@ def _plan_parser(sub) -> None:
                    help="also report the longest sequence each candidate fits with these features, and the "
                         "longest over all candidates using every GPU and every memory-feature setting, with "
                         "the constraint that binds it and the plugin YAML")
+    p.add_argument("--rows", default="single", choices=["single", "skewed", "longtail"],
+                   help="row whose per-rank attention work (max/mean) is predicted for ring/hybrid: one document, "
+                        "skewed (3/4 one document, the rest S/32-token ones) or longtail (Pareto document lengths, "
+                        "seed 0) (default: %(default)s)")
     p.add_argument("--json", help="write the candidates to this file")
     p.add_argument("--inference", action="store_true",
                    help="plan hf_seqpar.generate instead of training: weights + sharded KV cache + prefill working "
@@ -180,10 +191,50 @@ def _bench_rows(args) -> int:
     return 0
 
 
+def _bench_scaling(args) -> int:
+    from hf_seqpar.config import LAYOUTS
+    from hf_seqpar.tools.rowbench import ROW_KINDS
+    from hf_seqpar.tools.scaling import ScalingSpec, format_scaling, measure_scaling
+
+    kinds = args.rows or ["single", "skewed", "longtail"]
+    bad = sorted(set(kinds) - set(ROW_KINDS)) + sorted(set(args.layouts) - set(LAYOUTS))
+    if bad:
+        args.parser.error(f"{bad}: --rows takes {list(ROW_KINDS)}, --layouts {list(LAYOUTS)}")
+    from dataclasses import fields
+
+    from hf_seqpar.strategies import strategy_class
+
+    rows = []
+    for strategy in args.strategies:
+        takes = {f.name for f in fields(strategy_class(strategy).Options)}  # the options it takes
+        layouts = args.layouts if "layout" in takes else [None]
+        options = (("ulysses_size", args.ulysses_size),) if args.ulysses_size and "ulysses_size" in takes else ()
+        for kind in kinds:
+            for n in args.seq_lens:
+                for i, layout in enumerate(layouts):
+                    for world in args.world:
+                        if world == 1 and i:
+                            continue  # one rank: the layout does not matter, measured once
+                        opts = options if world > 1 else ()
+                        spec = ScalingSpec(strategy, world, kind, n, None if layout == "auto" else layout,
+                                           args.model, args.layers, args.steps, args.warmup, opts)
+                        row = measure_scaling(spec)
+                        print(f"{strategy} P={world} {kind} S={n} layout={layout} ({row['layout_used']}): "
+                              f"wall {row['wall_s']:.2f} s, CPU per rank {row['cpu_s_per_rank']}", flush=True)
+                        rows.append(row)
+    print(format_scaling(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def _bench(args) -> int:
     from hf_seqpar.tools.bench import BenchSpec, format_table, plot_rows, run_bench
     from hf_seqpar.tools.presets import load_config
 
+    if args.scaling:
+        return _bench_scaling(args)
     if args.rows:
         return _bench_rows(args)
 
@@ -214,8 +265,8 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
-    from hf_seqpar.tools.plan import (Cluster, GiB, Setup, assumptions, candidates, evaluate, lora_params,
-                                      max_seq_len, recommend)
+    from hf_seqpar.tools.plan import (Cluster, GiB, Setup, assumptions, attention_balance, candidates, evaluate,
+                                      lora_params, max_seq_len, recommend)
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.theory import ModelShape
 
@@ -248,6 +299,8 @@ def _plan(args) -> int:
                   optim_bytes=args.optim_bytes, trainable_params=None if trainable is None else int(trainable))
     cands = candidates(shape, cluster)
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
+    for c, r in zip(cands, rows):
+        r["attention_balance"] = attention_balance(c, args.seq_len, args.rows)
     if args.max_seq:
         for c, r in zip(cands, rows):
             r["max_seq_len"] = max_seq_len(shape, c, cluster, setup)
@@ -258,12 +311,15 @@ def _plan(args) -> int:
     for line in assumptions(shape, cluster, setup):
         print("assumes: " + line)
     head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
-    print(head + ("  max seq" if args.max_seq else ""))
+    print(head + f"  work max/mean ({args.rows} row; zigzag)" + ("  max seq" if args.max_seq else ""))
     for r in rows:
         states = r["states_bytes"] + r["gathered_bytes"]
+        bal = r["attention_balance"]
+        work = (f"{bal['work_max_over_mean']:.2f} {bal['layout']}, pad {bal['pad']} "
+                f"({bal['zigzag_work_max_over_mean']:.2f})" if bal["layout"] else "1.00 (all tokens)")
         line = (f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
                 f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
-                f"{r['comm_seconds'] * 1e3:>9.1f}")
+                f"{r['comm_seconds'] * 1e3:>9.1f}  {work}")
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)

@@ -19,7 +19,7 @@ from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flop
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
 __all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB",
-           "lora_params", "assumptions"]
+           "lora_params", "assumptions", "attention_balance", "PLAN_ROWS"]
 
 GiB = 2**30
 #: Share of the memory budget a recommended candidate may use.
@@ -236,6 +236,37 @@ def assumptions(shape: ModelShape, cluster: Cluster, setup: Setup) -> list[str]:
             f"trained parameter (--optimizer, --optim-bytes); {who}",
             f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} row(s) per "
             f"micro-batch, {setup.elem}-byte activations"]
+
+
+#: Row kinds ``plan --rows`` predicts the ring's attention balance for.
+PLAN_ROWS = ("single", "skewed", "longtail")
+
+
+def attention_balance(cand: Candidate, seq_len: int, rows: str = "single") -> dict:
+    """The per-ring-rank causal attention work of one row of ``rows`` (``single``, ``skewed``:
+    :func:`~hf_seqpar.tools.rowbench.skewed_positions`, ``longtail``:
+    :func:`~hf_seqpar.tools.rowbench.longtail_positions`) under the layout the candidate would
+    apply (``layout="auto"`` unless its options name one) and under whole-row zigzag:
+    ``{"layout", "work_max_over_mean", "zigzag_work_max_over_mean", "pad"}``. Strategies without
+    a ring attend over all tokens on every rank (max/mean 1.0). O(S), no ranks."""
+    import torch
+
+    from hf_seqpar.core.balance import choose_layout, layout_report
+    from hf_seqpar.core.masks import document_ids
+    from hf_seqpar.tools.rowbench import longtail_positions, skewed_positions
+
+    if cand.ring == 1:
+        return dict(layout=None, work_max_over_mean=1.0, zigzag_work_max_over_mean=1.0, pad=0)
+    docs = {"single": None, "skewed": lambda: document_ids(skewed_positions(seq_len)),
+            "longtail": lambda: document_ids(longtail_positions(seq_len))}[rows]
+    docs = docs() if docs else None
+    valid = torch.ones(1, seq_len, dtype=torch.bool)
+    multiple = cand.cls.seq_multiple(cand.sp, cand.opts)
+    kind = getattr(cand.opts, "layout", "auto")
+    chosen = layout_report(choose_layout(kind, seq_len, cand.sp, multiple, cand.ulysses, valid, docs), valid, docs)
+    zigzag = layout_report(choose_layout("zigzag", seq_len, cand.sp, multiple, cand.ulysses), valid, docs)
+    return dict(layout=chosen["layout"], work_max_over_mean=chosen["work_max_over_mean"],
+                zigzag_work_max_over_mean=zigzag["work_max_over_mean"], pad=chosen["pad"])
 
 
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:

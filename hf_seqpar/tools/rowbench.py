@@ -33,9 +33,35 @@ import torch.distributed as dist
 
 from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
-__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "growth_table", "format_rows"]
+__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "run_ranks", "growth_table", "format_rows", "init_rank", "skewed_positions",
+           "longtail_positions", "PARETO_ALPHA"]
 
-ROW_KINDS = ("single", "packed", "padded", "window", "short")
+ROW_KINDS = ("single", "packed", "padded", "window", "short", "skewed", "longtail")
+#: Tail index of the ``longtail`` rows' document lengths (Pareto: P(len > x) ~ x^-alpha).
+PARETO_ALPHA = 1.2
+
+
+def skewed_positions(seq_len: int) -> torch.Tensor:
+    """``(1, S)`` position ids of a ``skewed`` row: its first 3/4 one document, the rest
+    documents of ``S / 32`` tokens (the last one shorter if they do not fit)."""
+    long, short = 3 * seq_len // 4, max(1, seq_len // 32)
+    rest = torch.arange(seq_len - long) % short
+    return torch.cat([torch.arange(long), rest])[None]
+
+
+def longtail_positions(seq_len: int, seed: int = 0, alpha: float = PARETO_ALPHA) -> torch.Tensor:
+    """``(1, S)`` position ids of a ``longtail`` row: documents packed in the order drawn, their
+    lengths Pareto-distributed (tail index ``alpha``, shortest ``max(16, S / 256)`` tokens, at most
+    ``S``; the last one cut at the row's end), from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    shortest = max(16, seq_len // 256)
+    parts, total = [], 0
+    while total < seq_len:
+        u = float(torch.rand((), generator=g))
+        n = min(int(shortest * (1.0 - u) ** (-1.0 / alpha)), seq_len - total)
+        parts.append(torch.arange(n))
+        total += n
+    return torch.cat(parts)[None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,8 @@ class RowSpec:
     seq_len: int
     """Tokens per row."""
     rows: str = "single"
-    """Row structure: one of :data:`ROW_KINDS` (``short``: plain rows of ``doc_len`` tokens)."""
+    """Row structure: one of :data:`ROW_KINDS` (``short``: plain rows of ``doc_len`` tokens;
+    ``skewed``: :func:`skewed_positions`; ``longtail``: :func:`longtail_positions`, seed 0)."""
     doc_len: int = 1024
     """Document length of ``packed`` rows (and the row length of ``short``)."""
     window: int = 1024
@@ -74,6 +101,10 @@ def make_rows(spec: RowSpec, vocab: int) -> dict:
     batch = {"input_ids": ids, "labels": ids.clone()}
     if spec.rows == "packed":
         batch["position_ids"] = (torch.arange(s) % spec.doc_len)[None]
+    elif spec.rows == "skewed":
+        batch["position_ids"] = skewed_positions(s)
+    elif spec.rows == "longtail":
+        batch["position_ids"] = longtail_positions(s)
     elif spec.rows == "padded":
         mask = torch.ones(rows, s, dtype=torch.long)
         mask[:, s - int(s * spec.pad_frac):] = 0
@@ -93,12 +124,17 @@ def _model(spec: RowSpec):
     return MistralForCausalLM(cfg)
 
 
+def init_rank(rank: int, world: int, port: int) -> None:
+    """Set up a measuring rank: glibc's allocator following the tensors, one thread, gloo."""
+    malloc_follows_tensors()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
     try:
-        malloc_follows_tensors()
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=spec.world)
+        init_rank(rank, spec.world, port)
         import hf_seqpar
 
         model = _model(spec).train()
@@ -130,6 +166,20 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
     Raises:
         RuntimeError: a rank failed (its error) or did not answer within ``timeout`` seconds.
     """
+    results = run_ranks(_rank_main, spec, spec.world, timeout)
+    tokens = spec.seq_len
+    seconds = max(r["seconds"] for r in results.values())
+    return dict(asdict(spec), peak_mib=max(r["peak_mib"] for r in results.values()), seconds=seconds,
+                tokens_per_s=tokens / seconds)
+
+
+def run_ranks(target, spec, world: int, timeout: float = 1800.0) -> dict:
+    """Start ``world`` fresh spawned ranks running ``target(rank, spec, port, queue)`` (each puts
+    ``(rank, result)`` on the queue, or ``(rank, {"error": ...})``); return ``{rank: result}``.
+
+    Raises:
+        RuntimeError: a rank failed (its error) or did not answer within ``timeout`` seconds.
+    """
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -137,13 +187,13 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, spec, port, queue), daemon=True) for r in range(spec.world)]
+    procs = [ctx.Process(target=target, args=(r, spec, port, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results = {}
     try:
         deadline = time.monotonic() + timeout
-        while len(results) < spec.world:
+        while len(results) < world:
             try:
                 rank, res = queue.get(timeout=5.0)
             except queue_module.Empty:
@@ -159,10 +209,7 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    tokens = spec.seq_len
-    seconds = max(r["seconds"] for r in results.values())
-    return dict(asdict(spec), peak_mib=max(r["peak_mib"] for r in results.values()), seconds=seconds,
-                tokens_per_s=tokens / seconds)
+    return results
 
 
 def growth_table(rows: list[dict]) -> list[dict]:
