@@ -11,6 +11,7 @@ from hf_seqpar.core.balance import balanced_layout, choose_layout, imbalance, la
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.masks import document_ids
 from hf_seqpar.core.sharding import SeqParBatch
+from hf_seqpar.kernels.varlen import unpack_pieces
 from hf_seqpar.strategies.ring import ring_plans
 from hf_seqpar.tools.rowbench import longtail_positions, skewed_positions
 
@@ -26,12 +27,12 @@ def _rows(name):
 
 def _planned_work(layout: Layout, valid, docs) -> list[int]:
     """Score entries per ring rank, summed over the pieces the ring planner emits (what the
-    kernels compute), for a causal batch in ``layout``."""
+    kernels compute; tiles of tiny documents counted by their parts), for a causal batch in ``layout``."""
     pad = layout.pad
     valid = torch.cat([valid, torch.zeros(valid.shape[0], pad, dtype=torch.bool)], 1)
     docs = torch.cat([docs, (docs[:, -1:] + 1).expand(-1, pad)], 1)
     batch = SeqParBatch(None, layout, None, valid, docs)
-    return [sum(piece.work for plan in ring_plans(batch, r, layout, True, None) if plan for piece in plan)
+    return [sum(piece.work for plan in ring_plans(batch, r, layout, True, None) if plan for piece in unpack_pieces(plan))
             for r in range(layout.outer)]
 
 

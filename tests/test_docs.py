@@ -139,7 +139,7 @@ def test_python_blocks_compile_and_name_real_api():
 def _shell_commands() -> list[tuple[str, str]]:
     cmds = []
     for page, body in _blocks("bash") + _blocks("console"):
-        for line in body.splitlines():
+        for line in body.replace("\\\n", " ").splitlines():  # a trailing backslash continues the command
             line = line.split("  #", 1)[0].strip()
             if body.startswith("$ ") and not line.startswith("$ "):
                 continue  # output lines of a console block

@@ -9,6 +9,7 @@ import torch
 import cases
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.sharding import SeqParBatch
+from hf_seqpar.kernels.varlen import unpack_pieces
 from hf_seqpar.strategies.ring import ring_plans
 
 CASES = cases.PARITY_CASES
@@ -77,7 +78,8 @@ def test_ring_bytes_match_theory(pool2, pool4):
 
 
 def _work(layout: Layout, window=None, packed=False) -> list[tuple[int, int]]:
-    """(computed score entries, skipped blocks) per rank for a causal batch in ``layout``."""
+    """(causal score entries, skipped blocks) per rank for a causal batch in ``layout`` (tiles of tiny
+    documents counted by their parts)."""
     s = layout.padded_len
     valid = torch.ones(1, s, dtype=torch.bool)
     docs = (torch.arange(s) * 3 // s)[None] if packed else None
@@ -85,7 +87,7 @@ def _work(layout: Layout, window=None, packed=False) -> list[tuple[int, int]]:
     out = []
     for rank in range(layout.sp_size):
         plans = ring_plans(batch, rank, layout, True, window)
-        out.append((sum(piece.work for p in plans if p is not None for piece in p), sum(p is None for p in plans)))
+        out.append((sum(piece.work for p in plans if p is not None for piece in unpack_pieces(p)), sum(p is None for p in plans)))
     return out
 
 

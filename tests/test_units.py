@@ -62,10 +62,10 @@ def test_config_literals_name_what_the_package_has():
     import typing
 
     from hf_seqpar import config
-    from hf_seqpar.core.layout import LAYOUT_MULTIPLE
+    from hf_seqpar.core.layout import LAYOUT_CHOICES
     from hf_seqpar.kernels import BACKENDS
 
-    assert set(config.BACKEND_NAMES) == set(BACKENDS) and set(config.LAYOUTS) == set(LAYOUT_MULTIPLE)
+    assert set(config.BACKEND_NAMES) == set(BACKENDS) and set(config.LAYOUTS) == set(LAYOUT_CHOICES)
     hints = typing.get_type_hints(SequenceParallelConfig)
     assert typing.get_args(hints["layout"]) == (config.LayoutName, type(None))
     with pytest.raises(ValueError, match="backend='nope'"):

@@ -15,6 +15,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 __all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward", "require_batch", "missing_batch_error"]
 
 PREFIX = "hf_seqpar_"
+#: Attribute of an instance ``forward`` that calls ``shard_batch`` on its full batch itself.
+SHARDS_ITSELF = "_hf_seqpar_shards_itself"
 
 
 def registered_name(inner: str) -> str:
@@ -35,8 +37,11 @@ def missing_batch_error() -> RuntimeError:
 def require_batch(module, args, kwargs):
     """Forward pre-hook of an SP model: refuse a forward without ``seqpar=`` before any layer runs
     (Megatron-SP would otherwise fail deep inside its sharded layers, e.g. in rotary embedding)."""
-    if kwargs.get("seqpar") is None and getattr(module, "hf_seqpar_state", None) is not None:
-        raise missing_batch_error()  # (no state: inside ``hf_seqpar.unsharded``, the plain model runs)
+    if kwargs.get("seqpar") is not None or getattr(module, "hf_seqpar_state", None) is None:
+        return  # a sharded batch, or no state: inside ``hf_seqpar.unsharded`` the plain model runs
+    if kwargs.get("fused_lm_head") and getattr(getattr(module, "forward", None), SHARDS_ITSELF, False):
+        return  # a forward that shards its full batch itself (TRL's DPO fused head: integrations/trl_dpo)
+    raise missing_batch_error()
 
 
 def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import types
 
+from hf_seqpar.core.hooks import SHARDS_ITSELF
 from hf_seqpar.core.logprobs import gather_tokens
 from hf_seqpar.core.mesh import find_state, unwrap_model
 from hf_seqpar.core.sharding import shard_batch
@@ -72,6 +73,7 @@ def _sharded_fused_forward(inner):
         return out
 
     forward._hf_seqpar_inner = inner
+    setattr(forward, SHARDS_ITSELF, True)  # the model's pre-hook lets its full-batch call through
     return forward
 
 
