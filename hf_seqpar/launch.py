@@ -20,7 +20,7 @@ import os
 import runpy
 import sys
 
-__all__ = ["add_arguments", "main", "run_script"]
+__all__ = ["add_arguments", "launch_hosts", "main", "run_script"]
 
 BANNER = "#" * 78
 
@@ -32,6 +32,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks")
     parser.add_argument("script", help="the training script (run as __main__)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+
+def launch_hosts() -> list[tuple[type, tuple]]:
+    """The classes the launch replaces, with the bases of their SP classes: ``transformers.Trainer``
+    (-> a :class:`~hf_seqpar.SequenceParallelTrainer` subclass) and TRL's trainers named in
+    :mod:`hf_seqpar.integrations.hosts` (supported: SP; refused: refused at construction), if installed."""
+    import importlib
+
+    import transformers
+
+    from hf_seqpar.integrations.hosts import SUPPORTED_TRL_TRAINERS, WHY_NOT_YET
+    from hf_seqpar.integrations.trainer import SequenceParallelMixin, SequenceParallelTrainer
+
+    hosts = [(transformers.Trainer, (SequenceParallelTrainer,))]
+    try:
+        trl = importlib.import_module("trl")
+    except ImportError:
+        return hosts
+    for name in sorted(SUPPORTED_TRL_TRAINERS | set(WHY_NOT_YET)):
+        try:
+            cls = getattr(trl, name)
+        except (ImportError, AttributeError):  # a TRL version without it, or its optional deps missing
+            continue
+        hosts.append((cls, (SequenceParallelMixin, cls)))
+    return hosts
 
 
 def _rank() -> int:
@@ -65,16 +90,18 @@ def run_script(script: str, script_args: list[str], sp_config: str | None = None
     sys.argv, sys.path[0] = [script, *script_args], os.path.dirname(os.path.abspath(script))
     record = None
     try:
-        with sequence_parallel_trainers(plugin) as record:
+        with sequence_parallel_trainers(plugin, launch_hosts()) as record:
             runpy.run_path(script, run_name="__main__")
     finally:
         sys.argv, sys.path[0] = argv, path0
         if record is not None and not record.constructed:
+            covered = ", ".join(sorted({p.rsplit(".", 1)[1] for p in record.patched}))
             _warn([f"SEQUENCE PARALLELISM WAS NEVER APPLIED: {script} built no Trainer under the SP config from",
-                   f"{source}; whatever it trained ran without SP (plain DDP). Only these were made",
-                   f"sequence-parallel: {', '.join(record.patched)}. A trainer class created before the launch",
-                   "(e.g. transformers' Seq2SeqTrainer, TRL trainers other than SFTTrainer) or a custom loop is not",
-                   "covered: use hf_seqpar.SequenceParallelMixin or prepare_sequence_parallel in the script."])
+                   f"{source}; whatever it trained ran without SP (plain DDP). The launch covers these classes",
+                   f"(and subclasses the script defines): {covered}.",
+                   "A trainer class created before the launch (e.g. transformers' Seq2SeqTrainer, TRL's other",
+                   "trainers) or a custom loop is not: use hf_seqpar.SequenceParallelMixin or",
+                   "hf_seqpar.prepare_sequence_parallel in the script."])
     return record
 
 

@@ -16,18 +16,19 @@ duration of :func:`sequence_parallel_trainers` only, and put back afterwards:
   runs sequence-parallel, DPO/GRPO are refused at construction as the mixin refuses them (instead
   of training plain DDP silently).
 
-Classes a script defines on top of them (``class MyTrainer(Trainer)``) inherit the mixin. Classes
-created before the patch on the original ``Trainer`` (transformers' ``Seq2SeqTrainer``, TRL's other
-trainers) are not covered; :func:`hf_seqpar.launch.main` warns loudly when no trainer was built under
-SP. A TRL trainer module first imported during the launch keeps the patched base after it; a
-launch runs one script per process, so nothing else sees it.
+(:func:`hf_seqpar.launch.launch_hosts` names these classes and their bases: this module, in the
+patches layer, imports nothing of the integrations.) Classes a script defines on top of them
+(``class MyTrainer(Trainer)``) inherit the mixin. Classes created before the patch on the
+original ``Trainer`` (transformers' ``Seq2SeqTrainer``, TRL's other trainers) are not covered;
+:func:`hf_seqpar.launch.run_script` warns loudly when no trainer was built under SP. A class
+defined during the launch on a patched name (the script's own, or one of a library the script
+imports first) keeps its SP base afterwards; a launch runs one script per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import sys
 from dataclasses import dataclass, field
 
@@ -44,35 +45,19 @@ class LaunchRecord:
     patched: list[str] = field(default_factory=list)
 
 
-def _launch_class(name: str, bases: tuple, plugin, record: LaunchRecord) -> type:
-    """``name(*bases)`` whose trainers get a copy of ``plugin`` unless given ``sp_plugin=``."""
-    from hf_seqpar.integrations.trainer import SequenceParallelMixin
+def _launch_class(original: type, bases: tuple, plugin, record: LaunchRecord) -> type:
+    """``SequenceParallel<original>(*bases)`` whose trainers get a copy of ``plugin`` unless given ``sp_plugin=``."""
 
     def _sp_setup(self) -> None:
         if self.__dict__.get("_sp_plugin_arg") is None:
             self._sp_plugin_arg = copy.deepcopy(plugin)
-        SequenceParallelMixin._sp_setup(self)
+        super(cls, self)._sp_setup()
         record.constructed.append(type(self).__name__)
 
-    doc = f"``{bases[-1].__module__}.{bases[-1].__name__}`` with sequence parallelism (installed by hf-seqpar launch)."
-    return type(name, bases, {"__module__": __name__, "__doc__": doc, "_sp_setup": _sp_setup})
-
-
-def _trl_hosts() -> list[type]:
-    """TRL's trainers named in the host table (supported or refused), if TRL is installed."""
-    try:
-        trl = importlib.import_module("trl")
-    except ImportError:
-        return []
-    from hf_seqpar.integrations.hosts import SUPPORTED_TRL_TRAINERS, WHY_NOT_YET
-
-    found = []
-    for name in sorted(SUPPORTED_TRL_TRAINERS | set(WHY_NOT_YET)):
-        try:
-            found.append(getattr(trl, name))
-        except (ImportError, AttributeError):  # a TRL version without it, or its optional deps missing
-            continue
-    return found
+    doc = f"``{original.__module__}.{original.__name__}`` with sequence parallelism (installed by hf-seqpar launch)."
+    cls = type(f"SequenceParallel{original.__name__}", bases, {"__module__": __name__, "__doc__": doc,
+                                                               "_sp_setup": _sp_setup})
+    return cls
 
 
 def _rebind(original: type, replacement: type, saved: list, record: LaunchRecord) -> None:
@@ -91,27 +76,23 @@ def _rebind(original: type, replacement: type, saved: list, record: LaunchRecord
 
 
 @contextlib.contextmanager
-def sequence_parallel_trainers(plugin):
-    """Within the block, ``transformers.Trainer`` (and TRL's trainers of the host table) are SP classes.
+def sequence_parallel_trainers(plugin, hosts):
+    """Within the block, each host class's module attributes name its SP class; restored on exit.
 
     Args:
         plugin: the :class:`hf_seqpar.SequenceParallelPlugin` every trainer built in the block
             gets (a copy each), unless the script passes its own ``sp_plugin=``.
+        hosts: ``(original, bases)`` pairs: ``original`` (e.g. ``transformers.Trainer``) is replaced
+            by a class ``SequenceParallel<name>(*bases)``; ``bases`` must make it a subclass of
+            ``original`` with :class:`hf_seqpar.SequenceParallelMixin` (whose ``_sp_setup`` it extends).
 
     Yields:
         A :class:`LaunchRecord`; every attribute is restored on exit, also after an exception.
     """
-    import transformers
-    import transformers.trainer
-
-    from hf_seqpar.integrations.trainer import SequenceParallelMixin, SequenceParallelTrainer
-
     record, saved = LaunchRecord(), []
-    hosts = [(transformers.Trainer, (SequenceParallelTrainer,), "SequenceParallelTrainer")]
-    hosts += [(cls, (SequenceParallelMixin, cls), f"SequenceParallel{cls.__name__}") for cls in _trl_hosts()]
     try:
-        for original, bases, name in hosts:
-            _rebind(original, _launch_class(name, bases, plugin, record), saved, record)
+        for original, bases in hosts:
+            _rebind(original, _launch_class(original, bases, plugin, record), saved, record)
         yield record
     finally:
         for module, attr, original in reversed(saved):

@@ -58,10 +58,11 @@ def test_patch_is_reversible_and_keeps_isinstance():
     import trl
 
     import hf_seqpar
+    from hf_seqpar.launch import launch_hosts
     from hf_seqpar.patches.trainer_launch import sequence_parallel_trainers
 
     before = (transformers.Trainer, transformers.trainer.Trainer, trl.SFTTrainer, trl.DPOTrainer)
-    with sequence_parallel_trainers(hf_seqpar.SequenceParallelPlugin()) as record:
+    with sequence_parallel_trainers(hf_seqpar.SequenceParallelPlugin(), launch_hosts()) as record:
         sp, sft = transformers.Trainer, trl.SFTTrainer
         assert sp is transformers.trainer.Trainer and sp.__name__ == "SequenceParallelTrainer"
         assert issubclass(sp, before[0]) and issubclass(sp, hf_seqpar.SequenceParallelTrainer)
@@ -94,11 +95,11 @@ def test_script_without_trainer_gets_the_loud_warning(tmp_path, capsys, monkeypa
     assert transformers.Trainer.__name__ == "Trainer"
 
 
-def _run(cmd, cwd, env=None) -> None:
+def _run(cmd, cwd, env=None) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=cwd, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=cwd, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc
 
