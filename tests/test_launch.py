@@ -136,3 +136,45 @@ def test_launch_makes_a_stock_trainer_script_exact(tmp_path):
         err = float((launch["params"][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         assert err <= PARAM_TOL, (name, err)
         assert torch.equal(launch["params"][name], mixin["params"][name]), name
+
+
+SFT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+
+import cases_trl
+
+result = cases_trl.sft_run("bfd", sp=False, out_dir=sys.argv[1])  # builds trl.SFTTrainer, the stock class
+if result["rank"] == 0:
+    torch.save(result, sys.argv[1] + "/result.pt")
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_launch_makes_a_stock_sft_script_exact(tmp_path):
+    """A stock TRL SFTTrainer script (packed bfd rows) through the launch path on 2 gloo ranks
+    (ulysses, sp 2) equals the same code in one process: loss and TRL's metrics per step, weights."""
+    import cases_trl
+    from test_trainer import GRAD_TOL
+
+    script = tmp_path / "sft.py"
+    script.write_text(textwrap.dedent(SFT_SCRIPT.format(tests=str(TESTS))))
+    config = tmp_path / "sp.yaml"
+    config.write_text("strategy: ulysses\n")  # TRL's fused LM head: no loss_chunk_size
+    out = tmp_path / "launch"
+    out.mkdir()
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "hf_seqpar.launch", "--sp-config", str(config), str(script), str(out)], tmp_path)
+    assert "NEVER APPLIED" not in proc.stderr, proc.stderr[-3000:]
+    got = torch.load(out / "result.pt", weights_only=True)
+    ref = cases_trl.sft_run("bfd", sp=False, out_dir=str(tmp_path / "ref"))
+    assert len(got["logs"]) == len(ref["logs"]) == 3 and got["shape"] == ref["shape"], (got["logs"], ref["logs"])
+    for step, (mine, want) in enumerate(zip(got["logs"], ref["logs"])):
+        for key, tol in (("loss", LOSS_TOL), ("entropy", LOSS_TOL), ("grad_norm", GRAD_TOL)):
+            assert abs(mine[key] - want[key]) <= tol * abs(want[key]), (step, key, mine, want)
+        assert mine["num_tokens"] == want["num_tokens"], (step, mine, want)
+    for name, p in ref["params"].items():
+        err = float((got["params"][name] - p).abs().max() / p.abs().max().clamp_min(1e-12))
+        assert err <= PARAM_TOL, (name, err)
