@@ -171,7 +171,7 @@ def test_launch_makes_a_stock_sft_script_exact(tmp_path):
     got = torch.load(out / "result.pt", weights_only=True)
     ref = cases_trl.sft_run("bfd", sp=False, out_dir=str(tmp_path / "ref"))
     assert len(got["logs"]) == len(ref["logs"]) == 3 and got["shape"] == ref["shape"], (got["logs"], ref["logs"])
-    for step, (mine, want) in enumerate(zip(got["logs"], ref["logs"])):
+    for step, (mine, want) in enumerate(zip(got["logs"], ref["logs"], strict=True)):
         for key, tol in (("loss", LOSS_TOL), ("entropy", LOSS_TOL), ("grad_norm", GRAD_TOL)):
             assert abs(mine[key] - want[key]) <= tol * abs(want[key]), (step, key, mine, want)
         assert mine["num_tokens"] == want["num_tokens"], (step, mine, want)
