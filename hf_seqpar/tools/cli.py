@@ -1,4 +1,4 @@
-"""The ``hf-seqpar`` command: ``bench``, ``plan`` and ``selftest``.
+"""The ``hf-seqpar`` command: ``bench``, ``plan``, ``selftest`` and ``launch``.
 
 Only the standard library is imported at module level: each command imports what it needs, so
 ``hf-seqpar --help`` and ``--version`` do not import torch or transformers.
@@ -398,16 +398,36 @@ def _selftest(args) -> int:
     return run_selftest(args.out, args.budget, args.tests, args.cases)
 
 
+def _launch_parser(sub) -> None:
+    from hf_seqpar.launch import add_arguments
+
+    p = sub.add_parser("launch", help="run a stock Trainer/SFTTrainer script with sequence parallelism",
+                       description="Run a training script written for the stock transformers.Trainer or TRL's "
+                                   "SFTTrainer, unchanged, with those classes made sequence-parallel (the same as "
+                                   "`python -m hf_seqpar.launch`). Start it under a launcher: `accelerate launch -m "
+                                   "hf_seqpar.launch --sp-config X train.py ...` or `torchrun --nproc_per_node N "
+                                   "--no-python hf-seqpar launch --sp-config X train.py ...`.")
+    add_arguments(p)
+
+
+def _launch(args) -> int:
+    from hf_seqpar.launch import run_script
+
+    run_script(args.script, args.script_args, args.sp_config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-seqpar`` argument parser (``parse_args`` gives ``command`` and the subcommand's options)."""
     from hf_seqpar import __version__  # the package's __init__ imports nothing heavy: --help stays fast
 
-    parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench, plan and selftest")
+    parser = argparse.ArgumentParser(prog="hf-seqpar", description="hf_seqpar tools: bench, plan, selftest and launch")
     parser.add_argument("--version", action="version", version=f"hf-seqpar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _plan_parser(sub)
     _selftest_parser(sub)
+    _launch_parser(sub)
     return parser
 
 
@@ -416,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.parser = parser._subparsers._group_actions[0].choices[args.command]
-    return {"bench": _bench, "plan": _plan, "selftest": _selftest}[args.command](args)
+    return {"bench": _bench, "plan": _plan, "selftest": _selftest, "launch": _launch}[args.command](args)
 
 
 if __name__ == "__main__":
