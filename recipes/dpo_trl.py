@@ -114,7 +114,6 @@ def main(argv=None) -> None:
 
     from trl import DPOConfig, DPOTrainer
 
-    import hf_seqpar
 
     class SPDPOTrainer(hf_seqpar.SequenceParallelMixin, DPOTrainer):
         """TRL's DPOTrainer with sequence parallelism."""

@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "continue from exactly; the data options must be those of the run that wrote it")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=10,
-                   help="print a log line every N optimizer steps and at the last (default: %(default)s); the "
+                   help="print a log line at the first step, every N optimizer steps and at the last (default: %(default)s); the "
                         "progress bar updates every step")
     g.add_argument("--report-to", default="none",
                    help="accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ... "
@@ -540,7 +540,8 @@ def train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, p
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}",
                                 tok_s=f"{tokens_per_step / dt:,.0f}", mem_mib=max(peaks))
-                if position.step % args.log_every == 0 or position.step == args.max_steps or not math.isfinite(loss):
+                if (position.step % args.log_every == 0 or position.step in (1, args.max_steps)
+                        or not math.isfinite(loss)):
                     tqdm.write(f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  lr {lr:.4e}  grad_norm "
                                f"{grad_norm:.4f}  {tokens_per_step / dt:,.0f} tokens/s  peak memory MiB per rank {peaks}")
             if not math.isfinite(loss):

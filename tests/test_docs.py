@@ -57,8 +57,11 @@ def test_readme_demo_command_runs(tmp_path):
     cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--main_process_port", port] + args[2:]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"^step +\d+/\d+ +loss (\d+\.\d+)", proc.stdout, re.M)]
-    assert len(losses) == int(args[args.index("--max-steps") + 1]), proc.stdout
+    logged = re.findall(r"^step +(\d+)/(\d+) +loss (\d+\.\d+)", proc.stdout, re.M)
+    steps, losses = [int(s) for s, _, _ in logged], [float(x) for _, _, x in logged]
+    max_steps = int(args[args.index("--max-steps") + 1])
+    # a line at the first step, every --log-every steps (default 10) and the last
+    assert steps == sorted({1, max_steps, *range(10, max_steps + 1, 10)}), proc.stdout
     assert losses[-1] < losses[0] - 0.3, losses
     assert (tmp_path / "demo" / "config.json").exists()
 

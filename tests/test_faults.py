@@ -48,7 +48,7 @@ def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None
     sp_config = tmp_path / "sp.yaml"
     sp_config.write_text("strategy: ulysses\n" + (f"collective_timeout_s: {timeout_s}\n" if timeout_s else ""))
     recipe = [str(ROOT / "tests" / "fault_recipe.py"), "--fault", "none" if fault == "kill" else fault, "--fault-rank", "1", "--fault-step", "3",
-              "--", "--sp-config", str(sp_config), "--max-steps", "100000", "--max-seq-len", "128",
+              "--", "--sp-config", str(sp_config), "--max-steps", "100000", "--max-seq-len", "128", "--log-every", "1",
               "--output-dir", str(tmp_path / "out")]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", _port(), *recipe]
