@@ -60,6 +60,35 @@ def test_comm_formulas_by_hand():
     assert a == b == 4 * 256 * 256 * 4
 
 
+def test_cost_model_reads_the_declared_facts():
+    """tools/cost.py derives everything from a strategy's ``cost`` facts: a ring subclass that
+    declares Ulysses' facts costs, plans and is labelled like Ulysses; one that declares Megatron's
+    is counted like tensor parallel."""
+    from dataclasses import replace
+
+    from hf_seqpar.strategies.megatron import MegatronStrategy
+    from hf_seqpar.strategies.ring import RingStrategy
+    from hf_seqpar.strategies.ulysses import UlyssesStrategy
+    from hf_seqpar.tools import cost
+
+    m = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
+
+    class AsUlysses(RingStrategy):
+        name, cost = "as_ulysses", UlyssesStrategy.cost
+
+    class AsMegatron(RingStrategy):
+        name, cost = "as_megatron", replace(MegatronStrategy.cost, within_node=False)
+
+    opts = AsUlysses.Options()
+    assert cost.comm_bytes(AsUlysses, m, 32, 4, 1, 4, opts) == cost.comm_bytes(UlyssesStrategy, m, 32, 4, 1, 4, None)
+    assert cost.activation_terms(AsUlysses, m, 4, 2, opts) == cost.activation_terms(UlyssesStrategy, m, 4, 2, None)
+    assert cost.split(AsUlysses, 4, opts, m.heads) == (4, 1) and cost.label(AsUlysses, 4, opts) == "as_ulysses 4"
+    assert cost.plan_options(AsUlysses, 3, 4, 8) == [] and cost.plan_options(AsUlysses, 4, 1, 8) == [opts]
+    mega = cost.comm_bytes(AsMegatron, m, 32, 2, 1, 4, opts)
+    assert mega["forward"] == 2 * 4 * 1 * 16 * 64 * 4 and mega["all_to_all"] == 0  # as in test_comm_formulas_by_hand
+    assert not cost.loss_allreduce_in_backward(AsMegatron) and cost.plan_options(AsMegatron, 16, 16, 8) == [opts]
+
+
 def test_llama_8b_shape_and_params():
     shape = ModelShape.from_config(load_config("llama-3.1-8b"))
     assert shape.params == pytest.approx(8.03e9, rel=0.005)  # the published 8.03B

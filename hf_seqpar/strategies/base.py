@@ -7,9 +7,10 @@ outside :mod:`hf_seqpar.strategies` asks for a strategy by name:
   options from the one config), :meth:`Strategy.check_model` (head counts),
   :meth:`Strategy.check_features` (attention features it cannot compute),
   :meth:`Strategy.check_trainer` (whether the HF Trainer can drive it);
-- its cost model for ``theory``/``plan``/``bench`` (class methods): the sequence multiple, the
-  communication bytes per step, the activation terms, how parameters are split
-  (:attr:`Strategy.shards_parameters`), the candidates a cluster allows;
+- the facts the cost model reads (:attr:`Strategy.cost`, a :class:`CostFacts`: its Ulysses, ring
+  and tensor-parallel degrees, what it saves and gathers, where its collectives run, which option
+  sets a cluster allows); the formulas themselves (communication bytes, activation terms, planner
+  options, labels, link seconds) live in one place beside the planner, :mod:`hf_seqpar.tools.cost`;
 - at run time (an instance attached to the model's state): its groups and sizes (taken from the
   mesh by dimension name), the layout ``shard_batch`` applies, the position ids it wants, the
   attention it computes, how the loss is combined and gradients are reduced.
@@ -18,6 +19,7 @@ outside :mod:`hf_seqpar.strategies` asks for a strategy by name:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
@@ -26,12 +28,11 @@ import torch
 from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
 from hf_seqpar.kernels import backend_named
 from hf_seqpar.core.mesh import MeshDims, from_dims
-from hf_seqpar.core.shape import ModelShape
 
 if TYPE_CHECKING:
     from hf_seqpar.core.layout import Layout
 
-__all__ = ["Strategy", "NoOptions", "ActivationTerms", "divisors", "STRATEGY_OPTION_FIELDS"]
+__all__ = ["Strategy", "NoOptions", "CostFacts", "divisors", "STRATEGY_OPTION_FIELDS"]
 
 #: Fields of :class:`hf_seqpar.config.SequenceParallelConfig` that are strategy options; each
 #: strategy's ``Options`` dataclass takes a subset of them.
@@ -48,16 +49,42 @@ class NoOptions:
     """A strategy that takes no options."""
 
 
-@dataclass(frozen=True)
-class ActivationTerms:
-    """What a strategy changes in the activation bytes of one decoder layer, per local token
-    (the formulas are in :func:`hf_seqpar.core.shape.layer_activation_bytes`)."""
+def no_split(sp: int, options, heads: int) -> tuple[int, int, int]:
+    """Degrees of a strategy that is neither Ulysses, ring nor tensor parallel: ``(1, 1, 1)``."""
+    return 1, 1, 1
 
-    kv_heads: int
-    """kv heads attention saves per local token (after any replication the strategy needs)."""
-    extra_per_token: float = 0.0
-    """Further bytes saved per local token and layer: the attention output that the exchange
-    makes a new tensor (Ulysses, ring), or the all-gathered linear inputs (Megatron-SP)."""
+
+@dataclass(frozen=True)
+class CostFacts:
+    """What the cost model (:mod:`hf_seqpar.tools.cost`) needs to know about a strategy; declared,
+    not computed: the formulas read these and never the strategy's name."""
+
+    degrees: Callable[[int, object, int], tuple[int, int, int]] = no_split
+    """``degrees(sp, options, heads) -> (ulysses, ring, tp)``: the all-to-all degree ``U``, the ring
+    degree ``R`` (``U x R = sp`` for attention-parallel strategies) and the tensor-parallel degree
+    ``T`` (``sp`` for a strategy that splits the parameters, else 1). May raise the strategy's own
+    error for options the heads do not allow."""
+    out_copy: bool = True
+    """The attention output is a new tensor after the exchange (saved as the output projection's
+    input in addition to attention's own output): true for Ulysses and ring, not for tensor parallel."""
+    gathered_inputs: int = 0
+    """Linear inputs per layer that are all-gathered to the full sequence and saved (Megatron-SP: 2,
+    before q/k/v and before gate/up); each costs ``(T - 1) e h`` extra bytes per local token."""
+    loss_allreduce_in_backward: bool = True
+    """Whether the exact loss's scalar all-reduce also runs in backward (it does unless the SP ranks
+    share one autograd graph, as tensor-parallel ranks do)."""
+    a2a_in_ulysses_group: bool = False
+    """The all-to-all stays inside a Ulysses group of ``options.ulysses_size`` consecutive ranks
+    (hybrid) rather than spanning the SP group: its seconds are counted on that group's links."""
+    min_sp: int = 1
+    """Smallest SP degree the planner considers (2 where degree 1 is another strategy's run)."""
+    heads_over_sp: bool = False
+    """The planner needs ``sp`` to divide the query heads (heads split over all SP ranks)."""
+    within_node: bool = False
+    """The planner keeps the group inside one node (collectives on every layer's critical path)."""
+    plan_ulysses_sizes: bool = False
+    """The planner tries every ``ulysses_size`` strictly between 1 and ``sp`` that divides both ``sp``
+    and the heads (one option set each; the ends are plain ring and plain Ulysses)."""
 
 
 class Strategy:
@@ -109,51 +136,15 @@ class Strategy:
         """Raise ``NotImplementedError`` if the HF Trainer (``SequenceParallelMixin``) cannot drive
         this strategy."""
 
-    # ---- cost model (no mesh) -------------------------------------------------------------------
+    # ---- facts the cost model reads (no mesh) -----------------------------------------------------
+    #: What :mod:`hf_seqpar.tools.cost` needs to know about this strategy (see :class:`CostFacts`).
+    cost: ClassVar[CostFacts] = CostFacts()
+
     @classmethod
     def seq_multiple(cls, sp: int, options) -> int:
-        """The sequence length ``shard_batch`` pads to a multiple of, on ``sp`` ranks."""
+        """The sequence length ``shard_batch`` pads to a multiple of, on ``sp`` ranks (a run-time fact
+        of the layout, which the cost model reads too)."""
         return sp
-
-    @classmethod
-    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
-        """``(ulysses degree, ring degree)`` on ``sp`` ranks: their product is ``sp``, or ``(1, 1)`` for a
-        strategy that is neither (tensor parallel)."""
-        return 1, 1
-
-    @classmethod
-    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
-        """The option sets ``hf-seqpar plan`` considers on ``sp`` ranks (empty: cannot run)."""
-        return [cls.Options()]
-
-    @classmethod
-    def label(cls, sp: int, options) -> str:
-        """Short name of a configuration, e.g. ``"ulysses 8"``."""
-        return f"{cls.name} {sp}"
-
-    @classmethod
-    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
-        """Bytes one rank sends per step (one micro-batch) for attention/TP traffic, without the loss
-        all-reduce: ``{"forward", "backward", "all_to_all"}`` (the last: the Ulysses share of
-        forward + backward)."""
-        raise NotImplementedError
-
-    @classmethod
-    def loss_allreduce_in_backward(cls) -> bool:
-        """Whether the exact loss's scalar all-reduce also runs in backward (it does unless the SP
-        ranks share one autograd graph, as tensor-parallel ranks do)."""
-        return True
-
-    @classmethod
-    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
-        """How this strategy changes the per-layer saved activations (see :class:`ActivationTerms`)."""
-        return ActivationTerms(kv_heads=m.kv_heads)
-
-    @classmethod
-    def comm_seconds(cls, comm: dict, sp: int, options, bandwidth) -> float:
-        """Seconds of SP traffic per step; ``bandwidth(ranks)`` is the bytes/s of a group of that many
-        consecutive ranks."""
-        return comm["total"] / bandwidth(sp)
 
     # ---- at run time -----------------------------------------------------------------------------
     def __init__(self, model_config, dims: MeshDims, options, *, counter=None, attn_implementation: str | None = None):

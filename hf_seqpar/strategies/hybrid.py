@@ -17,10 +17,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from hf_seqpar.core.balance import choose_layout
 from hf_seqpar.core.comm import all_to_all
 from hf_seqpar.core.layout import Layout
-from hf_seqpar.core.shape import ModelShape
-from hf_seqpar.strategies.base import ActivationTerms, divisors
-from hf_seqpar.strategies.ring import RingOptions, RingStrategy, ring_attention, ring_comm_bytes
-from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, kv_replication, seq_to_heads, ulysses_comm_bytes
+from hf_seqpar.strategies.base import CostFacts, divisors
+from hf_seqpar.strategies.ring import RingOptions, RingStrategy, ring_attention
+from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, kv_replication, seq_to_heads
 
 __all__ = ["HybridStrategy", "HybridOptions", "largest_ulysses_size"]
 
@@ -50,6 +49,11 @@ def _ulysses_size(heads: int, sp_size: int, options: HybridOptions) -> int:
     return size
 
 
+def _degrees(sp: int, options: HybridOptions, heads: int) -> tuple[int, int, int]:
+    u = _ulysses_size(heads, sp, options)
+    return u, sp // u, 1
+
+
 class HybridStrategy(RingStrategy):
     """``strategy="hybrid"``: all-to-all inside Ulysses groups, ring attention across them."""
 
@@ -57,44 +61,11 @@ class HybridStrategy(RingStrategy):
     description = "Ulysses x Ring on a 2D mesh (lifts Ulysses' head-count limit)"
     Options = HybridOptions
     bench_world = 4
+    cost = CostFacts(degrees=_degrees, a2a_in_ulysses_group=True, plan_ulysses_sizes=True)
 
     @classmethod
     def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         _ulysses_size(model_config.num_attention_heads, sp_size, options)
-
-    @classmethod
-    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
-        u = _ulysses_size(heads, sp, options)
-        return u, sp // u
-
-    @classmethod
-    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
-        return [cls.Options(ulysses_size=u) for u in range(2, sp) if sp % u == 0 and heads % u == 0]
-
-    @classmethod
-    def label(cls, sp: int, options) -> str:
-        u = options.ulysses_size
-        return f"hybrid {u}x{sp // u}" if u else f"hybrid {sp} (largest Ulysses degree)"
-
-    @classmethod
-    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
-        u, r = cls.split(sp, options, m.heads)
-        a2a = m.layers * ulysses_comm_bytes(m, seq_len, sp, batch, elem, u)
-        kv_eff = m.kv_heads * kv_replication(m.heads, m.kv_heads, u) if u > 1 else m.kv_heads
-        fwd, bwd = ring_comm_bytes(m, kv_eff // u, (seq_len // sp) * u, r, batch, elem)
-        return {"forward": a2a + m.layers * fwd, "backward": a2a + m.layers * bwd, "all_to_all": 2 * a2a}
-
-    @classmethod
-    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
-        u, _ = cls.split(sp, options, m.heads)
-        kv = m.kv_heads * kv_replication(m.heads, m.kv_heads, u) if u > 1 else m.kv_heads
-        return ActivationTerms(kv_heads=kv, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
-
-    @classmethod
-    def comm_seconds(cls, comm: dict, sp: int, options, bandwidth) -> float:
-        # the all-to-all stays inside a Ulysses group (consecutive ranks), the ring spans the SP group
-        u = options.ulysses_size or sp  # unset: bound the all-to-all's links by the whole SP group
-        return comm["all_to_all"] / bandwidth(u) + (comm["total"] - comm["all_to_all"]) / bandwidth(sp)
 
     def __init__(self, model_config, dims, options, **context):
         super().__init__(model_config, dims, options, **context)

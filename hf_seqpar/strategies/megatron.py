@@ -28,8 +28,7 @@ import torch
 from hf_seqpar.core.comm import all_reduce_sum_replicated
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.local_attention import full_sequence_attention
-from hf_seqpar.core.shape import ModelShape
-from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
+from hf_seqpar.strategies.base import CostFacts, Strategy, divisors
 from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, heads_advice
 from hf_seqpar.tp import TensorParallel
 
@@ -55,6 +54,12 @@ class MegatronStrategy(Strategy):
     name = "megatron"
     description = "tensor parallel + sequence-sharded norms/residuals (Megatron-SP)"
     shards_parameters = True
+    # heads and MLP columns split over T ranks on the full sequence (same bytes per local token), but
+    # the two all-gathered linear inputs are full-sequence; the ranks share one graph (no loss
+    # all-reduce in backward); tensor parallel stays inside a node: its collectives are on the
+    # critical path of every layer
+    cost = CostFacts(degrees=lambda sp, options, heads: (1, 1, sp), out_copy=False, gathered_inputs=2,
+                     loss_allreduce_in_backward=False, min_sp=2, heads_over_sp=True, within_node=True)
 
     @classmethod
     def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
@@ -83,26 +88,6 @@ class MegatronStrategy(Strategy):
             "DDP, which cannot wrap Megatron-SP's DTensor parameters. Use hf_seqpar.prepare_sequence_parallel "
             "with an accelerate loop (recipes/finetune_long_context.py), or strategy='ulysses'/'ring'/'hybrid'."
         )
-
-    @classmethod
-    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
-        # tensor parallel stays inside a node: its collectives are on the critical path of every layer
-        return [cls.Options()] if sp > 1 and heads % sp == 0 and sp <= gpus_per_node else []
-
-    @classmethod
-    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
-        per = m.layers * 4 * (sp - 1) * batch * (seq_len // sp) * m.hidden * elem  # 2 all-gathers + 2 reduce-scatters
-        return {"forward": per, "backward": per, "all_to_all": 0.0}
-
-    @classmethod
-    def loss_allreduce_in_backward(cls) -> bool:
-        return False  # TP ranks share one graph: the loss sum's backward is the identity
-
-    @classmethod
-    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
-        # heads and MLP columns split over T ranks on the full sequence (same bytes per local
-        # token), but the two all-gathered linear inputs are full-sequence: T x e h per local token
-        return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=2 * (sp - 1) * elem * m.hidden if sp > 1 else 0.0)
 
     def __init__(self, model_config, dims, options, **context):
         super().__init__(model_config, dims, options, **context)

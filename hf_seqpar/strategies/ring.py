@@ -33,12 +33,10 @@ from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
 from hf_seqpar.core.comm import RingShift
 from hf_seqpar.core.balance import choose_layout
 from hf_seqpar.core.layout import LAYOUT_MULTIPLE, Layout
-from hf_seqpar.core.shape import FP32, ModelShape
 from hf_seqpar.core.segments import plan_pieces
-from hf_seqpar.strategies.base import ActivationTerms, Strategy
+from hf_seqpar.strategies.base import CostFacts, Strategy
 
-__all__ = ["RingStrategy", "RingOptions", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features",
-           "ring_comm_bytes"]
+__all__ = ["RingStrategy", "RingOptions", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +49,6 @@ class RingOptions:
     ``"balanced"`` or ``"contiguous"`` (:mod:`hf_seqpar.core.balance`)."""
     backend: str | None = None
     """Block-attention kernel (a name of ``hf_seqpar.kernels.BACKENDS``); None: per device and dtype."""
-
-
-def ring_comm_bytes(m: ModelShape, kv_heads: int, shard_tokens: int, ring: int, batch: int, elem: int) -> tuple:
-    """``(forward, backward)`` bytes one rank sends per layer around a ring of ``ring`` ranks whose
-    shards hold ``shard_tokens`` tokens of ``kv_heads`` kv heads: ``(R-1)`` K/V hops forward; the
-    same backward plus ``R`` hops of the fp32 dK/dV accumulators."""
-    if ring == 1:
-        return 0.0, 0.0
-    kv = 2 * batch * kv_heads * shard_tokens * m.head_dim  # elements of one shard's K and V
-    return (ring - 1) * kv * elem, (ring - 1) * kv * elem + ring * kv * FP32
 
 
 def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int | None) -> list:
@@ -193,6 +181,7 @@ class RingStrategy(Strategy):
     name = "ring"
     description = "ring attention: K/V blocks around the ring, lse merge, zigzag load balance"
     Options = RingOptions
+    cost = CostFacts(degrees=lambda sp, options, heads: (1, sp, 1), min_sp=2)
 
     @classmethod
     def check_features(cls, features) -> None:
@@ -201,23 +190,6 @@ class RingStrategy(Strategy):
     @classmethod
     def seq_multiple(cls, sp: int, options) -> int:
         return sp * LAYOUT_MULTIPLE.get(options.layout, 2)  # auto/balanced: at least zigzag's (per batch)
-
-    @classmethod
-    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
-        return 1, sp
-
-    @classmethod
-    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
-        return [cls.Options()] if sp > 1 else []
-
-    @classmethod
-    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
-        fwd, bwd = ring_comm_bytes(m, m.kv_heads, seq_len // sp, sp, batch, elem)
-        return {"forward": m.layers * fwd, "backward": m.layers * bwd, "all_to_all": 0.0}
-
-    @classmethod
-    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
-        return ActivationTerms(kv_heads=m.kv_heads, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
 
     def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
         return choose_layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options),

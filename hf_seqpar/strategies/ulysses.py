@@ -15,11 +15,9 @@ from hf_seqpar.kernels import compute_dtype
 from hf_seqpar.core.comm import all_to_all
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.local_attention import full_sequence_attention
-from hf_seqpar.core.shape import ModelShape
-from hf_seqpar.strategies.base import ActivationTerms, Strategy, divisors
+from hf_seqpar.strategies.base import CostFacts, Strategy, divisors
 
-__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "ulysses_comm_bytes", "HeadsNotDivisibleError",
-           "heads_advice"]
+__all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "HeadsNotDivisibleError", "heads_advice"]
 
 
 class HeadsNotDivisibleError(ValueError):
@@ -91,43 +89,17 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
     return list(packed.split(sizes, dim=1))
 
 
-def ulysses_comm_bytes(m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, ulysses: int) -> float:
-    """Bytes one rank sends per layer and direction in the Ulysses all-to-all of degree ``ulysses``
-    over an SP group of ``sp`` ranks: ``(2 h_q + 2 h_kv') B N/P d (U-1)/U`` elements."""
-    if ulysses == 1:
-        return 0.0
-    kv_eff = m.kv_heads * kv_replication(m.heads, m.kv_heads, ulysses)
-    return (2 * m.heads + 2 * kv_eff) * batch * (seq_len // sp) * m.head_dim * elem * (ulysses - 1) / ulysses
-
-
 class UlyssesStrategy(Strategy):
     """``strategy="ulysses"``: contiguous shards, heads exchanged by all-to-all."""
 
     name = "ulysses"
     description = "all-to-all between sequence shards and head shards (DeepSpeed-Ulysses)"
+    cost = CostFacts(degrees=lambda sp, options, heads: (sp, 1, 1), heads_over_sp=True)
 
     @classmethod
     def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
         heads = model_config.num_attention_heads
         kv_replication(heads, getattr(model_config, "num_key_value_heads", None) or heads, sp_size, world_size)
-
-    @classmethod
-    def split(cls, sp: int, options, heads: int) -> tuple[int, int]:
-        return sp, 1
-
-    @classmethod
-    def plan_options(cls, heads: int, sp: int, gpus_per_node: int) -> list:
-        return [cls.Options()] if heads % sp == 0 else []
-
-    @classmethod
-    def comm_bytes(cls, m: ModelShape, seq_len: int, sp: int, batch: int, elem: int, options) -> dict:
-        a2a = m.layers * ulysses_comm_bytes(m, seq_len, sp, batch, elem, sp)
-        return {"forward": a2a, "backward": a2a, "all_to_all": 2 * a2a}
-
-    @classmethod
-    def activation_terms(cls, m: ModelShape, sp: int, elem: int, options) -> ActivationTerms:
-        kv = m.kv_heads * kv_replication(m.heads, m.kv_heads, sp) if sp > 1 else m.kv_heads
-        return ActivationTerms(kv_heads=kv, extra_per_token=elem * m.heads * m.head_dim if sp > 1 else 0.0)
 
     def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
         return Layout("contiguous", seq_len, self.sp_size, self.sp_size)

@@ -109,8 +109,10 @@ class StrategyTerms:
 
 
 def strategy_terms(strategy: str | None, shape: ModelShape, sp: int, ulysses_size: int | None = None) -> StrategyTerms:
-    """Every strategy-specific memory fact, in one place, asked of the strategy class (its split
-    into Ulysses and ring degrees, its activation terms, whether it shards parameters).
+    """Every strategy-specific memory fact, in one place, from the cost model
+    (:mod:`hf_seqpar.tools.cost`, reading the facts the strategy declares: its Ulysses, ring and
+    tensor-parallel degrees, its activation terms, whether it copies the attention output and
+    gathers linear inputs).
 
     Args:
         strategy: a strategy name, or None (one rank, no SP: the default strategy at degree 1,
@@ -124,20 +126,19 @@ def strategy_terms(strategy: str | None, shape: ModelShape, sp: int, ulysses_siz
     """
     from hf_seqpar.strategies import strategy_class
 
+    from . import cost
     from .theory import strategy_options
 
     name = strategy or DEFAULT_STRATEGY
     cls = strategy_class(name)
     opts = strategy_options(name, ulysses_size=ulysses_size)
-    u, r = cls.split(sp, opts, shape.heads)
-    act = cls.activation_terms(shape, sp, 1, opts)  # bytes per element 1: extra terms in elements
-    tp = sp if cls.shards_parameters else 1
-    if cls.shards_parameters:  # tensor parallel: heads split, full-sequence linear inputs gathered
-        return StrategyTerms(1, 1, tp, act.kv_heads, out_copy=False, gathered_inputs=2 if sp > 1 else 0,
-                             exchange_elems=0, ring_kv_in_flight=0, params_over_sp=sp > 1)
+    u, r, tp = cost.degrees(cls, sp, opts, shape.heads)
+    act = cost.activation_terms(cls, shape, sp, 1, opts)  # bytes per element 1: extra terms in elements
     exchange = (shape.heads + 2 * act.kv_heads) * shape.head_dim if u > 1 else 0
-    return StrategyTerms(u, r, 1, act.kv_heads, out_copy=True, gathered_inputs=0, exchange_elems=exchange,
-                         ring_kv_in_flight=0 if r == 1 else (1 if r == 2 else 2), params_over_sp=False)
+    # tensor parallel (tp > 1): heads split, full-sequence linear inputs gathered, parameters split
+    return StrategyTerms(u, r, tp, act.kv_heads, out_copy=cls.cost.out_copy,
+                         gathered_inputs=cls.cost.gathered_inputs if tp > 1 else 0, exchange_elems=exchange,
+                         ring_kv_in_flight=0 if r == 1 else (1 if r == 2 else 2), params_over_sp=tp > 1)
 
 
 @dataclass(frozen=True)

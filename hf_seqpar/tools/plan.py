@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_seqpar.strategies import STRATEGIES, strategy_class
+from hf_seqpar.tools import cost
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
@@ -133,17 +134,17 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return self.cls.label(self.sp, self.opts)
+        return cost.label(self.cls, self.sp, self.opts)
 
 
 def candidates(shape: ModelShape, cluster: Cluster) -> list[Candidate]:
     """Every strategy and split that can run ``shape`` on the cluster (``sp`` divides the GPUs); each
-    strategy says which option sets it can run with (``Strategy.plan_options``)."""
+    strategy's declared facts say which option sets it can run with (:func:`hf_seqpar.tools.cost.plan_options`)."""
     out = []
     for sp in (d for d in range(1, cluster.gpus + 1) if cluster.gpus % d == 0):
         for name, cls in STRATEGIES.items():
-            for options in cls.plan_options(shape.heads, sp, cluster.gpus_per_node):
-                u, r = cls.split(sp, options, shape.heads)
+            for options in cost.plan_options(cls, shape.heads, sp, cluster.gpus_per_node):
+                u, r = cost.split(cls, sp, options, shape.heads)
                 out.append(Candidate(name, sp, u, r, options))
     return out
 
@@ -184,13 +185,13 @@ def _comm_seconds(cand: Candidate, comm: dict, cluster: Cluster) -> float:
     if cand.sp == 1:
         return 0.0
     bw = lambda ranks: (cluster.intra_gbps if ranks <= cluster.gpus_per_node else cluster.inter_gbps) * 1e9  # noqa
-    return cand.cls.comm_seconds(comm, cand.sp, cand.opts, bw)
+    return cost.comm_seconds(cand.cls, comm, cand.sp, cand.opts, bw)
 
 
 def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster, setup: Setup) -> dict:
     """Predicted memory (bytes), host memory, attention time and communication of one candidate at
     one sequence length (activations: :func:`hf_seqpar.tools.memmodel.peak_memory`)."""
-    multiple = cand.cls.seq_multiple(cand.sp, cand.opts)
+    multiple = cost.seq_multiple(cand.cls, cand.sp, cand.opts)
     seq = -(-seq_len // multiple) * multiple
     states = _states(shape, cand, cluster, setup)
     host_states = states if setup.sharding in HOST_STATES else 0.0
@@ -261,7 +262,7 @@ def attention_balance(cand: Candidate, seq_len: int, rows: str = "single") -> di
             "longtail": lambda: document_ids(longtail_positions(seq_len))}[rows]
     docs = docs() if docs else None
     valid = torch.ones(1, seq_len, dtype=torch.bool)
-    multiple = cand.cls.seq_multiple(cand.sp, cand.opts)
+    multiple = cost.seq_multiple(cand.cls, cand.sp, cand.opts)
     kind = getattr(cand.opts, "layout", "auto")
     chosen = layout_report(choose_layout(kind, seq_len, cand.sp, multiple, cand.ulysses, valid, docs), valid, docs)
     zigzag = layout_report(choose_layout("zigzag", seq_len, cand.sp, multiple, cand.ulysses), valid, docs)

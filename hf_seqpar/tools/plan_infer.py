@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from hf_seqpar.core.shape import FP32, ModelShape
 from hf_seqpar.strategies import STRATEGIES
 from hf_seqpar.strategies.ulysses import kv_replication
+from hf_seqpar.tools import cost
 
 __all__ = ["kv_bytes_per_rank", "InferenceRow", "inference_rows", "longest_prompt", "format_inference", "GENERATION_STRATEGIES"]
 
@@ -74,7 +75,7 @@ def kv_bytes_per_rank(m: ModelShape, seq: int, sp: int, new: int = 32, batch: in
 def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: int, elem: int,
          budget_gib: float) -> InferenceRow:
     cls = STRATEGIES[name]
-    u, r = cls.split(sp, options, m.heads)
+    u, r = cost.split(cls, sp, options, m.heads)
     kv_tok, work_tok = _per_token_bytes(m, sp, u, r, elem)
     weights = m.params * elem
     local = batch * -(-seq // sp)
@@ -84,7 +85,7 @@ def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: 
     per_row = (kv_tok + work_tok) * batch / sp  # bytes per prompt token of one row
     longest = max(0, int((budget_gib * GiB - weights - kv_tok * batch * -(-new // sp)) / per_row))
     longest -= longest % sp  # whole shards: ceil(S / P) positions per rank stay within the budget
-    return InferenceRow(cls.label(sp, options), sp, weights / GiB, kv / GiB, work / GiB, total / GiB,
+    return InferenceRow(cost.label(cls, sp, options), sp, weights / GiB, kv / GiB, work / GiB, total / GiB,
                         total <= budget_gib * GiB, longest)
 
 
@@ -94,7 +95,7 @@ def inference_rows(m: ModelShape, seq: int, gpus: int, *, new: int = 32, batch: 
     rows = []
     for sp in (d for d in range(1, gpus + 1) if gpus % d == 0):
         for name in GENERATION_STRATEGIES:
-            for options in STRATEGIES[name].plan_options(m.heads, sp, gpus_per_node):
+            for options in cost.plan_options(STRATEGIES[name], m.heads, sp, gpus_per_node):
                 rows.append(_row(m, name, options, sp, seq, new, batch, elem, budget_gib))
     return rows
 

@@ -70,6 +70,7 @@ def _measure(spec: ScalingSpec) -> dict:
     import hf_seqpar
     from hf_seqpar.core.balance import layout_report
     from hf_seqpar.core.masks import document_ids
+    from hf_seqpar.tools import cost
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.rowbench import RowSpec, make_rows
 
@@ -99,7 +100,7 @@ def _measure(spec: ScalingSpec) -> dict:
     mask = batch.get("attention_mask")
     report = layout_report(local["seqpar"].layout, None if mask is None else mask.bool(), docs)
     strategy = hf_seqpar.find_state(model).strategy
-    if strategy.split(spec.world, strategy.options, config.num_attention_heads)[1] == 1:
+    if cost.split(type(strategy), spec.world, strategy.options, config.num_attention_heads)[1] == 1:
         report["work_max_over_mean"] = 1.0  # no ring: every rank attends over all tokens for its heads
     return dict(walls=walls, cpus=cpus, **report)
 

@@ -3,8 +3,8 @@
 Shared by ``hf-seqpar bench`` (theory column next to the measured one) and ``hf-seqpar plan``
 (predictions for clusters we cannot run here). Conventions match :mod:`hf_seqpar.core.comm`: bytes a
 rank *sends*, per optimizer step of one micro-batch (forward + backward). Each strategy's own
-terms come from its class (``comm_bytes``, ``activation_terms``: the cost model lives with the
-strategy); the shared per-layer formulas are in :mod:`hf_seqpar.core.shape`.
+terms come from :mod:`hf_seqpar.tools.cost` (the cost model, reading the facts the strategy
+declares); the shared per-layer formulas are in :mod:`hf_seqpar.core.shape`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hf_seqpar.core.shape import (FP32, ModelShape, layer_activation_bytes, norm
                                   outside_activation_bytes)
 from hf_seqpar.strategies import strategy_class
 from hf_seqpar.strategies.ulysses import kv_replication
+from hf_seqpar.tools import cost
 
 __all__ = ["ModelShape", "comm_bytes", "activation_bytes", "kv_heads_after_replication", "strategy_options"]
 
@@ -53,19 +54,19 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
         ``{"forward": bytes, "backward": bytes, "total": bytes, "all_to_all": bytes}``; the last is
         the Ulysses all-to-all share of the total (the rest is ring, TP or loss traffic).
 
-    Formulas (per layer, elements; see each strategy's ``comm_bytes``): Ulysses
+    Formulas (per layer, elements; see :func:`hf_seqpar.tools.cost.comm_bytes`): Ulysses
     ``(2 h_q + 2 h_kv') B N/P d (P-1)/P`` each way; ring ``(R-1) 2 B h_kv N/R d`` forward, the same
     plus ``R`` fp32 dK/dV hops backward; Megatron-SP ``4 (T-1) B N/T h`` forward (2 all-gathers +
     2 reduce-scatters), the same backward.
     """
     cls = strategy_class(strategy)
     options = strategy_options(strategy, ulysses_size=ulysses_size)
-    parts = cls.comm_bytes(m, seq_len, sp, batch, elem, options)
+    parts = cost.comm_bytes(cls, m, seq_len, sp, batch, elem, options)
     fwd, bwd, a2a = parts["forward"], parts["backward"], parts["all_to_all"]
     if loss_allreduce and sp > 1:
         ar = 2 * FP32 * (sp - 1) / sp
         fwd += ar
-        if cls.loss_allreduce_in_backward():
+        if cost.loss_allreduce_in_backward(cls):
             bwd += ar
     if not backward:
         bwd, a2a = 0.0, a2a / 2
@@ -97,7 +98,7 @@ def activation_bytes(strategy: str | None, m: ModelShape, seq_len: int, sp: int 
     else:
         cls = strategy_class(strategy)
         options = strategy_options(strategy, ulysses_size=ulysses_size)
-        terms = cls.activation_terms(m, sp, elem, options)
+        terms = cost.activation_terms(cls, m, sp, elem, options)
         kv, extra = terms.kv_heads, terms.extra_per_token
     layer = layer_activation_bytes(m, elem, kv, extra)
     outside = outside_activation_bytes(m, elem, chunked_loss)
