@@ -8,8 +8,8 @@ import dataclasses
 import logging
 
 import torch.distributed as dist
-from torch.nn import Module
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn import Module
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hf_seqpar.config import STRATEGY_OPTION_FIELDS, SequenceParallelConfig, resolve
@@ -17,8 +17,15 @@ from hf_seqpar.core import moe
 from hf_seqpar.core.comm import CommCounter
 from hf_seqpar.core.hooks import PREFIX, register, require_batch
 from hf_seqpar.core.loss import SequenceParallelLoss
-from hf_seqpar.core.mesh import (STATE_ATTR, MeshDims, SeqParState, build_mesh, check_mesh, require_distributed,
-                                 unwrap_model)
+from hf_seqpar.core.mesh import (
+    STATE_ATTR,
+    MeshDims,
+    SeqParState,
+    build_mesh,
+    check_mesh,
+    require_distributed,
+    unwrap_model,
+)
 from hf_seqpar.core.sharding import record_outputs
 from hf_seqpar.strategies import STRATEGIES
 
@@ -98,8 +105,13 @@ def enable_sequence_parallel(
     resolved = resolve(config, world, model=base)  # the one check: world, auto, options, model, features
     if resolved.reason is not None and dist.get_rank() == 0:
         logger.warning("hf_seqpar: strategy='auto' chose %r: %s", resolved.config.strategy, resolved.reason)
-    config, cls, options, features, impl = (resolved.config, resolved.strategy, resolved.options, resolved.features,
-                                            resolved.attn_implementation)
+    config, cls, options, features, impl = (
+        resolved.config,
+        resolved.strategy,
+        resolved.options,
+        resolved.features,
+        resolved.attn_implementation,
+    )
     if dims is None:
         dims = MeshDims(build_mesh(config.sp_size))
     counter = CommCounter(enabled=config.count_comm)
@@ -161,18 +173,26 @@ def _make_config(config, strategy, sp_size, check_batch, count_comm, options) ->
     when it was built), or one built (and so checked) from the keywords."""
     if config is not None:
         if options:
-            raise ValueError(f"pass strategy options in the config, not as keywords next to config= (got {sorted(options)})")
+            raise ValueError(
+                f"pass strategy options in the config, not as keywords next to config= (got {sorted(options)})"
+            )
         plain = object.__new__(SequenceParallelConfig)  # the same fields, no second check
         plain.__dict__.update({f.name: getattr(config, f.name) for f in dataclasses.fields(SequenceParallelConfig)})
         return plain
     unknown = sorted(set(options) - set(STRATEGY_OPTION_FIELDS))
     if unknown:
-        takes = ([f.name for f in dataclasses.fields(STRATEGIES[strategy].Options)] if strategy in STRATEGIES
-                 else list(STRATEGY_OPTION_FIELDS))
-        raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; it takes: {takes or 'no options'} "
-                         f"(strategy options of any strategy: {list(STRATEGY_OPTION_FIELDS)})")
-    return SequenceParallelConfig(strategy=strategy, sp_size=sp_size, check_batch=check_batch, count_comm=count_comm,
-                                  **options)
+        takes = (
+            [f.name for f in dataclasses.fields(STRATEGIES[strategy].Options)]
+            if strategy in STRATEGIES
+            else list(STRATEGY_OPTION_FIELDS)
+        )
+        raise ValueError(
+            f"unknown option(s) {unknown} for strategy {strategy!r}; it takes: {takes or 'no options'} "
+            f"(strategy options of any strategy: {list(STRATEGY_OPTION_FIELDS)})"
+        )
+    return SequenceParallelConfig(
+        strategy=strategy, sp_size=sp_size, check_batch=check_batch, count_comm=count_comm, **options
+    )
 
 
 def disable_sequence_parallel(model):
@@ -192,7 +212,7 @@ def disable_sequence_parallel(model):
     if state is None:
         impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
         if impl.startswith(PREFIX):  # built from an SP model's config: SP's name without SP's state
-            base.set_attn_implementation(impl[len(PREFIX):])
+            base.set_attn_implementation(impl[len(PREFIX) :])
         return model
     for handle in state.hooks:
         handle.remove()
@@ -237,13 +257,15 @@ def unsharded(model):
     base = unwrap_model(model)
     state = getattr(base, STATE_ATTR, None)
     if state is None:
-        raise ValueError("hf_seqpar.unsharded(model): sequence parallelism is not enabled on this model; use the "
-                         "model as it is")
+        raise ValueError(
+            "hf_seqpar.unsharded(model): sequence parallelism is not enabled on this model; use the model as it is"
+        )
     if state.strategy.shards_parameters:
         raise NotImplementedError(
             f"hf_seqpar.unsharded(model) cannot run strategy {state.config.strategy!r} unsharded: its parameters are "
             "sharded over the SP group; call the model on sharded batches, or hf_seqpar.disable_sequence_parallel("
-            "model) to gather them (then enable again and re-create the optimizer)")
+            "model) to gather them (then enable again and re-create the optimizer)"
+        )
     sp_impl, sp_loss = base.config._attn_implementation, base.__dict__.get("_loss_function")
     _restore_plain(base, state)
     try:

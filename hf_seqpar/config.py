@@ -23,8 +23,16 @@ from hf_seqpar.core.mesh import check_positive_int, check_sp_size
 from hf_seqpar.strategies import AUTO, STRATEGIES, choose_strategy, strategy_class
 from hf_seqpar.strategies.base import STRATEGY_OPTION_FIELDS
 
-__all__ = ["SequenceParallelConfig", "Resolved", "resolve", "unknown_keys_message", "CHECK_BATCH_MODES", "LAYOUTS",
-           "BACKEND_NAMES", "STRATEGY_OPTION_FIELDS"]
+__all__ = [
+    "SequenceParallelConfig",
+    "Resolved",
+    "resolve",
+    "unknown_keys_message",
+    "CHECK_BATCH_MODES",
+    "LAYOUTS",
+    "BACKEND_NAMES",
+    "STRATEGY_OPTION_FIELDS",
+]
 
 CheckBatch = Literal["first", "always", "never"]
 #: Sequence layouts (``hf_seqpar.core.layout.LAYOUT_CHOICES``) the ring-based strategies take.
@@ -46,8 +54,10 @@ def unknown_keys_message(source: str, unknown, valid, prefix: str = "") -> str:
         if close:
             hints.append(f"{prefix}{key!s} -> did you mean {prefix}{close[0]}?")
     hint = f" ({'; '.join(hints)})" if hints else ""
-    return (f"{source} has unknown key(s) {[prefix + str(k) for k in unknown]}{hint}; valid keys are: "
-            f"{', '.join(prefix + v for v in valid)}")
+    return (
+        f"{source} has unknown key(s) {[prefix + str(k) for k in unknown]}{hint}; valid keys are: "
+        f"{', '.join(prefix + v for v in valid)}"
+    )
 
 
 @dataclass
@@ -103,12 +113,16 @@ class SequenceParallelConfig:
         for name in ("sp_size", "ulysses_size"):
             check_positive_int(name, getattr(self, name))
         if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r}; use 'auto' (zigzag, or balanced for packed rows), "
-                             "'zigzag' (balanced causal work of one document), 'balanced' (chunks by causal work) or "
-                             "'contiguous' (or None for the strategy's default)")
+            raise ValueError(
+                f"layout={self.layout!r}; use 'auto' (zigzag, or balanced for packed rows), "
+                "'zigzag' (balanced causal work of one document), 'balanced' (chunks by causal work) or "
+                "'contiguous' (or None for the strategy's default)"
+            )
         if self.backend is not None and self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend={self.backend!r}; valid attention backends: {sorted(BACKEND_NAMES)} "
-                             "(or None to pick one for the device and dtype)")
+            raise ValueError(
+                f"backend={self.backend!r}; valid attention backends: {sorted(BACKEND_NAMES)} "
+                "(or None to pick one for the device and dtype)"
+            )
         if self.check_batch not in CHECK_BATCH_MODES:
             raise ValueError(f"check_batch={self.check_batch!r}; use one of {list(CHECK_BATCH_MODES)}")
         if not isinstance(self.count_comm, bool):
@@ -197,8 +211,10 @@ def resolve(config: SequenceParallelConfig, world_size: int, model_config=None, 
         try:
             STRATEGIES[name].options_from(resolved)
         except ValueError as e:
-            raise ValueError(f"strategy='auto' chose {name!r} ({reason}), but {e}; name the strategy instead of "
-                             "'auto' or drop the option") from None
+            raise ValueError(
+                f"strategy='auto' chose {name!r} ({reason}), but {e}; name the strategy instead of "
+                "'auto' or drop the option"
+            ) from None
     cls = STRATEGIES[name]
     options = cls.options_from(resolved)
     features = None
@@ -210,8 +226,15 @@ def resolve(config: SequenceParallelConfig, world_size: int, model_config=None, 
         features = attention_features(model)
         check_sequence_mixing(features)
         cls.check_features(features)
-    return Resolved(config=resolved, requested=requested, strategy=cls, options=options, reason=reason,
-                    features=features, attn_implementation=impl)
+    return Resolved(
+        config=resolved,
+        requested=requested,
+        strategy=cls,
+        options=options,
+        reason=reason,
+        features=features,
+        attn_implementation=impl,
+    )
 
 
 def _check_attention(model) -> str:

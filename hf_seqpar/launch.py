@@ -27,9 +27,12 @@ BANNER = "#" * 78
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``python -m hf_seqpar.launch`` and ``hf-seqpar launch``."""
-    parser.add_argument("--sp-config", default=None,
-                        help="SP config YAML (recipes/sp/*.yaml, or an accelerate config with hf_seqpar_* keys); "
-                             "default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks")
+    parser.add_argument(
+        "--sp-config",
+        default=None,
+        help="SP config YAML (recipes/sp/*.yaml, or an accelerate config with hf_seqpar_* keys); "
+        "default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks",
+    )
     parser.add_argument("script", help="the training script (run as __main__)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
@@ -65,8 +68,9 @@ def _rank() -> int:
 
 def _warn(lines: list[str]) -> None:
     if _rank() == 0:
-        print("\n".join([BANNER, *(f"# hf-seqpar launch: {line}" for line in lines), BANNER]), file=sys.stderr,
-              flush=True)
+        print(
+            "\n".join([BANNER, *(f"# hf-seqpar launch: {line}" for line in lines), BANNER]), file=sys.stderr, flush=True
+        )
 
 
 def run_script(script: str, script_args: list[str], sp_config: str | None = None):
@@ -84,8 +88,12 @@ def run_script(script: str, script_args: list[str], sp_config: str | None = None
     source = sp_config or os.environ.get(SP_CONFIG_ENV) or "the defaults (ulysses over all ranks)"
     plugin = SequenceParallelPlugin.load(sp_config)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _warn(["ONE PROCESS: no launcher started several ranks, so sequence parallelism has sp_size=1 (nothing",
-               "is sharded). Run under `accelerate launch -m hf_seqpar.launch ...` or `torchrun -m hf_seqpar.launch`."])
+        _warn(
+            [
+                "ONE PROCESS: no launcher started several ranks, so sequence parallelism has sp_size=1 (nothing",
+                "is sharded). Run under `accelerate launch -m hf_seqpar.launch ...` or `torchrun -m hf_seqpar.launch`.",
+            ]
+        )
     argv, path0 = sys.argv[:], sys.path[0]
     sys.argv, sys.path[0] = [script, *script_args], os.path.dirname(os.path.abspath(script))
     record = None
@@ -96,12 +104,16 @@ def run_script(script: str, script_args: list[str], sp_config: str | None = None
         sys.argv, sys.path[0] = argv, path0
         if record is not None and not record.constructed:
             covered = ", ".join(sorted({p.rsplit(".", 1)[1] for p in record.patched}))
-            _warn([f"SEQUENCE PARALLELISM WAS NEVER APPLIED: {script} built no Trainer under the SP config from",
-                   f"{source}; whatever it trained ran without SP (plain DDP). The launch covers these classes",
-                   f"(and subclasses the script defines): {covered}.",
-                   "A trainer class created before the launch (e.g. transformers' Seq2SeqTrainer, TRL's other",
-                   "trainers) or a custom loop is not: use hf_seqpar.SequenceParallelMixin or",
-                   "hf_seqpar.prepare_sequence_parallel in the script."])
+            _warn(
+                [
+                    f"SEQUENCE PARALLELISM WAS NEVER APPLIED: {script} built no Trainer under the SP config from",
+                    f"{source}; whatever it trained ran without SP (plain DDP). The launch covers these classes",
+                    f"(and subclasses the script defines): {covered}.",
+                    "A trainer class created before the launch (e.g. transformers' Seq2SeqTrainer, TRL's other",
+                    "trainers) or a custom loop is not: use hf_seqpar.SequenceParallelMixin or",
+                    "hf_seqpar.prepare_sequence_parallel in the script.",
+                ]
+            )
     return record
 
 

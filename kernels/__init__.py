@@ -62,8 +62,9 @@ def backend_named(name: str | Backend | None) -> Backend | None:
     return BACKENDS[name]
 
 
-def select_backend(device: torch.device, needs_mask: bool, name: str | Backend | None = None,
-                   dtype: torch.dtype | None = None) -> Backend:
+def select_backend(
+    device: torch.device, needs_mask: bool, name: str | Backend | None = None, dtype: torch.dtype | None = None
+) -> Backend:
     """The backend for a block on ``device``.
 
     Args:
@@ -81,19 +82,28 @@ def select_backend(device: torch.device, needs_mask: bool, name: str | Backend |
         backend = backend_named(name)
         name = backend.name
         if device.type not in backend.devices or not backend.available():
-            raise ValueError(f"attention backend {name!r} cannot run on {device.type} here "
-                             f"(devices {backend.devices}, available={backend.available()})")
+            raise ValueError(
+                f"attention backend {name!r} cannot run on {device.type} here "
+                f"(devices {backend.devices}, available={backend.available()})"
+            )
         if needs_mask and not backend.supports_mask:
-            raise ValueError(f"attention backend {name!r} takes no masks, but this block needs one "
-                             "(padding, documents or a window); choose a backend that does, or leave it automatic")
+            raise ValueError(
+                f"attention backend {name!r} takes no masks, but this block needs one "
+                "(padding, documents or a window); choose a backend that does, or leave it automatic"
+            )
         if dtype is not None and dtype not in backend.dtypes:
-            raise ValueError(f"attention backend {name!r} computes in {[str(d) for d in backend.dtypes]}, not "
-                             f"{dtype}; train in bf16 (weights or autocast) or leave the backend automatic")
+            raise ValueError(
+                f"attention backend {name!r} computes in {[str(d) for d in backend.dtypes]}, not "
+                f"{dtype}; train in bf16 (weights or autocast) or leave the backend automatic"
+            )
         return backend
     for candidate in PREFERENCE.get(device.type, ()):
         backend = BACKENDS[candidate]
-        if (backend.available() and (backend.supports_mask or not needs_mask)
-                and (dtype is None or dtype in backend.dtypes)):
+        if (
+            backend.available()
+            and (backend.supports_mask or not needs_mask)
+            and (dtype is None or dtype in backend.dtypes)
+        ):
             return backend
     raise ValueError(f"no attention backend for device {device.type!r} and dtype {dtype}; valid: {sorted(BACKENDS)}")
 
@@ -107,14 +117,20 @@ def _prepare(q, k, v, causal, window, mask, backend_name):
         raise ValueError(f"causal blocks must be square (top-left alignment), got {q.shape[2]} x {k.shape[2]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
-    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, q.shape[0])
-                             or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2])):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; this block needs (1 or {q.shape[0]}, 1, "
-                         f"{q.shape[2]}, {k.shape[2]})")
+    if mask is not None and (
+        mask.dim() != 4
+        or mask.shape[1] != 1
+        or mask.shape[0] not in (1, q.shape[0])
+        or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2])
+    ):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; this block needs (1 or {q.shape[0]}, 1, {q.shape[2]}, {k.shape[2]})"
+        )
     dtype = compute_dtype(q, k, v)
     needs_mask = mask is not None
-    backend = select_backend(q.device, needs_mask or (window is not None and not _native(backend_name)),
-                             backend_name, dtype)
+    backend = select_backend(
+        q.device, needs_mask or (window is not None and not _native(backend_name)), backend_name, dtype
+    )
     if window is not None and not backend.native_window:
         mask, window = allowed_mask(q.shape[2], k.shape[2], causal, window, mask, q.device), None
     return backend, window, mask, dtype
@@ -126,8 +142,17 @@ def _native(name):
     return name is not None and BACKENDS.get(name, Backend()).native_window
 
 
-def block_forward(q, k, v, *, scale: float, causal: bool = False, window: int | None = None,
-                  mask: torch.Tensor | None = None, backend: str | None = None):
+def block_forward(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool = False,
+    window: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+):
     """Attention of a block of queries over a block of keys, with its log-sum-exp.
 
     Args:
@@ -159,8 +184,20 @@ def block_forward(q, k, v, *, scale: float, causal: bool = False, window: int | 
     return out, lse
 
 
-def block_backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, window: int | None = None,
-                   mask: torch.Tensor | None = None, backend: str | None = None):
+def block_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    scale: float,
+    causal: bool = False,
+    window: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+):
     """Gradients of one block given the rows' *final* output and log-sum-exp.
 
     With ``out``/``lse`` of the complete attention of each row (all key blocks merged), the

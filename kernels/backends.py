@@ -92,14 +92,23 @@ class TorchCPUBackend(Backend):
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)
+            q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale
+        )
         return out, lse.to(_lse_dtype(q))
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.to(_lse_dtype(q)), 0.0, causal,
+            dout.to(q.dtype),
+            q,
+            k,
+            v,
+            out.to(q.dtype),
+            lse.to(_lse_dtype(q)),
+            0.0,
+            causal,
             attn_mask=_additive(mask, q.dtype),
-            scale=scale)
+            scale=scale,
+        )
 
 
 #: Sequence alignment of the memory-efficient kernel's lse (``kAlignLSE`` in aten's
@@ -204,8 +213,25 @@ class CudaFlashBackend(Backend):
         """The positional arguments of ``aten._scaled_dot_product_flash_attention_backward``
         (K/V already expanded to the query heads); no device needed, unit-tested on CPU."""
         seed = _dense_seed(q)
-        return ((dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
-                 None, None, q.shape[2], k.shape[2], 0.0, causal, seed, seed), {"scale": scale})
+        return (
+            (
+                dout.to(q.dtype).contiguous(),
+                q,
+                k,
+                v,
+                out.to(q.dtype).contiguous(),
+                lse.float().contiguous(),
+                None,
+                None,
+                q.shape[2],
+                k.shape[2],
+                0.0,
+                causal,
+                seed,
+                seed,
+            ),
+            {"scale": scale},
+        )
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
@@ -234,9 +260,23 @@ class CudaEfficientBackend(Backend):
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         seed = _dense_seed(q)
         # out (and dout, alike) in the forward's own layout: see bshd_layout
-        return ((bshd_layout(dout.to(q.dtype)), q, k, v, bias, bshd_layout(out.to(q.dtype)),
-                 efficient_lse_for_backward(lse), seed, seed, 0.0, [True, True, True, False], causal),
-                {"scale": scale})
+        return (
+            (
+                bshd_layout(dout.to(q.dtype)),
+                q,
+                k,
+                v,
+                bias,
+                bshd_layout(out.to(q.dtype)),
+                efficient_lse_for_backward(lse),
+                seed,
+                seed,
+                0.0,
+                [True, True, True, False],
+                causal,
+            ),
+            {"scale": scale},
+        )
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         ke, ve = _expand_kv(q, k, v)
@@ -270,15 +310,34 @@ class CudnnBackend(Backend):
         out = out.to(q.dtype).contiguous()
         # cuDNN wants dO laid out like O
         dout = dout.to(q.dtype).contiguous()
-        return ((dout, q, k, v, out, cudnn_lse_for_backward(lse), seed, seed, bias, None, None,
-                 q.shape[2], k.shape[2], 0.0, causal), {"scale": scale})
+        return (
+            (
+                dout,
+                q,
+                k,
+                v,
+                out,
+                cudnn_lse_for_backward(lse),
+                seed,
+                seed,
+                bias,
+                None,
+                None,
+                q.shape[2],
+                k.shape[2],
+                0.0,
+                causal,
+            ),
+            {"scale": scale},
+        )
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
         if q.shape[2] == 1 and k.shape[2] == 1:
             # "cuDNN Frontend error: s_q = s_kv = 1 is not supported"; the gradients depend only on
             # the final out/lse, so the memory-efficient kernel gives this block's exact share
-            return CudaEfficientBackend().backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
-                                                   window=window, mask=mask)
+            return CudaEfficientBackend().backward(
+                dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, mask=mask
+            )
         ke, ve = _expand_kv(q, k, v)
         args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(*args, **kwargs)
@@ -309,8 +368,16 @@ class FlashAttnBackend(Backend):
         from flash_attn import flash_attn_func
 
         # flash-attn layout is (B, S, h, D)
-        out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale,
-                                      causal, window_size=self._window(window), return_attn_probs=True)
+        out, lse, _ = flash_attn_func(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            0.0,
+            scale,
+            causal,
+            window_size=self._window(window),
+            return_attn_probs=True,
+        )
         return out.transpose(1, 2), lse.float()
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
@@ -319,11 +386,27 @@ class FlashAttnBackend(Backend):
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
         left, right = self._window(window)
-        _flash_attn_backward(dout.to(q.dtype).transpose(1, 2).contiguous(), qt, kt, vt,
-                             out.to(q.dtype).transpose(1, 2).contiguous(), lse.float().contiguous(), dq, dk, dv,
-                             0.0, scale, causal, left, right, 0.0, None, False, None)
+        _flash_attn_backward(
+            dout.to(q.dtype).transpose(1, 2).contiguous(),
+            qt,
+            kt,
+            vt,
+            out.to(q.dtype).transpose(1, 2).contiguous(),
+            lse.float().contiguous(),
+            dq,
+            dk,
+            dv,
+            0.0,
+            scale,
+            causal,
+            left,
+            right,
+            0.0,
+            None,
+            False,
+            None,
+        )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
 
     # ---- variable length (packed documents), flash-attn layout (total_tokens, h, D) ----------
 
@@ -332,8 +415,20 @@ class FlashAttnBackend(Backend):
         ``(total, h, D)`` tensors; returns ``(out, lse)`` with lse ``(h, total)`` fp32."""
         from flash_attn import flash_attn_varlen_func
 
-        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, scale,
-                                             causal, window_size=self._window(window), return_attn_probs=True)
+        out, lse, _ = flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            0.0,
+            scale,
+            causal,
+            window_size=self._window(window),
+            return_attn_probs=True,
+        )
         return out, lse.float()
 
     def varlen_backward(self, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, *, scale, causal=True, window=None):
@@ -342,13 +437,41 @@ class FlashAttnBackend(Backend):
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         left, right = self._window(window)
-        _flash_attn_varlen_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv, cu_seqlens,
-                                    cu_seqlens, max_seqlen, max_seqlen, 0.0, scale, causal, left, right, 0.0, None,
-                                    False, None)
+        _flash_attn_varlen_backward(
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            dq,
+            dk,
+            dv,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            0.0,
+            scale,
+            causal,
+            left,
+            right,
+            0.0,
+            None,
+            False,
+            None,
+        )
         return dq, dk, dv
 
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (ReferenceBackend(), TorchCPUBackend(), CudaFlashBackend(), CudaEfficientBackend(),
-                        CudnnBackend(), FlashAttnBackend())
+    b.name: b
+    for b in (
+        ReferenceBackend(),
+        TorchCPUBackend(),
+        CudaFlashBackend(),
+        CudaEfficientBackend(),
+        CudnnBackend(),
+        FlashAttnBackend(),
+    )
 }

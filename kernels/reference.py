@@ -74,7 +74,7 @@ def reference_backward(dout, q, k, v, out, lse, *, scale, causal=False, window=N
     p = torch.exp(s - lse.double()[..., None]).nan_to_num(0.0)  # (B, h_q, Sq, Sk)
     dout, vr = dout.double(), v.double().repeat_interleave(groups, dim=1)
     kr = k.double().repeat_interleave(groups, dim=1)
-    dv = p.transpose(-1, -2) @ dout                                  # (B, h_q, Sk, D)
+    dv = p.transpose(-1, -2) @ dout  # (B, h_q, Sk, D)
     dp = dout @ vr.transpose(-1, -2)
     ds = p * (dp - (dout * out.double()).sum(-1, keepdim=True))
     dq = ds @ kr * scale

@@ -40,5 +40,4 @@ def triton_merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
         raise ValueError("triton_merge_into needs contiguous fp32 accumulators")
     dim = out.shape[-1]
     rows = lse.numel()
-    _merge_rows[(rows,)](out, lse, out_b.contiguous(), lse_b.contiguous(), dim,
-                         BLOCK=triton.next_power_of_2(dim))
+    _merge_rows[(rows,)](out, lse, out_b.contiguous(), lse_b.contiguous(), dim, BLOCK=triton.next_power_of_2(dim))

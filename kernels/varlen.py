@@ -26,8 +26,19 @@ import torch
 
 from .reference import window_visible
 
-__all__ = ["Piece", "band_mask", "packed_mask", "pack_pieces", "check_pieces", "pieces_forward", "pieces_backward",
-           "unpack_pieces", "varlen_attention", "PACK_SPAN", "CALL_COST"]
+__all__ = [
+    "Piece",
+    "band_mask",
+    "packed_mask",
+    "pack_pieces",
+    "check_pieces",
+    "pieces_forward",
+    "pieces_backward",
+    "unpack_pieces",
+    "varlen_attention",
+    "PACK_SPAN",
+    "CALL_COST",
+]
 
 FULL, CAUSAL, MASKED, PACKED = "full", "causal", "masked", "packed"
 
@@ -82,8 +93,7 @@ def packed_mask(p: Piece, device=None) -> torch.Tensor:
         q0, k0 = p.q[0], p.k[0]
         nq, nk = p.q[1] - q0, p.k[1] - k0
         # (n, 5): each part's tile-relative q0, q1, k0, k1 and whether it is causal
-        parts = torch.tensor([(a.q[0] - q0, a.q[1] - q0, a.k[0] - k0, a.k[1] - k0, a.kind == CAUSAL)
-                              for a in p.parts])
+        parts = torch.tensor([(a.q[0] - q0, a.q[1] - q0, a.k[0] - k0, a.k[1] - k0, a.kind == CAUSAL) for a in p.parts])
         qa, qb, ka, kb, causal = (parts[:, i].view(-1, 1, 1) for i in range(5))
         qi, ki = torch.arange(nq).view(1, nq, 1), torch.arange(nk).view(1, 1, nk)
         inside = (qi >= qa) & (qi < qb) & (ki >= ka) & (ki < kb)  # (n, nq, nk)
@@ -138,8 +148,9 @@ def unpack_pieces(pieces) -> list[Piece]:
     return [part for p in pieces for part in (p.parts if p.kind == PACKED else (p,))]
 
 
-def band_mask(q_global: int, nq: int, k_global: int, nk: int, causal: bool, window: int | None,
-              device=None) -> torch.Tensor:
+def band_mask(
+    q_global: int, nq: int, k_global: int, nk: int, causal: bool, window: int | None, device=None
+) -> torch.Tensor:
     """Bool ``(1, 1, nq, nk)``: which keys each query of a tile may see, from global indices.
 
     The rule is the one of every path, :func:`hf_seqpar.kernels.reference.window_visible`: causal ``k <= q``
@@ -163,18 +174,26 @@ def check_pieces(pieces, batch: int, sq: int, sk: int) -> None:
     """
     for p in pieces:
         (b0, b1), (q0, q1), (k0, k1) = p.rows, p.q, p.k
-        ok = (0 <= b0 < b1 <= batch and 0 <= q0 < q1 <= sq and 0 <= k0 < k1 <= sk
-              and p.kind in (FULL, CAUSAL, MASKED, PACKED) and (p.kind != CAUSAL or q1 - q0 == k1 - k0)
-              and all(q0 <= a.q[0] and a.q[1] <= q1 and k0 <= a.k[0] and a.k[1] <= k1 and a.rows == p.rows
-                      for a in p.parts))
+        ok = (
+            0 <= b0 < b1 <= batch
+            and 0 <= q0 < q1 <= sq
+            and 0 <= k0 < k1 <= sk
+            and p.kind in (FULL, CAUSAL, MASKED, PACKED)
+            and (p.kind != CAUSAL or q1 - q0 == k1 - k0)
+            and all(
+                q0 <= a.q[0] and a.q[1] <= q1 and k0 <= a.k[0] and a.k[1] <= k1 and a.rows == p.rows for a in p.parts
+            )
+        )
         if not ok:
-            raise ValueError(f"attention piece {p} does not fit q/k of (B, S_q, S_k) = ({batch}, {sq}, {sk}); "
-                             "this is a bug in the piece planner: please report it")
+            raise ValueError(
+                f"attention piece {p} does not fit q/k of (B, S_q, S_k) = ({batch}, {sq}, {sk}); "
+                "this is a bug in the piece planner: please report it"
+            )
 
 
 def _views(p: Piece, *tensors, dim: int = 2, keys: bool = False):
     lo, hi = p.k if keys else p.q
-    return [t[p.rows[0]:p.rows[1]].narrow(dim, lo, hi - lo) for t in tensors]
+    return [t[p.rows[0] : p.rows[1]].narrow(dim, lo, hi - lo) for t in tensors]
 
 
 def _mask(p: Piece, device):
@@ -210,12 +229,13 @@ def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | No
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
     pieces = _runnable(pieces, backend)
     for p in pieces:
-        qs, = _views(p, q)
+        (qs,) = _views(p, q)
         ks, vs = _views(p, k, v, keys=True)
-        o_b, l_b = block_forward(qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device),
-                                 backend=backend)
-        o_acc, = _views(p, out)
-        l_acc, = _views(p, lse)
+        o_b, l_b = block_forward(
+            qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend
+        )
+        (o_acc,) = _views(p, out)
+        (l_acc,) = _views(p, lse)
         merge_into(o_acc, l_acc, o_b, l_b)
 
 
@@ -236,12 +256,22 @@ def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float
     pieces = _runnable(pieces, backend)
     for p in pieces:
         dos, qs, os_ = _views(p, dout, q, out)
-        ls, = _views(p, lse)
+        (ls,) = _views(p, lse)
         ks, vs = _views(p, k, v, keys=True)
-        g_q, g_k, g_v = block_backward(dos, qs, ks, vs, os_, ls.contiguous(), scale=scale,
-                                       causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend)
+        g_q, g_k, g_v = block_backward(
+            dos,
+            qs,
+            ks,
+            vs,
+            os_,
+            ls.contiguous(),
+            scale=scale,
+            causal=p.kind == CAUSAL,
+            mask=_mask(p, q.device),
+            backend=backend,
+        )
         for acc, grad, keys in ((dq, g_q, False), (dk, g_k, True), (dv, g_v, True)):
-            view, = _views(p, acc, keys=keys)
+            (view,) = _views(p, acc, keys=keys)
             view.add_(grad.float())
 
 

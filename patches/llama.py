@@ -44,8 +44,9 @@ def block_plan(attn_in: list[str], mlp_in: list[str], attn_out: str = "o_proj", 
         "input_layernorm": SequenceParallel(),
         "post_attention_layernorm": SequenceParallel(),
         # HF calls self_attn(hidden_states=...) by keyword and mlp(hidden_states) by position
-        "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                        desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+        "self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+        ),
         f"self_attn.{attn_out}": RowwiseParallel(output_layouts=Shard(1)),
         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         f"mlp.{mlp_out}": RowwiseParallel(output_layouts=Shard(1)),

@@ -55,8 +55,9 @@ def _launch_class(original: type, bases: tuple, plugin, record: LaunchRecord) ->
         record.constructed.append(type(self).__name__)
 
     doc = f"``{original.__module__}.{original.__name__}`` with sequence parallelism (installed by hf-seqpar launch)."
-    cls = type(f"SequenceParallel{original.__name__}", bases, {"__module__": __name__, "__doc__": doc,
-                                                               "_sp_setup": _sp_setup})
+    cls = type(
+        f"SequenceParallel{original.__name__}", bases, {"__module__": __name__, "__doc__": doc, "_sp_setup": _sp_setup}
+    )
     return cls
 
 

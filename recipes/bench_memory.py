@@ -30,9 +30,18 @@ def _rank(rank, world, port, args, mode, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len,
-                         attn_implementation="sdpa", use_cache=False, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.seq_len,
+        attn_implementation="sdpa",
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=args.chunk if mode == "chunked" else None)
     hf_seqpar.integrations.accelerate.prepare_model(model, plugin)
@@ -67,11 +76,15 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=512, help="tokens per loss chunk (default: %(default)s)")
     args = p.parse_args(argv)
     if "LOCAL_RANK" in os.environ:
-        raise SystemExit("run bench_memory.py with plain `python`: it starts its own ranks (--nproc), "
-                         "fresh ones per mode, so that each peak belongs to one mode")
+        raise SystemExit(
+            "run bench_memory.py with plain `python`: it starts its own ranks (--nproc), "
+            "fresh ones per mode, so that each peak belongs to one mode"
+        )
     local = args.seq_len // args.nproc
-    print(f"{args.nproc} ranks, {args.seq_len} tokens ({local} per rank), vocab {args.vocab}: plain fp32 logits "
-          f"per rank {local * args.vocab * 4 / 2**20:.0f} MiB, chunked {args.chunk * args.vocab * 4 / 2**20:.0f} MiB")
+    print(
+        f"{args.nproc} ranks, {args.seq_len} tokens ({local} per rank), vocab {args.vocab}: plain fp32 logits "
+        f"per rank {local * args.vocab * 4 / 2**20:.0f} MiB, chunked {args.chunk * args.vocab * 4 / 2**20:.0f} MiB"
+    )
     for mode in ("plain", "chunked"):
         peaks, loss = measure(args, mode)
         print(f"{mode} peak_rss_mib_per_rank={','.join(f'{x:.0f}' for x in peaks)} loss={loss:.6f}", flush=True)

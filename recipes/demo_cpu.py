@@ -59,9 +59,17 @@ def main(argv=None) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len,
-                         attn_implementation="sdpa", use_cache=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.seq_len,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     model = LlamaForCausalLM(config).to(device)
     hf_seqpar.enable_sequence_parallel(model, args.strategy, args.sp_size)
     state = hf_seqpar.find_state(model)
@@ -75,9 +83,12 @@ def main(argv=None) -> None:
     dp_size, dp_rank = state.dp_size, state.dp_rank
     rows = (r for i, r in enumerate(packed_rows(stdlib_documents(), args.seq_len)) if i % dp_size == dp_rank)
     if rank == 0:
-        print(f"hf_seqpar demo: {dist.get_world_size()} ranks ({backend}), strategy={args.strategy}, "
-              f"sp_size={state.sp_size}, dp_size={dp_size}, {args.seq_len} tokens per row, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+        print(
+            f"hf_seqpar demo: {dist.get_world_size()} ranks ({backend}), strategy={args.strategy}, "
+            f"sp_size={state.sp_size}, dp_size={dp_size}, {args.seq_len} tokens per row, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
+            flush=True,
+        )
     for step in range(1, args.steps + 1):
         batch = {k: v.to(device) for k, v in next(rows).items()}
         t0 = time.perf_counter()
@@ -89,8 +100,10 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         if rank == 0:
-            print(f"step {step:3d}/{args.steps}  loss {out.loss.item():.4f}  "
-                  f"{args.seq_len * dp_size / dt:,.0f} tokens/s", flush=True)
+            print(
+                f"step {step:3d}/{args.steps}  loss {out.loss.item():.4f}  {args.seq_len * dp_size / dt:,.0f} tokens/s",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import pathlib
 import sys
@@ -37,22 +36,40 @@ from sft_trl import build_model, metrics_printer, train_and_save  # noqa: E402  
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 #: what the log shows each step (TRL's DPO metrics)
-METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected", "entropy", "num_tokens")
+METRICS = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "num_tokens",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks)")
+    p.add_argument(
+        "--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks)"
+    )
     p.add_argument("--model", default=None, help="model name or path (default: a tiny Llama built from a config)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's; byte-level without --model)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer name or path (default: the model's; byte-level without --model)"
+    )
     p.add_argument("--dataset", default=None, help="local prompt/chosen/rejected file (default: built from the stdlib)")
     p.add_argument("--max-pairs", type=int, default=64, help="pairs of the offline default")
-    p.add_argument("--chunk-chars", type=int, default=600, help="characters of prompt + completion in the offline default")
+    p.add_argument(
+        "--chunk-chars", type=int, default=600, help="characters of prompt + completion in the offline default"
+    )
     p.add_argument("--max-length", type=int, default=1024, help="tokens per prompt + completion row (truncation)")
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--precompute-ref", action="store_true", help="TRL's precompute_ref_log_probs instead of a reference model")
+    p.add_argument(
+        "--precompute-ref", action="store_true", help="TRL's precompute_ref_log_probs instead of a reference model"
+    )
     p.add_argument("--batch-size", type=int, default=2, help="pairs per data-parallel replica and micro-batch")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=10)
@@ -77,15 +94,15 @@ def offline_pairs(max_pairs: int, chunk_chars: int) -> dict:
     chunks = []
     for path in sorted(p for p in root.glob("*.py") if p.stat().st_size > 4 * chunk_chars):
         text = path.read_text(errors="replace")
-        chunks.append(text[chunk_chars:2 * chunk_chars])
+        chunks.append(text[chunk_chars : 2 * chunk_chars])
         if len(chunks) > max_pairs:
             break
     cut = chunk_chars // 3
     pairs = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(len(chunks) - 1):
         pairs["prompt"].append(chunks[i][:cut])
-        pairs["chosen"].append(chunks[i][cut:cut + (i % 5 + 3) * cut // 4])   # completions of different lengths
-        pairs["rejected"].append(chunks[i + 1][cut:cut + (i % 3 + 2) * cut // 3])
+        pairs["chosen"].append(chunks[i][cut : cut + (i % 5 + 3) * cut // 4])  # completions of different lengths
+        pairs["rejected"].append(chunks[i + 1][cut : cut + (i % 3 + 2) * cut // 3])
     return pairs
 
 
@@ -108,29 +125,53 @@ def main(argv=None) -> None:
 
     plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
     if plugin.loss_chunk_size is not None:
-        raise SystemExit(f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's DPOTrainer scores tokens "
-                         "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null.")
+        raise SystemExit(
+            f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's DPOTrainer scores tokens "
+            "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
+        )
     hf_seqpar.resolve(plugin, int(os.environ.get("WORLD_SIZE", "1")))  # the library's dry run, before any loading
 
     from trl import DPOConfig, DPOTrainer
 
-
     class SPDPOTrainer(hf_seqpar.SequenceParallelMixin, DPOTrainer):
         """TRL's DPOTrainer with sequence parallelism."""
 
-    config = DPOConfig(output_dir=args.output_dir, max_length=args.max_length, loss_type=args.loss_type,
-                       beta=args.beta, precompute_ref_log_probs=args.precompute_ref,
-                       per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                       max_steps=args.max_steps, learning_rate=args.lr, logging_steps=args.logging_steps,
-                       bf16=args.bf16 or on_gpu, use_cpu=not on_gpu, report_to=[], save_strategy="no",
-                       seed=args.seed, disable_tqdm=True)
-    model, tokenizer = build_model(argparse.Namespace(model=args.model, tokenizer=args.tokenizer, seed=args.seed,
-                                                      max_length=args.max_length))
+    config = DPOConfig(
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        loss_type=args.loss_type,
+        beta=args.beta,
+        precompute_ref_log_probs=args.precompute_ref,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        logging_steps=args.logging_steps,
+        bf16=args.bf16 or on_gpu,
+        use_cpu=not on_gpu,
+        report_to=[],
+        save_strategy="no",
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+    model, tokenizer = build_model(
+        argparse.Namespace(model=args.model, tokenizer=args.tokenizer, seed=args.seed, max_length=args.max_length)
+    )
     ref_model = None if args.precompute_ref else copy.deepcopy(model).eval()
-    trainer = SPDPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=load_dataset_(args),
-                           processing_class=tokenizer, sp_plugin=plugin, callbacks=[metrics_printer(METRICS)])
-    train_and_save(trainer, args.output_dir,
-                   f"loss_type={args.loss_type} reference={'precomputed' if args.precompute_ref else 'model'}")
+    trainer = SPDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=load_dataset_(args),
+        processing_class=tokenizer,
+        sp_plugin=plugin,
+        callbacks=[metrics_printer(METRICS)],
+    )
+    train_and_save(
+        trainer,
+        args.output_dir,
+        f"loss_type={args.loss_type} reference={'precomputed' if args.precompute_ref else 'model'}",
+    )
 
 
 if __name__ == "__main__":

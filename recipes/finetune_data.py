@@ -24,8 +24,18 @@ BYTE_GENERATION_PROMPT = "<|assistant|>\n"
 #: ``datasets`` builder per local file suffix.
 BUILDERS = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
 
-__all__ = ["load_table", "data_format", "example", "to_examples", "tokenize", "cap_length", "split_heldout", "pack",
-           "pack_bfd", "pack_examples"]
+__all__ = [
+    "load_table",
+    "data_format",
+    "example",
+    "to_examples",
+    "tokenize",
+    "cap_length",
+    "split_heldout",
+    "pack",
+    "pack_bfd",
+    "pack_examples",
+]
 
 
 def load_table(args, say=print):
@@ -47,14 +57,19 @@ def load_table(args, say=print):
         ext = pathlib.Path(args.dataset).suffix.lstrip(".")
         builder = BUILDERS.get(ext)
         if builder is None:
-            raise ValueError(f"--dataset {args.dataset}: unsupported file type {ext!r}; use "
-                             f"{'/'.join('.' + e for e in BUILDERS)}, or a folder / Hub name datasets.load_dataset reads")
+            raise ValueError(
+                f"--dataset {args.dataset}: unsupported file type {ext!r}; use "
+                f"{'/'.join('.' + e for e in BUILDERS)}, or a folder / Hub name datasets.load_dataset reads"
+            )
         ds = load_dataset(builder, data_files=[args.dataset], split="train")
     else:  # a local folder or a Hub name: datasets finds the files / the builder
         ds = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
     if args.max_docs is not None and args.max_docs < len(ds):
-        say(f"--max-docs {args.max_docs}: using the first {args.max_docs} of {len(ds)} rows ({len(ds) - args.max_docs} "
-            "dropped)", flush=True)
+        say(
+            f"--max-docs {args.max_docs}: using the first {args.max_docs} of {len(ds)} rows ({len(ds) - args.max_docs} "
+            "dropped)",
+            flush=True,
+        )
         ds = ds.select(range(args.max_docs))
     return ds
 
@@ -67,13 +82,22 @@ def data_format(columns: list[str], args) -> str:
     """
     fmt = args.data_format
     if fmt == "auto":
-        fmt = ("chat" if args.messages_column in columns else
-               "prompt-completion" if {"prompt", "completion"} <= set(columns) else "text")
-    need = {"text": [args.text_column], "chat": [args.messages_column], "prompt-completion": ["prompt", "completion"]}[fmt]
+        fmt = (
+            "chat"
+            if args.messages_column in columns
+            else "prompt-completion"
+            if {"prompt", "completion"} <= set(columns)
+            else "text"
+        )
+    need = {"text": [args.text_column], "chat": [args.messages_column], "prompt-completion": ["prompt", "completion"]}[
+        fmt
+    ]
     missing = [c for c in need if c not in columns]
     if missing:
-        raise ValueError(f"--data-format {fmt} needs column(s) {missing}; the dataset has {columns} (pass "
-                         "--text-column / --messages-column, or --data-format)")
+        raise ValueError(
+            f"--data-format {fmt} needs column(s) {missing}; the dataset has {columns} (pass "
+            "--text-column / --messages-column, or --data-format)"
+        )
     return fmt
 
 
@@ -93,8 +117,10 @@ def _render(messages: list[dict], tokenizer, generation_prompt: bool) -> str:
 def require_chat_template(tokenizer) -> None:
     """Raises ValueError (naming the fix) when ``tokenizer`` is not None and has no chat template."""
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat data needs a tokenizer with a chat template; pass --tokenizer with one (e.g. an "
-                         "-Instruct model's), or use the byte-level default (no --tokenizer/--model)")
+        raise ValueError(
+            "chat data needs a tokenizer with a chat template; pass --tokenizer with one (e.g. an "
+            "-Instruct model's), or use the byte-level default (no --tokenizer/--model)"
+        )
 
 
 def chat_example(messages: list[dict], tokenizer, n_prompt: int | None = None) -> tuple[list[int], list[int]]:
@@ -116,14 +142,16 @@ def chat_example(messages: list[dict], tokenizer, n_prompt: int | None = None) -
         before = _render(messages[:i], tokenizer, True) if i else ""
         through = _render(messages[: i + 1], tokenizer, False)
         if not (before.startswith(done) and through.startswith(before)):
-            raise ValueError("the chat template does not render a conversation's first turns as a prefix of the "
-                             "whole, so the completion tokens cannot be located; use a template that does")
-        for text, train in ((before[len(done):], False), (through[len(before):], True)):
+            raise ValueError(
+                "the chat template does not render a conversation's first turns as a prefix of the "
+                "whole, so the completion tokens cannot be located; use a template that does"
+            )
+        for text, train in ((before[len(done) :], False), (through[len(before) :], True)):
             piece = _encode(text, tokenizer)
             ids += piece
             labels += piece if train else [IGNORE] * len(piece)
         done = through
-    rest = _encode(_render(messages, tokenizer, False)[len(done):], tokenizer)
+    rest = _encode(_render(messages, tokenizer, False)[len(done) :], tokenizer)
     return ids + rest, labels + [IGNORE] * len(rest)
 
 
@@ -172,8 +200,9 @@ def cap_length(examples: list, max_len: int | None) -> list:
     (each piece a document of its own: positions restart, its first token is no label)."""
     if not max_len:
         return examples
-    return [(ids[i:i + max_len], labels[i:i + max_len]) for ids, labels in examples
-            for i in range(0, len(ids), max_len)]
+    return [
+        (ids[i : i + max_len], labels[i : i + max_len]) for ids, labels in examples for i in range(0, len(ids), max_len)
+    ]
 
 
 def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -198,8 +227,11 @@ def pack(examples: list, seq_len: int, packing: str, say=print) -> list[dict]:
         return rows
     long = sum(len(ids) > seq_len for ids, _ in examples)
     if long:
-        say(f"packing: {long} of {len(examples)} examples are longer than a row of {seq_len} tokens and were split "
-            "into pieces that restart positions (set --max-doc-len to choose the piece length)", flush=True)
+        say(
+            f"packing: {long} of {len(examples)} examples are longer than a row of {seq_len} tokens and were split "
+            "into pieces that restart positions (set --max-doc-len to choose the piece length)",
+            flush=True,
+        )
     return pack_bfd(cap_length(examples, seq_len), seq_len)
 
 

@@ -63,97 +63,196 @@ PROG = "finetune_long_context.py"
 
 STATE_FILE = "recipe_state.json"
 #: Options that must not change between a checkpoint and ``--resume-from`` (exact resume).
-RESUME_KEYS = ("model", "tokenizer", "dataset", "dataset_config", "dataset_split", "text_column", "messages_column",
-               "data_format", "max_seq_len", "max_doc_len", "max_docs", "packing", "batch_size", "grad_accum", "eval_fraction",
-               "seed", "lora", "lora_r", "lora_alpha", "lora_targets")
+RESUME_KEYS = (
+    "model",
+    "tokenizer",
+    "dataset",
+    "dataset_config",
+    "dataset_split",
+    "text_column",
+    "messages_column",
+    "data_format",
+    "max_seq_len",
+    "max_doc_len",
+    "max_docs",
+    "packing",
+    "batch_size",
+    "grad_accum",
+    "eval_fraction",
+    "seed",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("sequence parallelism")
-    g.add_argument("--sp-config", default=None,
-                   help=f"SP settings: a SequenceParallelPlugin YAML (recipes/sp/*.yaml); default ${SP_CONFIG_ENV}, "
-                        f"else the hf_seqpar_* keys of the accelerate config file the launcher read "
-                        f"(recipes/accelerate/cpu-sp.yaml), else Ulysses over all ranks")
+    g.add_argument(
+        "--sp-config",
+        default=None,
+        help=f"SP settings: a SequenceParallelPlugin YAML (recipes/sp/*.yaml); default ${SP_CONFIG_ENV}, "
+        f"else the hf_seqpar_* keys of the accelerate config file the launcher read "
+        f"(recipes/accelerate/cpu-sp.yaml), else Ulysses over all ranks",
+    )
     g = p.add_argument_group("model and tokenizer")
-    g.add_argument("--model", default=None,
-                   help="Hub name or local path of a causal LM (e.g. meta-llama/Llama-3.1-8B); default: a tiny "
-                        "Llama-style model built from a config (offline)")
-    g.add_argument("--tokenizer", default=None,
-                   help="Hub name or local path of a tokenizer; default: the --model's, else byte-level (token = "
-                        "byte). With the tiny default model the vocabulary follows the tokenizer")
-    g.add_argument("--attn-implementation", default="sdpa",
-                   help="attention kernel SP wraps: sdpa, eager, flash_attention_2 (default: %(default)s)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="Hub name or local path of a causal LM (e.g. meta-llama/Llama-3.1-8B); default: a tiny "
+        "Llama-style model built from a config (offline)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Hub name or local path of a tokenizer; default: the --model's, else byte-level (token = "
+        "byte). With the tiny default model the vocabulary follows the tokenizer",
+    )
+    g.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="attention kernel SP wraps: sdpa, eager, flash_attention_2 (default: %(default)s)",
+    )
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead of all weights")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
-    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names LoRA adapts (default: %(default)s)")
+    g.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated module names LoRA adapts (default: %(default)s)",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None,
-                   help="Hub dataset name, or local .txt/.json/.jsonl/.parquet/.csv file(s) or folder; default: "
-                        "Python standard-library sources (offline)")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset name, or local .txt/.json/.jsonl/.parquet/.csv file(s) or folder; default: "
+        "Python standard-library sources (offline)",
+    )
     g.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (e.g. 20231101.en)")
     g.add_argument("--dataset-split", default="train", help="split to use (default: %(default)s)")
-    g.add_argument("--data-format", default="auto", choices=["auto", "text", "chat", "prompt-completion"],
-                   help="auto: chat if there is a --messages-column, prompt-completion if there are prompt and "
-                        "completion columns, else text (default: %(default)s)")
+    g.add_argument(
+        "--data-format",
+        default="auto",
+        choices=["auto", "text", "chat", "prompt-completion"],
+        help="auto: chat if there is a --messages-column, prompt-completion if there are prompt and "
+        "completion columns, else text (default: %(default)s)",
+    )
     g.add_argument("--text-column", default="text", help="column with the documents (default: %(default)s)")
-    g.add_argument("--messages-column", default="messages",
-                   help="column with chat turns [{role, content}, ...] (default: %(default)s)")
-    g.add_argument("--max-docs", type=int, default=None,
-                   help="read only the first N rows of the dataset (printed when it drops rows; default: all)")
-    g.add_argument("--num-proc", type=int, default=None,
-                   help="worker processes for tokenisation (datasets.map; default: one)")
-    g.add_argument("--packing", default="bfd", choices=["bfd", "wrapped"],
-                   help="bfd: whole examples placed best-fit decreasing, each row's free tail padded (not trained "
-                        "on); wrapped: examples concatenated and cut at row edges (default: %(default)s)")
+    g.add_argument(
+        "--messages-column",
+        default="messages",
+        help="column with chat turns [{role, content}, ...] (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-docs",
+        type=int,
+        default=None,
+        help="read only the first N rows of the dataset (printed when it drops rows; default: all)",
+    )
+    g.add_argument(
+        "--num-proc", type=int, default=None, help="worker processes for tokenisation (datasets.map; default: one)"
+    )
+    g.add_argument(
+        "--packing",
+        default="bfd",
+        choices=["bfd", "wrapped"],
+        help="bfd: whole examples placed best-fit decreasing, each row's free tail padded (not trained "
+        "on); wrapped: examples concatenated and cut at row edges (default: %(default)s)",
+    )
     g.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
-    g.add_argument("--max-doc-len", type=int, default=None,
-                   help="split longer examples into pieces of at most this many tokens, each restarting its "
-                        "positions (default: no cap)")
+    g.add_argument(
+        "--max-doc-len",
+        type=int,
+        default=None,
+        help="split longer examples into pieces of at most this many tokens, each restarting its "
+        "positions (default: no cap)",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=1, help="packed rows per micro-batch per data-parallel replica "
-                                                             "(default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="packed rows per micro-batch per data-parallel replica (default: %(default)s)",
+    )
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 3e-3 for the tiny model, "
-                                                          "2e-5 full / 2e-4 LoRA for --model)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup before cosine decay (default: %(default)s)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: 3e-3 for the tiny model, 2e-5 full / 2e-4 LoRA for --model)",
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=0, help="linear warmup before cosine decay (default: %(default)s)"
+    )
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of model init, held-out split and data order "
-                                                       "(default: %(default)s)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of model init, held-out split and data order (default: %(default)s)"
+    )
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate on the held-out rows every N optimizer steps and at the end; 0 = never "
-                        "(default: %(default)s)")
-    g.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="share of the examples held out for evaluation when --eval-every > 0 (default: %(default)s)")
-    g.add_argument("--eval-batches", type=int, default=0,
-                   help="at most this many held-out batches per evaluation; 0 = all (default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="save a checkpoint to OUTPUT_DIR/checkpoint-STEP every N optimizer steps; 0 = never "
-                        "(default: %(default)s)")
-    g.add_argument("--save-total-limit", type=int, default=0,
-                   help="keep only the newest N checkpoints; 0 = keep all (default: %(default)s)")
-    g.add_argument("--resume-from", default=None,
-                   help="a checkpoint-STEP folder (or 'latest': the newest complete one in --output-dir) to "
-                        "continue from exactly; the data options must be those of the run that wrote it")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate on the held-out rows every N optimizer steps and at the end; 0 = never (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.05,
+        help="share of the examples held out for evaluation when --eval-every > 0 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=0,
+        help="at most this many held-out batches per evaluation; 0 = all (default: %(default)s)",
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="save a checkpoint to OUTPUT_DIR/checkpoint-STEP every N optimizer steps; 0 = never "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--save-total-limit",
+        type=int,
+        default=0,
+        help="keep only the newest N checkpoints; 0 = keep all (default: %(default)s)",
+    )
+    g.add_argument(
+        "--resume-from",
+        default=None,
+        help="a checkpoint-STEP folder (or 'latest': the newest complete one in --output-dir) to "
+        "continue from exactly; the data options must be those of the run that wrote it",
+    )
     g = p.add_argument_group("logging")
-    g.add_argument("--log-every", type=int, default=10,
-                   help="print a log line at the first step, every N optimizer steps and at the last (default: %(default)s); the "
-                        "progress bar updates every step")
-    g.add_argument("--report-to", default="none",
-                   help="accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ... "
-                        "'all' (every installed one) or 'none'; logs train/loss, train/lr, train/grad_norm, "
-                        "eval/loss under --output-dir (default: %(default)s; accelerate's config file has no "
-                        "log_with key to take it from)")
-    g.add_argument("--output-dir", default="out/finetune", help="where checkpoints and the final model go "
-                                                                "(default: %(default)s)")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="print a log line at the first step, every N optimizer steps and at the last (default: %(default)s); the "
+        "progress bar updates every step",
+    )
+    g.add_argument(
+        "--report-to",
+        default="none",
+        help="accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ... "
+        "'all' (every installed one) or 'none'; logs train/loss, train/lr, train/grad_norm, "
+        "eval/loss under --output-dir (default: %(default)s; accelerate's config file has no "
+        "log_with key to take it from)",
+    )
+    g.add_argument(
+        "--output-dir", default="out/finetune", help="where checkpoints and the final model go (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 
 # ---- checks before anything is loaded --------------------------------------------------------
+
 
 def _fail(msg: str):
     raise SystemExit(f"{PROG}: error: {msg}")
@@ -169,13 +268,17 @@ def find_checkpoint(args) -> str | None:
         if path is None:
             _fail(f"--resume-from latest: no complete checkpoint-* folder in --output-dir {args.output_dir}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        _fail(f"--resume-from {path}: not a complete checkpoint of this recipe (no {STATE_FILE}); give an "
-              "OUTPUT_DIR/checkpoint-STEP folder written with --save-every")
+        _fail(
+            f"--resume-from {path}: not a complete checkpoint of this recipe (no {STATE_FILE}); give an "
+            "OUTPUT_DIR/checkpoint-STEP folder written with --save-every"
+        )
     custom = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_"))
     if custom:  # accelerate would unpickle these with weights_only=False: code in them would run
-        _fail(f"--resume-from {path}: it holds {custom}, which this recipe never writes (its state is JSON and "
-              "tensors); such pickles run code when loaded. Delete them if you trust them not, or resume from a "
-              "checkpoint this version of the recipe wrote")
+        _fail(
+            f"--resume-from {path}: it holds {custom}, which this recipe never writes (its state is JSON and "
+            "tensors); such pickles run code when loaded. Delete them if you trust them not, or resume from a "
+            "checkpoint this version of the recipe wrote"
+        )
     return path
 
 
@@ -213,19 +316,27 @@ def validate(args, plugin, source: str = "defaults") -> str | None:
     except (ValueError, NotImplementedError) as e:
         _fail(f"{world} launched rank(s), SP config {source}: {e}")
     if cls.shards_parameters and args.save_every:
-        _fail(f"--save-every with strategy {name} is not supported by this recipe (its tensor-parallel DTensor "
-              "weights are not saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs")
+        _fail(
+            f"--save-every with strategy {name} is not supported by this recipe (its tensor-parallel DTensor "
+            "weights are not saved by accelerate's save_state here); use ulysses, ring or hybrid for resumable runs"
+        )
     ckpt = find_checkpoint(args)
     if ckpt is not None:
         with open(os.path.join(ckpt, STATE_FILE)) as f:
             saved = json.load(f)
-        changed = {k: (saved["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if saved["args"].get(k) != getattr(args, k)}
+        changed = {
+            k: (saved["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if saved["args"].get(k) != getattr(args, k)
+        }
         if changed:
-            _fail(f"--resume-from {ckpt}: these options differ from the run that saved it (saved, now): {changed}; "
-                  "an exact resume needs the same data and model options")
+            _fail(
+                f"--resume-from {ckpt}: these options differ from the run that saved it (saved, now): {changed}; "
+                "an exact resume needs the same data and model options"
+            )
         if saved["world_size"] != world or saved["sp_size"] != sp:
-            _fail(f"--resume-from {ckpt}: saved with {saved['world_size']} ranks and sp_size={saved['sp_size']}, now "
-                  f"{world} ranks and sp_size={sp}; resume with the same launch")
+            _fail(
+                f"--resume-from {ckpt}: saved with {saved['world_size']} ranks and sp_size={saved['sp_size']}, now "
+                f"{world} ranks and sp_size={sp}; resume with the same launch"
+            )
         if saved["step"] >= args.max_steps:
             _fail(f"--resume-from {ckpt}: it is at step {saved['step']}, nothing left for --max-steps {args.max_steps}")
     return ckpt
@@ -238,6 +349,7 @@ def _hub_config(name: str):
 
 
 # ---- model ---------------------------------------------------------------------------------
+
 
 def load_tokenizer(args):
     """``--tokenizer``, else the ``--model``'s tokenizer, else None (byte-level)."""
@@ -252,9 +364,16 @@ def model_config(args, tokenizer):
     from transformers import LlamaConfig
 
     vocab = 256 if tokenizer is None else len(tokenizer)
-    return LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.max_seq_len,
-                       attn_implementation=args.attn_implementation)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.max_seq_len,
+        attn_implementation=args.attn_implementation,
+    )
 
 
 def build_model(args, tokenizer):
@@ -274,14 +393,19 @@ def add_lora(model, args, base_dir: str | None):
     from peft import LoraConfig, get_peft_model
 
     targets = [t for t in args.lora_targets.split(",") if t]
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+        ),
+    )
     if base_dir is not None:  # the tiny default has no Hub name: point the adapter at the saved base
         model.peft_config["default"].base_model_name_or_path = base_dir
     return model
 
 
 # ---- data order, evaluation, checkpoints ---------------------------------------------------
+
 
 class EpochShuffle(torch.utils.data.Sampler):
     """A random order of ``n`` rows that depends only on ``(seed, epoch)`` (``set_epoch`` picks the
@@ -349,9 +473,18 @@ def save_checkpoint(accelerator, args, position, scheduler, world: int, sp: int)
     path = os.path.join(args.output_dir, f"checkpoint-{position.step}")
     if accelerator.is_main_process:
         with open(os.path.join(staging, STATE_FILE), "w") as f:
-            json.dump({"step": position.step, "world_size": world, "sp_size": sp, "position": position.state_dict(),
-                       "scheduler": scheduler.scheduler.state_dict(),
-                       "args": {k: getattr(args, k) for k in RESUME_KEYS}}, f, indent=1)
+            json.dump(
+                {
+                    "step": position.step,
+                    "world_size": world,
+                    "sp_size": sp,
+                    "position": position.state_dict(),
+                    "scheduler": scheduler.scheduler.state_dict(),
+                    "args": {k: getattr(args, k) for k in RESUME_KEYS},
+                },
+                f,
+                indent=1,
+            )
         path = common.publish(staging, args.output_dir, position.step, args.save_total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -381,6 +514,7 @@ def peak_memory_mib(device) -> float:
 
 # ---- training ------------------------------------------------------------------------------
 
+
 def prepare_data(args, accelerator, tokenizer, dp_size: int):
     """``(fmt, rows, eval_rows)``: the dataset loaded, tokenised (rank 0 first; the others read its
     ``datasets`` cache), split and packed. Every cap is printed by the main process."""
@@ -393,21 +527,31 @@ def prepare_data(args, accelerator, tokenizer, dp_size: int):
     train_ex, eval_ex = data.split_heldout(examples, args.eval_fraction if args.eval_every else 0.0, args.seed)
     rows = data.pack(train_ex, args.max_seq_len, args.packing, say)
     if len(rows) < args.batch_size * dp_size:
-        _fail(f"the training data make {len(rows)} packed rows of --max-seq-len={args.max_seq_len} tokens, fewer than "
-              f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
-              "raise --max-docs or add data")
+        _fail(
+            f"the training data make {len(rows)} packed rows of --max-seq-len={args.max_seq_len} tokens, fewer than "
+            f"one batch of --batch-size {args.batch_size} x {dp_size} data-parallel replicas; lower --max-seq-len, "
+            "raise --max-docs or add data"
+        )
     eval_rows = data.pack(eval_ex, args.max_seq_len, args.packing, say) if args.eval_every else []
     per_batch = args.batch_size * dp_size
     if len(rows) % per_batch:
-        say(f"{len(rows) % per_batch} of {len(rows)} packed rows left out of each epoch (the order changes per "
-            f"epoch): a batch is --batch-size {args.batch_size} x {dp_size} replicas", flush=True)
+        say(
+            f"{len(rows) % per_batch} of {len(rows)} packed rows left out of each epoch (the order changes per "
+            f"epoch): a batch is --batch-size {args.batch_size} x {dp_size} replicas",
+            flush=True,
+        )
     if len(eval_rows) % per_batch:
-        say(f"{len(eval_rows) % per_batch} of {len(eval_rows)} held-out rows dropped: evaluation uses whole batches "
-            f"of {per_batch} rows", flush=True)
+        say(
+            f"{len(eval_rows) % per_batch} of {len(eval_rows)} held-out rows dropped: evaluation uses whole batches "
+            f"of {per_batch} rows",
+            flush=True,
+        )
     eval_rows = eval_rows[: len(eval_rows) // per_batch * per_batch]
     if args.eval_every and not eval_rows:
-        _fail(f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
-              f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction")
+        _fail(
+            f"the held-out {args.eval_fraction:g} of the examples ({len(eval_ex)}) makes fewer packed rows than one "
+            f"batch ({args.batch_size} x {dp_size} replicas of {args.max_seq_len} tokens); raise --eval-fraction"
+        )
     return fmt, rows, eval_rows
 
 
@@ -425,8 +569,12 @@ def main(argv=None) -> None:
         # run them as MULTI_CPU on gloo; without it each process would think it is alone
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     # the plugin's collective_timeout_s (if set) bounds how long a collective waits for a stuck rank
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, log_with=common.report_to(args.report_to),
-                              project_dir=args.output_dir, **plugin.accelerator_kwargs())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=common.report_to(args.report_to),
+        project_dir=args.output_dir,
+        **plugin.accelerator_kwargs(),
+    )
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // accelerator.num_processes))
     main_proc = accelerator.is_main_process
@@ -449,46 +597,69 @@ def main(argv=None) -> None:
         model = add_lora(model, args, base_dir)
     lr = args.lr or (3e-3 if args.model is None else (2e-4 if args.lora else 2e-5))
 
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, sampler=EpochShuffle(len(rows), args.seed),
-                                         drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=args.batch_size, sampler=EpochShuffle(len(rows), args.seed), drop_last=True
+    )
     objects = [loader] + ([torch.utils.data.DataLoader(eval_rows, batch_size=args.batch_size)] if eval_rows else [])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler, loader, *eval_loader = hf_seqpar.prepare_sequence_parallel(
-        accelerator, plugin, model, optimizer, scheduler, *objects)
+        accelerator, plugin, model, optimizer, scheduler, *objects
+    )
     position = Position()
     state = hf_seqpar.find_state(model)
     tokens_per_step = args.max_seq_len * args.batch_size * args.grad_accum * dp_size
     accelerator.init_trackers("finetune_long_context", config=common.tracker_config(args))
     if main_proc:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"hf_seqpar finetune: {world} ranks ({accelerator.device.type}), strategy={state.strategy.name} "
-              f"sp_size={state.sp_size} dp_size={dp_size} (SP config: {source}), {fmt} data, {len(rows)} packed rows "
-              f"of {args.max_seq_len} tokens ({len(loader)} batches per epoch per replica), {len(eval_rows)} held-out "
-              f"rows, {n_train / 1e6:.2f}M trainable parameters, lr {lr:g}{', LoRA' if args.lora else ''}", flush=True)
+        print(
+            f"hf_seqpar finetune: {world} ranks ({accelerator.device.type}), strategy={state.strategy.name} "
+            f"sp_size={state.sp_size} dp_size={dp_size} (SP config: {source}), {fmt} data, {len(rows)} packed rows "
+            f"of {args.max_seq_len} tokens ({len(loader)} batches per epoch per replica), {len(eval_rows)} held-out "
+            f"rows, {n_train / 1e6:.2f}M trainable parameters, lr {lr:g}{', LoRA' if args.lora else ''}",
+            flush=True,
+        )
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, position, scheduler)
         accelerator.step = position.accum_step
         if main_proc:
-            print(f"resumed from {ckpt} at step {position.step} (epoch {position.epoch + 1}, batch "
-                  f"{position.batch_in_epoch} of {len(loader)})", flush=True)
+            print(
+                f"resumed from {ckpt} at step {position.step} (epoch {position.epoch + 1}, batch "
+                f"{position.batch_in_epoch} of {len(loader)})",
+                flush=True,
+            )
 
-    loss = train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, position, state.sp_size,
-                 tokens_per_step, len(eval_rows), tqdm)
+    loss = train(
+        args,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        eval_loader,
+        position,
+        state.sp_size,
+        tokens_per_step,
+        len(eval_rows),
+        tqdm,
+    )
     if not math.isfinite(loss):
         accelerator.end_training()
         if dist.is_initialized():
             dist.destroy_process_group()
-        _fail(f"the training loss is {loss} at step {position.step}: stopped, and no model saved (its weights "
-              f"are no longer finite); lower --lr (now {lr:g}), keep --max-grad-norm > 0, or resume from an "
-              "earlier checkpoint")
+        _fail(
+            f"the training loss is {loss} at step {position.step}: stopped, and no model saved (its weights "
+            f"are no longer finite); lower --lr (now {lr:g}), keep --max-grad-norm > 0, or resume from an "
+            "earlier checkpoint"
+        )
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     (unwrapped.get_base_model() if args.lora else unwrapped).config.use_cache = use_cache
-    unwrapped.save_pretrained(args.output_dir, is_main_process=main_proc, state_dict=state_dict,
-                              save_function=accelerator.save)
+    unwrapped.save_pretrained(
+        args.output_dir, is_main_process=main_proc, state_dict=state_dict, save_function=accelerator.save
+    )
     if main_proc:
         if tokenizer is not None:
             tokenizer.save_pretrained(args.output_dir)
@@ -499,8 +670,20 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, position, sp_size: int,
-          tokens_per_step: int, n_eval_rows: int, tqdm) -> float:
+def train(
+    args,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    eval_loader,
+    position,
+    sp_size: int,
+    tokens_per_step: int,
+    n_eval_rows: int,
+    tqdm,
+) -> float:
     """The training loop from ``position`` to ``--max-steps``; returns the last step's loss (stops
     early at a non-finite one)."""
     main_proc = accelerator.is_main_process
@@ -533,25 +716,44 @@ def train(args, accelerator, model, optimizer, scheduler, loader, eval_loader, p
             dt, micro_losses = time.perf_counter() - t0, []
             peaks = [None] * dist.get_world_size()
             dist.all_gather_object(peaks, round(peak_memory_mib(accelerator.device)))
-            accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                             "train/tokens_per_s": tokens_per_step / dt, "train/peak_memory_mib": max(peaks)},
-                            step=position.step)
+            accelerator.log(
+                {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": tokens_per_step / dt,
+                    "train/peak_memory_mib": max(peaks),
+                },
+                step=position.step,
+            )
             if main_proc:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}",
-                                tok_s=f"{tokens_per_step / dt:,.0f}", mem_mib=max(peaks))
-                if (position.step % args.log_every == 0 or position.step in (1, args.max_steps)
-                        or not math.isfinite(loss)):
-                    tqdm.write(f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  lr {lr:.4e}  grad_norm "
-                               f"{grad_norm:.4f}  {tokens_per_step / dt:,.0f} tokens/s  peak memory MiB per rank {peaks}")
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    grad_norm=f"{grad_norm:.3f}",
+                    tok_s=f"{tokens_per_step / dt:,.0f}",
+                    mem_mib=max(peaks),
+                )
+                if (
+                    position.step % args.log_every == 0
+                    or position.step in (1, args.max_steps)
+                    or not math.isfinite(loss)
+                ):
+                    tqdm.write(
+                        f"step {position.step:4d}/{args.max_steps}  loss {loss:.6f}  lr {lr:.4e}  grad_norm "
+                        f"{grad_norm:.4f}  {tokens_per_step / dt:,.0f} tokens/s  peak memory MiB per rank {peaks}"
+                    )
             if not math.isfinite(loss):
                 break
             if args.eval_every and (position.step % args.eval_every == 0 or position.step == args.max_steps):
                 eval_loss = evaluate(model, eval_loader[0], accelerator, args.eval_batches)
                 accelerator.log({"eval/loss": eval_loss}, step=position.step)
                 if main_proc:
-                    tqdm.write(f"eval at step {position.step}: loss {eval_loss:.6f} over {n_eval_rows} held-out rows"
-                               f"{f' (first {args.eval_batches} batches)' if args.eval_batches else ''}")
+                    tqdm.write(
+                        f"eval at step {position.step}: loss {eval_loss:.6f} over {n_eval_rows} held-out rows"
+                        f"{f' (first {args.eval_batches} batches)' if args.eval_batches else ''}"
+                    )
             if args.save_every and position.step % args.save_every == 0:
                 position.accum_step = accelerator.step
                 path = save_checkpoint(accelerator, args, position, scheduler, accelerator.num_processes, sp_size)

@@ -23,6 +23,7 @@ def warn(prog: str, msg: str) -> None:
 
 # ---- where the SP settings come from ---------------------------------------------------------
 
+
 def _proc_args(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -50,8 +51,12 @@ def launcher_config_file() -> str | None:
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             return None
-        if "launch" in argv and any(os.path.basename(a).startswith("accelerate") or a.endswith("accelerate_cli.py")
-                                    or "accelerate.commands" in a for a in argv[:3]):
+        if "launch" in argv and any(
+            os.path.basename(a).startswith("accelerate")
+            or a.endswith("accelerate_cli.py")
+            or "accelerate.commands" in a
+            for a in argv[:3]
+        ):
             for i, a in enumerate(argv):
                 if a in ("--config_file", "--config-file") and i + 1 < len(argv):
                     return os.path.join(cwd, argv[i + 1])
@@ -96,17 +101,21 @@ def load_sp_plugin(sp_config: str | None, prog: str):
     try:
         if explicit:
             if keys and os.path.realpath(explicit) != os.path.realpath(launcher):
-                raise SystemExit(f"{prog}: error: two SP configs: the accelerate config {launcher} given to `accelerate "
-                                 f"launch` has {keys} in its parallelism_config section, and "
-                                 f"{'--sp-config' if sp_config else '$' + SP_CONFIG_ENV} names {explicit}; keep the "
-                                 "settings in one of them (drop --sp-config to use the accelerate file's keys)")
+                raise SystemExit(
+                    f"{prog}: error: two SP configs: the accelerate config {launcher} given to `accelerate "
+                    f"launch` has {keys} in its parallelism_config section, and "
+                    f"{'--sp-config' if sp_config else '$' + SP_CONFIG_ENV} names {explicit}; keep the "
+                    "settings in one of them (drop --sp-config to use the accelerate file's keys)"
+                )
             return SequenceParallelPlugin.load(explicit), explicit
         if keys:
             return SequenceParallelPlugin.from_yaml(launcher), f"{launcher} ({', '.join(keys)})"
         if launcher is None and os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG") == "true":
-            raise SystemExit(f"{prog}: error: `accelerate launch` read a config file with a parallelism_config "
-                             "section, which may hold hf_seqpar_* keys, but this process cannot find that file to "
-                             "read them; pass it again as --sp-config FILE")
+            raise SystemExit(
+                f"{prog}: error: `accelerate launch` read a config file with a parallelism_config "
+                "section, which may hold hf_seqpar_* keys, but this process cannot find that file to "
+                "read them; pass it again as --sp-config FILE"
+            )
         return SequenceParallelPlugin.load(None), "defaults (ulysses over all ranks)"
     except (OSError, ValueError) as e:
         raise SystemExit(f"{prog}: error: {e}") from None
@@ -115,12 +124,16 @@ def load_sp_plugin(sp_config: str | None, prog: str):
 def warn_if_one_process(prog: str) -> None:
     """A recipe started without a launcher runs in one process, where SP has ``sp_size=1``: say so."""
     if "WORLD_SIZE" not in os.environ:
-        warn(prog, "started without a launcher: ONE process, so sp_size=1 and nothing is sequence-parallel. "
-                   f"To shard each row over N ranks run `accelerate launch --num_processes N {sys.argv[0]} ...` "
-                   "(or torchrun --nproc_per_node N).")
+        warn(
+            prog,
+            "started without a launcher: ONE process, so sp_size=1 and nothing is sequence-parallel. "
+            f"To shard each row over N ranks run `accelerate launch --num_processes N {sys.argv[0]} ...` "
+            "(or torchrun --nproc_per_node N).",
+        )
 
 
 # ---- trackers --------------------------------------------------------------------------------
+
 
 def report_to(value: str) -> list[str] | None:
     """``--report-to`` as accelerate's ``log_with`` (``none``: no tracker; ``all``: every installed one)."""
@@ -137,6 +150,7 @@ def tracker_config(args) -> dict:
 
 # ---- checkpoint folders ----------------------------------------------------------------------
 
+
 def checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], list[str]]:
     """``(complete, incomplete)``: complete ``checkpoint-STEP`` folders as ``(step, path)`` by step, and
     the folders that lack their :data:`COMPLETE_FILE` (or whose file is unreadable)."""
@@ -145,12 +159,14 @@ def checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], list[str]]:
         return complete, incomplete
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if not (name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() and os.path.isdir(path)):
+        if not (
+            name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit() and os.path.isdir(path)
+        ):
             continue
         try:
             with open(os.path.join(path, COMPLETE_FILE)) as f:
                 json.load(f)
-            complete.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+            complete.append((int(name[len(CHECKPOINT_PREFIX) :]), path))
         except (OSError, ValueError):
             incomplete.append(path)
     return sorted(complete), sorted(incomplete)
@@ -160,10 +176,13 @@ def latest_checkpoint(output_dir: str, prog: str) -> str | None:
     """The newest complete checkpoint folder in ``output_dir`` (incomplete ones skipped, with a message)."""
     complete, incomplete = checkpoints(output_dir)
     newest = complete[-1][0] if complete else -1
-    skipped = [p for p in incomplete if int(os.path.basename(p)[len(CHECKPOINT_PREFIX):]) > newest]
+    skipped = [p for p in incomplete if int(os.path.basename(p)[len(CHECKPOINT_PREFIX) :]) > newest]
     if skipped:
-        warn(prog, f"--resume-from latest: skipping incomplete checkpoint folder(s) {skipped} (no readable "
-                   f"{COMPLETE_FILE}: a save that did not finish)")
+        warn(
+            prog,
+            f"--resume-from latest: skipping incomplete checkpoint folder(s) {skipped} (no readable "
+            f"{COMPLETE_FILE}: a save that did not finish)",
+        )
     return complete[-1][1] if complete else None
 
 

@@ -17,15 +17,30 @@ import hf_seqpar
 VOCAB = 97
 
 
-def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int | None = None, attn: str = "sdpa",
-               sliding_window: int | None = None, layers: int = 2, seed: int = 0):
+def tiny_model(
+    family: str = "llama",
+    heads: int = 4,
+    kv_heads: int | None = None,
+    attn: str = "sdpa",
+    sliding_window: int | None = None,
+    layers: int = 2,
+    seed: int = 0,
+):
     """A small random Llama-style causal LM in fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads or heads, attn_implementation=attn,
-                  max_position_embeddings=512, use_cache=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16 * heads,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        attn_implementation=attn,
+        max_position_embeddings=512,
+        use_cache=False,
+    )
     if family == "mistral":
         return MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **common))
     return LlamaForCausalLM(LlamaConfig(**common))
@@ -39,7 +54,7 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
     if kind == "padding":  # row 0 left-padded, row 1 right-padded
         mask = torch.ones(bsz, seq, dtype=torch.long)
         mask[0, : seq // 5] = 0
-        mask[1, seq - seq // 4:] = 0
+        mask[1, seq - seq // 4 :] = 0
         batch["attention_mask"] = mask
         batch["labels"] = ids.masked_fill(mask == 0, -100)
         # the first real token of the left-padded row has no real predecessor: shard_batch drops
@@ -67,7 +82,7 @@ def make_batch(kind: str = "plain", bsz: int = 2, seq: int = 32, seed: int = 1) 
     elif kind == "no_labels":
         del batch["labels"]
     elif kind == "labels_first_quarter":  # later ranks hold no label token at all
-        batch["labels"][:, seq // 4:] = -100
+        batch["labels"][:, seq // 4 :] = -100
     elif kind != "plain":
         raise ValueError(kind)
     return batch
@@ -83,8 +98,9 @@ PARITY_CASES = {
     "odd_length": dict(batch_kw=dict(seq=29)),
     "sliding_window_lt_shard": dict(model_kw=dict(family="mistral", sliding_window=5)),
     "sliding_window_packed": dict(model_kw=dict(family="mistral", sliding_window=6), batch_kw=dict(kind="packed")),
-    "packed_mixed_rows_window": dict(model_kw=dict(family="mistral", sliding_window=7),
-                                     batch_kw=dict(kind="packed_mixed", seq=48)),
+    "packed_mixed_rows_window": dict(
+        model_kw=dict(family="mistral", sliding_window=7), batch_kw=dict(kind="packed_mixed", seq=48)
+    ),
     "packed_mixed_rows": dict(batch_kw=dict(kind="packed_mixed", seq=45)),
     "packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
@@ -120,9 +136,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict | None = None,
-           batch_kw: dict | None = None, lora: bool = False, mode: str = "train", checkpointing=False,
-           ddp: bool = False, options: dict | None = None, mesh_dims: tuple | None = None) -> dict:
+def parity(
+    strategy: str = "ulysses",
+    sp_size: int | None = None,
+    model_kw: dict | None = None,
+    batch_kw: dict | None = None,
+    lora: bool = False,
+    mode: str = "train",
+    checkpointing=False,
+    ddp: bool = False,
+    options: dict | None = None,
+    mesh_dims: tuple | None = None,
+) -> dict:
     """Run one parity case on this rank; return the errors against the unsharded model.
 
     Args:
@@ -140,8 +165,16 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                 lora_dropout=0.0, init_lora_weights=False))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "o_proj"],
+                lora_dropout=0.0,
+                init_lora_weights=False,
+            ),
+        )
     batch = make_batch(**(batch_kw or {}))
     if checkpointing == "reentrant":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -152,8 +185,13 @@ def parity(strategy: str = "ulysses", sp_size: int | None = None, model_kw: dict
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", tuple(s for _, s in mesh_dims), mesh_dim_names=tuple(n for n, _ in mesh_dims))
-    enable = lambda m: hf_seqpar.enable_sequence_parallel(m, strategy, sp_size, mesh=mesh,  # noqa: E731
-                                                         **(options or {}))
+    enable = lambda m: hf_seqpar.enable_sequence_parallel(
+        m,
+        strategy,
+        sp_size,
+        mesh=mesh,  # noqa: E731
+        **(options or {}),
+    )
     wrap = torch.nn.parallel.DistributedDataParallel if ddp else None
     reference, ref, local, out, result = run_pair(model, batch, mode, enable, wrap)
     if mode == "train":
@@ -248,8 +286,9 @@ def ulysses_traffic() -> dict:
     per_layer = (2 * heads + 2 * kv_eff) * bsz * n_local * head_dim * 4 * (p - 1) // p
     by_layer = state.counter.by_layer
     measured = state.counter.by_op["all_to_all.fwd"] + state.counter.by_op["all_to_all.bwd"]
-    per_layer_ok = all(by_layer[(i, d)] == per_layer for i in range(layers)
-                       for d in ("all_to_all.fwd", "all_to_all.bwd"))
+    per_layer_ok = all(
+        by_layer[(i, d)] == per_layer for i in range(layers) for d in ("all_to_all.fwd", "all_to_all.bwd")
+    )
     hf_seqpar.disable_sequence_parallel(model)
     return {"measured": measured, "theory": 2 * layers * per_layer, "per_layer_equal": per_layer_ok}
 
@@ -273,10 +312,12 @@ def bad_inputs() -> dict:
     out["shard_without_sp"] = expect_error(hf_seqpar.shard_batch, make_batch(), tiny_model())
 
     model = hf_seqpar.enable_sequence_parallel(tiny_model(), check_batch="always")
-    out["empty_sequence"] = expect_error(hf_seqpar.shard_batch, {"input_ids": torch.zeros(2, 0, dtype=torch.long)},
-                                         model)
-    out["unknown_batch_key"] = expect_error(hf_seqpar.shard_batch, {**make_batch(), "pixel_values": torch.ones(2, 3)},
-                                            model)
+    out["empty_sequence"] = expect_error(
+        hf_seqpar.shard_batch, {"input_ids": torch.zeros(2, 0, dtype=torch.long)}, model
+    )
+    out["unknown_batch_key"] = expect_error(
+        hf_seqpar.shard_batch, {**make_batch(), "pixel_values": torch.ones(2, 3)}, model
+    )
     out["forward_without_shard_batch"] = expect_error(model, **make_batch())
     hf_seqpar.shard_batch(make_batch(seed=1), model)  # identical batches pass
     out["different_batches"] = expect_error(hf_seqpar.shard_batch, make_batch(seed=1 + rank), model)
@@ -288,7 +329,7 @@ def bad_inputs() -> dict:
     first = hf_seqpar.enable_sequence_parallel(tiny_model(), check_batch="first")
     out["first_mismatch"] = expect_error(hf_seqpar.shard_batch, make_batch(seed=5 + rank), first)
     hf_seqpar.disable_sequence_parallel(first)
-    out["disabled_restores"] = (first.config._attn_implementation == "sdpa" and hf_seqpar.find_state(first) is None)
+    out["disabled_restores"] = first.config._attn_implementation == "sdpa" and hf_seqpar.find_state(first) is None
     return out
 
 
@@ -303,9 +344,12 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None, batch_kw: 
     batch = make_batch(**(batch_kw or dict(seq=41)))
     local = hf_seqpar.shard_batch(batch, model)
     # positions follow the layout: every rank holds the global position of each of its tokens
-    assert torch.equal(local["position_ids"], batch["seqpar"].layout.shard(batch["seqpar"].positions, state.sp_rank)
-                       if "seqpar" in batch else local["seqpar"].layout.shard(local["seqpar"].positions,
-                                                                              state.sp_rank))
+    assert torch.equal(
+        local["position_ids"],
+        batch["seqpar"].layout.shard(batch["seqpar"].positions, state.sp_rank)
+        if "seqpar" in batch
+        else local["seqpar"].layout.shard(local["seqpar"].positions, state.sp_rank),
+    )
     model(**local).loss.backward()
     u = getattr(state.strategy, "ulysses_size", 1)
     ring = state.sp_size // u
@@ -325,8 +369,9 @@ def ring_traffic(strategy: str = "ring", options: dict | None = None, batch_kw: 
     return result
 
 
-def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None, heads: int = 4,
-                       kv_heads: int = 2) -> dict:
+def measured_vs_theory(
+    strategy: str, seq: int = 64, options: dict | None = None, heads: int = 4, kv_heads: int = 2
+) -> dict:
     """Saved activation bytes and counted traffic of one step, next to :mod:`hf_seqpar.tools.theory`."""
     from hf_seqpar.tools.bench import _backward_meter, saved_activation_bytes
     from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
@@ -335,8 +380,10 @@ def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None
     shape = ModelShape.from_config(model.config)
     batch = make_batch(seq=seq)
     if strategy == "none":
-        return {"measured_act": saved_activation_bytes(model, {**batch, "use_cache": False}),
-                "theory_act": activation_bytes(None, shape, seq, batch=2)}
+        return {
+            "measured_act": saved_activation_bytes(model, {**batch, "use_cache": False}),
+            "theory_act": activation_bytes(None, shape, seq, batch=2),
+        }
     hf_seqpar.enable_sequence_parallel(model, strategy, count_comm=True, **(options or {}))
     state = hf_seqpar.find_state(model)
     local = hf_seqpar.shard_batch(batch, model)
@@ -347,10 +394,12 @@ def measured_vs_theory(strategy: str, seq: int = 64, options: dict | None = None
     loss = model(**local).loss
     with _backward_meter(model, strategy):  # Megatron-SP's DTensor collectives in backward
         loss.backward()
-    out = {"measured_act": act,
-           "theory_act": activation_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u),
-           "measured_comm": state.counter.total,
-           "theory_comm": comm_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u)["total"]}
+    out = {
+        "measured_act": act,
+        "theory_act": activation_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u),
+        "measured_comm": state.counter.total,
+        "theory_comm": comm_bytes(strategy, shape, padded, p, batch=2, ulysses_size=u)["total"],
+    }
     hf_seqpar.disable_sequence_parallel(model)
     return out
 
@@ -464,8 +513,10 @@ def shared_config() -> dict:
                 out["saved_seqpar_names"] = [k for k, v in json.load(f).items() if "seqpar" in f"{k}{v}"]
     hf_seqpar.disable_sequence_parallel(m1)
     out["restored"] = m1.config is config and all(
-        m.__dict__.get("config", config) is config for m in m1.modules() if isinstance(
-            m.__dict__.get("config"), type(config)))
+        m.__dict__.get("config", config) is config
+        for m in m1.modules()
+        if isinstance(m.__dict__.get("config"), type(config))
+    )
     out["impl_after"] = m1.config._attn_implementation
     with torch.no_grad():
         out["m1_after"] = _rel(m1(input_ids=ids).logits, m1_before)
@@ -491,15 +542,19 @@ def gather_earlier_batch(strategy: str = "ulysses") -> dict:
         out2 = model(**l2).logits
         ref2 = reference(input_ids=b2["input_ids"]).logits
         result = {"same_local_len": out1.shape[1] == out2.shape[1]}
-        for name, full, ref in (("default", gather(out1, model), ref1), ("latest", gather(out2, model), ref2),
-                                ("named", gather(out1.detach(), model, batch=l1), ref1),
-                                ("seqpar", gather(out1.detach() * 1, model, batch=l1["seqpar"]), ref1),
-                                ("batch_as_model", gather(out1.detach(), l1), ref1)):
+        for name, full, ref in (
+            ("default", gather(out1, model), ref1),
+            ("latest", gather(out2, model), ref2),
+            ("named", gather(out1.detach(), model, batch=l1), ref1),
+            ("seqpar", gather(out1.detach() * 1, model, batch=l1["seqpar"]), ref1),
+            ("batch_as_model", gather(out1.detach(), l1), ref1),
+        ):
             result[name] = _rel(full, ref) if full.shape == ref.shape else f"shape {tuple(full.shape)}"
         result["unnamed_derived"] = expect_error(gather, out1.detach(), model)
         result["wrong_batch"] = expect_error(gather, out1, model, batch=l2)
-        result["wrong_length"] = expect_error(gather, out1.detach(), model,
-                                              batch=hf_seqpar.shard_batch(make_batch(seq=64), model))
+        result["wrong_length"] = expect_error(
+            gather, out1.detach(), model, batch=hf_seqpar.shard_batch(make_batch(seq=64), model)
+        )
     hf_seqpar.disable_sequence_parallel(model)
     return result
 

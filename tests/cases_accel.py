@@ -8,9 +8,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from cases import VOCAB, tiny_model
 
 import hf_seqpar
-from cases import VOCAB, tiny_model
 
 
 def rows(n: int, seq: int = 23, seed: int = 3) -> list[dict]:
@@ -21,7 +21,7 @@ def rows(n: int, seq: int = 23, seed: int = 3) -> list[dict]:
         ids = torch.randint(0, VOCAB, (seq,), generator=g)
         cut = 4 + i % (seq - 8)
         labels = ids.clone()
-        labels[cut:cut + 3] = -100
+        labels[cut : cut + 3] = -100
         pos = torch.cat([torch.arange(cut), torch.arange(seq - cut)])
         out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return out
@@ -60,9 +60,16 @@ def _params_err(model, reference) -> float:
     return worst
 
 
-def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: int = 2, batch_size: int = 2,
-                      plugin_kw: dict | None = None, parallelism_config: dict | None = None,
-                      mixed_precision: str | None = None, stream: bool = False) -> dict:
+def accelerate_parity(
+    sp_size: int | None = None,
+    steps: int = 3,
+    grad_accum: int = 2,
+    batch_size: int = 2,
+    plugin_kw: dict | None = None,
+    parallelism_config: dict | None = None,
+    mixed_precision: str | None = None,
+    stream: bool = False,
+) -> dict:
     """Train ``steps`` optimizer steps through ``prepare_sequence_parallel`` and the same steps on an
     unsharded copy (DDP over ``dp`` replicas emulated exactly: mean of the replicas' gradients).
 
@@ -95,7 +102,9 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     # stream: the rows as a torch IterableDataset (the shape of datasets' streaming=True data)
     loader = torch.utils.data.DataLoader(Stream(data) if stream else data, batch_size=batch_size, shuffle=False)
-    plugin = hf_seqpar.SequenceParallelPlugin(**{"sp_size": None if parallelism_config else sp_size, **(plugin_kw or {})})
+    plugin = hf_seqpar.SequenceParallelPlugin(
+        **{"sp_size": None if parallelism_config else sp_size, **(plugin_kw or {})}
+    )
     try:
         model, opt, sp_loader = hf_seqpar.prepare_sequence_parallel(accelerator, plugin, model, opt, loader)
     except ValueError as e:
@@ -138,8 +147,13 @@ def accelerate_parity(sp_size: int | None = None, steps: int = 3, grad_accum: in
         return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
     reference, ref_losses = train_reference(False)
-    result = {"param": _params_err(model, reference), "loss": loss_err(losses, ref_losses),
-              "steps": len(losses) // grad_accum, "strategy": state.strategy.name, "sp_size": state.sp_size}
+    result = {
+        "param": _params_err(model, reference),
+        "loss": loss_err(losses, ref_losses),
+        "steps": len(losses) // grad_accum,
+        "strategy": state.strategy.name,
+        "sp_size": state.sp_size,
+    }
     if mixed_precision:
         low, low_losses = train_reference(True)
         result.update(param_lowp=_params_err(low, reference), loss_lowp=loss_err(low_losses, ref_losses))
@@ -178,8 +192,14 @@ def fsdp2_parity(steps: int = 3) -> dict:
     return {"param": worst}
 
 
-def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_size: int | None = None,
-                   lora: bool = False, strategy: str = "ulysses") -> dict:
+def trainer_parity(
+    steps: int = 3,
+    grad_accum: int = 2,
+    batch_size: int = 1,
+    sp_size: int | None = None,
+    lora: bool = False,
+    strategy: str = "ulysses",
+) -> dict:
     """``SequenceParallelTrainer`` train + evaluate vs the same optimisation on the unsharded model
     with the HF Trainer's multi-device semantics: each optimizer step's loss is the summed token
     losses of all micro-batches of all data-parallel replicas over their label-token count
@@ -199,18 +219,39 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 lora_dropout=0.0))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+        )
     reference = copy.deepcopy(model)
     out_dir = tempfile.mkdtemp(prefix="sp_trainer_")
-    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size,
-                             per_device_eval_batch_size=2, gradient_accumulation_steps=grad_accum, max_steps=steps,
-                             learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                             max_grad_norm=0.0, optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=steps,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     trainer = hf_seqpar.SequenceParallelTrainer(
-        model=model, args=args, train_dataset=to_ds(data), eval_dataset=to_ds(eval_rows),
-        sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, loss_chunk_size=7))
+        model=model,
+        args=args,
+        train_dataset=to_ds(data),
+        eval_dataset=to_ds(eval_rows),
+        sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, loss_chunk_size=7),
+    )
     trainer.train()
     metrics = trainer.evaluate()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -230,23 +271,26 @@ def trainer_parity(steps: int = 3, grad_accum: int = 2, batch_size: int = 1, sp_
 
     # reference: the Trainer's seeded shuffle; loader batch j goes to data-parallel replica j % dp
     order = list(torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0)))
-    loader_batches = [stack([data[i] for i in order[j:j + batch_size]]) for j in range(0, len(order), batch_size)]
+    loader_batches = [stack([data[i] for i in order[j : j + batch_size]]) for j in range(0, len(order), batch_size)]
     opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     ref_logged = []
     for step in range(steps):
-        ref_logged.append(weighted_loss(loader_batches[step * grad_accum * dp:(step + 1) * grad_accum * dp], True))
+        ref_logged.append(weighted_loss(loader_batches[step * grad_accum * dp : (step + 1) * grad_accum * dp], True))
         opt.step()
         opt.zero_grad()
     reference.eval()
-    eval_batches = [stack(eval_rows[i:i + 2]) for i in range(0, len(eval_rows), 2)]
+    eval_batches = [stack(eval_rows[i : i + 2]) for i in range(0, len(eval_rows), 2)]
     with torch.no_grad():
-        ev = [weighted_loss(eval_batches[e:e + dp], False) for e in range(0, len(eval_batches), dp)]
+        ev = [weighted_loss(eval_batches[e : e + dp], False) for e in range(0, len(eval_batches), dp)]
     trainer.save_model(out_dir)
     trained = hf_seqpar.core.mesh.unwrap_model(trainer.model)
-    result = {"param": _params_err(trained, reference),
-              "logged": [abs(a - b) / b for a, b in zip(logged, ref_logged)] if len(logged) == steps else None,
-              "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
-              "out_dir": out_dir, "strategy": trainer.sp_state.strategy.name}
+    result = {
+        "param": _params_err(trained, reference),
+        "logged": [abs(a - b) / b for a, b in zip(logged, ref_logged)] if len(logged) == steps else None,
+        "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
+        "out_dir": out_dir,
+        "strategy": trainer.sp_state.strategy.name,
+    }
     dist.barrier()
     if dist.get_rank() == 0:  # the checkpoint loads with plain transformers / PEFT and equals the trained weights
         if lora:

@@ -3,10 +3,9 @@ generate (tokens, per-step logits, KV bytes), and the refusals."""
 
 from __future__ import annotations
 
+import cases
 import torch
 import torch.distributed as dist
-
-import cases
 
 #: Tokens the generated answers are compared on.
 NEW_TOKENS = 32
@@ -33,8 +32,15 @@ def _model(model_kw: dict | None):
     return model
 
 
-def generate_parity(strategy: str, kind: str = "doc", seq: int = 2048, sample: bool = False,
-                    options: dict | None = None, model_kw: dict | None = None, new: int = NEW_TOKENS) -> dict:
+def generate_parity(
+    strategy: str,
+    kind: str = "doc",
+    seq: int = 2048,
+    sample: bool = False,
+    options: dict | None = None,
+    model_kw: dict | None = None,
+    new: int = NEW_TOKENS,
+) -> dict:
     """Unsharded ``generate`` and ``hf_seqpar.generate`` of the same fp32 tiny model and prompt.
 
     Returns:
@@ -44,8 +50,9 @@ def generate_parity(strategy: str, kind: str = "doc", seq: int = 2048, sample: b
     import hf_seqpar
 
     batch = prompt(kind, seq)
-    kw = dict(max_new_tokens=new, do_sample=sample, return_dict_in_generate=True, output_logits=True,
-              output_scores=True)
+    kw = dict(
+        max_new_tokens=new, do_sample=sample, return_dict_in_generate=True, output_logits=True, output_scores=True
+    )
     if sample:
         kw.update(temperature=0.7, top_k=20)
     ref_model = _model(model_kw)
@@ -58,10 +65,17 @@ def generate_parity(strategy: str, kind: str = "doc", seq: int = 2048, sample: b
     report = out.cache.report()
     layout = model.hf_seqpar_state.last_layout  # None for a one-token prompt (nothing to prefill)
     report["padded_prompt_positions"] = layout.local_len if layout is not None else 0
-    return {"same_tokens": torch.equal(ref.sequences, out.sequences), "logit_err": max(errs),
-            "steps": len(out.logits), "ref_steps": len(ref.logits), "sequences": out.sequences,
-            "scores_equal_shape": [tuple(s.shape) for s in out.scores] == [tuple(s.shape) for s in ref.scores],
-            "report": report, "sp_size": dist.get_world_size(), "ref_kv_bytes": _dynamic_cache_bytes(ref.cache)}
+    return {
+        "same_tokens": torch.equal(ref.sequences, out.sequences),
+        "logit_err": max(errs),
+        "steps": len(out.logits),
+        "ref_steps": len(ref.logits),
+        "sequences": out.sequences,
+        "scores_equal_shape": [tuple(s.shape) for s in out.scores] == [tuple(s.shape) for s in ref.scores],
+        "report": report,
+        "sp_size": dist.get_world_size(),
+        "ref_kv_bytes": _dynamic_cache_bytes(ref.cache),
+    }
 
 
 def _dynamic_cache_bytes(cache) -> int:

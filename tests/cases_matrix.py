@@ -8,9 +8,9 @@ import copy
 
 import torch
 import torch.distributed as dist
+from cases import VOCAB, _rel, make_batch
 
 import hf_seqpar
-from cases import VOCAB, _rel, make_batch
 from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 from hf_seqpar.tp import full_tensor
 
@@ -33,30 +33,57 @@ class BiasedLogitsLlama(__import__("transformers").LlamaForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def matrix_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0,
-                 dtype=torch.float32):
+def matrix_model(
+    family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, dtype=torch.float32
+):
     """A tiny causal LM of ``family``: Llama, or one whose logits or loss differ from Llama's
     (Granite ``logits_scaling``, Cohere ``logit_scale``, Gemma-2 ``final_logit_softcapping``,
     Mixtral / Qwen3-MoE with the router auxiliary loss)."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa",
-                  max_position_embeddings=512, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16 * heads,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        attn_implementation="sdpa",
+        max_position_embeddings=512,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     moe = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
     builders = {
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
         "biased_logits": lambda: BiasedLogitsLlama(tf.LlamaConfig(**common)),
         "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=3.0, **common)),
         "cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(logit_scale=0.3, **common)),
-        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
-            final_logit_softcapping=2.0, attn_logit_softcapping=None, head_dim=16, sliding_window=4096,
-            **{**common, "attn_implementation": "eager"})),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(
+            tf.Gemma2Config(
+                final_logit_softcapping=2.0,
+                attn_logit_softcapping=None,
+                head_dim=16,
+                sliding_window=4096,
+                **{**common, "attn_implementation": "eager"},
+            )
+        ),
         "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, **moe, **common)),
-        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
-            norm_topk_prob=True, **moe, **common)),
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(
+                num_experts=4,
+                moe_intermediate_size=32,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                head_dim=16,
+                norm_topk_prob=True,
+                **moe,
+                **common,
+            )
+        ),
     }
     model = builders[family]()
     return model.to(dtype)
@@ -98,9 +125,15 @@ def _errors(model, reference, out, ref, batch, strategy: str) -> dict:
     return errors
 
 
-def feature_parity(strategy: str = "ulysses", sp_size: int | None = None, family: str = "llama",
-                   features: dict | None = None, batch_kw: dict | None = None, ulysses_size: int | None = None,
-                   model_kw: dict | None = None) -> dict:
+def feature_parity(
+    strategy: str = "ulysses",
+    sp_size: int | None = None,
+    family: str = "llama",
+    features: dict | None = None,
+    batch_kw: dict | None = None,
+    ulysses_size: int | None = None,
+    model_kw: dict | None = None,
+) -> dict:
     """The memory features (``features``: plugin fields such as ``loss_chunk_size``, ``mlp_tiles``,
     ``gradient_checkpointing``, ``offload_checkpoints``) applied through the plugin's
     :func:`~hf_seqpar.integrations.accelerate.prepare_model` on ``strategy``, against the plain unsharded model.
@@ -114,8 +147,7 @@ def feature_parity(strategy: str = "ulysses", sp_size: int | None = None, family
     batch = make_batch(**(batch_kw or {}))
     ref = reference(**batch, use_cache=False)
     ref.loss.backward()
-    plugin = SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, ulysses_size=ulysses_size,
-                                    **(features or {}))
+    plugin = SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, ulysses_size=ulysses_size, **(features or {}))
     prepare_model(model, plugin)
     out = model(**hf_seqpar.shard_batch(batch, model))
     out.loss.backward()
@@ -136,11 +168,13 @@ def plugin_refusal(strategy: str, family: str = "llama", **features) -> str:
 
 # ---- mixed precision ----------------------------------------------------------------------
 
+
 def _run(model, batch, precision: str, sp: bool, strategy: str = "ulysses"):
     """Forward + backward in ``precision`` (``"fp32"``/``"fp64"``: plain; ``"autocast"``: bf16
     autocast over the model's weights; ``"bf16"``: the weights are bf16 already)."""
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else torch.autocast(
-        "cpu", enabled=False)
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else torch.autocast("cpu", enabled=False)
+    )
     with ctx:
         out = model(**(hf_seqpar.shard_batch(batch, model) if sp else {**batch, "use_cache": False}))
     out.loss.backward()
@@ -153,9 +187,15 @@ def _run(model, batch, precision: str, sp: bool, strategy: str = "ulysses"):
     return loss, (logits.detach().double() if logits is not None else None), grads
 
 
-def mixed_precision_parity(strategy: str = "ulysses", precision: str = "autocast", sp_size: int | None = None,
-                           ulysses_size: int | None = None, family: str = "llama", batch_kw: dict | None = None,
-                           features: dict | None = None) -> dict:
+def mixed_precision_parity(
+    strategy: str = "ulysses",
+    precision: str = "autocast",
+    sp_size: int | None = None,
+    ulysses_size: int | None = None,
+    family: str = "llama",
+    batch_kw: dict | None = None,
+    features: dict | None = None,
+) -> dict:
     """SP in low precision against the fp64 unsharded model, next to the unsharded model's own
     low-precision error.
 
@@ -173,8 +213,7 @@ def mixed_precision_parity(strategy: str = "ulysses", precision: str = "autocast
     low = copy.deepcopy(base).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     sp_model = copy.deepcopy(low)
     ref = _run(low, batch, precision, sp=False)
-    plugin = SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, ulysses_size=ulysses_size,
-                                    **(features or {}))
+    plugin = SequenceParallelPlugin(strategy=strategy, sp_size=sp_size, ulysses_size=ulysses_size, **(features or {}))
     prepare_model(sp_model, plugin)
     sp = _run(sp_model, batch, precision, sp=True, strategy=strategy)
     hf_seqpar.disable_sequence_parallel(sp_model)

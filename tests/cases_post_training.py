@@ -15,9 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from cases import VOCAB, tiny_model
 
 import hf_seqpar
-from cases import VOCAB, tiny_model
 from hf_seqpar.core.logits import logit_transform
 from hf_seqpar.core.logprobs import gather_tokens, sequence_sums, token_logprobs
 
@@ -68,12 +68,21 @@ def logprob_parity(strategy: str) -> dict:
     hf_seqpar.enable_sequence_parallel(model, strategy=strategy)
     state = hf_seqpar.core.mesh.find_state(model)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    local = hf_seqpar.shard_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                   "labels": labels}, model)
-    hidden = model.model(input_ids=local["input_ids"], position_ids=local["position_ids"],
-                         seqpar=local["seqpar"]).last_hidden_state
-    lp, en = token_logprobs(hidden, model.lm_head, local["shift_labels"], temperature=TEMPERATURE,
-                            transform=logit_transform(model), chunk=5, entropy=True)
+    local = hf_seqpar.shard_batch(
+        {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}, model
+    )
+    hidden = model.model(
+        input_ids=local["input_ids"], position_ids=local["position_ids"], seqpar=local["seqpar"]
+    ).last_hidden_state
+    lp, en = token_logprobs(
+        hidden,
+        model.lm_head,
+        local["shift_labels"],
+        temperature=TEMPERATURE,
+        transform=logit_transform(model),
+        chunk=5,
+        entropy=True,
+    )
     sums = sequence_sums(lp, state.sp_group, state.counter)
     layout = local["seqpar"].layout
     full_lp = gather_tokens(lp, layout, state.sp_rank, state.sp_group)[:, :-1]
@@ -82,19 +91,26 @@ def logprob_parity(strategy: str) -> dict:
     loss.backward()
     world = dist.get_world_size()
     grad_err = 0.0
-    for (name, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
+    for (_name, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
         g = q.grad.clone()
         dist.all_reduce(g)
         g /= world  # DDP's mean over the ranks
         grad_err = max(grad_err, float((g - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)))
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
     hf_seqpar.disable_sequence_parallel(model)
-    return {"sums": rel(sums.detach(), logp.sum(1).detach()), "tokens": rel(full_lp.detach(), logp.detach()),
-            "entropy": rel(full_en.detach(), ent.detach()), "loss": rel(loss.detach(), ref_loss.detach()),
-            "grads": grad_err, "local_len": int(lp.shape[1]), "seq": int(batch["input_ids"].shape[1])}
+    return {
+        "sums": rel(sums.detach(), logp.sum(1).detach()),
+        "tokens": rel(full_lp.detach(), logp.detach()),
+        "entropy": rel(full_en.detach(), ent.detach()),
+        "loss": rel(loss.detach(), ref_loss.detach()),
+        "grads": grad_err,
+        "local_len": int(lp.shape[1]),
+        "seq": int(batch["input_ids"].shape[1]),
+    }
 
 
 # ---- TRL's DPOTrainer with and without SP -------------------------------------------------------
+
 
 def preference_pairs(n: int = 6, seed: int = 0) -> dict:
     """Text preference pairs over 8 letters (the byte tokenizer scores bytes): prompts of 3-9 letters,
@@ -125,34 +141,70 @@ def _shared_dataset(out_dir: str, sp: bool):
     return load_from_disk(path)
 
 
-def dpo_run(sp: bool, out_dir: str, strategy: str = "ulysses", loss_type="sigmoid", ref: str = "model",
-            order: str = "mixin_first", steps: int = 3, sp_options: dict | None = None) -> dict:
+def dpo_run(
+    sp: bool,
+    out_dir: str,
+    strategy: str = "ulysses",
+    loss_type="sigmoid",
+    ref: str = "model",
+    order: str = "mixin_first",
+    steps: int = 3,
+    sp_options: dict | None = None,
+) -> dict:
     """``steps`` optimizer steps of DPOTrainer (batch 2, fp32, SGD); the logged history and the final
     parameters. ``ref``: ``"model"`` (an explicit, different reference model) or ``"precompute"``
     (``precompute_ref_log_probs`` with the initial policy as reference)."""
-    from trl import DPOConfig, DPOTrainer
-
     from cases_trainer import reset_accelerate
     from cases_trl import tiny_lm
+    from trl import DPOConfig, DPOTrainer
+
     from hf_seqpar.core.data import byte_tokenizer
 
     reset_accelerate()
-    args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=steps, learning_rate=0.5,
-                     lr_scheduler_type="constant", optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
-                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, bf16=False, beta=0.5, loss_type=loss_type,
-                     max_length=None, precompute_ref_log_probs=ref == "precompute")
-    common = dict(model=tiny_lm(), ref_model=tiny_lm(seed=1) if ref == "model" else None, args=args,
-                  train_dataset=_shared_dataset(out_dir, sp), processing_class=byte_tokenizer())
+    args = DPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        beta=0.5,
+        loss_type=loss_type,
+        max_length=None,
+        precompute_ref_log_probs=ref == "precompute",
+    )
+    common = dict(
+        model=tiny_lm(),
+        ref_model=tiny_lm(seed=1) if ref == "model" else None,
+        args=args,
+        train_dataset=_shared_dataset(out_dir, sp),
+        processing_class=byte_tokenizer(),
+    )
     if sp:
-        bases = (hf_seqpar.SequenceParallelMixin, DPOTrainer) if order == "mixin_first" else \
-            (DPOTrainer, hf_seqpar.SequenceParallelMixin)
-        trainer = type("SPDPOTrainer", bases, {})(**common, sp_plugin=hf_seqpar.SequenceParallelPlugin(
-            strategy=strategy, **(sp_options or {})))
+        bases = (
+            (hf_seqpar.SequenceParallelMixin, DPOTrainer)
+            if order == "mixin_first"
+            else (DPOTrainer, hf_seqpar.SequenceParallelMixin)
+        )
+        trainer = type("SPDPOTrainer", bases, {})(
+            **common, sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy, **(sp_options or {}))
+        )
     else:
         trainer = DPOTrainer(**common)
     trainer.train()
-    logs = [{k: v for k, v in h.items() if k not in ("epoch", "learning_rate", "step")}
-            for h in trainer.state.log_history if "loss" in h]
+    logs = [
+        {k: v for k, v in h.items() if k not in ("epoch", "learning_rate", "step")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
     model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     split = None
@@ -165,26 +217,42 @@ def dpo_run(sp: bool, out_dir: str, strategy: str = "ulysses", loss_type="sigmoi
 
 def dpo_refusals(out_dir: str) -> dict:
     """The message of each DPO/TRL set-up the mixin refuses at construction (None: not refused)."""
+    from cases_trainer import reset_accelerate
+    from cases_trl import tiny_lm
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from cases_trainer import reset_accelerate
-    from cases_trl import tiny_lm
     from hf_seqpar.core.data import byte_tokenizer
 
     def attempt(strategy="ulysses", **kw):
         reset_accelerate()
-        args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=2, max_steps=1, report_to=[], use_cpu=True,
-                         bf16=False, disable_tqdm=True, save_strategy="no", **kw)
+        args = DPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=2,
+            max_steps=1,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            save_strategy="no",
+            **kw,
+        )
         cls = type("SPDPOTrainer", (hf_seqpar.SequenceParallelMixin, DPOTrainer), {})
         try:
-            cls(model=tiny_lm(), ref_model=tiny_lm(seed=1), args=args, processing_class=byte_tokenizer(),
+            cls(
+                model=tiny_lm(),
+                ref_model=tiny_lm(seed=1),
+                args=args,
+                processing_class=byte_tokenizer(),
                 train_dataset=Dataset.from_dict(preference_pairs(2)),
-                sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy))
+                sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy),
+            )
         except (ValueError, NotImplementedError) as e:
             return str(e)
         return None
 
-    return {"nca_pair": attempt(loss_type="nca_pair"), "sync_ref_model": attempt(sync_ref_model=True),
-            "megatron": attempt(strategy="megatron")}
-
+    return {
+        "nca_pair": attempt(loss_type="nca_pair"),
+        "sync_ref_model": attempt(sync_ref_model=True),
+        "megatron": attempt(strategy="megatron"),
+    }

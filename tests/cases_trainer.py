@@ -9,9 +9,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from cases import VOCAB, tiny_model
 
 import hf_seqpar
-from cases import VOCAB, tiny_model
 
 
 def reset_accelerate(use_cpu_env: bool = True) -> None:
@@ -29,10 +29,25 @@ def reset_accelerate(use_cpu_env: bool = True) -> None:
 def _args(out_dir: str, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=out_dir, per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
-                learning_rate=0.5, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-                disable_tqdm=True, remove_unused_columns=False)
+    base = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=2,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -48,6 +63,7 @@ def random_rows(n: int, seq: int = 19, seed: int = 3) -> list[dict]:
 
 
 # ---- point 1 and item 7: refusals at construction ------------------------------------------
+
 
 def refusals(out_dir: str) -> dict:
     """Construct SequenceParallelTrainer in set-ups it cannot make exact; return each message
@@ -91,6 +107,7 @@ def refusals(out_dir: str) -> dict:
 
 # ---- issue 9 item 6: one rule for the tokens that count (left padding) -----------------------
 
+
 def left_padding_parity(out_dir: str, steps: int = 2) -> dict:
     """SequenceParallelTrainer on left-padded rows (labels -100 at padding) against the unsharded
     model scored with the same rule (``next_token_labels``: a padding position predicts nothing)."""
@@ -103,22 +120,31 @@ def left_padding_parity(out_dir: str, steps: int = 2) -> dict:
         r["attention_mask"] = torch.ones_like(r["input_ids"])
         r["attention_mask"][:npad] = 0
         r["labels"][:npad] = IGNORE_INDEX
-    train, evalr = rows[:2 * steps], rows[2 * steps:]
+    train, evalr = rows[: 2 * steps], rows[2 * steps :]
     model = tiny_model(heads=4, kv_heads=2)
     reference = copy.deepcopy(model)
-    trainer = hf_seqpar.SequenceParallelTrainer(model=model, args=_args(out_dir, max_steps=steps),
-                                                train_dataset=_dataset(train), eval_dataset=_dataset(evalr))
+    trainer = hf_seqpar.SequenceParallelTrainer(
+        model=model, args=_args(out_dir, max_steps=steps), train_dataset=_dataset(train), eval_dataset=_dataset(evalr)
+    )
     stack = lambda rs: {k: torch.stack([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
 
     def ref_loss(b):
         shift = next_token_labels(b["labels"], b["attention_mask"])
         n = count_label_tokens(b)
-        return reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                         shift_labels=shift, num_items_in_batch=n, use_cache=False).loss
+        return reference(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            labels=b["labels"],
+            shift_labels=shift,
+            num_items_in_batch=n,
+            use_cache=False,
+        ).loss
 
-    counts = {"trainer": int(trainer._label_tokens([stack(evalr[:2])])),
-              "stock_rule": int((stack(evalr[:2])["labels"][:, 1:] != IGNORE_INDEX).sum()),
-              "shard_batch": None}
+    counts = {
+        "trainer": int(trainer._label_tokens([stack(evalr[:2])])),
+        "stock_rule": int((stack(evalr[:2])["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "shard_batch": None,
+    }
     local = hf_seqpar.shard_batch(stack(evalr[:2]), trainer.model)
     mine = (local["shift_labels"] != IGNORE_INDEX).sum()
     dist.all_reduce(mine)
@@ -128,22 +154,26 @@ def left_padding_parity(out_dir: str, steps: int = 2) -> dict:
     order = list(torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(0)))
     opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     for s in range(steps):
-        ref_loss(stack([train[i] for i in order[2 * s:2 * s + 2]])).backward()
+        ref_loss(stack([train[i] for i in order[2 * s : 2 * s + 2]])).backward()
         opt.step()
         opt.zero_grad()
     metrics = trainer.evaluate()
     reference.eval()
     with torch.no_grad():
-        ev = [float(ref_loss(stack(evalr[i:i + 2]))) for i in range(0, len(evalr), 2)]
+        ev = [float(ref_loss(stack(evalr[i : i + 2]))) for i in range(0, len(evalr), 2)]
     from cases_accel import _params_err
 
-    result = {"counts": counts, "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
-              "param": _params_err(trainer.model, reference)}
+    result = {
+        "counts": counts,
+        "eval": abs(metrics["eval_loss"] - sum(ev) / len(ev)) / (sum(ev) / len(ev)),
+        "param": _params_err(trainer.model, reference),
+    }
     hf_seqpar.disable_sequence_parallel(trainer.model)
     return result
 
 
 # ---- point 4: exact resume --------------------------------------------------------------------
+
 
 def resume_run(out_dir: str, resume: bool, steps: int = 8, n_rows: int = 6) -> dict:
     """SequenceParallelTrainer, 3 steps per epoch, AdamW; checkpoint at step 5 (epoch 2). With
@@ -154,8 +184,15 @@ def resume_run(out_dir: str, resume: bool, steps: int = 8, n_rows: int = 6) -> d
     for i, r in enumerate(rows):
         r["input_ids"][0] = i  # row id, to read the loader's order back
     model = tiny_model(heads=4, kv_heads=2)
-    args = _args(out_dir, max_steps=steps, optim="adamw_torch", learning_rate=1e-2, save_strategy="steps",
-                 save_steps=5, max_grad_norm=1.0)
+    args = _args(
+        out_dir,
+        max_steps=steps,
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=5,
+        max_grad_norm=1.0,
+    )
     trainer = hf_seqpar.SequenceParallelTrainer(model=model, args=args, train_dataset=_dataset(rows))
     loader = trainer.get_train_dataloader()
     orders = []
@@ -178,8 +215,9 @@ def stock_orders(out_dir: str, n_rows: int = 6) -> list[list[int]]:
     rows = random_rows(n_rows, seq=15, seed=11)
     for i, r in enumerate(rows):
         r["input_ids"][0] = i
-    trainer = Trainer(model=tiny_model(heads=4, kv_heads=2), args=_args(out_dir, max_steps=8),
-                      train_dataset=_dataset(rows))
+    trainer = Trainer(
+        model=tiny_model(heads=4, kv_heads=2), args=_args(out_dir, max_steps=8), train_dataset=_dataset(rows)
+    )
     loader = trainer.get_train_dataloader()
     orders = []
     for epoch in range(2):
@@ -189,6 +227,7 @@ def stock_orders(out_dir: str, n_rows: int = 6) -> list[list[int]]:
 
 
 # ---- point 2: padding-free batch keys ----------------------------------------------------------
+
 
 def varlen_keys() -> dict:
     """A TRL padding-free batch (cu_seq_lens_q/k, max_length_q/k, seq_idx) shards like the same
@@ -203,12 +242,16 @@ def varlen_keys() -> dict:
     plain = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
     local, ref = hf_seqpar.shard_batch(batch, model), hf_seqpar.shard_batch(plain, model)
     out["same"] = sorted(local) == sorted(ref) and all(
-        torch.equal(local[k], ref[k]) for k in ref if torch.is_tensor(ref[k]))
+        torch.equal(local[k], ref[k]) for k in ref if torch.is_tensor(ref[k])
+    )
     with torch.no_grad():
         out["logits_equal"] = torch.equal(model(**local).logits, model(**ref).logits)
     errors = {}
-    for key, bad in (("cu_seq_lens_q", torch.tensor([0, 5, 18], dtype=torch.int32)), ("max_length_k", 7),
-                     ("seq_idx", torch.zeros_like(batch["seq_idx"]))):
+    for key, bad in (
+        ("cu_seq_lens_q", torch.tensor([0, 5, 18], dtype=torch.int32)),
+        ("max_length_k", 7),
+        ("seq_idx", torch.zeros_like(batch["seq_idx"])),
+    ):
         try:
             hf_seqpar.shard_batch({**batch, key: bad}, model)
             errors[key] = None
@@ -220,6 +263,7 @@ def varlen_keys() -> dict:
 
 
 # ---- issue 19 points 1, 2, 7 and issue 25's throughput: predict, compute_metrics, streaming ------
+
 
 def pad_collate(features) -> dict:
     """Right padding to the longest row: input_ids 0, labels -100, attention_mask."""
@@ -251,8 +295,11 @@ def _row_metrics(p) -> dict:
 
     labels = p.label_ids
     scored = labels != -100
-    return {"rows": int(labels.shape[0]), "label_tokens": int(scored.sum()),
-            "row_checksum": float(np.sum(np.where(scored, labels, 0) * np.arange(1, labels.shape[0] + 1)[:, None]))}
+    return {
+        "rows": int(labels.shape[0]),
+        "label_tokens": int(scored.sum()),
+        "row_checksum": float(np.sum(np.where(scored, labels, 0) * np.arange(1, labels.shape[0] + 1)[:, None])),
+    }
 
 
 def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -> dict:
@@ -267,16 +314,23 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -
     train = train.to_iterable_dataset() if stream else train
     evals, tests = _dataset(varied_rows(6, seed=8)), _dataset(varied_rows(6, seed=9))
     args = _args(out_dir, max_steps=steps, include_num_input_tokens_seen="all")
-    kw = dict(model=tiny_model(heads=4, kv_heads=2), args=args, train_dataset=train, eval_dataset=evals,
-              data_collator=pad_collate, compute_metrics=_row_metrics)
+    kw = dict(
+        model=tiny_model(heads=4, kv_heads=2),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=pad_collate,
+        compute_metrics=_row_metrics,
+    )
     trainer = hf_seqpar.SequenceParallelTrainer(**kw) if sp else Trainer(**kw)
     out = {"train": trainer.train().metrics}
     out["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out["tokens_seen"] = trainer.state.num_input_tokens_seen
     out["eval"] = trainer.evaluate()
     pred = trainer.predict(tests)
-    out.update(predictions=torch.as_tensor(pred.predictions), label_ids=torch.as_tensor(pred.label_ids),
-               test=pred.metrics)
+    out.update(
+        predictions=torch.as_tensor(pred.predictions), label_ids=torch.as_tensor(pred.label_ids), test=pred.metrics
+    )
     base = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     out["params"] = {n: p.detach().clone() for n, p in base.named_parameters()}
     if sp:
@@ -291,8 +345,9 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -
             out["mismatch"] = str(e)
         # a host's own loader (built with accelerator.prepare, not the mixin's construction) is refused
         try:
-            trainer._sp_own(trainer.accelerator.prepare(torch.utils.data.DataLoader(tests, batch_size=2)),
-                            "get_test_dataloader")
+            trainer._sp_own(
+                trainer.accelerator.prepare(torch.utils.data.DataLoader(tests, batch_size=2)), "get_test_dataloader"
+            )
             out["own_loader"] = None
         except NotImplementedError as e:
             out["own_loader"] = str(e)

@@ -14,11 +14,11 @@ import hf_seqpar
 
 #: SFTConfig options of each batch shape TRL produces.
 MODES = {
-    "bfd": dict(packing=True),                                   # best-fit packing, padding-free rows
+    "bfd": dict(packing=True),  # best-fit packing, padding-free rows
     "bfd_split": dict(packing=True, packing_strategy="bfd_split"),
-    "wrapped": dict(packing=True, packing_strategy="wrapped"),   # concatenated and cut, attention_mask of ones
-    "padding_free": dict(padding_free=True, max_length=None),    # one flattened row per batch
-    "padding": dict(),                                           # right padding, attention_mask
+    "wrapped": dict(packing=True, packing_strategy="wrapped"),  # concatenated and cut, attention_mask of ones
+    "padding_free": dict(padding_free=True, max_length=None),  # one flattened row per batch
+    "padding": dict(),  # right padding, attention_mask
 }
 
 
@@ -39,38 +39,79 @@ def tiny_lm(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        pad_token_id=256, eos_token_id=257, bos_token_id=None, use_cache=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=258,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=256,
+            eos_token_id=257,
+            bos_token_id=None,
+            use_cache=False,
+        )
+    )
 
 
-def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps: int = 3, lora: bool = False,
-            grad_accum: int = 1) -> dict:
+def sft_run(
+    mode: str,
+    sp: bool,
+    out_dir: str,
+    order: str = "mixin_first",
+    steps: int = 3,
+    lora: bool = False,
+    grad_accum: int = 1,
+) -> dict:
     """Train ``steps`` optimizer steps with SFTTrainer; return the logged history and the final
     parameters. ``sp``: the SequenceParallelMixin subclass in MRO ``order``
     (``mixin_first`` = ``(SequenceParallelMixin, SFTTrainer)``, else the reverse)."""
+    from cases_trainer import reset_accelerate
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from cases_trainer import reset_accelerate
     from hf_seqpar.core.data import byte_tokenizer
 
     reset_accelerate()
     kw = {"max_length": 40, **MODES[mode]}  # a mode may override max_length (padding_free: None)
-    args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum,
-                     max_steps=steps, learning_rate=0.5, lr_scheduler_type="constant", optim="sgd",
-                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-                     disable_tqdm=True, bf16=False, **kw)
+    args = SFTConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=steps,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        **kw,
+    )
     peft_config = None
     if lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    common = dict(model=tiny_lm(), args=args, train_dataset=Dataset.from_dict({"input_ids": documents()}),
-                  processing_class=byte_tokenizer(), peft_config=peft_config)
+    common = dict(
+        model=tiny_lm(),
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": documents()}),
+        processing_class=byte_tokenizer(),
+        peft_config=peft_config,
+    )
     if sp:
-        bases = (hf_seqpar.SequenceParallelMixin, SFTTrainer) if order == "mixin_first" else \
-            (SFTTrainer, hf_seqpar.SequenceParallelMixin)
+        bases = (
+            (hf_seqpar.SequenceParallelMixin, SFTTrainer)
+            if order == "mixin_first"
+            else (SFTTrainer, hf_seqpar.SequenceParallelMixin)
+        )
         trainer = type("SPSFTTrainer", bases, {})(**common, sp_plugin=hf_seqpar.SequenceParallelPlugin())
     else:
         trainer = SFTTrainer(**common)
@@ -81,11 +122,20 @@ def sft_run(mode: str, sp: bool, out_dir: str, order: str = "mixin_first", steps
     hook = decoder.register_forward_pre_hook(lambda module, args: forwards.append(1))
     trainer.train()
     hook.remove()
-    logs = [{k: v for k, v in h.items() if k in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")}
-            for h in trainer.state.log_history if "loss" in h]
+    logs = [
+        {k: v for k, v in h.items() if k in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
     model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if sp:
         hf_seqpar.disable_sequence_parallel(trainer.model)
-    return {"logs": logs, "params": params, "forwards": len(forwards), "keys": sorted(batch), "shape": tuple(batch["input_ids"].shape),
-            "rank": int(os.environ.get("RANK", "0"))}
+    return {
+        "logs": logs,
+        "params": params,
+        "forwards": len(forwards),
+        "keys": sorted(batch),
+        "shape": tuple(batch["input_ids"].shape),
+        "rank": int(os.environ.get("RANK", "0")),
+    }

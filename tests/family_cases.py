@@ -11,31 +11,74 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from cases import VOCAB, make_batch, run_pair
 
 import hf_seqpar
-from cases import VOCAB, make_batch, run_pair
 
 #: Small sizes, applied to every config attribute of these names that the family's config has.
 #: Heads 4 / kv heads 2 split over 2 ranks (GQA); head size 16 (MLA: q/k 8 + 8, v 12).
 SIZES = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, max_window_layers=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    max_window_layers=2,
     # mixture of experts
-    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-    moe_num_experts=4, moe_k=2, num_shared_experts=1, expert_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    moe_num_experts=4,
+    moe_k=2,
+    num_shared_experts=1,
+    expert_intermediate_size=32,
     # multi-head latent attention
-    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
     rotary_dim=8,
     # windows and chunks shorter than the test batches, so they act
-    sliding_window=6, attention_chunk_size=8,
+    sliding_window=6,
+    attention_chunk_size=8,
     # other spellings of the sizes
-    n_embd=64, n_layer=2, n_head=4, n_positions=256, d_model=64, num_layers=2, n_inner=64, ffn_dim=64,
-    encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=64, decoder_ffn_dim=64,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    d_model=64,
+    num_layers=2,
+    n_inner=64,
+    ffn_dim=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
     # misc
-    use_cache=False, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    attention_dropout=0.0, hidden_dropout=0.0, dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    use_cache=False,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    dropout=0.0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
 )
 #: Families whose tiny model the matrix does not build, and why.
 NOT_BUILT = {
@@ -85,8 +128,9 @@ def tiny_config(model_type: str, **overrides):
         kw["num_hidden_layers"] = len(kw["layer_types"])
     for key in ("mlp_layer_types", "moe_layer_freq"):
         if isinstance(getattr(text, key, None), list):
-            kw[key] = (list(text.get(key) if hasattr(text, "get") else getattr(text, key)) * 2)[: kw.get(
-                "num_hidden_layers", LAYERS)]
+            kw[key] = (list(text.get(key) if hasattr(text, "get") else getattr(text, key)) * 2)[
+                : kw.get("num_hidden_layers", LAYERS)
+            ]
     for key, value in text.to_dict().items():  # no randomness: both runs must compute the same network
         random = "dropout" in key or "pdrop" in key or "jitter" in key  # MoE router jitter is random too
         if random and isinstance(value, float) and value > 0 and key not in kw:
@@ -208,8 +252,9 @@ def refusal(model, strategy: str, **options) -> str:
 
 def mask_and_restarting_positions() -> dict:
     """Item: ``attention_mask`` plus ``position_ids`` that restart inside the real tokens."""
-    import hf_seqpar.core.sharding as sharding
     from cases import expect_error, tiny_model
+
+    import hf_seqpar.core.sharding as sharding
 
     calls = []
     real_gather = sharding.all_gather_object_fingerprints
@@ -243,8 +288,11 @@ def mask_and_restarting_positions() -> dict:
 
 
 def _structure_batches() -> dict:
-    return {"plain": make_batch("plain", seq=24), "packed": make_batch("packed", seq=30),
-            "padding": make_batch("padding", seq=26)}
+    return {
+        "plain": make_batch("plain", seq=24),
+        "packed": make_batch("packed", seq=30),
+        "padding": make_batch("padding", seq=26),
+    }
 
 
 def gpt_oss_sinks() -> dict:
@@ -257,7 +305,7 @@ def gpt_oss_sinks() -> dict:
     batches = _structure_batches()
     packed = batches.pop("packed")  # GPT-OSS builds its mask without position_ids: no documents
     for kv in (2, 1):
-        factory = lambda: tiny_family_model("gpt_oss", num_key_value_heads=kv)  # noqa: E731
+        factory = lambda kv=kv: tiny_family_model("gpt_oss", num_key_value_heads=kv)  # noqa: E731
         out[f"ulysses_kv{kv}"] = parity_cases(factory, "ulysses", batches)
     model = hf_seqpar.enable_sequence_parallel(tiny_family_model("gpt_oss"), "ulysses")
     out["packed"] = expect_error(hf_seqpar.shard_batch, packed, model)
@@ -274,9 +322,11 @@ def mla() -> dict:
     from hf_seqpar.core.features import attention_features
 
     f = attention_features(model)
-    return {"dims": (f.qk_head_dim, f.v_head_dim),
-            "ulysses": parity_cases(factory, "ulysses", _structure_batches()),
-            "ring": refusal(model, "ring")}
+    return {
+        "dims": (f.qk_head_dim, f.v_head_dim),
+        "ulysses": parity_cases(factory, "ulysses", _structure_batches()),
+        "ring": refusal(model, "ring"),
+    }
 
 
 def gemma3_bidirectional() -> dict:
@@ -284,18 +334,25 @@ def gemma3_bidirectional() -> dict:
     layers): Ulysses and ring exact on plain, packed and padded batches."""
     factory = lambda: tiny_family_model("gemma3_text", use_bidirectional_attention=True)  # noqa: E731
     model = factory()
-    return {"is_causal": [m.is_causal for m in model.modules() if hasattr(m, "is_causal")],
-            "layer_types": list(model.config.layer_types), "window": model.config.sliding_window,
-            "ulysses": parity_cases(factory, "ulysses", _structure_batches()),
-            "ring": parity_cases(factory, "ring", _structure_batches())}
+    return {
+        "is_causal": [m.is_causal for m in model.modules() if hasattr(m, "is_causal")],
+        "layer_types": list(model.config.layer_types),
+        "window": model.config.sliding_window,
+        "ulysses": parity_cases(factory, "ulysses", _structure_batches()),
+        "ring": parity_cases(factory, "ring", _structure_batches()),
+    }
 
 
 def within_tolerance(errors: dict) -> bool:
     """The errors of :func:`parity_on` are within ``cases.check_parity``'s tolerances."""
     from cases import GRAD_TOL, LOGITS_TOL, LOSS_TOL
 
-    return (errors.get("loss", 0.0) <= LOSS_TOL and errors["logits"] <= LOGITS_TOL
-            and errors["n_grads"] > 0 and errors["grad"] <= GRAD_TOL)
+    return (
+        errors.get("loss", 0.0) <= LOSS_TOL
+        and errors["logits"] <= LOGITS_TOL
+        and errors["n_grads"] > 0
+        and errors["grad"] <= GRAD_TOL
+    )
 
 
 def _reason(message: str) -> str:

@@ -23,7 +23,6 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 import family_cases as fc  # noqa: E402
 from harness import RankPool  # noqa: E402
 
-
 #: The page holding the table.
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "model-families.md"
 HEADER = "| family | ulysses | ring |\n|---|---|---|\n"
@@ -57,8 +56,11 @@ def row(model_type: str, result: dict | None) -> str:
         return f"| `{model_type}` | {text} | {text} |"
     if "build_error" in result:
         reason = result["build_error"]
-        text = ("not checked: " + reason if reason in fc.NOT_BUILT.values()
-                else f"not checked: the tiny config does not build ({reason[:90]})")
+        text = (
+            "not checked: " + reason
+            if reason in fc.NOT_BUILT.values()
+            else f"not checked: the tiny config does not build ({reason[:90]})"
+        )
         return f"| `{model_type}` | {text} | {text} |"
     cells = []
     for strategy in ("ulysses", "ring"):

@@ -46,7 +46,7 @@ def main() -> None:
 
         torch.optim.AdamW.step = step
     recipe = os.path.join(ROOT, "recipes", "finetune_long_context.py")
-    sys.argv = [recipe, *argv[split + 1:]]
+    sys.argv = [recipe, *argv[split + 1 :]]
     runpy.run_path(recipe, run_name="__main__")
 
 

@@ -84,8 +84,9 @@ class RankPool:
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         port = _free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, self.world, port, self.tasks[r], self.results, list(sys.path)),
-                        daemon=True)
+            ctx.Process(
+                target=_worker, args=(r, self.world, port, self.tasks[r], self.results, list(sys.path)), daemon=True
+            )
             for r in range(self.world)
         ]
         for p in self.procs:

@@ -14,29 +14,49 @@ import os
 
 import torch
 import torch.distributed as dist
+from cases import VOCAB, _rel, make_batch, run_pair, worst_grad_error
 
 import hf_seqpar
-from cases import VOCAB, _rel, make_batch, run_pair, worst_grad_error
 from hf_seqpar.tp import average_gradients_over_dp, counting, full_tensor
 
 
-def family_model(family: str = "llama", heads: int = 4, kv_heads: int | None = None, attn: str = "sdpa",
-                 sliding_window: int | None = None, layers: int = 2, tie: bool = False, seed: int = 0):
+def family_model(
+    family: str = "llama",
+    heads: int = 4,
+    kv_heads: int | None = None,
+    attn: str = "sdpa",
+    sliding_window: int | None = None,
+    layers: int = 2,
+    tie: bool = False,
+    seed: int = 0,
+):
     """A small random causal LM of ``family`` in fp32, with non-trivial norm weights."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads or heads, attn_implementation=attn,
-                  max_position_embeddings=512, use_cache=False, tie_word_embeddings=tie, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16 * heads,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        attn_implementation=attn,
+        max_position_embeddings=512,
+        use_cache=False,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif family == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=sliding_window, **common))
     elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(sliding_window=sliding_window,
-                                                   use_sliding_window=sliding_window is not None, **common))
+        model = tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(sliding_window=sliding_window, use_sliding_window=sliding_window is not None, **common)
+        )
     elif family == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **common))
     elif family == "phi3":
@@ -50,8 +70,14 @@ def family_model(family: str = "llama", heads: int = 4, kv_heads: int | None = N
     return model
 
 
-def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, batch_kw: dict | None = None,
-                    mode: str = "train", checkpointing: bool = False, mesh_dims: tuple | None = None) -> dict:
+def megatron_parity(
+    sp_size: int | None = None,
+    model_kw: dict | None = None,
+    batch_kw: dict | None = None,
+    mode: str = "train",
+    checkpointing: bool = False,
+    mesh_dims: tuple | None = None,
+) -> dict:
     """Run one Megatron-SP parity case on this rank; errors against the unsharded model
     (``mesh_dims``: a user mesh of these ``(name, size)`` dimensions, as in ``cases.parity``).
 
@@ -68,7 +94,8 @@ def megatron_parity(sp_size: int | None = None, model_kw: dict | None = None, ba
 
         mesh = init_device_mesh("cpu", tuple(s for _, s in mesh_dims), mesh_dim_names=tuple(n for n, _ in mesh_dims))
     reference, ref, local, out, result = run_pair(
-        model, batch, mode, lambda m: hf_seqpar.enable_sequence_parallel(m, "megatron", sp_size, mesh=mesh))
+        model, batch, mode, lambda m: hf_seqpar.enable_sequence_parallel(m, "megatron", sp_size, mesh=mesh)
+    )
     # no rank holds full-sequence x full-vocab logits: only its (B, S_pad / T, V) shard
     assert type(out.logits) is torch.Tensor and out.logits.shape == (*local["input_ids"].shape, VOCAB), out.logits.shape
     layout = hf_seqpar.find_state(model).last_layout
@@ -152,20 +179,21 @@ def save_reload(path: str, family: str = "phi3", kv_heads: int | None = None) ->
 
 def megatron_bad_inputs() -> dict:
     """The message each bad Megatron input raises (before any change to the model)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from cases import expect_error
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     out = {}
     model = family_model(heads=3)
     out["heads_not_divisible"] = expect_error(hf_seqpar.enable_sequence_parallel, model, "megatron")
     out["untouched_after_error"] = hf_seqpar.find_state(model) is None and not any(
-        isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+        isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()
+    )
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, attn_implementation="sdpa"))
     out["unknown_family"] = expect_error(hf_seqpar.enable_sequence_parallel, gpt2, "megatron")
-    out["phi3_kv_not_divisible"] = expect_error(hf_seqpar.enable_sequence_parallel,
-                                                family_model("phi3", heads=4, kv_heads=1), "megatron")
+    out["phi3_kv_not_divisible"] = expect_error(
+        hf_seqpar.enable_sequence_parallel, family_model("phi3", heads=4, kv_heads=1), "megatron"
+    )
     out["unknown_option"] = expect_error(hf_seqpar.enable_sequence_parallel, family_model(), "megatron", tp=2)
     odd_mlp = family_model()
     odd_mlp.config.intermediate_size = 63  # only the config is read by the check
@@ -175,22 +203,32 @@ def megatron_bad_inputs() -> dict:
     lora = get_peft_model(family_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     out["lora_wrapped"] = expect_error(hf_seqpar.enable_sequence_parallel, lora, "megatron")
     base = lora.get_base_model()
-    out["lora_untouched_after_error"] = hf_seqpar.find_state(lora) is None and not any(
-        isinstance(p, torch.distributed.tensor.DTensor) for p in lora.parameters()) and (
-        base.config._attn_implementation == "sdpa")
+    out["lora_untouched_after_error"] = (
+        hf_seqpar.find_state(lora) is None
+        and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in lora.parameters())
+        and (base.config._attn_implementation == "sdpa")
+    )
     return out
 
 
-def megatron_training_steps(steps: int = 3, family: str = "qwen3", kv_heads: int = 1, sp_size: int | None = None,
-                            optimizer: str = "sgd", clip: float | None = 0.5) -> dict:
+def megatron_training_steps(
+    steps: int = 3,
+    family: str = "qwen3",
+    kv_heads: int = 1,
+    sp_size: int | None = None,
+    optimizer: str = "sgd",
+    clip: float | None = 0.5,
+) -> dict:
     """A few AdamW steps (with gradient clipping) on the Megatron-SP model and on the unsharded
     one; the parameters must stay equal. Checks that optimizers handle the ``Partial`` gradients
     of replicated parameters and the sharded ones as the unsharded gradients."""
     model = family_model(family, heads=4, kv_heads=kv_heads)
     reference = copy.deepcopy(model)
     hf_seqpar.enable_sequence_parallel(model, "megatron", sp_size)
-    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
-            "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)}[optimizer]
+    make = {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
+    }[optimizer]
     opts = [make(m.parameters()) for m in (model, reference)]
     for step in range(steps):
         batch = make_batch(kind="padding", seed=10 + step)
@@ -221,8 +259,9 @@ def replicas_follow_rank0() -> dict:
     mine = [model.model.norm.weight.to_local().clone(), model.lm_head.weight.to_local().clone()]
     hf_seqpar.disable_sequence_parallel(model)
     rank0 = family_model()
-    return {"equal_rank0": all(torch.equal(a, b) for a, b in zip(mine, [rank0.model.norm.weight,
-                                                                        rank0.lm_head.weight]))}
+    return {
+        "equal_rank0": all(torch.equal(a, b) for a, b in zip(mine, [rank0.model.norm.weight, rank0.lm_head.weight]))
+    }
 
 
 def forward_without_shard_batch() -> dict:
@@ -235,8 +274,10 @@ def forward_without_shard_batch() -> dict:
     reference = copy.deepcopy(model)
     hf_seqpar.enable_sequence_parallel(model, "megatron")
     ids = make_batch(seq=16)["input_ids"]
-    out = {"forward": expect_error(model, input_ids=ids),
-           "generate": expect_error(model.generate, input_ids=ids, max_new_tokens=2, do_sample=False)}
+    out = {
+        "forward": expect_error(model, input_ids=ids),
+        "generate": expect_error(model.generate, input_ids=ids, max_new_tokens=2, do_sample=False),
+    }
     local = hf_seqpar.shard_batch({"input_ids": ids}, model)
     with torch.no_grad():
         logits = hf_seqpar.gather_sequence(model(**local).logits, model)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
+import cases_accel
 import pytest
 
-import cases_accel
 import hf_seqpar
 from hf_seqpar.integrations.accelerate import SP_CONFIG_ENV, SequenceParallelPlugin
 
@@ -57,8 +57,9 @@ def test_accelerator_bf16_mixed_precision(pool2, strategy):
     prepare_sequence_parallel: after 2 SGD steps the SP parameters are no further from the fp32
     unsharded training than 3x the unsharded bf16-autocast training is (see test_matrix.MP_FACTOR
     for why 3), plus a floor of 1e-6 relative (fp32 noise where autocast changes nothing)."""
-    results = pool2.run(cases_accel.accelerate_parity, steps=2, grad_accum=1, mixed_precision="bf16",
-                        plugin_kw=dict(strategy=strategy))
+    results = pool2.run(
+        cases_accel.accelerate_parity, steps=2, grad_accum=1, mixed_precision="bf16", plugin_kw=dict(strategy=strategy)
+    )
     for rank, r in enumerate(results):
         assert r["param_lowp"] > 1e-4, r  # autocast really ran (bf16 rounding is visible)
         assert r["param"] <= 3.0 * r["param_lowp"] + 1e-6, (rank, r)
@@ -71,8 +72,9 @@ def test_hybrid_mixed_precision_on_4_ranks(pool4):
     from test_matrix import check_mixed_precision
 
     for precision in ("autocast", "bf16"):
-        check_mixed_precision(pool4.run(mixed_precision_parity, "hybrid", precision, ulysses_size=2,
-                                        batch_kw=dict(kind="padding")))
+        check_mixed_precision(
+            pool4.run(mixed_precision_parity, "hybrid", precision, ulysses_size=2, batch_kw=dict(kind="padding"))
+        )
 
 
 def test_fsdp2_sharded_sp_model_matches_unsharded(pool2):
@@ -109,6 +111,7 @@ def test_trainer_dp2_x_sp2_matches_two_replica_trainer_semantics(pool4):
 
 # ---- the plugin's config file -------------------------------------------------------------
 
+
 def test_plugin_yaml_round_trip_and_env(tmp_path, monkeypatch):
     path = tmp_path / "sp.yaml"
     path.write_text("strategy: ulysses\nsp_size: 2\nloss_chunk_size: 4096\ngradient_checkpointing: true\n")
@@ -120,20 +123,23 @@ def test_plugin_yaml_round_trip_and_env(tmp_path, monkeypatch):
     assert SequenceParallelPlugin.load() == SequenceParallelPlugin()
 
 
-@pytest.mark.parametrize("text, words", [
-    ("strategy: ulysses\nsp_sise: 2\n", ["unknown key", "sp_sise", "sp_size"]),
-    ("strategy: spiral\n", ["spiral", "ulysses"]),
-    ("sp_size: 0\n", ["sp_size", "positive"]),
-    ("loss_chunk_size: many\n", ["loss_chunk_size"]),
-    ("layout: diagonal\n", ["layout", "zigzag"]),
-    ("offload_checkpoints: true\n", ["gradient_checkpointing"]),
-    ("sp_size: 4\nulysses_size: 3\n", ["ulysses_size=3", "sp_size=4"]),
-    ("collective_timeout_s: 0\n", ["collective_timeout_s", "positive"]),
-    ("options:\n  backend: reference\n", ["'options' was removed", "top-level", "backend"]),
-    ("strategy: ulysses\nlayout: zigzag\n", ["strategy 'ulysses' does not take", "layout"]),
-    ("strategy: ring\nbackend: magic\n", ["backend='magic'", "reference"]),
-    ("- 1\n- 2\n", ["mapping"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("strategy: ulysses\nsp_sise: 2\n", ["unknown key", "sp_sise", "sp_size"]),
+        ("strategy: spiral\n", ["spiral", "ulysses"]),
+        ("sp_size: 0\n", ["sp_size", "positive"]),
+        ("loss_chunk_size: many\n", ["loss_chunk_size"]),
+        ("layout: diagonal\n", ["layout", "zigzag"]),
+        ("offload_checkpoints: true\n", ["gradient_checkpointing"]),
+        ("sp_size: 4\nulysses_size: 3\n", ["ulysses_size=3", "sp_size=4"]),
+        ("collective_timeout_s: 0\n", ["collective_timeout_s", "positive"]),
+        ("options:\n  backend: reference\n", ["'options' was removed", "top-level", "backend"]),
+        ("strategy: ulysses\nlayout: zigzag\n", ["strategy 'ulysses' does not take", "layout"]),
+        ("strategy: ring\nbackend: magic\n", ["backend='magic'", "reference"]),
+        ("- 1\n- 2\n", ["mapping"]),
+    ],
+)
 def test_plugin_rejects_bad_config(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

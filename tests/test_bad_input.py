@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch.distributed as dist
 
-import cases
 import hf_seqpar
 
 EXPECTED = {

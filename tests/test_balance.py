@@ -16,8 +16,10 @@ from hf_seqpar.strategies.ring import ring_plans
 from hf_seqpar.tools.rowbench import longtail_positions, skewed_positions
 
 S = 8192
-ROWS = {"skewed": lambda: skewed_positions(S), **{f"longtail_{s}": (lambda s=s: longtail_positions(S, s))
-                                                  for s in range(3)}}
+ROWS = {
+    "skewed": lambda: skewed_positions(S),
+    **{f"longtail_{s}": (lambda s=s: longtail_positions(S, s)) for s in range(3)},
+}
 
 
 def _rows(name):
@@ -32,8 +34,10 @@ def _planned_work(layout: Layout, valid, docs) -> list[int]:
     valid = torch.cat([valid, torch.zeros(valid.shape[0], pad, dtype=torch.bool)], 1)
     docs = torch.cat([docs, (docs[:, -1:] + 1).expand(-1, pad)], 1)
     batch = SeqParBatch(None, layout, None, valid, docs)
-    return [sum(piece.work for plan in ring_plans(batch, r, layout, True, None) if plan for piece in unpack_pieces(plan))
-            for r in range(layout.outer)]
+    return [
+        sum(piece.work for plan in ring_plans(batch, r, layout, True, None) if plan for piece in unpack_pieces(plan))
+        for r in range(layout.outer)
+    ]
 
 
 @pytest.mark.parametrize("name", list(ROWS))

@@ -68,8 +68,19 @@ def test_readme_demo_command_runs(tmp_path):
 
 @pytest.mark.e2e
 def test_demo_trains_on_two_ranks(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "recipes" / "demo_cpu.py"), "--steps", "5", "--seq-len", "512"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "recipes" / "demo_cpu.py"),
+        "--steps",
+        "5",
+        "--seq-len",
+        "512",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
@@ -190,7 +201,7 @@ def test_console_blocks_show_what_the_command_prints(capsys):
 def test_yaml_blocks_parse():
     import yaml
 
-    for page, body in _blocks("yaml"):
+    for _page, body in _blocks("yaml"):
         yaml.safe_load(body)
 
 

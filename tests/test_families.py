@@ -15,11 +15,10 @@ Tolerances: ``cases.check_parity`` (fp32, a few ulps of reordered reductions).
 
 from __future__ import annotations
 
-import pytest
-
 import cases
 import family_cases as fc
 import family_table
+import pytest
 
 #: The default run: one family of each kind (dense GQA, sliding window, softcap (ring refuses),
 #: MoE with qk-norm, fused qkv, logit scalings, linear attention (refused)). GPT-OSS, DeepSeek-V3
@@ -72,7 +71,8 @@ def _family_matrix(pool, model_type: str) -> None:
     result = pool.run(fc._family_check_quiet, model_type)[0]
     documented = family_table.doc_rows().get(model_type)
     assert family_table.row(model_type, result) == documented, (
-        f"docs/model-families.md is out of date for {model_type}: run python tests/family_table.py --write {model_type}")
+        f"docs/model-families.md is out of date for {model_type}: run python tests/family_table.py --write {model_type}"
+    )
     if "build_error" in result:
         pytest.skip(f"the tiny {model_type} config does not build: {result['build_error']}")
     for strategy in ("ulysses", "ring"):

@@ -47,16 +47,49 @@ def _alive(pid: int) -> bool:
 def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None = None) -> dict:
     sp_config = tmp_path / "sp.yaml"
     sp_config.write_text("strategy: ulysses\n" + (f"collective_timeout_s: {timeout_s}\n" if timeout_s else ""))
-    recipe = [str(ROOT / "tests" / "fault_recipe.py"), "--fault", "none" if fault == "kill" else fault, "--fault-rank", "1", "--fault-step", "3",
-              "--", "--sp-config", str(sp_config), "--max-steps", "100000", "--max-seq-len", "128", "--log-every", "1",
-              "--output-dir", str(tmp_path / "out")]
+    recipe = [
+        str(ROOT / "tests" / "fault_recipe.py"),
+        "--fault",
+        "none" if fault == "kill" else fault,
+        "--fault-rank",
+        "1",
+        "--fault-step",
+        "3",
+        "--",
+        "--sp-config",
+        str(sp_config),
+        "--max-steps",
+        "100000",
+        "--max-seq-len",
+        "128",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", _port(), *recipe]
     else:
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"),
-               "--num_processes", "2", "--main_process_port", _port(), *recipe]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "recipes/accelerate/cpu.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            _port(),
+            *recipe,
+        ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
     lines: list[str] = []
     pids: dict[int, int] = {}
     started = threading.Event()
@@ -67,7 +100,9 @@ def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None
             m = re.match(r"fault_recipe rank=(\d+) pid=(\d+)", line)
             if m:
                 pids[int(m.group(1))] = int(m.group(2))
-            if re.search(r"step +2/\d+ +loss", line):  # (after tqdm's carriage-return output)  # training runs on every rank (a step needs all of them)
+            if re.search(
+                r"step +2/\d+ +loss", line
+            ):  # (after tqdm's carriage-return output)  # training runs on every rank (a step needs all of them)
                 started.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -86,8 +121,14 @@ def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None
             rc = None
         elapsed = time.monotonic() - fault_time
         reader.join(timeout=5)
-        return {"rc": rc, "elapsed": elapsed, "alive": [p for p in pids.values() if _alive(p)], "pids": pids,
-                "log": "".join(lines[-40:]), "full_log": "".join(lines)}
+        return {
+            "rc": rc,
+            "elapsed": elapsed,
+            "alive": [p for p in pids.values() if _alive(p)],
+            "pids": pids,
+            "log": "".join(lines[-40:]),
+            "full_log": "".join(lines),
+        }
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

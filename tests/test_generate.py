@@ -10,21 +10,33 @@ from __future__ import annotations
 
 import math
 
+import cases
+import cases_generate as cg
 import pytest
 import torch
 
-import cases
-import cases_generate as cg
 from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.tools.plan_infer import inference_rows, kv_bytes_per_rank, longest_prompt
 
 #: (strategy, options) per world size, in the default suite (one prompt kind each, cheap) ...
-DEFAULT = [(2, "ulysses", None, "doc"), (2, "ring", None, "padded"), (4, "ring", None, "doc"),
-           (4, "hybrid", dict(ulysses_size=2), "padded")]
+DEFAULT = [
+    (2, "ulysses", None, "doc"),
+    (2, "ring", None, "padded"),
+    (4, "ring", None, "doc"),
+    (4, "hybrid", dict(ulysses_size=2), "padded"),
+]
 #: ... and every strategy x prompt kind with a longer prompt under `slow`.
-SLOW = [(w, s, o, k) for w, s, o in [(2, "ulysses", None), (2, "ring", None), (4, "ulysses", None),
-                                      (4, "ring", None), (4, "hybrid", dict(ulysses_size=2))]
-        for k in ("doc", "padded")]
+SLOW = [
+    (w, s, o, k)
+    for w, s, o in [
+        (2, "ulysses", None),
+        (2, "ring", None),
+        (4, "ulysses", None),
+        (4, "ring", None),
+        (4, "hybrid", dict(ulysses_size=2)),
+    ]
+    for k in ("doc", "padded")
+]
 
 
 def check(results: list[dict], seq: int, batch: int = 1) -> None:
@@ -37,8 +49,9 @@ def check(results: list[dict], seq: int, batch: int = 1) -> None:
         assert torch.equal(r["sequences"], results[0]["sequences"])
     check_kv_bytes([r["report"] for r in results], results[0]["ref_kv_bytes"], seq, world)
     # the planner's prediction (hf-seqpar plan --inference) is the fullest rank's measured bytes
-    predicted = kv_bytes_per_rank(ModelShape.from_config(cases.tiny_model().config), seq, world, cg.NEW_TOKENS,
-                                  batch, elem=4)
+    predicted = kv_bytes_per_rank(
+        ModelShape.from_config(cases.tiny_model().config), seq, world, cg.NEW_TOKENS, batch, elem=4
+    )
     assert max(r["report"]["local_bytes"] for r in results) == predicted
 
 
@@ -62,8 +75,11 @@ def check_kv_bytes(reports: list[dict], ref_bytes: int, seq: int, world: int) ->
 @pytest.mark.parametrize("world,strategy,options,kind", DEFAULT)
 def test_greedy_matches_unsharded(pools, world, strategy, options, kind):
     seq = 2048
-    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq,
-          2 if kind == "padded" else 1)
+    check(
+        pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options),
+        seq,
+        2 if kind == "padded" else 1,
+    )
 
 
 @pytest.mark.parametrize("world,strategy,options", [(2, "ulysses", None), (4, "hybrid", dict(ulysses_size=2))])
@@ -84,16 +100,27 @@ def test_one_token_prompt_decodes_from_an_empty_cache(pool2):
 @pytest.mark.parametrize("world,strategy,options,kind", SLOW)
 def test_greedy_matches_unsharded_long(pools, world, strategy, options, kind):
     seq = 6000
-    check(pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options), seq,
-          2 if kind == "padded" else 1)
+    check(
+        pools[world].run(cg.generate_parity, strategy, kind=kind, seq=seq, options=options),
+        seq,
+        2 if kind == "padded" else 1,
+    )
 
 
 def test_unsupported_modes_refused_before_any_forward(pool2):
     results = pool2.run(cg.refusals)
-    words = {"beams": "beam search", "assisted": "prompt_lookup_num_tokens", "static": "cache_implementation",
-             "chunks": "prefill_chunk_size", "attentions": "output_attentions", "hidden": "output_hidden_states",
-             "guidance": "guidance_scale", "no_cache": "use_cache=False", "right_padding": "pad on the left",
-             "megatron": "tensor"}
+    words = {
+        "beams": "beam search",
+        "assisted": "prompt_lookup_num_tokens",
+        "static": "cache_implementation",
+        "chunks": "prefill_chunk_size",
+        "attentions": "output_attentions",
+        "hidden": "output_hidden_states",
+        "guidance": "guidance_scale",
+        "no_cache": "use_cache=False",
+        "right_padding": "pad on the left",
+        "megatron": "tensor",
+    }
     for r in results:
         assert set(r) == set(words)
         for name, (message, forwards) in r.items():
@@ -111,8 +138,22 @@ def test_generate_long_recipe_runs_on_2_cpu_ranks():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(root / "recipes/generate_long.py"), "--lengths", "256", "--depths", "0", "1", "--new-tokens", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(root / "recipes/generate_long.py"),
+        "--lengths",
+        "256",
+        "--depths",
+        "0",
+        "1",
+        "--new-tokens",
+        "4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^ +256 +(\S+) .* (yes|NO) +\S+ +\S+ +\S+ +(\S+)$", proc.stdout, re.M)
@@ -128,8 +169,9 @@ def test_recipe_help():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "recipes/generate_long.py"), "--help"], capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, str(root / "recipes/generate_long.py"), "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     for flag in ("--lengths", "--depths", "--strategy", "--model", "--no-compare", "--new-tokens"):
         assert flag in out
 

@@ -36,6 +36,7 @@ def test_flash_attention_path_matches_unsharded(nccl_world_of_one, kind):
     import copy
 
     import cases
+
     import hf_seqpar
 
     model = cases.tiny_model(attn="flash_attention_2", heads=4, kv_heads=2).cuda().to(torch.bfloat16)
@@ -54,8 +55,11 @@ def test_flash_attention_path_matches_unsharded(nccl_world_of_one, kind):
 def _grad_error(model, ref32) -> float:
     """The largest relative gradient error over the parameters, ``|g - g32| / |g32|`` (norms)."""
     ref = dict(ref32.named_parameters())
-    errs = [float((p.grad.float() - ref[n].grad).norm() / ref[n].grad.norm().clamp_min(1e-12))
-            for n, p in model.named_parameters() if p.grad is not None]
+    errs = [
+        float((p.grad.float() - ref[n].grad).norm() / ref[n].grad.norm().clamp_min(1e-12))
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    ]
     return max(errs)
 
 
@@ -67,6 +71,7 @@ def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None,
     import copy
 
     import cases
+
     import hf_seqpar
     from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 
@@ -88,8 +93,13 @@ def _gpu_pair(strategy: str, kind: str, mode: str, features: dict | None = None,
     out16.loss.backward()
     out32.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    result = {"loss": float(out.loss), "loss32": float(out32.loss), "loss16": float(out16.loss),
-              "grad": _grad_error(model, ref32), "grad16": _grad_error(ref16, ref32)}
+    result = {
+        "loss": float(out.loss),
+        "loss32": float(out32.loss),
+        "loss16": float(out16.loss),
+        "grad": _grad_error(model, ref32),
+        "grad16": _grad_error(ref16, ref32),
+    }
     if out.logits is not None:
         logits = hf_seqpar.gather_sequence(out.logits, model)
         result["logits"] = float((logits[valid].float() - out32.logits[valid]).abs().max())

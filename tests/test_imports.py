@@ -17,14 +17,40 @@ SOURCES = {"hf_seqpar": "hf_seqpar", "patches": "hf_seqpar.patches", "kernels": 
 
 #: package prefix -> prefixes it must not import (a layer never reaches above itself)
 FORBIDDEN = {
-    "hf_seqpar.core": ("hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations", "hf_seqpar.tools",
-                       "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.kernels": ("hf_seqpar.core", "hf_seqpar.strategies", "hf_seqpar.tp", "hf_seqpar.integrations",
-                          "hf_seqpar.tools", "hf_seqpar.config", "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.tp": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
-                     "hf_seqpar.api", "hf_seqpar.patches"),
-    "hf_seqpar.patches": ("hf_seqpar.strategies", "hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config",
-                          "hf_seqpar.api"),
+    "hf_seqpar.core": (
+        "hf_seqpar.strategies",
+        "hf_seqpar.tp",
+        "hf_seqpar.integrations",
+        "hf_seqpar.tools",
+        "hf_seqpar.config",
+        "hf_seqpar.api",
+        "hf_seqpar.patches",
+    ),
+    "hf_seqpar.kernels": (
+        "hf_seqpar.core",
+        "hf_seqpar.strategies",
+        "hf_seqpar.tp",
+        "hf_seqpar.integrations",
+        "hf_seqpar.tools",
+        "hf_seqpar.config",
+        "hf_seqpar.api",
+        "hf_seqpar.patches",
+    ),
+    "hf_seqpar.tp": (
+        "hf_seqpar.strategies",
+        "hf_seqpar.integrations",
+        "hf_seqpar.tools",
+        "hf_seqpar.config",
+        "hf_seqpar.api",
+        "hf_seqpar.patches",
+    ),
+    "hf_seqpar.patches": (
+        "hf_seqpar.strategies",
+        "hf_seqpar.integrations",
+        "hf_seqpar.tools",
+        "hf_seqpar.config",
+        "hf_seqpar.api",
+    ),
     "hf_seqpar.strategies": ("hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.config", "hf_seqpar.api"),
     "hf_seqpar.config": ("hf_seqpar.integrations", "hf_seqpar.tools", "hf_seqpar.api"),
     "hf_seqpar.api": ("hf_seqpar.integrations", "hf_seqpar.tools"),
@@ -55,7 +81,7 @@ def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
             base = node.module or ""
             if node.level:
                 pkg = name.split(".") if is_package else name.split(".")[:-1]
-                pkg = pkg[:len(pkg) - node.level + 1]
+                pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         for t in targets:
@@ -82,7 +108,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -110,14 +136,19 @@ def test_kernels_are_a_leaf():
         if name.startswith("hf_seqpar.kernels"):
             assert all(d.startswith("hf_seqpar.kernels") for d in _imports(name, path, modules)), name
             nodes = ast.walk(ast.parse(path.read_text()))
-            outside = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in nodes
-                       if isinstance(n, (ast.Import, ast.ImportFrom))
-                       for a in (n.names if isinstance(n, ast.Import) else [n])]
+            outside = [
+                n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in nodes
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [n])
+            ]
             assert not [m for m in outside if m and m.split(".")[0] == "transformers"], name
-    code = ("import sys, hf_seqpar.kernels, hf_seqpar.kernels.varlen, hf_seqpar.kernels.backends\n"
-            "bad = sorted(m for m in sys.modules if m.startswith('transformers') or m.startswith('hf_seqpar.')\n"
-            "             and not m.startswith('hf_seqpar.kernels'))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, hf_seqpar.kernels, hf_seqpar.kernels.varlen, hf_seqpar.kernels.backends\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('transformers') or m.startswith('hf_seqpar.')\n"
+        "             and not m.startswith('hf_seqpar.kernels'))\n"
+        "assert not bad, bad\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -146,8 +177,9 @@ def _import_in_fresh_interpreters(groups: dict[str, list[str]]) -> None:
 
 
 def test_every_module_says_its_role():
-    missing = [name for name, path in _modules().items()
-               if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()]
+    missing = [
+        name for name, path in _modules().items() if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
+    ]
     assert not missing, f"modules without a docstring: {missing}"
 
 

@@ -13,9 +13,17 @@ import pytest
 import torch
 
 from hf_seqpar.kernels import BACKENDS, block_forward, compute_dtype, select_backend
-from hf_seqpar.kernels.backends import (BIAS_ALIGN, EFFICIENT_LSE_ALIGN, CudaEfficientBackend, CudaFlashBackend,
-                                        CudnnBackend, aligned_bias, bshd_layout, cudnn_lse_for_backward,
-                                        efficient_lse_for_backward)
+from hf_seqpar.kernels.backends import (
+    BIAS_ALIGN,
+    EFFICIENT_LSE_ALIGN,
+    CudaEfficientBackend,
+    CudaFlashBackend,
+    CudnnBackend,
+    aligned_bias,
+    bshd_layout,
+    cudnn_lse_for_backward,
+    efficient_lse_for_backward,
+)
 
 aten = torch.ops.aten
 
@@ -81,8 +89,9 @@ def test_flash_backward_args_follow_the_dense_schema():
 def test_efficient_backward_args_follow_the_schema():
     q, k, v = _qkv(s=9)
     mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
-    args, kwargs = CudaEfficientBackend.backward_args(torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9),
-                                                      scale=0.5, causal=False, mask=mask)
+    args, kwargs = CudaEfficientBackend.backward_args(
+        torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9), scale=0.5, causal=False, mask=mask
+    )
     names = _names(aten._scaled_dot_product_efficient_attention_backward)
     assert len(args) == len(names)
     named = dict(zip(names, args))
@@ -97,8 +106,9 @@ def test_efficient_backward_args_follow_the_schema():
 
 def test_cudnn_backward_args_follow_the_schema():
     q, k, v = _qkv(s=9)
-    args, _ = CudnnBackend.backward_args(torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9), scale=0.5,
-                                         causal=True, mask=None)
+    args, _ = CudnnBackend.backward_args(
+        torch.randn(q.shape), q, k, v, q, torch.randn(2, 4, 9), scale=0.5, causal=True, mask=None
+    )
     names = _names(aten._scaled_dot_product_cudnn_attention_backward)
     assert len(args) == len(names)
     named = dict(zip(names, args))
@@ -150,8 +160,12 @@ def test_flash_segments_offsets_are_checked_int32_and_in_range():
     docs = document_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], list(range(10))]))
     cu, longest = flash_segments(valid, docs)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 10, 17, 20] and longest == 7
-    for bad, total in ((torch.tensor([0, 5, 10]), 10), (torch.tensor([0, 5, 12], dtype=torch.int32), 10),
-                       (torch.tensor([0, 5, 5, 10], dtype=torch.int32), 10), (torch.tensor([1, 10], dtype=torch.int32), 10)):
+    for bad, total in (
+        (torch.tensor([0, 5, 10]), 10),
+        (torch.tensor([0, 5, 12], dtype=torch.int32), 10),
+        (torch.tensor([0, 5, 5, 10], dtype=torch.int32), 10),
+        (torch.tensor([1, 10], dtype=torch.int32), 10),
+    ):
         with pytest.raises(ValueError, match="cu_seqlens"):
             check_cu_seqlens(bad, total)
 
@@ -163,6 +177,5 @@ def test_cudnn_sends_one_by_one_blocks_to_the_efficient_backward(monkeypatch):
     seen = []
     monkeypatch.setattr(CudaEfficientBackend, "backward", lambda self, *a, **kw: seen.append(a[1].shape) or a[1:4])
     q, k, v = _qkv(s=1)
-    grads = CudnnBackend().backward(q, q, k, v, q, torch.zeros(2, 4, 1), scale=1.0, causal=True, window=None,
-                                    mask=None)
+    grads = CudnnBackend().backward(q, q, k, v, q, torch.zeros(2, 4, 1), scale=1.0, causal=True, window=None, mask=None)
     assert seen == [q.shape] and grads[0] is q

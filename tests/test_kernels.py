@@ -9,8 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_seqpar.kernels import (BACKENDS, block_backward, block_forward, merge_into, reference_backward,
-                               reference_forward, select_backend)
+from hf_seqpar.kernels import (
+    BACKENDS,
+    block_backward,
+    block_forward,
+    merge_into,
+    reference_backward,
+    reference_forward,
+    select_backend,
+)
 
 SHAPES = [  # (B, h_q, h_kv, S_q, S_k, D, causal, window, masked)
     (2, 4, 2, 9, 9, 8, True, None, False),
@@ -33,12 +40,14 @@ def _inputs(b, hq, hkv, sq, sk, d, masked, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-c{int(s[6])}-w{s[7]}-m{int(s[8])}")
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-c{int(s[6])}-w{s[7]}-m{int(s[8])}"
+)
 @pytest.mark.parametrize("backend", ["torch_cpu", None])
 def test_backend_matches_float64_reference(backend, shape, dtype, tol):
     b, hq, hkv, sq, sk, d, causal, window, masked = shape
     q, k, v, mask = _inputs(b, hq, hkv, sq, sk, d, masked, dtype)
-    kw = dict(scale=d ** -0.5 * 1.3, causal=causal, window=window, mask=mask)
+    kw = dict(scale=d**-0.5 * 1.3, causal=causal, window=window, mask=mask)
     out, lse = block_forward(q, k, v, backend=backend, **kw)
     ref_out, ref_lse = reference_forward(q, k, v, **kw)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
@@ -77,8 +86,8 @@ def test_split_keys_merge_to_full_attention():
     out = torch.zeros(q.shape)
     lse = torch.full(q.shape[:3], float("-inf"))
     for cols in (slice(0, 4), slice(4, 10)):
-        o, l = block_forward(q, k[:, :, cols], v[:, :, cols], mask=causal[..., cols], **kw)
-        merge_into(out, lse, o, l)
+        o, block_lse = block_forward(q, k[:, :, cols], v[:, :, cols], mask=causal[..., cols], **kw)
+        merge_into(out, lse, o, block_lse)
     assert torch.allclose(out, full_out, atol=1e-6) and torch.allclose(lse, full_lse, atol=1e-6)
     dout = torch.randn_like(out)
     dq_full, dk_full, dv_full = block_backward(dout, q, k, v, full_out, full_lse, causal=True, **kw)
@@ -86,7 +95,9 @@ def test_split_keys_merge_to_full_attention():
     for cols in (slice(0, 4), slice(4, 10)):
         dq_b, dk_b, dv_b = block_backward(dout, q, k[:, :, cols], v[:, :, cols], out, lse, mask=causal[..., cols], **kw)
         dq += dq_b
-        assert torch.allclose(dk_b, dk_full[:, :, cols], atol=1e-5) and torch.allclose(dv_b, dv_full[:, :, cols], atol=1e-5)
+        assert torch.allclose(dk_b, dk_full[:, :, cols], atol=1e-5) and torch.allclose(
+            dv_b, dv_full[:, :, cols], atol=1e-5
+        )
     assert torch.allclose(dq, dq_full, atol=1e-5)
 
 
@@ -135,12 +146,11 @@ def test_cuda_backends_match_reference(backend, mode):
         with pytest.raises(ValueError, match="computes in"):
             select_backend(torch.device("cuda"), False, backend, compute)
         return
-    for b, hq, hkv, sq, sk, d, causal, window, masked in SHAPES:
+    for b, hq, hkv, sq, sk, _d, causal, window, masked in SHAPES:
         needs_mask = masked or (window is not None and not impl.native_window)
         if needs_mask and not impl.supports_mask or sq != sk and causal:
             continue
-        q, k, v, mask = (t.cuda() if t is not None else None
-                         for t in _inputs(b, hq, hkv, sq, sk, 64, masked, dtype))
+        q, k, v, mask = (t.cuda() if t is not None else None for t in _inputs(b, hq, hkv, sq, sk, 64, masked, dtype))
         kw = dict(scale=0.125, causal=causal, window=window, mask=mask)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "fp32-autocast"):
             out, lse = block_forward(q, k, v, backend=backend, **kw)

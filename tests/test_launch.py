@@ -164,8 +164,23 @@ def test_launch_makes_a_stock_sft_script_exact(tmp_path):
     config.write_text("strategy: ulysses\n")  # TRL's fused LM head: no loss_chunk_size
     out = tmp_path / "launch"
     out.mkdir()
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "hf_seqpar.launch", "--sp-config", str(config), str(script), str(out)], tmp_path)
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hf_seqpar.launch",
+            "--sp-config",
+            str(config),
+            str(script),
+            str(out),
+        ],
+        tmp_path,
+    )
     assert "NEVER APPLIED" not in proc.stderr, proc.stderr[-3000:]
     got = torch.load(out / "result.pt", weights_only=True)
     ref = cases_trl.sft_run("bfd", sp=False, out_dir=str(tmp_path / "ref"))

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-
 import cases_matrix
+import pytest
 from cases import GRAD_TOL, LOGITS_TOL, LOSS_TOL
 
 STRATEGIES_2 = ["ulysses", "ring", "megatron"]  # hybrid needs 4 ranks (ulysses_size=2 x ring 2)
@@ -45,30 +44,45 @@ def _check(results):
 
 # ---- the issue's cases, each in the default run -----------------------------------------------
 
+
 @pytest.mark.parametrize("tiles", [2, 3, 4])
 def test_megatron_with_mlp_tiles_is_exact(pool2, tiles):
     """Tiles of the all-gathered sequence are grouped so that each tile's reduce-scatter returns
     this rank's own tokens (before: logits 16-19% off, gradients up to 150%, or a crash)."""
-    _check(pool2.run(cases_matrix.feature_parity, "megatron", features=dict(mlp_tiles=tiles),
-                     batch_kw=dict(kind="padding")))
+    _check(
+        pool2.run(
+            cases_matrix.feature_parity, "megatron", features=dict(mlp_tiles=tiles), batch_kw=dict(kind="padding")
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_mlp_tiles_with_batch_gt_1_on_view_mlps(pool2, family):
     """MoE blocks `.view` their input: tiles must be contiguous with B = 2."""
-    _check(pool2.run(cases_matrix.feature_parity, "ring", family=family, features=dict(mlp_tiles=3),
-                     batch_kw=dict(kind="padding", bsz=2)))
+    _check(
+        pool2.run(
+            cases_matrix.feature_parity,
+            "ring",
+            family=family,
+            features=dict(mlp_tiles=3),
+            batch_kw=dict(kind="padding", bsz=2),
+        )
+    )
 
 
-@pytest.mark.parametrize("strategy, family, features", [
-    ("ulysses", "mixtral", {}),
-    ("ring", "qwen3_moe", {}),
-    ("ulysses", "qwen3_moe", dict(loss_chunk_size=5)),  # the chunked loss keeps the aux loss
-])
+@pytest.mark.parametrize(
+    "strategy, family, features",
+    [
+        ("ulysses", "mixtral", {}),
+        ("ring", "qwen3_moe", {}),
+        ("ulysses", "qwen3_moe", dict(loss_chunk_size=5)),  # the chunked loss keeps the aux loss
+    ],
+)
 def test_moe_aux_loss_is_the_full_sequence_one(pool2, strategy, family, features):
     """Loss, aux loss and every gradient equal the unsharded model's (router_aux_loss_coef=0.5)."""
-    results = pool2.run(cases_matrix.feature_parity, strategy, family=family, features=features,
-                        batch_kw=dict(kind="padding"))
+    results = pool2.run(
+        cases_matrix.feature_parity, strategy, family=family, features=features, batch_kw=dict(kind="padding")
+    )
     assert all("aux" in r for r in results), results
     _check(results)
 
@@ -76,8 +90,15 @@ def test_moe_aux_loss_is_the_full_sequence_one(pool2, strategy, family, features
 @pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
 def test_chunked_loss_honours_logit_transformations(pool2, family):
     """Granite divides by logits_scaling, Cohere multiplies by logit_scale, Gemma-2 soft-caps."""
-    _check(pool2.run(cases_matrix.feature_parity, "ulysses", family=family, features=dict(loss_chunk_size=5),
-                     batch_kw=dict(kind="padding")))
+    _check(
+        pool2.run(
+            cases_matrix.feature_parity,
+            "ulysses",
+            family=family,
+            features=dict(loss_chunk_size=5),
+            batch_kw=dict(kind="padding"),
+        )
+    )
 
 
 def test_unknown_logit_transformation_is_refused_and_the_advice_works(pool2):
@@ -103,8 +124,11 @@ DEFAULT_FEATURE_CASES = [
     ("megatron", "llama", "all", "padding"),
     ("ring", "mixtral", "all", "padding"),
 ]
-FULL_FEATURE_CASES = [c for c in itertools.product(STRATEGIES_2, FAMILIES, FEATURES, ["padding", "packed"])
-                      if c not in DEFAULT_FEATURE_CASES]
+FULL_FEATURE_CASES = [
+    c
+    for c in itertools.product(STRATEGIES_2, FAMILIES, FEATURES, ["padding", "packed"])
+    if c not in DEFAULT_FEATURE_CASES
+]
 
 
 def _feature_case(pool, strategy, family, feature, kind):
@@ -112,8 +136,11 @@ def _feature_case(pool, strategy, family, feature, kind):
         messages = pool.run(cases_matrix.plugin_refusal, strategy, family=family, **FEATURES[feature])
         assert all("no Megatron-SP plan" in m for m in messages), messages
         return
-    _check(pool.run(cases_matrix.feature_parity, strategy, family=family, features=FEATURES[feature],
-                    batch_kw=dict(kind=kind)))
+    _check(
+        pool.run(
+            cases_matrix.feature_parity, strategy, family=family, features=FEATURES[feature], batch_kw=dict(kind=kind)
+        )
+    )
 
 
 @pytest.mark.parametrize("strategy, family, feature, kind", DEFAULT_FEATURE_CASES)
@@ -130,8 +157,16 @@ def test_memory_features_full(pool2, strategy, family, feature, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("family, feature", list(itertools.product(["llama", "granite", "mixtral"], FEATURES)))
 def test_memory_features_hybrid_full(pool4, family, feature):
-    _check(pool4.run(cases_matrix.feature_parity, "hybrid", family=family, features=FEATURES[feature],
-                     ulysses_size=2, batch_kw=dict(kind="padding")))
+    _check(
+        pool4.run(
+            cases_matrix.feature_parity,
+            "hybrid",
+            family=family,
+            features=FEATURES[feature],
+            ulysses_size=2,
+            batch_kw=dict(kind="padding"),
+        )
+    )
 
 
 # ---- mixed precision -------------------------------------------------------------------------
@@ -171,26 +206,38 @@ DEFAULT_MP_CASES = [
     ("megatron", "bf16", "packed", {}),
     ("ulysses", "bf16", "padding", dict(loss_chunk_size=5, mlp_tiles=2)),
 ]
-FULL_MP_CASES = [(s, p, k, f) for s, p, k, f in itertools.product(
-    STRATEGIES_2, ["autocast", "bf16"], ["plain", "padding", "packed"],
-    [{}, dict(loss_chunk_size=5, mlp_tiles=2, gradient_checkpointing=True)]) if (s, p, k, f) not in DEFAULT_MP_CASES]
+FULL_MP_CASES = [
+    (s, p, k, f)
+    for s, p, k, f in itertools.product(
+        STRATEGIES_2,
+        ["autocast", "bf16"],
+        ["plain", "padding", "packed"],
+        [{}, dict(loss_chunk_size=5, mlp_tiles=2, gradient_checkpointing=True)],
+    )
+    if (s, p, k, f) not in DEFAULT_MP_CASES
+]
 
 
 @pytest.mark.parametrize("strategy, precision, kind, features", DEFAULT_MP_CASES)
 def test_mixed_precision(pool2, strategy, precision, kind, features):
-    check_mixed_precision(pool2.run(cases_matrix.mixed_precision_parity, strategy, precision,
-                                    batch_kw=dict(kind=kind), features=features))
+    check_mixed_precision(
+        pool2.run(cases_matrix.mixed_precision_parity, strategy, precision, batch_kw=dict(kind=kind), features=features)
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, precision, kind, features", FULL_MP_CASES)
 def test_mixed_precision_full(pool2, strategy, precision, kind, features):
-    check_mixed_precision(pool2.run(cases_matrix.mixed_precision_parity, strategy, precision,
-                                    batch_kw=dict(kind=kind), features=features))
+    check_mixed_precision(
+        pool2.run(cases_matrix.mixed_precision_parity, strategy, precision, batch_kw=dict(kind=kind), features=features)
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, kind", list(itertools.product(["autocast", "bf16"], ["plain", "padding", "packed"])))
+@pytest.mark.parametrize(
+    "precision, kind", list(itertools.product(["autocast", "bf16"], ["plain", "padding", "packed"]))
+)
 def test_mixed_precision_hybrid_full(pool4, precision, kind):
-    check_mixed_precision(pool4.run(cases_matrix.mixed_precision_parity, "hybrid", precision, ulysses_size=2,
-                                    batch_kw=dict(kind=kind)))
+    check_mixed_precision(
+        pool4.run(cases_matrix.mixed_precision_parity, "hybrid", precision, ulysses_size=2, batch_kw=dict(kind=kind))
+    )

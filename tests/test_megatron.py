@@ -8,10 +8,9 @@ Ulysses (fp32 CPU): loss 1e-5 relative, gathered logits and every gradient 1e-4 
 
 from __future__ import annotations
 
-import pytest
-
 import cases
 import megatron_cases
+import pytest
 
 CASES = {
     "llama_mha": dict(),
@@ -22,21 +21,25 @@ CASES = {
     "llama_packed_3_docs": dict(batch_kw=dict(kind="packed", seq=40)),
     "llama_packed_tiny_docs": dict(batch_kw=dict(kind="tiny_docs", seq=200)),
     "llama_odd_length": dict(batch_kw=dict(seq=29)),
-    "mistral_window_packed_mixed_rows": dict(model_kw=dict(family="mistral", sliding_window=7),
-                                             batch_kw=dict(kind="packed_mixed", seq=48)),
+    "mistral_window_packed_mixed_rows": dict(
+        model_kw=dict(family="mistral", sliding_window=7), batch_kw=dict(kind="packed_mixed", seq=48)
+    ),
     "llama_eager_padding": dict(model_kw=dict(attn="eager"), batch_kw=dict(kind="padding")),
     "llama_tied_embeddings": dict(model_kw=dict(tie=True), batch_kw=dict(kind="padding")),
     "llama_rank_without_labels": dict(batch_kw=dict(kind="labels_first_quarter")),
-    "mistral_window_lt_shard_packed": dict(model_kw=dict(family="mistral", sliding_window=5, kv_heads=1),
-                                           batch_kw=dict(kind="packed")),
+    "mistral_window_lt_shard_packed": dict(
+        model_kw=dict(family="mistral", sliding_window=5, kv_heads=1), batch_kw=dict(kind="packed")
+    ),
     "qwen2_bias_gqa_padding": dict(model_kw=dict(family="qwen2", kv_heads=2), batch_kw=dict(kind="padding")),
-    "qwen3_head_norms_kv_lt_sp": dict(model_kw=dict(family="qwen3", heads=8, kv_heads=2),
-                                      batch_kw=dict(kind="padding")),
+    "qwen3_head_norms_kv_lt_sp": dict(
+        model_kw=dict(family="qwen3", heads=8, kv_heads=2), batch_kw=dict(kind="padding")
+    ),
     "qwen3_head_norms_packed": dict(model_kw=dict(family="qwen3"), batch_kw=dict(kind="packed", seq=40)),
     "phi3_fused_gqa_odd_length": dict(model_kw=dict(family="phi3", heads=8, kv_heads=4), batch_kw=dict(seq=29)),
     "phi3_fused_padding": dict(model_kw=dict(family="phi3"), batch_kw=dict(kind="padding")),
-    "qwen3_grad_checkpointing_packed": dict(checkpointing=True, model_kw=dict(family="qwen3", heads=8, kv_heads=2),
-                                            batch_kw=dict(kind="packed")),
+    "qwen3_grad_checkpointing_packed": dict(
+        checkpointing=True, model_kw=dict(family="qwen3", heads=8, kv_heads=2), batch_kw=dict(kind="packed")
+    ),
     "phi3_eval_no_labels": dict(mode="eval", model_kw=dict(family="phi3"), batch_kw=dict(kind="no_labels", seq=27)),
 }
 
@@ -54,14 +57,26 @@ def test_megatron_matches_unsharded(pools, world, case):
 
 def test_dp2_x_tp2_matches_unsharded(pool4):
     """4 ranks as 2 data-parallel replicas of TP=2; gradients averaged over dp only."""
-    _check(pool4.run(megatron_cases.megatron_parity, sp_size=2,
-                     model_kw=dict(family="qwen3", heads=4, kv_heads=1), batch_kw=dict(kind="padding")))
+    _check(
+        pool4.run(
+            megatron_cases.megatron_parity,
+            sp_size=2,
+            model_kw=dict(family="qwen3", heads=4, kv_heads=1),
+            batch_kw=dict(kind="padding"),
+        )
+    )
 
 
 def test_user_mesh_sp_first_matches_unsharded(pool4):
     """A ("sp", "dp") mesh: TP groups {0, 2} and {1, 3}, gradients averaged over "dp" by name."""
-    _check(pool4.run(megatron_cases.megatron_parity, mesh_dims=(("sp", 2), ("dp", 2)),
-                     model_kw=dict(heads=4, kv_heads=2), batch_kw=dict(kind="padding")))
+    _check(
+        pool4.run(
+            megatron_cases.megatron_parity,
+            mesh_dims=(("sp", 2), ("dp", 2)),
+            model_kw=dict(heads=4, kv_heads=2),
+            batch_kw=dict(kind="padding"),
+        )
+    )
 
 
 def test_tp1_is_the_plain_model_with_dp2(pool2):
@@ -81,8 +96,9 @@ def test_comm_per_layer_is_two_all_gathers_and_two_reduce_scatters(pool2, pool4)
                 assert r[key] == [r["theory_per_op"]] * n, (key, r)
             assert r["fwd_calls"] == {"tp_all_gather_into_tensor.fwd": 2 * n, "tp_reduce_scatter_tensor.fwd": 2 * n}, r
             assert r["fwd_other"] == {}, r
-            assert set(r["calls"]) == {f"tp_{op}.{d}" for op in ("all_gather_into_tensor", "reduce_scatter_tensor")
-                                       for d in ("fwd", "bwd")}, r
+            assert set(r["calls"]) == {
+                f"tp_{op}.{d}" for op in ("all_gather_into_tensor", "reduce_scatter_tensor") for d in ("fwd", "bwd")
+            }, r
 
 
 @pytest.mark.parametrize("family,kv_heads", [("phi3", None), ("llama", 1)])
@@ -151,8 +167,21 @@ def test_demo_trains_with_megatron(tmp_path):
     import sys
 
     demo = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(demo),
-           "--strategy", "megatron", "--steps", "4", "--seq-len", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(demo),
+        "--strategy",
+        "megatron",
+        "--steps",
+        "4",
+        "--seq-len",
+        "256",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", proc.stdout)]

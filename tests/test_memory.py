@@ -9,11 +9,11 @@ import re
 import subprocess
 import sys
 
+import cases
+import cases_matrix
 import pytest
 import torch
 
-import cases
-import cases_matrix
 from hf_seqpar.core.logits import LogitTransform, logit_transform
 from hf_seqpar.core.memory import ChunkedLMHeadCrossEntropy, install_memory_features, remove_memory_features
 
@@ -34,8 +34,10 @@ def test_chunked_function_matches_plain_cross_entropy(chunk, bias):
     y = torch.randint(0, 50, (37,), generator=g)
     y[::5] = -100
     n = torch.tensor(41.0, dtype=torch.float64)  # a global count larger than the local one (SP)
-    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, ignore_index=-100,
-                                            reduction="sum") / n
+    ref = (
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, ignore_index=-100, reduction="sum")
+        / n
+    )
     ref_grads = torch.autograd.grad(ref, [t for t in (h, w, b) if t is not None])
     got = ChunkedLMHeadCrossEntropy.apply(h, w, b, y, chunk, n)
     got_grads = torch.autograd.grad(got, [t for t in (h, w, b) if t is not None])
@@ -59,7 +61,9 @@ def _check_features_match_plain(model, batch, checkpointing=None, **features):
     ref = reference(**batch, use_cache=False)
     ref.loss.backward()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
     install_memory_features(model, **features)
     out = model(**batch, use_cache=False)
     out.loss.backward()
@@ -69,11 +73,14 @@ def _check_features_match_plain(model, batch, checkpointing=None, **features):
         assert _rel(p.grad, ref_params[name].grad) <= 1e-5, name
 
 
-@pytest.mark.parametrize("features", [
-    dict(loss_chunk_size=5),
-    dict(mlp_tiles=4),
-    dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True),
-])
+@pytest.mark.parametrize(
+    "features",
+    [
+        dict(loss_chunk_size=5),
+        dict(mlp_tiles=4),
+        dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True),
+    ],
+)
 @pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
 def test_memory_features_match_plain_model(features, checkpointing):
     model = cases.tiny_model(heads=4, kv_heads=2)
@@ -120,12 +127,24 @@ def test_chunked_loss_lowers_peak_memory_per_rank():
     """The benchmark: 2 gloo ranks, 128K vocabulary, 2048 tokens (1024 per rank), peak RSS per rank
     with the plain loss and with the chunked loss. The plain loss holds 1024 x 128256 fp32 logits
     (0.5 GiB) and their gradient; the chunked one 512 x 128256 at a time."""
-    cmd = [sys.executable, str(ROOT / "recipes" / "bench_memory.py"), "--nproc", "2", "--seq-len", "2048",
-           "--vocab", "128256", "--chunk", "512"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "bench_memory.py"),
+        "--nproc",
+        "2",
+        "--seq-len",
+        "2048",
+        "--vocab",
+        "128256",
+        "--chunk",
+        "512",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = {m.group(1): [float(x) for x in m.group(2).split(",")]
-           for m in re.finditer(r"^(plain|chunked) peak_rss_mib_per_rank=([\d.,]+) loss=", proc.stdout, re.M)}
+    got = {
+        m.group(1): [float(x) for x in m.group(2).split(",")]
+        for m in re.finditer(r"^(plain|chunked) peak_rss_mib_per_rank=([\d.,]+) loss=", proc.stdout, re.M)
+    }
     losses = dict(re.findall(r"^(plain|chunked) .* loss=([\d.]+)", proc.stdout, re.M))
     assert set(got) == {"plain", "chunked"}, proc.stdout
     assert abs(float(losses["plain"]) - float(losses["chunked"])) <= 1e-4 * float(losses["plain"]), losses
@@ -154,12 +173,15 @@ def test_chunked_function_with_logit_transformation(scale, softcap):
         assert _rel(a, r) <= 1e-12
 
 
-@pytest.mark.parametrize("family, expected", [
-    ("llama", LogitTransform()),
-    ("granite", LogitTransform(scale=1 / 3.0)),
-    ("cohere", LogitTransform(scale=0.3)),
-    ("gemma2", LogitTransform(softcap=2.0)),
-])
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        ("llama", LogitTransform()),
+        ("granite", LogitTransform(scale=1 / 3.0)),
+        ("cohere", LogitTransform(scale=0.3)),
+        ("gemma2", LogitTransform(softcap=2.0)),
+    ],
+)
 def test_logit_transform_is_read_from_the_forward(family, expected):
     got = logit_transform(cases_matrix.matrix_model(family))
     assert got.softcap == expected.softcap and abs(got.scale - expected.scale) <= 1e-12, got
@@ -169,8 +191,9 @@ def test_logit_transform_is_read_from_the_forward(family, expected):
 def test_memory_features_match_plain_model_across_families(family):
     """Chunked loss (with the family's logit transformation, and the MoE aux loss) and tiled MLP
     with B = 2 (MoE blocks `.view` their input) against the family's own forward."""
-    _check_features_match_plain(cases_matrix.matrix_model(family), cases.make_batch("padding", bsz=2),
-                                loss_chunk_size=5, mlp_tiles=3)
+    _check_features_match_plain(
+        cases_matrix.matrix_model(family), cases.make_batch("padding", bsz=2), loss_chunk_size=5, mlp_tiles=3
+    )
 
 
 def test_unknown_logit_transformation_is_refused_naming_the_statement():

@@ -14,12 +14,12 @@ import json
 
 import pytest
 
+from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.tools import cli, memcheck
 from hf_seqpar.tools.memcheck import MemCase
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, peak_memory, strategy_terms
 from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate
 from hf_seqpar.tools.presets import load_config
-from hf_seqpar.core.shape import ModelShape
 
 #: measure_case sets the ranks' allocator and measures their resident memory: ranks of its own
 PRIVATE_POOLS = True
@@ -27,16 +27,22 @@ TOL = 0.15
 HOST_TOL = 0.01
 
 #: The default run: ring at 2048 tokens, each feature switched on from nothing and off from the full set.
-QUICK = [MemCase("ring", 2048), MemCase("ring", 2048, checkpointing=True, offload_checkpoints=True),
-         MemCase("ring", 2048, mlp_tiles=8, loss_chunk_size=128),
-         MemCase("ring", 2048, True, True, 8, 128),
-         MemCase("ulysses", 2048, True, True, 8, 128, sp=1)]  # single-device mode: each rank its own row
+QUICK = [
+    MemCase("ring", 2048),
+    MemCase("ring", 2048, checkpointing=True, offload_checkpoints=True),
+    MemCase("ring", 2048, mlp_tiles=8, loss_chunk_size=128),
+    MemCase("ring", 2048, True, True, 8, 128),
+    MemCase("ulysses", 2048, True, True, 8, 128, sp=1),
+]  # single-device mode: each rank its own row
 
 
 def _check(pool, cases):
     rows = [memcheck.compare(c, pool.run(memcheck.measure_case, c)) for c in cases]
-    bad = [r for r in rows if abs(r["peak_ratio"] - 1) > TOL
-           or (r["measured_host"] and abs(r["host_ratio"] - 1) > HOST_TOL)]
+    bad = [
+        r
+        for r in rows
+        if abs(r["peak_ratio"] - 1) > TOL or (r["measured_host"] and abs(r["host_ratio"] - 1) > HOST_TOL)
+    ]
     assert not bad, "\n".join(memcheck._line(r) for r in bad)
     return rows
 
@@ -115,6 +121,7 @@ def test_ring_backward_holds_kv_in_flight():
 
 # ---- the planner ---------------------------------------------------------------------------
 
+
 def test_max_seq_reports_features_and_binding(capsys, tmp_path):
     out = tmp_path / "plan.json"
     assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpus", "8", "--max-seq", "--json", str(out)]) == 0
@@ -137,8 +144,23 @@ def test_single_gpu_mode(capsys):
     assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpus", "1", "--seq-len", "65536"]) == 1
     said = capsys.readouterr().out
     assert "nothing fits: the model states alone take" in said and "--sharding fsdp_offload" in said
-    assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpus", "1", "--sharding", "fsdp_offload",
-                     "--seq-len", "65536", "--max-seq"]) == 0
+    assert (
+        cli.main(
+            [
+                "plan",
+                "--model",
+                "llama-3.1-8b",
+                "--gpus",
+                "1",
+                "--sharding",
+                "fsdp_offload",
+                "--seq-len",
+                "65536",
+                "--max-seq",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "ulysses 1" in text and "sp_size: 1" in text
     shape = ModelShape.from_config(load_config("llama-3.1-8b"))
@@ -151,10 +173,12 @@ def test_single_gpu_mode(capsys):
 # ---- the recipes for the longest runs are what the planner says ---------------------------
 
 #: recipe -> (model, GPUs, sharding), as in each file's "Produced by" line (with --max-step-s 1e9).
-MAX_RECIPES = {"llama3-8b-1gpu-max": ("llama-3.1-8b", 1, "fsdp_offload"),
-               "llama3-8b-8gpu-max": ("llama-3.1-8b", 8, "fsdp"),
-               "llama3-8b-32gpu-max": ("llama-3.1-8b", 32, "fsdp"),
-               "llama3-70b-32gpu-max": ("llama-3.1-70b", 32, "fsdp")}
+MAX_RECIPES = {
+    "llama3-8b-1gpu-max": ("llama-3.1-8b", 1, "fsdp_offload"),
+    "llama3-8b-8gpu-max": ("llama-3.1-8b", 8, "fsdp"),
+    "llama3-8b-32gpu-max": ("llama-3.1-8b", 32, "fsdp"),
+    "llama3-70b-32gpu-max": ("llama-3.1-70b", 32, "fsdp"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_RECIPES))

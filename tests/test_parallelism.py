@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pathlib
 
+import cases_accel
 import pytest
 
-import cases_accel
 import hf_seqpar
 from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 from hf_seqpar.integrations.parallelism import apply_parallelism_config
@@ -18,6 +18,7 @@ TOL = 1e-5  # fp32 on CPU, SGD: see test_accelerate.py
 
 
 # ---- point 5: strategy auto ---------------------------------------------------------------
+
 
 def test_auto_is_accepted_in_the_plugin_yaml(tmp_path):
     path = tmp_path / "sp.yaml"
@@ -40,21 +41,25 @@ def test_auto_through_the_trainer(pool2):
 
 # ---- point 6: accelerate's ParallelismConfig ----------------------------------------------
 
+
 def _pc(**kw):
     from accelerate.parallelism_config import ParallelismConfig
 
     return ParallelismConfig(**kw)
 
 
-@pytest.mark.parametrize("pc, kw, words", [
-    (dict(cp_size=2), {}, ["cp_size=2", "context parallelism", "strategy: ring"]),
-    (dict(tp_size=2, dp_shard_size=2), {}, ["tp_size=2", "strategy: megatron"]),
-    (dict(sp_size=2), dict(deepspeed=True), ["sp_size=2", "DeepSpeed's own Ulysses", "hf_seqpar_sp_size: 2"]),
-    (dict(sp_size=2), dict(trainer=True), ["sp_size=2", "Trainer", "multiplied by 2", "sp_size: 2 instead"]),
-    (dict(sp_size=4), dict(plugin_sp=2), ["sp_size=4", "plugin has sp_size=2"]),
-    (dict(sp_size=2, dp_shard_size=3), {}, ["1 x 3 x 2 = 6 ranks but 4", "dp_shard_size=2 with sp_size=2"]),
-    (dict(sp_size=3), {}, ["sp_size=3", "does not divide the 4"]),
-])
+@pytest.mark.parametrize(
+    "pc, kw, words",
+    [
+        (dict(cp_size=2), {}, ["cp_size=2", "context parallelism", "strategy: ring"]),
+        (dict(tp_size=2, dp_shard_size=2), {}, ["tp_size=2", "strategy: megatron"]),
+        (dict(sp_size=2), dict(deepspeed=True), ["sp_size=2", "DeepSpeed's own Ulysses", "hf_seqpar_sp_size: 2"]),
+        (dict(sp_size=2), dict(trainer=True), ["sp_size=2", "Trainer", "multiplied by 2", "sp_size: 2 instead"]),
+        (dict(sp_size=4), dict(plugin_sp=2), ["sp_size=4", "plugin has sp_size=2"]),
+        (dict(sp_size=2, dp_shard_size=3), {}, ["1 x 3 x 2 = 6 ranks but 4", "dp_shard_size=2 with sp_size=2"]),
+        (dict(sp_size=3), {}, ["sp_size=3", "does not divide the 4"]),
+    ],
+)
 def test_parallelism_config_that_would_split_twice_is_refused(pc, kw, words):
     plugin = SequenceParallelPlugin(sp_size=kw.pop("plugin_sp", None))
     with pytest.raises(ValueError) as err:
@@ -105,8 +110,13 @@ def test_accelerate_path_reads_sp_size_from_the_parallelism_config(pool2):
     results = pool2.run(cases_accel.accelerate_parity, steps=2, grad_accum=1, parallelism_config={"sp_size": 2})
     for r in results:
         assert r.get("sp_size") == 2 and r["param"] <= TOL and r["loss"] <= TOL, r
-    results = pool2.run(cases_accel.accelerate_parity, steps=1, grad_accum=1, parallelism_config={"sp_size": 2},
-                        plugin_kw={"sp_size": 1})
+    results = pool2.run(
+        cases_accel.accelerate_parity,
+        steps=1,
+        grad_accum=1,
+        parallelism_config={"sp_size": 2},
+        plugin_kw={"sp_size": 1},
+    )
     assert all("plugin has sp_size=1" in r.get("error", "") for r in results), results
 
 

@@ -4,9 +4,8 @@ SequenceParallelMixin against the one-process DPOTrainer."""
 
 from __future__ import annotations
 
-import pytest
-
 import cases_post_training
+import pytest
 
 #: fp32 values: the same sums in another order (~1e-6 relative); gradients are sums over more
 #: terms in another order (the project's SP gradient tolerance)
@@ -25,6 +24,7 @@ def test_logprobs_sums_gather_and_gradients_match_unsharded(pool2, strategy):
 
 
 # ---- TRL's DPOTrainer + SequenceParallelMixin vs the one-process DPOTrainer ---------------------
+
 
 def _compare_dpo(pool, tmp_path, **kw):
     ref = cases_post_training.dpo_run(False, str(tmp_path / "ref"), **kw)
@@ -54,12 +54,15 @@ def test_dpo_sigmoid_with_reference_model_matches_one_process(pool2, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,loss_type,ref,order", [
-    ("ring", "sigmoid", "model", "mixin_first"),
-    ("ulysses", "ipo", "precompute", "host_first"),
-    ("ring", "ipo", "model", "host_first"),
-    ("ring", "hinge", "precompute", "mixin_first"),
-])
+@pytest.mark.parametrize(
+    "strategy,loss_type,ref,order",
+    [
+        ("ring", "sigmoid", "model", "mixin_first"),
+        ("ulysses", "ipo", "precompute", "host_first"),
+        ("ring", "ipo", "model", "host_first"),
+        ("ring", "hinge", "precompute", "mixin_first"),
+    ],
+)
 def test_dpo_matrix_matches_one_process(pool2, tmp_path, strategy, loss_type, ref, order):
     """The acceptance matrix: ulysses and ring, sigmoid/ipo/hinge, a reference model or
     precomputed reference log-probs, either MRO order."""
@@ -83,15 +86,34 @@ def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     from test_recipes import _port
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(root / "recipes/accelerate/cpu.yaml"), "--num_processes", "2", "--main_process_port", _port(),
-           str(root / "recipes/dpo_trl.py"), "--max-steps", "3", "--max-pairs", "12", "--lr", "1e-3",
-           "--output-dir", str(tmp_path / "out")]
+    cmd = [
+        str(pathlib.Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(root / "recipes/accelerate/cpu.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        _port(),
+        str(root / "recipes/dpo_trl.py"),
+        "--max-steps",
+        "3",
+        "--max-pairs",
+        "12",
+        "--lr",
+        "1e-3",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "strategy=ulysses sp_size=2" in proc.stdout, proc.stdout
-    steps = re.findall(r"^step +\d+/3 loss (\S+) grad_norm \S+ rewards/chosen \S+ rewards/rejected \S+ "
-                       r"rewards/margins (\S+) rewards/accuracies (\S+)", proc.stdout, re.M)
+    steps = re.findall(
+        r"^step +\d+/3 loss (\S+) grad_norm \S+ rewards/chosen \S+ rewards/rejected \S+ "
+        r"rewards/margins (\S+) rewards/accuracies (\S+)",
+        proc.stdout,
+        re.M,
+    )
     assert len(steps) == 3, proc.stdout
     assert float(steps[0][1]) == 0.0 and abs(float(steps[0][0]) - 0.693147) < 1e-4, steps  # ref = initial policy
     assert any(float(s[1]) != 0.0 for s in steps[1:]), steps  # the policy moved away from the reference

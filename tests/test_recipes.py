@@ -33,9 +33,22 @@ def _port() -> str:
 
 
 def _run(out_dir, *args, config: str = "recipes/accelerate/cpu.yaml") -> str:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), "--num_processes", "2",
-           "--main_process_port", _port(), str(ROOT / "recipes/finetune_long_context.py"), "--output-dir", str(out_dir),
-           "--log-every", "1", *args]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        _port(),
+        str(ROOT / "recipes/finetune_long_context.py"),
+        "--output-dir",
+        str(out_dir),
+        "--log-every",
+        "1",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out_dir.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
@@ -111,12 +124,34 @@ def test_recipe_lora(tmp_path):
 
 @pytest.mark.e2e
 def test_recipe_help_lists_the_flags():
-    out = subprocess.run([sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--help"],
-                         capture_output=True, text=True, timeout=120).stdout
-    for flag in ("--sp-config", "--model", "--dataset", "--max-seq-len", "--max-steps", "--output-dir", "--lora",
-                 "--tokenizer", "--data-format", "--messages-column", "--max-doc-len", "--eval-every",
-                 "--eval-fraction", "--save-every", "--save-total-limit", "--resume-from", "--report-to",
-                 "--log-every", "--packing", "--num-proc"):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for flag in (
+        "--sp-config",
+        "--model",
+        "--dataset",
+        "--max-seq-len",
+        "--max-steps",
+        "--output-dir",
+        "--lora",
+        "--tokenizer",
+        "--data-format",
+        "--messages-column",
+        "--max-doc-len",
+        "--eval-every",
+        "--eval-fraction",
+        "--save-every",
+        "--save-total-limit",
+        "--resume-from",
+        "--report-to",
+        "--log-every",
+        "--packing",
+        "--num-proc",
+    ):
         assert flag in out, flag
     # the docstring as written: shell continuations and the literal "\n" of the byte chat format kept
     assert "--num_processes 2 \\\n        recipes/finetune_long_context.py" in out, out[:1500]
@@ -130,14 +165,36 @@ def test_recipe_in_one_process_warns_and_a_nan_loss_fails(tmp_path):
     """Started without a launcher: a warning names `accelerate launch --num_processes N`. A loss that
     turns NaN (lr 1e30, no clipping) stops the run with a non-zero exit and no saved model."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HF_SEQPAR_CONFIG")}
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/finetune_long_context.py"), "--output-dir",
-                           str(tmp_path / "out"), "--max-steps", "5", "--max-seq-len", "256", "--max-docs", "2",
-                           "--lr", "1e30", "--max-grad-norm", "0", "--log-every", "1"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes/finetune_long_context.py"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "5",
+            "--max-seq-len",
+            "256",
+            "--max-docs",
+            "2",
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--log-every",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "ONE process, so sp_size=1" in proc.stderr and "accelerate launch --num_processes N" in proc.stderr
-    assert re.search(r"error: the training loss is nan at step \d+: stopped, and no model saved", proc.stderr), \
+    assert re.search(r"error: the training loss is nan at step \d+: stopped, and no model saved", proc.stderr), (
         proc.stderr[-2000:]
+    )
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "config.json").exists()
 
 
@@ -154,8 +211,24 @@ def test_accelerate_configs_load(name):
 
 # ---- evaluation, checkpoints, exact resume; the one-config-file path ------------------------
 
-RESUME_RUN = ["--max-steps", "10", "--max-docs", "2", "--max-seq-len", "1024", "--max-doc-len", "300", "--eval-every", "5",
-              "--eval-fraction", "0.3", "--save-every", "3", "--save-total-limit", "2"]
+RESUME_RUN = [
+    "--max-steps",
+    "10",
+    "--max-docs",
+    "2",
+    "--max-seq-len",
+    "1024",
+    "--max-doc-len",
+    "300",
+    "--eval-every",
+    "5",
+    "--eval-fraction",
+    "0.3",
+    "--save-every",
+    "3",
+    "--save-total-limit",
+    "2",
+]
 
 
 class _Payload:
@@ -211,8 +284,10 @@ def test_recipe_eval_checkpoints_and_exact_resume(tmp_path):
 
 # ---- chat data with a tokenizer --------------------------------------------------------------
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _byte_tokenizer(path):
@@ -224,18 +299,26 @@ def _byte_tokenizer(path):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=["<|user|>", "<|assistant|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"]
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
 
 
 def _conversations(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. " * 3},
-                          {"role": "user", "content": "And doubled?"},
-                          {"role": "assistant", "content": f"Doubled it is {4 * i}."}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. " * 3},
+                {"role": "user", "content": "And doubled?"},
+                {"role": "assistant", "content": f"Doubled it is {4 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.mark.e2e
@@ -245,10 +328,25 @@ def test_recipe_chat_data_with_a_tokenizer(tmp_path):
     data_file.write_text("".join(json.dumps(c) + "\n" for c in _conversations(60)))
     # one config file, named once: `hf_seqpar_strategy: ring` in the accelerate file is what runs
     accel = tmp_path / "accel-ring.yaml"
-    accel.write_text((ROOT / "recipes/accelerate/cpu-sp.yaml").read_text().replace("hf_seqpar_strategy: auto",
-                                                                                   "hf_seqpar_strategy: ring"))
-    out = _run(tmp_path / "out", "--dataset", str(data_file), "--tokenizer", str(tmp_path / "tok"), "--max-seq-len",
-               "256", "--max-doc-len", "96", "--max-steps", "6", config=str(accel))
+    accel.write_text(
+        (ROOT / "recipes/accelerate/cpu-sp.yaml")
+        .read_text()
+        .replace("hf_seqpar_strategy: auto", "hf_seqpar_strategy: ring")
+    )
+    out = _run(
+        tmp_path / "out",
+        "--dataset",
+        str(data_file),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--max-seq-len",
+        "256",
+        "--max-doc-len",
+        "96",
+        "--max-steps",
+        "6",
+        config=str(accel),
+    )
     assert "strategy=ring sp_size=2" in out and "chat data" in out, out
     losses = [float(x) for x in _losses(out, 6).values()]
     assert len(losses) == 6 and losses[-1] < losses[0], out
@@ -259,6 +357,7 @@ def test_recipe_chat_data_with_a_tokenizer(tmp_path):
 
 
 # ---- the recipe's data functions (in process) -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def recipe():
@@ -283,8 +382,11 @@ def test_chat_and_prompt_completion_train_on_completions_only(recipe, tmp_path, 
     assert len(ids) == len(labels)
     end = "</s>\n" if tok else "<|end|>\n"
     assert _trained_text(ids, labels, tok) == "2 plus 2 is 4. " * 3 + end + "Doubled it is 8." + end
-    full = tok.apply_chat_template(conv, tokenize=False) if tok else "".join(
-        data.BYTE_TURN.format(role=m["role"], content=m["content"]) for m in conv)
+    full = (
+        tok.apply_chat_template(conv, tokenize=False)
+        if tok
+        else "".join(data.BYTE_TURN.format(role=m["role"], content=m["content"]) for m in conv)
+    )
     assert (tok.decode(ids) if tok else bytes(ids).decode()) == full  # every token of the conversation, in order
     # conversational prompt-completion: loss on the completion messages
     ids, labels = data.chat_example(conv, tok, n_prompt=3)
@@ -294,8 +396,11 @@ def test_chat_and_prompt_completion_train_on_completions_only(recipe, tmp_path, 
     ds = [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}]
     [(ids, labels)] = data.to_examples(ds, "prompt-completion", tok, args)
     assert _trained_text(ids, labels, tok) == " 4" + ("</s>" if tok else "")
-    assert data.data_format(["messages"], args) == "chat" and data.data_format(["prompt", "completion"], args) == \
-        "prompt-completion" and data.data_format(["text", "id"], args) == "text"
+    assert (
+        data.data_format(["messages"], args) == "chat"
+        and data.data_format(["prompt", "completion"], args) == "prompt-completion"
+        and data.data_format(["text", "id"], args) == "text"
+    )
     with pytest.raises(ValueError, match="needs column"):
         data.data_format(["body"], args)
 
@@ -317,9 +422,11 @@ def test_max_doc_len_pieces_restart_positions_and_pack(recipe):
 
 # ---- the checks made before the model and the data are loaded --------------------------------
 
+
 @pytest.fixture
 def nothing_loaded(recipe, monkeypatch):
     """Loading a model, tokenizer or data fails the test (the checks must come first)."""
+
     def loaded(*args, **kwargs):
         raise AssertionError("a model, tokenizer or data was loaded before the options were checked")
 
@@ -329,19 +436,29 @@ def nothing_loaded(recipe, monkeypatch):
     monkeypatch.delenv("HF_SEQPAR_CONFIG", raising=False)
 
 
-@pytest.mark.parametrize("argv, env, words", [
-    (["--max-steps", "0"], {}, ["--max-steps", ">= 1", "0"]),
-    (["--max-doc-len", "0"], {}, ["--max-doc-len", ">= 1"]),
-    (["--eval-every", "5", "--eval-fraction", "1.5"], {}, ["--eval-fraction", "(0, 1)"]),
-    (["--warmup-steps", "30", "--max-steps", "10"], {}, ["--warmup-steps 30", "--max-steps 10"]),
-    (["--lr", "-1"], {}, ["--lr", "> 0"]),
-    (["--sp-config", str(ROOT / "recipes/sp/ulysses.yaml")], {"WORLD_SIZE": "3"},
-     ["3 launched rank(s)", "4 query heads", "3"]),
-    (["--sp-config", str(ROOT / "recipes/sp/hybrid.yaml")], {"WORLD_SIZE": "3"}, ["3 launched rank(s)", "ulysses_size"]),
-    (["--resume-from", "nowhere"], {}, ["--resume-from nowhere", "recipe_state.json"]),
-    (["--max-docs", "0"], {}, ["--max-docs", ">= 1"]),
-    (["--save-total-limit", "-1"], {}, ["--save-total-limit", ">= 0"]),
-])
+@pytest.mark.parametrize(
+    "argv, env, words",
+    [
+        (["--max-steps", "0"], {}, ["--max-steps", ">= 1", "0"]),
+        (["--max-doc-len", "0"], {}, ["--max-doc-len", ">= 1"]),
+        (["--eval-every", "5", "--eval-fraction", "1.5"], {}, ["--eval-fraction", "(0, 1)"]),
+        (["--warmup-steps", "30", "--max-steps", "10"], {}, ["--warmup-steps 30", "--max-steps 10"]),
+        (["--lr", "-1"], {}, ["--lr", "> 0"]),
+        (
+            ["--sp-config", str(ROOT / "recipes/sp/ulysses.yaml")],
+            {"WORLD_SIZE": "3"},
+            ["3 launched rank(s)", "4 query heads", "3"],
+        ),
+        (
+            ["--sp-config", str(ROOT / "recipes/sp/hybrid.yaml")],
+            {"WORLD_SIZE": "3"},
+            ["3 launched rank(s)", "ulysses_size"],
+        ),
+        (["--resume-from", "nowhere"], {}, ["--resume-from nowhere", "recipe_state.json"]),
+        (["--max-docs", "0"], {}, ["--max-docs", ">= 1"]),
+        (["--save-total-limit", "-1"], {}, ["--save-total-limit", ">= 0"]),
+    ],
+)
 def test_recipe_checks_options_before_loading_anything(recipe, nothing_loaded, monkeypatch, argv, env, words):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -352,6 +469,7 @@ def test_recipe_checks_options_before_loading_anything(recipe, nothing_loaded, m
 
 
 # ---- data through `datasets`, packing that keeps documents whole -------------------------------
+
 
 def test_load_table_reads_a_dataset_folder_with_a_card_and_prints_caps(recipe, tmp_path):
     """A normal HF dataset folder (data files + README.md card) loads; --max-docs says what it drops;
@@ -399,7 +517,7 @@ def test_bfd_packing_keeps_documents_whole(recipe):
             assert pos[a:b] == list(range(b - a)) and labels[a] == -100
             if ids[a] != 0 or b - a == lengths[ids[a] // 100]:  # a document, whole, not padding
                 k = ids[a] // 100
-                assert ids[a:b] == examples[k][0] and labels[a + 1:b] == examples[k][0][1:]
+                assert ids[a:b] == examples[k][0] and labels[a + 1 : b] == examples[k][0][1:]
                 seen.append(k)
             else:  # the row's padded tail: trained on nothing
                 assert set(ids[a:b]) == {0} and set(labels[a:b]) == {-100}
@@ -416,6 +534,7 @@ def test_bfd_packing_keeps_documents_whole(recipe):
 
 # ---- configs: model-agnostic FSDP wrapping, one config file named once -------------------------
 
+
 @pytest.mark.parametrize("name", ["gpu-8", "gpu-multinode", "gpu-1-offload"])
 def test_gpu_configs_wrap_any_models_decoder_layers(name):
     """No hard-coded layer class: accelerate's FSDP2 transformer wrap falls back to the model's
@@ -426,10 +545,21 @@ def test_gpu_configs_wrap_any_models_decoder_layers(name):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     fsdp = load_config_from_file(str(ROOT / f"recipes/accelerate/{name}.yaml")).fsdp_config
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
-                                            transformer_cls_names_to_wrap=fsdp.get("fsdp_transformer_layer_cls_to_wrap"))
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+        transformer_cls_names_to_wrap=fsdp.get("fsdp_transformer_layer_cls_to_wrap"),
+    )
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     assert [type(m).__name__ for m in model.modules() if policy(m)] == ["Qwen2DecoderLayer"] * 2
 
@@ -453,6 +583,7 @@ def test_sp_settings_named_twice_are_refused(recipe, tmp_path, monkeypatch):
 
 
 # ---- docs agree with the code: sdpa needs no S x S mask for a packed row ------------------------
+
 
 def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
     """recipes/README.md and README.md say a packed row under SP's sdpa path needs O(S) memory, no
@@ -478,10 +609,16 @@ def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
             seen.append(0 if attn_mask is None else attn_mask.numel())
             return real(q, k, v, attn_mask=attn_mask, **kw)
 
-        hooks = [m.register_forward_pre_hook(
-            lambda mod, a, kw: seen.append(kw["attention_mask"].numel() if torch.is_tensor(kw.get("attention_mask"))
-                                           else 0), with_kwargs=True)
-            for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda mod, a, kw: seen.append(
+                    kw["attention_mask"].numel() if torch.is_tensor(kw.get("attention_mask")) else 0
+                ),
+                with_kwargs=True,
+            )
+            for m in model.modules()
+            if type(m).__name__ == "LlamaAttention"
+        ]
         F.scaled_dot_product_attention = spy
         try:
             with torch.no_grad():
@@ -492,8 +629,15 @@ def test_sdpa_packed_row_has_no_s_by_s_mask(tmp_path):
                 h.remove()
         return loss, max(seen)
 
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     plain = LlamaForCausalLM(config)
     sp_model = LlamaForCausalLM(config)
@@ -520,8 +664,11 @@ def test_resume_refuses_custom_pickles(recipe, nothing_loaded, tmp_path):
     args = recipe.parse_args([])
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
-    (ckpt / "recipe_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "sp_size": 1,
-                                                        "args": {k: getattr(args, k) for k in recipe.RESUME_KEYS}}))
+    (ckpt / "recipe_state.json").write_text(
+        json.dumps(
+            {"step": 4, "world_size": 1, "sp_size": 1, "args": {k: getattr(args, k) for k in recipe.RESUME_KEYS}}
+        )
+    )
     (tmp_path / "checkpoint-8").mkdir()  # incomplete: no recipe_state.json
     (tmp_path / "checkpoint-8" / "model.safetensors").write_bytes(b"")
     marker = tmp_path / "pickle-ran"
@@ -536,9 +683,22 @@ def test_resume_refuses_custom_pickles(recipe, nothing_loaded, tmp_path):
 
 # ---- recipes/sft_trl.py: shipped SP configs, LoRA base, chat data, checkpoints, exact resume -------
 
+
 def _sft(out_dir, *args) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"), "--num_processes", "2",
-           "--main_process_port", _port(), str(ROOT / "recipes/sft_trl.py"), "--output-dir", str(out_dir), *args]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/cpu.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        _port(),
+        str(ROOT / "recipes/sft_trl.py"),
+        "--output-dir",
+        str(out_dir),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out_dir.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -556,9 +716,25 @@ def test_sft_trl_shipped_config_lora_chat_checkpoints_and_exact_resume(tmp_path)
 
     data_file = tmp_path / "chat.jsonl"
     data_file.write_text("".join(json.dumps(c) + "\n" for c in _conversations(40)))
-    run = ["--sp-config", str(ROOT / "recipes/sp/ring.yaml"), "--dataset", str(data_file), "--max-length", "256",
-           "--max-steps", "4", "--save-steps", "2", "--eval-fraction", "0.2", "--eval-steps", "2", "--lora",
-           "--lr", "1e-2"]
+    run = [
+        "--sp-config",
+        str(ROOT / "recipes/sp/ring.yaml"),
+        "--dataset",
+        str(data_file),
+        "--max-length",
+        "256",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-fraction",
+        "0.2",
+        "--eval-steps",
+        "2",
+        "--lora",
+        "--lr",
+        "1e-2",
+    ]
     full = _sft(tmp_path / "full", *run, "--report-to", "tensorboard")
     assert "strategy=ring sp_size=2" in full.stdout, full.stdout
     assert full.stderr.count("loss_chunk_size=1024") == 1 and "runs with loss_chunk_size: null" in full.stderr

@@ -3,10 +3,10 @@ ring's measured traffic against theory, and the causal work balance of the zigza
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
 
-import cases
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.sharding import SeqParBatch
 from hf_seqpar.kernels.varlen import unpack_pieces
@@ -30,10 +30,12 @@ def test_hybrid_2x2_matches_unsharded(pool4, case):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_contiguous_layout_and_reference_backend(pools, world):
-    cases.check_parity(pools[world].run(cases.parity, "ring", options=dict(layout="contiguous"),
-                                        batch_kw=dict(kind="packed", seq=37)))
-    cases.check_parity(pools[world].run(cases.parity, "ring", options=dict(backend="reference"),
-                                        batch_kw=dict(kind="padding")))
+    cases.check_parity(
+        pools[world].run(cases.parity, "ring", options=dict(layout="contiguous"), batch_kw=dict(kind="packed", seq=37))
+    )
+    cases.check_parity(
+        pools[world].run(cases.parity, "ring", options=dict(backend="reference"), batch_kw=dict(kind="padding"))
+    )
 
 
 #: Packed rows under the work-balanced layout (forced, and picked by layout="auto"), with a
@@ -41,8 +43,11 @@ def test_ring_contiguous_layout_and_reference_backend(pools, world):
 BALANCED_CASES = {
     "skewed_auto": dict(batch_kw=dict(kind="skewed", seq=96)),
     "longtail_balanced": dict(batch_kw=dict(kind="longtail", seq=160, seed=3), options=dict(layout="balanced")),
-    "skewed_window_gqa": dict(model_kw=dict(family="mistral", sliding_window=9, heads=4, kv_heads=2),
-                              batch_kw=dict(kind="skewed", seq=80), options=dict(layout="balanced")),
+    "skewed_window_gqa": dict(
+        model_kw=dict(family="mistral", sliding_window=9, heads=4, kv_heads=2),
+        batch_kw=dict(kind="skewed", seq=80),
+        options=dict(layout="balanced"),
+    ),
 }
 
 
@@ -60,14 +65,20 @@ def test_balanced_layout_matches_unsharded(pool2, pool4, case):
 
 def test_auto_picks_hybrid_for_6_heads_on_4_ranks(pool4):
     """6 heads on 4 ranks: Ulysses cannot split them, auto runs hybrid 2 x 2, exactly."""
-    cases.check_parity(pool4.run(cases.parity, "auto", model_kw=dict(heads=6, kv_heads=3),
-                                 batch_kw=dict(kind="packed")))
+    cases.check_parity(
+        pool4.run(cases.parity, "auto", model_kw=dict(heads=6, kv_heads=3), batch_kw=dict(kind="packed"))
+    )
 
 
 def test_ring_bytes_match_theory(pool2, pool4):
     skewed = dict(kind="skewed", seq=96)  # the balanced layout: more spans per rank, the same bytes
-    runs = [(pool2, "ring", None, None), (pool4, "ring", None, None), (pool4, "hybrid", dict(ulysses_size=2), None),
-            (pool2, "ring", None, skewed), (pool4, "hybrid", dict(ulysses_size=2), skewed)]
+    runs = [
+        (pool2, "ring", None, None),
+        (pool4, "ring", None, None),
+        (pool4, "hybrid", dict(ulysses_size=2), None),
+        (pool2, "ring", None, skewed),
+        (pool4, "hybrid", dict(ulysses_size=2), skewed),
+    ]
     for pool, strategy, options, batch_kw in runs:
         results = pool.run(cases.ring_traffic, strategy, options, batch_kw)
         assert results[0]["layout"] == ("balanced" if batch_kw else "zigzag")
@@ -87,7 +98,12 @@ def _work(layout: Layout, window=None, packed=False) -> list[tuple[int, int]]:
     out = []
     for rank in range(layout.sp_size):
         plans = ring_plans(batch, rank, layout, True, window)
-        out.append((sum(piece.work for p in plans if p is not None for piece in unpack_pieces(p)), sum(p is None for p in plans)))
+        out.append(
+            (
+                sum(piece.work for p in plans if p is not None for piece in unpack_pieces(p)),
+                sum(p is None for p in plans),
+            )
+        )
     return out
 
 

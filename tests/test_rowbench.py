@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from hf_seqpar.tools.cli import main
 from hf_seqpar.tools.rowbench import RowSpec, growth_table, make_rows
@@ -21,9 +20,10 @@ def test_row_structures():
 
 
 def test_growth_exponent_and_ratio_to_single():
-    rows = [dict(strategy="ring", world=2, rows=r, seq_len=n, peak_mib=m)
-            for r, n, m in (("single", 1000, 10.0), ("single", 2000, 20.0), ("packed", 1000, 11.0),
-                            ("packed", 2000, 44.0))]
+    rows = [
+        dict(strategy="ring", world=2, rows=r, seq_len=n, peak_mib=m)
+        for r, n, m in (("single", 1000, 10.0), ("single", 2000, 20.0), ("packed", 1000, 11.0), ("packed", 2000, 44.0))
+    ]
     by = {(r["rows"], r["seq_len"]): r for r in growth_table(rows)}
     assert by["single", 2000]["growth"] == pytest.approx(1.0)
     assert by["packed", 2000]["growth"] == pytest.approx(math.log(4) / math.log(2))  # S^2 shows as 2.0
@@ -39,8 +39,24 @@ def test_bench_rows_refuses_unknown_structures(capsys):
 @pytest.mark.e2e
 def test_bench_rows_measures_in_fresh_ranks(capsys, tmp_path):
     out = tmp_path / "rows.json"
-    assert main(["bench", "--rows", "packed", "--strategies", "ulysses", "--seq-lens", "512,1024",
-                 "--doc-len", "128", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--rows",
+                "packed",
+                "--strategies",
+                "ulysses",
+                "--seq-lens",
+                "512,1024",
+                "--doc-len",
+                "128",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     rows = json.loads(out.read_text())

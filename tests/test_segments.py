@@ -14,12 +14,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_seqpar.kernels import reference_backward, reference_forward
-from hf_seqpar.kernels.varlen import (PACK_SPAN, PACKED, Piece, check_pieces, pieces_backward, pieces_forward,
-                                      unpack_pieces, varlen_attention)
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.masks import document_ids
 from hf_seqpar.core.segments import TILE, build_segments, plan_pieces
+from hf_seqpar.kernels import reference_backward, reference_forward
+from hf_seqpar.kernels.varlen import (
+    PACK_SPAN,
+    PACKED,
+    Piece,
+    check_pieces,
+    pieces_backward,
+    pieces_forward,
+    unpack_pieces,
+    varlen_attention,
+)
 
 
 def dense_allowed(valid, docs, causal, window):
@@ -52,12 +60,12 @@ def structure(kind: str, s: int):
         pos[0] = torch.cat([torch.arange(3), torch.arange(s - 8), torch.arange(5)])
     elif kind == "doc_in_padding":  # left padding, two documents, a gap of padding, one more document
         valid[0, :4] = False
-        valid[0, s // 2: s // 2 + 3] = False
+        valid[0, s // 2 : s // 2 + 3] = False
         pos[0] = torch.cat([torch.arange(4), torch.arange(10), torch.arange(s - 14)])
-        valid[1, s - 6:] = False
+        valid[1, s - 6 :] = False
     elif kind == "mixed_rows":  # row 0 packed, row 1 one document with right padding
         pos[0] = torch.cat([torch.arange(s // 3), torch.arange(s - s // 3)])
-        valid[1, s - 5:] = False
+        valid[1, s - 5 :] = False
     elif kind != "plain":
         raise ValueError(kind)
     return valid, document_ids(pos)
@@ -69,8 +77,11 @@ MASKS = [(True, None), (True, 5), (False, None), (False, 4)]
 
 def _qkv(s, seed=0, hq=4, hkv=2, d=8):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, hq, s, d, generator=g), torch.randn(2, hkv, s, d, generator=g),
-            torch.randn(2, hkv, s, d, generator=g))
+    return (
+        torch.randn(2, hq, s, d, generator=g),
+        torch.randn(2, hkv, s, d, generator=g),
+        torch.randn(2, hkv, s, d, generator=g),
+    )
 
 
 def _check_against_reference(q, k, v, out, lse, grads, dout, allowed):
@@ -119,8 +130,11 @@ def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout
     out, lse = torch.zeros(q.shape), torch.full(q.shape[:3], float("-inf"))
     dq, dk, dv = torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(v.shape)
     idx = [layout.outer_indices(r) for r in range(p)]
-    plans = {(r, src): plan_pieces(segments, layout.outer_chunks(r), layout.outer_chunks(src), causal, window)
-             for r in range(p) for src in range(p)}
+    plans = {
+        (r, src): plan_pieces(segments, layout.outer_chunks(r), layout.outer_chunks(src), causal, window)
+        for r in range(p)
+        for src in range(p)
+    }
     for r in range(p):
         o_r, l_r = torch.zeros(2, 4, len(idx[r]), 8), torch.full((2, 4, len(idx[r])), float("-inf"))
         for src in range(p):
@@ -129,8 +143,17 @@ def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout
     for r in range(p):
         for src in range(p):
             g = [torch.zeros(2, h, len(idx[i]), 8) for h, i in ((4, r), (2, src), (2, src))]
-            pieces_backward(dout[:, :, idx[r]], q[:, :, idx[r]], k[:, :, idx[src]], v[:, :, idx[src]],
-                            out[:, :, idx[r]], lse[:, :, idx[r]], plans[r, src], *g, scale=0.3)
+            pieces_backward(
+                dout[:, :, idx[r]],
+                q[:, :, idx[r]],
+                k[:, :, idx[src]],
+                v[:, :, idx[src]],
+                out[:, :, idx[r]],
+                lse[:, :, idx[r]],
+                plans[r, src],
+                *g,
+                scale=0.3,
+            )
             dq[:, :, idx[r]] += g[0]
             dk[:, :, idx[src]] += g[1]
             dv[:, :, idx[src]] += g[2]
@@ -185,7 +208,7 @@ def test_many_tiny_documents_run_in_few_exact_kernel_calls():
     s = sum(lengths)
     docs = document_ids(torch.cat([torch.arange(n) for n in lengths])[None].repeat(2, 1))
     valid = torch.ones(2, s, dtype=torch.bool)
-    valid[1, s - 7:] = False  # the second row: right padding inside the last tiles
+    valid[1, s - 7 :] = False  # the second row: right padding inside the last tiles
     pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], True, None)
     packed = [p for p in pieces if p.kind == PACKED]
     assert len(pieces) <= 2 * (s // (PACK_SPAN // 2) + 1), len(pieces)  # 2 row groups, tiles >= half full

@@ -47,19 +47,27 @@ def test_the_one_command_gpu_check_runs_in_dry_mode_from_any_folder(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.run(["bash", str(root / "recipes" / "gpu_check.sh"), "report", "30"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(root / "recipes" / "gpu_check.sh"), "report", "30"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "dry mode" in proc.stdout and (tmp_path / "report").is_dir()
 
 
 # ---- hf-seqpar selftest on CPU (issue 25, point 8) ----------------------------------------------
 
+
 def test_cpu_check_passes_exact_strategies_and_fails_an_inexact_one(pool2):
     """The CPU self-test's check, run in the pool's ranks: Megatron-SP (gathered gradients) exact on
     both batches; ring attention made 0.1% off fails ring's rows (every strategy passing is the
     e2e test of the command below)."""
     import cases
+
     from hf_seqpar.tools.cpucheck import BATCHES, check_strategies
 
     rows = pool2.run(check_strategies, ["megatron", "ring"], cases.inexact_ring)[0]
@@ -87,12 +95,15 @@ def test_help_and_version_do_not_import_torch():
 
     import hf_seqpar
 
-    check = ("import sys\nfrom hf_seqpar.tools.cli import main\ntry:\n    main([{arg!r}])\nexcept SystemExit:\n"
-             "    pass\nheavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]\n"
-             "assert not heavy, heavy\n")
+    check = (
+        "import sys\nfrom hf_seqpar.tools.cli import main\ntry:\n    main([{arg!r}])\nexcept SystemExit:\n"
+        "    pass\nheavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     for arg in ("--help", "--version"):
-        proc = subprocess.run([sys.executable, "-c", check.format(arg=arg)], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", check.format(arg=arg)], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (f"hf-seqpar {hf_seqpar.__version__}" if arg == "--version" else "selftest") in proc.stdout
 
@@ -107,11 +118,13 @@ def test_cpu_selftest_command_passes_and_fails_when_a_strategy_is_inexact(capsys
     import time
 
     import cases
+
     from hf_seqpar.tools.cpucheck import run_cpu_selftest
 
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hf_seqpar.tools.cli", "selftest"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_seqpar.tools.cli", "selftest"], capture_output=True, text=True, timeout=300
+    )
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for strategy in ("ulysses", "ring", "hybrid", "megatron"):

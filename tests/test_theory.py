@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import cases
 import pytest
 
-import cases
 from hf_seqpar.tools import cli
 from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate, max_seq_len, recommend
 from hf_seqpar.tools.presets import load_config
@@ -25,8 +25,9 @@ def test_theory_matches_measurement_on_2_ranks(pool2, strategy, options):
         assert r["measured_comm"] == pytest.approx(r["theory_comm"], rel=1e-9), r
 
 
-@pytest.mark.parametrize("strategy,options,heads,kv", [("ulysses", None, 8, 2), ("ring", None, 4, 2),
-                                                       ("hybrid", {"ulysses_size": 2}, 4, 1)])
+@pytest.mark.parametrize(
+    "strategy,options,heads,kv", [("ulysses", None, 8, 2), ("ring", None, 4, 2), ("hybrid", {"ulysses_size": 2}, 4, 1)]
+)
 def test_theory_matches_measurement_on_4_ranks(pool4, strategy, options, heads, kv):
     for r in pool4.run(cases.measured_vs_theory, strategy, 61, options, heads, kv):
         assert abs(r["measured_act"] / r["theory_act"] - 1) <= ACT_TOL, r
@@ -132,14 +133,44 @@ def test_plan_cli(capsys, tmp_path):
 @pytest.mark.e2e
 def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    cli.main(["bench", "--strategies", "ulysses,ring", "--world", "2", "--seq-lens", "256", "--layers", "1",
-              "--steps", "1", "--warmup", "1", "--json", str(out)])
+    cli.main(
+        [
+            "bench",
+            "--strategies",
+            "ulysses,ring",
+            "--world",
+            "2",
+            "--seq-lens",
+            "256",
+            "--layers",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())
-    assert {(r["strategy"], r["world"]) for r in rows} == {("none", 1), ("ulysses", 1), ("ring", 1),
-                                                          ("ulysses", 2), ("ring", 2)}
+    assert {(r["strategy"], r["world"]) for r in rows} == {
+        ("none", 1),
+        ("ulysses", 1),
+        ("ring", 1),
+        ("ulysses", 2),
+        ("ring", 2),
+    }
     for r in rows:
-        for key in ("strategy", "world", "seq_len", "step_time_s", "tokens_per_s", "peak_mem_bytes",
-                    "comm_bytes_measured", "comm_bytes_theory"):
+        for key in (
+            "strategy",
+            "world",
+            "seq_len",
+            "step_time_s",
+            "tokens_per_s",
+            "peak_mem_bytes",
+            "comm_bytes_measured",
+            "comm_bytes_theory",
+        ):
             assert key in r
         if r["world"] == 2:
             assert abs(r["comm_ratio"] - 1) <= 0.02, r
@@ -169,26 +200,36 @@ def test_bench_cli_reports_exact_traffic(tmp_path, capsys):
 
 # ---- hf-seqpar plan: bad input and the memory reserve (issue 12, point 7) -------------------
 
+
 def test_plan_reads_a_config_json_file(tmp_path, capsys):
     """A config.json with its model_type (as save_pretrained writes it) loads; it used to crash
     with "for_model() got multiple values for argument 'model_type'"."""
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                intermediate_size=512, vocab_size=1000).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        vocab_size=1000,
+    ).save_pretrained(tmp_path)
     assert cli.main(["plan", "--model", str(tmp_path / "config.json"), "--seq-len", "8192", "--gpus", "2"]) == 0
     assert "8 heads (2 kv)" in capsys.readouterr().out
     assert load_config(str(tmp_path / "config.json")).num_attention_heads == 8
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--gpus", "0"], ["--gpus", "positive integer", "0"]),
-    (["--seq-len", "-5"], ["--seq-len", "positive integer", "-5"]),
-    (["--gpu-mem", "0"], ["--gpu-mem", "> 0"]),
-    (["--reserve", "-1"], ["--reserve", ">= 0"]),
-    (["--gpu-mem", "4", "--reserve", "4"], ["--reserve 4 GiB", "--gpu-mem 4 GiB"]),
-    (["--model", "llama-3.1-8bb"], ["did you mean the preset 'llama-3.1-8b'", "tiny", "llama-3.1-70b"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--gpus", "0"], ["--gpus", "positive integer", "0"]),
+        (["--seq-len", "-5"], ["--seq-len", "positive integer", "-5"]),
+        (["--gpu-mem", "0"], ["--gpu-mem", "> 0"]),
+        (["--reserve", "-1"], ["--reserve", ">= 0"]),
+        (["--gpu-mem", "4", "--reserve", "4"], ["--reserve 4 GiB", "--gpu-mem 4 GiB"]),
+        (["--model", "llama-3.1-8bb"], ["did you mean the preset 'llama-3.1-8b'", "tiny", "llama-3.1-70b"]),
+    ],
+)
 def test_plan_rejects_bad_input(argv, words, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["plan", *argv])
@@ -219,6 +260,7 @@ def test_load_config_names_the_presets_for_an_unknown_name():
 
 # ---- hf-seqpar plan: what it recommends and assumes, LoRA and optimizer bytes (issue 25, point 5) ----
 
+
 def _plan_rows(shape, cluster, setup, seq_len):
     return [evaluate(shape, seq_len, c, cluster, setup) for c in candidates(shape, cluster)]
 
@@ -243,15 +285,40 @@ def test_plan_recommends_the_smallest_sp_degree_that_fits():
 def test_plan_header_prints_its_assumptions(capsys):
     cli.main(["plan", "--seq-len", "65536", "--json", os.devnull])
     head = capsys.readouterr().out.split("candidate ")[0]
-    for words in ("activation checkpointing of every layer", "loss in chunks of 4,096 tokens",
-                  "adamw: 2 B weights + 2 B gradients + 12 B optimizer states", "all parameters train",
-                  "sharded by fsdp over 8 GPUs", "1 row(s) per micro-batch"):
+    for words in (
+        "activation checkpointing of every layer",
+        "loss in chunks of 4,096 tokens",
+        "adamw: 2 B weights + 2 B gradients + 12 B optimizer states",
+        "all parameters train",
+        "sharded by fsdp over 8 GPUs",
+        "1 row(s) per micro-batch",
+    ):
         assert words in head, head
-    cli.main(["plan", "--seq-len", "65536", "--no-checkpointing", "--loss-chunk", "1024", "--optimizer", "sgd",
-              "--optim-bytes", "6", "--sharding", "zero2", "--json", os.devnull])
+    cli.main(
+        [
+            "plan",
+            "--seq-len",
+            "65536",
+            "--no-checkpointing",
+            "--loss-chunk",
+            "1024",
+            "--optimizer",
+            "sgd",
+            "--optim-bytes",
+            "6",
+            "--sharding",
+            "zero2",
+            "--json",
+            os.devnull,
+        ]
+    )
     head = capsys.readouterr().out.split("candidate ")[0]
-    for words in ("no activation checkpointing", "loss in chunks of 1,024 tokens", "sgd: 2 B weights + 2 B "
-                  "gradients + 6 B optimizer states", "sharded by zero2"):
+    for words in (
+        "no activation checkpointing",
+        "loss in chunks of 1,024 tokens",
+        "sgd: 2 B weights + 2 B gradients + 6 B optimizer states",
+        "sharded by zero2",
+    ):
         assert words in head, head
 
 
@@ -272,8 +339,15 @@ def test_lora_params_match_peft():
 
     from hf_seqpar.tools.plan import lora_params
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=targets))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -283,8 +357,19 @@ def test_lora_params_match_peft():
 def test_plan_8b_lora_fits_on_two_24gb_gpus(capsys):
     """Full fine-tuning of an 8B model cannot fit 2 x 24 GB (states alone ~60 GiB per GPU); a rank-16
     LoRA run at 16K tokens does, and is recommended."""
-    argv = ["plan", "--model", "llama-3.1-8b", "--seq-len", "16384", "--gpus", "2", "--gpu-mem", "24",
-            "--json", os.devnull]
+    argv = [
+        "plan",
+        "--model",
+        "llama-3.1-8b",
+        "--seq-len",
+        "16384",
+        "--gpus",
+        "2",
+        "--gpu-mem",
+        "24",
+        "--json",
+        os.devnull,
+    ]
     assert cli.main(argv) == 1 and "nothing fits" in capsys.readouterr().out
     assert cli.main(argv + ["--lora-rank", "16"]) == 0
     out = capsys.readouterr().out
@@ -293,12 +378,15 @@ def test_plan_8b_lora_fits_on_two_24gb_gpus(capsys):
     assert "Recommended: ulysses 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--trainable-params", "0"], "--trainable-params must be in (0,"),
-    (["--trainable-params", "1e12"], "--trainable-params must be in (0,"),
-    (["--lora-rank", "8", "--trainable-params", "10"], "not allowed with argument"),
-    (["--optim-bytes", "-1"], "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--trainable-params", "0"], "--trainable-params must be in (0,"),
+        (["--trainable-params", "1e12"], "--trainable-params must be in (0,"),
+        (["--lora-rank", "8", "--trainable-params", "10"], "not allowed with argument"),
+        (["--optim-bytes", "-1"], "must be >= 0"),
+    ],
+)
 def test_plan_rejects_bad_training_options(argv, words, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", *argv])

@@ -4,10 +4,9 @@ SFTTrainer (losses, grad norms, TRL's metrics and final weights)."""
 
 from __future__ import annotations
 
+import cases_trainer
 import pytest
 import torch
-
-import cases_trainer
 
 PARAM_TOL, LOSS_TOL = 1e-5, 1e-5
 #: gradients are sums over more terms in another order (the project's SP gradient tolerance)
@@ -61,6 +60,7 @@ def test_padding_free_keys_are_checked_and_dropped(pool2):
 
 
 # ---- TRL: SFTTrainer + SequenceParallelMixin vs the one-process SFTTrainer ----------------------
+
 
 def _compare_sft(pool2, tmp_path, mode, order="mixin_first", accuracy_learned=True, **kw):
     import cases_trl
@@ -122,21 +122,40 @@ def test_sft_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     from test_recipes import _port
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(root / "recipes/accelerate/cpu.yaml"), "--num_processes", "2", "--main_process_port", _port(),
-           str(root / "recipes/sft_trl.py"), "--max-steps", "3", "--max-docs", "20", "--max-length", "512",
-           "--output-dir", str(tmp_path / "out")]
+    cmd = [
+        str(pathlib.Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(root / "recipes/accelerate/cpu.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        _port(),
+        str(root / "recipes/sft_trl.py"),
+        "--max-steps",
+        "3",
+        "--max-docs",
+        "20",
+        "--max-length",
+        "512",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "strategy=ulysses sp_size=2" in proc.stdout, proc.stdout
-    steps = re.findall(r"^step +\d+/3 loss (\S+) grad_norm \S+ mean_token_accuracy (\S+) entropy (\S+) num_tokens (\S+)",
-                       proc.stdout, re.M)
+    steps = re.findall(
+        r"^step +\d+/3 loss (\S+) grad_norm \S+ mean_token_accuracy (\S+) entropy (\S+) num_tokens (\S+)",
+        proc.stdout,
+        re.M,
+    )
     assert len(steps) == 3, proc.stdout
     assert float(steps[-1][0]) < float(steps[0][0]), steps
     assert [int(float(s[3])) for s in steps] == [1024, 2048, 3072], steps  # 2 full packed rows of 512 per step
 
 
 # ---- issue 19 points 1, 2, 7, 10 and issue 25 point 8 (throughput) ---------------------------
+
 
 def test_predict_metrics_streaming_and_throughput_match_stock_trainer(pool2, tmp_path):
     """Against the stock one-process Trainer: training on a `datasets` iterable (streaming-style)
@@ -166,7 +185,10 @@ def test_predict_metrics_streaming_and_throughput_match_stock_trainer(pool2, tmp
         scale = ref["predictions"][real].abs().max()
         assert float((r["predictions"] - ref["predictions"])[real].abs().max()) <= 1e-4 * scale
         # 2 steps x 2 rows: the samples/s x runtime product is the samples trained (rounding: 1e-3 / runtime)
-        assert abs(runtime(r["train"]) - 4) <= 0.05 and abs(runtime(ref["train"]) - 4) <= 0.05, (r["train"], ref["train"])
+        assert abs(runtime(r["train"]) - 4) <= 0.05 and abs(runtime(ref["train"]) - 4) <= 0.05, (
+            r["train"],
+            ref["train"],
+        )
         assert r["tokens_seen"] == ref["tokens_seen"] == 4 * 15, (r["tokens_seen"], ref["tokens_seen"])
         assert r["mismatch"] is not None and "different batches" in r["mismatch"], r["mismatch"]
         assert r["own_loader"] is not None and "_get_dataloader" in r["own_loader"], r["own_loader"]

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import cases
+import pytest
 
 CASES = cases.PARITY_CASES
 _check = cases.check_parity
@@ -22,11 +21,14 @@ def test_dp2_x_sp2_matches_unsharded(pool4):
     _check(pool4.run(cases.parity, "ulysses", sp_size=2, batch_kw=dict(kind="padding")))
 
 
-@pytest.mark.parametrize("strategy,dims,options", [
-    ("ulysses", (("sp", 2), ("dp", 2)), {}),              # sp first: SP groups {0, 2} and {1, 3}
-    ("ring", (("sp", 2), ("pp", 2)), {}),                 # a dimension hf_seqpar leaves alone, no dp
-    ("hybrid", (("pp", 1), ("dp", 1), ("sp", 4)), dict(ulysses_size=2)),
-])
+@pytest.mark.parametrize(
+    "strategy,dims,options",
+    [
+        ("ulysses", (("sp", 2), ("dp", 2)), {}),  # sp first: SP groups {0, 2} and {1, 3}
+        ("ring", (("sp", 2), ("pp", 2)), {}),  # a dimension hf_seqpar leaves alone, no dp
+        ("hybrid", (("pp", 1), ("dp", 1), ("sp", 4)), dict(ulysses_size=2)),
+    ],
+)
 def test_user_mesh_sizes_are_read_by_name(pool4, strategy, dims, options):
     """A user mesh whose dimensions are not ("dp", "sp") in that order: sizes and groups come from
     the names, and every strategy stays exact (every rank gets the same full batch)."""

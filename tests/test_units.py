@@ -9,9 +9,9 @@ import hf_seqpar
 from hf_seqpar.config import SequenceParallelConfig, resolve
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.masks import dense_mask, document_ids, flash_segments
+from hf_seqpar.kernels import reference_attention
 from hf_seqpar.strategies import STRATEGIES, strategy_class
 from hf_seqpar.strategies.ulysses import HeadsNotDivisibleError, kv_replication
-from hf_seqpar.kernels import reference_attention
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
@@ -127,8 +127,9 @@ def test_strategy_table():
             assert callable(getattr(strat, method)), (name, method)
 
 
-@pytest.mark.parametrize("h,kv,p,rep", [(8, 8, 4, 1), (8, 2, 4, 2), (8, 1, 4, 4), (32, 8, 8, 1), (32, 8, 16, 2),
-                                        (6, 3, 2, 2), (4, 4, 1, 1)])
+@pytest.mark.parametrize(
+    "h,kv,p,rep", [(8, 8, 4, 1), (8, 2, 4, 2), (8, 1, 4, 4), (32, 8, 8, 1), (32, 8, 16, 2), (6, 3, 2, 2), (4, 4, 1, 1)]
+)
 def test_kv_replication_is_minimal_and_consistent(h, kv, p, rep):
     r = kv_replication(h, kv, p)
     assert r == rep
@@ -174,8 +175,17 @@ def test_dense_mask_matches_reference_semantics():
     q, k = torch.arange(s)[:, None], torch.arange(s)[None, :]
     want = (k <= q) & (k > q - w) & (docs[0][:, None] == docs[0][None, :]) & valid[0][None, :]
     assert torch.equal(m[0, 0], want)
-    assert dense_mask(sdpa_mask, valid=torch.ones(2, s, dtype=torch.bool), doc_ids=None, is_causal=True,
-                      sliding_window=None, dtype=torch.float32) is None  # plain causal: is_causal fast path
+    assert (
+        dense_mask(
+            sdpa_mask,
+            valid=torch.ones(2, s, dtype=torch.bool),
+            doc_ids=None,
+            is_causal=True,
+            sliding_window=None,
+            dtype=torch.float32,
+        )
+        is None
+    )  # plain causal: is_causal fast path
 
 
 def test_reference_attention_matches_sdpa():

@@ -30,8 +30,17 @@ import torch.nn.functional as F
 
 from hf_seqpar.core.layout import Layout
 
-__all__ = ["token_work", "rank_work", "imbalance", "balanced_layout", "choose_layout", "layout_report",
-           "AUTO_TOLERANCE", "CHUNKS_PER_RANK", "MIN_CHUNK"]
+__all__ = [
+    "token_work",
+    "rank_work",
+    "imbalance",
+    "balanced_layout",
+    "choose_layout",
+    "layout_report",
+    "AUTO_TOLERANCE",
+    "CHUNKS_PER_RANK",
+    "MIN_CHUNK",
+]
 
 #: ``layout="auto"`` keeps zigzag while its per-rank work max/mean stays within this.
 AUTO_TOLERANCE = 1.05
@@ -112,8 +121,9 @@ def _spans(chunks: list[int], size: int) -> tuple:
     return tuple((a, b) for a, b in spans)
 
 
-def balanced_layout(seq_len: int, sp_size: int, work: torch.Tensor, inner: int = 1,
-                    chunks_per_rank: int | None = None) -> Layout:
+def balanced_layout(
+    seq_len: int, sp_size: int, work: torch.Tensor, inner: int = 1, chunks_per_rank: int | None = None
+) -> Layout:
     """The work-balanced layout of a batch (see the module docstring).
 
     Args:
@@ -148,13 +158,23 @@ def _chunk_counts(seq_len: int, sp_size: int) -> list[int]:
     def pad(k):
         return -(-seq_len // (sp_size * k)) * sp_size * k - seq_len
 
-    ok = [k for k in CHUNKS_PER_RANK
-          if (seq_len + pad(k)) // (sp_size * k) >= MIN_CHUNK and pad(k) <= max(pad(2), seq_len // 16)]
+    ok = [
+        k
+        for k in CHUNKS_PER_RANK
+        if (seq_len + pad(k)) // (sp_size * k) >= MIN_CHUNK and pad(k) <= max(pad(2), seq_len // 16)
+    ]
     return ok or [2]
 
 
-def choose_layout(kind: str, seq_len: int, sp_size: int, multiple: int, inner: int = 1,
-                  valid: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> Layout:
+def choose_layout(
+    kind: str,
+    seq_len: int,
+    sp_size: int,
+    multiple: int,
+    inner: int = 1,
+    valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+) -> Layout:
     """The layout a ring-based strategy applies to one batch.
 
     Args:
@@ -194,5 +214,10 @@ def layout_report(layout: Layout, valid: torch.Tensor | None = None, doc_ids: to
     if valid is None:
         valid = torch.ones(1, layout.seq_len, dtype=torch.bool)
     works = rank_work(layout, token_work(valid, doc_ids))
-    return dict(layout=layout.kind, work_per_rank=works, work_max_over_mean=imbalance(works),
-                spans_per_rank=max(len(layout.outer_chunks(r)) for r in range(layout.outer)), pad=layout.pad)
+    return dict(
+        layout=layout.kind,
+        work_per_rank=works,
+        work_max_over_mean=imbalance(works),
+        spans_per_rank=max(len(layout.outer_chunks(r)) for r in range(layout.outer)),
+        pad=layout.pad,
+    )

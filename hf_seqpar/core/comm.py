@@ -148,8 +148,7 @@ def all_to_all(
     world = dist.get_world_size(group)
     if x.shape[scatter_dim] % world:
         raise ValueError(
-            f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by the "
-            f"group size {world}"
+            f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by the group size {world}"
         )
     return _AllToAll.apply(x, scatter_dim, gather_dim, group, counter, layer)
 

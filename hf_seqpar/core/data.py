@@ -7,7 +7,7 @@ token does not predict it).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -40,8 +40,11 @@ def pack_documents(docs: Iterable[Iterable[int]], seq_len: int) -> Iterator[dict
             starts = (row_pos == 0).nonzero()
             head = int(starts[0]) if len(starts) else seq_len
             row_pos[:head] -= row_pos[0].clone()
-            yield {"input_ids": row_ids, "labels": row_ids.masked_fill(row_pos == 0, IGNORE_INDEX),
-                   "position_ids": row_pos}
+            yield {
+                "input_ids": row_ids,
+                "labels": row_ids.masked_fill(row_pos == 0, IGNORE_INDEX),
+                "position_ids": row_pos,
+            }
 
 
 def byte_tokenizer():

@@ -21,8 +21,10 @@ __all__ = ["AttentionFeatures", "attention_features", "SequenceMixingError", "ch
 #: (Mamba) layers, linear / lightning / delta-net attention, recurrent blocks, short convolutions,
 #: and the key indexers / KV compressors of sparse attention (DeepSeek-V3.2/V4 style), which pick
 #: or pool keys from the tokens the layer sees.
-SEQUENCE_MIXER = re.compile(r"Mamba|SSM|Mixer|Lightning|LinearAttention|DeltaNet|Recurrent|RGLRU|ShortConv|"
-                            r"Conv1d|xLSTM|RWKV|Indexer|Compressor")
+SEQUENCE_MIXER = re.compile(
+    r"Mamba|SSM|Mixer|Lightning|LinearAttention|DeltaNet|Recurrent|RGLRU|ShortConv|"
+    r"Conv1d|xLSTM|RWKV|Indexer|Compressor"
+)
 
 
 class SequenceMixingError(NotImplementedError):
@@ -86,7 +88,7 @@ def _bracketed(src: str, start: int) -> str:
         elif src[i] in ")}]":
             depth -= 1
         if depth == 0:
-            return src[start:i + 1]
+            return src[start : i + 1]
     return src[start:]
 
 
@@ -159,8 +161,10 @@ def mask_sees_position_ids(model) -> bool:
         src = inspect.getsource(sys.modules[type(model).__module__])
     except (OSError, TypeError, KeyError):
         return True
-    calls = [_bracketed(src, m.end() - 1)
-             for m in re.finditer(r"create_(?:causal|sliding_window_causal|chunked_causal)_mask\(", src)]
+    calls = [
+        _bracketed(src, m.end() - 1)
+        for m in re.finditer(r"create_(?:causal|sliding_window_causal|chunked_causal)_mask\(", src)
+    ]
     dicts = [_bracketed(src, m.end() - 1) for m in re.finditer(r"mask_kwargs\s*=\s*\{", src)]
     calls_ok = all("position_ids" in c or "**" in c for c in calls)
     return calls_ok and all("position_ids" in d for d in dicts)
@@ -184,14 +188,21 @@ def attention_features(model) -> AttentionFeatures:
     v = getattr(config, "v_head_dim", None) or qk
     sinks = any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in model.named_parameters())
     non_causal = any(getattr(m, "is_causal", None) is False for m in model.modules())
-    mixers = sorted({type(m).__name__ for m in model.modules()
-                     if isinstance(m, torch.nn.Conv1d) or SEQUENCE_MIXER.search(type(m).__name__)})
+    mixers = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, torch.nn.Conv1d) or SEQUENCE_MIXER.search(type(m).__name__)
+        }
+    )
     return AttentionFeatures(
         model_type=getattr(config, "model_type", type(config).__name__),
         sinks=sinks,
         softcap=getattr(config, "attn_logit_softcapping", None),
-        dropout=max(float(getattr(config, k, 0.0) or 0.0)
-                    for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")),
+        dropout=max(
+            float(getattr(config, k, 0.0) or 0.0)
+            for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+        ),
         qk_head_dim=int(qk),
         v_head_dim=int(v),
         bidirectional=non_causal,
@@ -200,8 +211,15 @@ def attention_features(model) -> AttentionFeatures:
         own_masks=own_attention_masks(model),
         kwargs_dropped=kwargs_not_forwarded(model),
         chunk_size=getattr(config, "attention_chunk_size", None),
-        derived_positions=tuple(sorted({type(m).__name__ for m in model.modules()
-                                        if "create_position_ids_from_input_ids" in _forward_source(type(m))})),
+        derived_positions=tuple(
+            sorted(
+                {
+                    type(m).__name__
+                    for m in model.modules()
+                    if "create_position_ids_from_input_ids" in _forward_source(type(m))
+                }
+            )
+        ),
     )
 
 
@@ -218,29 +236,35 @@ def check_sequence_mixing(features: AttentionFeatures) -> None:
             f"this {features.model_type} model does not pass keyword arguments on to its attention "
             f"({list(features.kwargs_dropped)}), so the batch structure from shard_batch (the seqpar= keyword) "
             "cannot reach the attention layers. Train this model without hf_seqpar (do not call "
-            "enable_sequence_parallel on it).")
+            "enable_sequence_parallel on it)."
+        )
     if features.chunk_size is not None:
         raise SequenceMixingError(
             f"this {features.model_type} model uses chunked local attention (attention_chunk_size="
             f"{features.chunk_size}), which no hf_seqpar strategy implements (its masks know causality, sliding "
             "windows, padding and documents). Train this model without hf_seqpar (do not call "
-            "enable_sequence_parallel on it).")
+            "enable_sequence_parallel on it)."
+        )
     if features.derived_positions:
         raise SequenceMixingError(
             f"this {features.model_type} model derives position ids from input_ids in "
             f"{list(features.derived_positions)} (RoBERTa-style: padding_idx + 1 + index), while shard_batch gives "
             "every rank global position ids counted from 0, so the position embeddings would differ from the "
-            "unsharded model. Train this model without hf_seqpar (do not call enable_sequence_parallel on it).")
+            "unsharded model. Train this model without hf_seqpar (do not call enable_sequence_parallel on it)."
+        )
     if features.own_masks:
         raise SequenceMixingError(
             f"this {features.model_type} model builds attention masks of its own inside {list(features.own_masks)} "
             "and hands them to the attention function; hf_seqpar builds the mask of the whole sequence from the "
             "batch structure and cannot honour them (they are computed from one rank's shard). Train this model "
-            "without hf_seqpar (do not call enable_sequence_parallel on it).")
+            "without hf_seqpar (do not call enable_sequence_parallel on it)."
+        )
     if features.sequence_mixers:
         raise SequenceMixingError(
             f"this {features.model_type} model mixes tokens outside attention, in {list(features.sequence_mixers)} "
-            "(state-space, linear-attention, recurrent, convolution, or sparse-attention indexer/compressor layers). Every hf_seqpar strategy splits the "
+            "(state-space, linear-attention, recurrent, convolution, or sparse-attention indexer/compressor "
+            "layers). Every hf_seqpar strategy splits the "
             "sequence over ranks and gives only attention the whole sequence, so these layers would see their "
             "rank's shard alone and the result would be wrong. Train this model without hf_seqpar (do not call "
-            "enable_sequence_parallel on it).")
+            "enable_sequence_parallel on it)."
+        )

@@ -60,7 +60,9 @@ class Layout:
             raise ValueError(f"unknown layout {self.kind!r}; valid layouts: {sorted(LAYOUT_MULTIPLE)}")
         need = self.sp_size * LAYOUT_MULTIPLE[self.kind]
         if self.multiple % need:
-            raise ValueError(f"layout {self.kind!r} over {self.sp_size} ranks needs a multiple of {need}, got {self.multiple}")
+            raise ValueError(
+                f"layout {self.kind!r} over {self.sp_size} ranks needs a multiple of {need}, got {self.multiple}"
+            )
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.sp_size % self.inner:
@@ -74,11 +76,17 @@ class Layout:
         size = self.padded_len // self.outer
         totals = [sum(b - a for a, b in s) for s in self.spans]
         flat = sorted(r for s in self.spans for r in s)
-        covers = all(a < b for a, b in flat) and flat[0][0] == 0 and flat[-1][1] == self.padded_len and all(
-            x[1] == y[0] for x, y in zip(flat, flat[1:]))
+        covers = (
+            all(a < b for a, b in flat)
+            and flat[0][0] == 0
+            and flat[-1][1] == self.padded_len
+            and all(x[1] == y[0] for x, y in zip(flat, flat[1:]))
+        )
         if len(self.spans) != self.outer or any(t != size for t in totals) or not covers:
-            raise ValueError(f"balanced layout spans must give each of the {self.outer} outer ranks {size} "
-                             f"positions and cover [0, {self.padded_len}) once; got totals {totals}")
+            raise ValueError(
+                f"balanced layout spans must give each of the {self.outer} outer ranks {size} "
+                f"positions and cover [0, {self.padded_len}) once; got totals {totals}"
+            )
 
     @property
     def padded_len(self) -> int:
@@ -121,7 +129,7 @@ class Layout:
         """Global (padded) indices held by ``rank``, in the order the rank stores them."""
         outer_rank, inner_rank = divmod(rank, self.inner)
         idx = self.outer_indices(outer_rank)
-        return idx[inner_rank * self.local_len:(inner_rank + 1) * self.local_len]
+        return idx[inner_rank * self.local_len : (inner_rank + 1) * self.local_len]
 
     @cached_property
     def rank_order(self) -> torch.Tensor:

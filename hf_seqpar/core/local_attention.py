@@ -18,10 +18,9 @@ import torch
 from transformers import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_seqpar.kernels.varlen import varlen_attention
-
 from hf_seqpar.core.masks import dense_mask, flash_segments
 from hf_seqpar.core.segments import plan_pieces
+from hf_seqpar.kernels.varlen import varlen_attention
 
 __all__ = ["SUPPORTED_INNER", "full_sequence_attention", "needs_dense_path"]
 
@@ -123,21 +122,38 @@ def full_sequence_attention(
         # (B, h, S, D) -> (1, h, B*S, D): varlen flash runs on one flattened row
         flat = [t.transpose(0, 1).reshape(1, t.shape[1], bsz * seq, t.shape[-1]) for t in (query, key, value)]
         cu = cu.to(query.device)
-        out, _ = fn(view, *flat, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
-                    max_length_k=max_len, is_causal=is_causal, **kwargs)
+        out, _ = fn(
+            view,
+            *flat,
+            None,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_len,
+            max_length_k=max_len,
+            is_causal=is_causal,
+            **kwargs,
+        )
         return out.reshape(bsz, seq, *out.shape[-2:])  # (1, B*S, h, D) -> (B, S, h, D)
     # the varlen kernels need one head size; MLA values (v_head_dim != qk_head_dim) take the dense path
     if needs_dense_path(kwargs) is None and value.shape[-1] == query.shape[-1]:
-        pieces = batch.cached(("pieces", seq_len, is_causal, window),
-                              lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window))
+        pieces = batch.cached(
+            ("pieces", seq_len, is_causal, window),
+            lambda: plan_pieces(batch.segments, [(0, seq_len)], [(0, seq_len)], is_causal, window),
+        )
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         # (B, h, S, D) -> (B, S, h, D) as the model's own attention functions return it
         return varlen_attention(query, key, value, pieces, scale=scale, backend=backend).transpose(1, 2)
     mask_fn = AttentionMaskInterface._global_mapping[impl]
     mask = batch.cached(
         ("dense", impl, window, query.dtype, is_causal),
-        lambda: dense_mask(mask_fn, valid=batch.valid, doc_ids=batch.doc_ids, is_causal=is_causal,
-                           sliding_window=window, dtype=query.dtype),
+        lambda: dense_mask(
+            mask_fn,
+            valid=batch.valid,
+            doc_ids=batch.doc_ids,
+            is_causal=is_causal,
+            sliding_window=window,
+            dtype=query.dtype,
+        ),
     )
     out, _ = fn(view, query, key, value, mask, **kwargs)
     return out

@@ -49,8 +49,11 @@ _KNOWN = [
     (r"logits = logits \* self\.logit_scale", "scale", lambda m: m.logit_scale),
     (rf"logits = {_LM_HEAD} \* self\.config\.logits_scaling", "scale", lambda m: m.config.logits_scaling),
     (rf"logits = {_LM_HEAD} \* self\.model\.lm_head_multiplier", "scale", lambda m: m.model.lm_head_multiplier),
-    (r"hidden_states = hidden_states / self\.config\.logits_scaling", "scale_hidden",
-     lambda m: 1.0 / m.config.logits_scaling),
+    (
+        r"hidden_states = hidden_states / self\.config\.logits_scaling",
+        "scale_hidden",
+        lambda m: 1.0 / m.config.logits_scaling,
+    ),
 ]
 _SOFTCAP_TEST = "self.config.final_logit_softcapping is not None"
 _SOFTCAP_BODY = [
@@ -63,8 +66,13 @@ _SOFTCAP_BODY = [
 def _assigned(node) -> set:
     names = set()
     for sub in ast.walk(node):
-        targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(
-            sub, (ast.AugAssign, ast.AnnAssign)) else []
+        targets = (
+            sub.targets
+            if isinstance(sub, ast.Assign)
+            else [sub.target]
+            if isinstance(sub, (ast.AugAssign, ast.AnnAssign))
+            else []
+        )
         for t in targets:
             names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
     return names
@@ -84,8 +92,10 @@ def logit_transform(model) -> LogitTransform:
             can reproduce (the message quotes it), or the ``lm_head`` call was not found.
     """
     cls = type(model).__name__
-    refuse = (f"; the chunked loss computes lm_head itself and cannot reproduce it. Set loss_chunk_size: null "
-              f"(the model's own loss) for {cls}.")
+    refuse = (
+        f"; the chunked loss computes lm_head itself and cannot reproduce it. Set loss_chunk_size: null "
+        f"(the model's own loss) for {cls}."
+    )
     try:
         src = textwrap.dedent(inspect.getsource(type(model).forward))
     except (OSError, TypeError) as e:
@@ -102,8 +112,11 @@ def logit_transform(model) -> LogitTransform:
                 raise ValueError(f"{cls}.forward soft-caps its logits as `{text}`" + refuse)
             softcap = model.config.final_logit_softcapping
             continue
-        if isinstance(stmt, ast.If) and not stmt.orelse and all(
-                any(re.fullmatch(p, _norm(ast.get_source_segment(src, s))) for p in _PLAIN) for s in stmt.body):
+        if (
+            isinstance(stmt, ast.If)
+            and not stmt.orelse
+            and all(any(re.fullmatch(p, _norm(ast.get_source_segment(src, s))) for p in _PLAIN) for s in stmt.body)
+        ):
             continue  # e.g. Gemma 4: `if ...: hidden_states = slice_logits_to_keep(...)`
         seen_head |= bool(re.search(_LM_HEAD, text))
         if any(re.fullmatch(p, text) for p in _PLAIN):
@@ -113,12 +126,15 @@ def logit_transform(model) -> LogitTransform:
                 if softcap is not None:
                     raise ValueError(f"{cls}.forward scales its logits after soft-capping them (`{text}`)" + refuse)
                 if kind == "scale_hidden" and getattr(model.get_output_embeddings(), "bias", None) is not None:
-                    raise ValueError(f"{cls}.forward scales the hidden states before a biased lm_head (`{text}`)"
-                                     + refuse)
+                    raise ValueError(
+                        f"{cls}.forward scales the hidden states before a biased lm_head (`{text}`)" + refuse
+                    )
                 scale *= float(value(model))
                 break
         else:
-            raise ValueError(f"{cls}.forward computes its logits with `{text}`, a step hf_seqpar does not know" + refuse)
+            raise ValueError(
+                f"{cls}.forward computes its logits with `{text}`, a step hf_seqpar does not know" + refuse
+            )
     if not seen_head:
         raise ValueError(f"{cls}.forward has no `logits = self.lm_head(hidden_states...)` statement" + refuse)
     return LogitTransform(scale=scale, softcap=softcap)

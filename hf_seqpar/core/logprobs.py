@@ -54,9 +54,16 @@ def _chunk_logprobs(h, weight, bias, labels, scale: float, softcap, temperature:
     return logp, ent
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels: torch.Tensor, *,
-                   temperature: float = 1.0, transform: LogitTransform | None = None, chunk: int = 4096,
-                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    shift_labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    transform: LogitTransform | None = None,
+    chunk: int = 4096,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropy) of pre-shifted labels on this rank's shard.
 
     Args:
@@ -83,25 +90,39 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels:
     if temperature <= 0 or chunk < 1:
         raise ValueError(f"temperature must be > 0 and chunk >= 1, got temperature={temperature}, chunk={chunk}")
     if tuple(hidden.shape[:2]) != tuple(shift_labels.shape):
-        raise ValueError(f"hidden {tuple(hidden.shape)} and shift_labels {tuple(shift_labels.shape)} disagree on (B, S)")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and shift_labels {tuple(shift_labels.shape)} disagree on (B, S)"
+        )
     transform = transform or LogitTransform()
     bsz, seq = shift_labels.shape
     flat = hidden.reshape(bsz * seq, hidden.shape[-1])  # (B*S, H)
     labels = shift_labels.reshape(-1).to(hidden.device)  # (B*S,)
     logps, ents = [], []
     for start in range(0, flat.shape[0], chunk):
-        args = (flat[start:start + chunk], lm_head.weight, lm_head.bias, labels[start:start + chunk],
-                float(transform.scale), transform.softcap, float(temperature), entropy)
-        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
+        args = (
+            flat[start : start + chunk],
+            lm_head.weight,
+            lm_head.bias,
+            labels[start : start + chunk],
+            float(transform.scale),
+            transform.softcap,
+            float(temperature),
+            entropy,
+        )
+        lp, ent = (
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
             else _chunk_logprobs(*args)
+        )
         logps.append(lp)
         ents.append(ent)
     logp = torch.cat(logps).view(bsz, seq)
     return logp, (torch.cat(ents).view(bsz, seq) if entropy else None)
 
 
-def sequence_sums(values: torch.Tensor, group, counter: CommCounter | None = None,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_sums(
+    values: torch.Tensor, group, counter: CommCounter | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact per-row sums of per-token values over the SP group.
 
     Args:
@@ -139,8 +160,9 @@ class _GatherTokens(torch.autograd.Function):
         return layout.shard(padded, ctx.rank, 1).contiguous(), None, None, None, None
 
 
-def gather_tokens(local: torch.Tensor, layout: Layout, rank: int, group,
-                  counter: CommCounter | None = None) -> torch.Tensor:
+def gather_tokens(
+    local: torch.Tensor, layout: Layout, rank: int, group, counter: CommCounter | None = None
+) -> torch.Tensor:
     """Per-token values of every rank, in original token order, shard padding removed.
 
     Args:
@@ -155,8 +177,10 @@ def gather_tokens(local: torch.Tensor, layout: Layout, rank: int, group,
         sums the ranks' gradients, see the module's gradient convention); others are plain.
     """
     if local.shape[1] != layout.local_len:
-        raise ValueError(f"gather_tokens: {local.shape[1]} local positions, the layout holds {layout.local_len} "
-                         f"per rank (sequence {layout.seq_len} padded to {layout.padded_len} over {layout.sp_size})")
+        raise ValueError(
+            f"gather_tokens: {local.shape[1]} local positions, the layout holds {layout.local_len} "
+            f"per rank (sequence {layout.seq_len} padded to {layout.padded_len} over {layout.sp_size})"
+        )
     if not local.is_floating_point():
         return layout.unshard(all_gather_concat(local, 1, group, counter), 1)
     return _GatherTokens.apply(local, layout, rank, group, counter)

@@ -22,7 +22,14 @@ from transformers.masking_utils import and_masks, packed_sequence_mask_function
 
 from hf_seqpar.kernels.reference import window_visible  # the one rule, kept in the kernels (a leaf)
 
-__all__ = ["document_ids", "window_visible", "structure_mask_function", "dense_mask", "flash_segments", "check_cu_seqlens"]
+__all__ = [
+    "document_ids",
+    "window_visible",
+    "structure_mask_function",
+    "dense_mask",
+    "flash_segments",
+    "check_cu_seqlens",
+]
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from hf_seqpar.core import moe
-from hf_seqpar.core.loss import combine_over_sp
 from hf_seqpar.core.logits import LogitTransform, logit_transform
+from hf_seqpar.core.loss import combine_over_sp
 from hf_seqpar.core.sharding import IGNORE_INDEX
 
 __all__ = [
@@ -64,7 +64,7 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
-                h, y = hidden[start:start + chunk], labels[start:start + chunk]
+                h, y = hidden[start : start + chunk], labels[start : start + chunk]
                 if not bool((y != IGNORE_INDEX).any()):
                     continue
                 logits, _ = ChunkedLMHeadCrossEntropy._logits(h, weight, bias, acc, scale, softcap)
@@ -84,7 +84,7 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
-                h, y = hidden[start:start + ctx.chunk], labels[start:start + ctx.chunk]
+                h, y = hidden[start : start + ctx.chunk], labels[start : start + ctx.chunk]
                 valid = y != IGNORE_INDEX
                 if not bool(valid.any()):
                     continue
@@ -97,7 +97,7 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
                 # chain rule through the logit transformation: d f / d z
                 g = g * dz if dz is not None else (g * ctx.scale if ctx.scale != 1.0 else g)
                 if grad_h is not None:
-                    grad_h[start:start + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[start : start + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += g.t() @ h.to(acc)
                 if grad_b is not None:
@@ -107,8 +107,14 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels: torch.Tensor, chunk: int,
-                    num_items_in_batch=None, transform: LogitTransform | None = None) -> torch.Tensor:
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    shift_labels: torch.Tensor,
+    chunk: int,
+    num_items_in_batch=None,
+    transform: LogitTransform | None = None,
+) -> torch.Tensor:
     """Causal-LM loss of pre-shifted labels without materialising ``(tokens x vocab)`` logits.
 
     Args:
@@ -138,8 +144,9 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, shift_labels
     flat = hidden.reshape(-1, hidden.shape[-1])
     weight, bias = _local(lm_head.weight), _local(lm_head.bias)
     transform = transform or LogitTransform()
-    return ChunkedLMHeadCrossEntropy.apply(flat, weight, bias, labels, int(chunk), num_items_in_batch,
-                                           float(transform.scale), transform.softcap)
+    return ChunkedLMHeadCrossEntropy.apply(
+        flat, weight, bias, labels, int(chunk), num_items_in_batch, float(transform.scale), transform.softcap
+    )
 
 
 def _local(param):
@@ -172,13 +179,15 @@ def _chunked_forward(chunk: int, transform: LogitTransform):
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         base = getattr(self, self.base_model_prefix)
         out = base(input_ids=input_ids, **kwargs)
-        loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items,
-                               transform)
+        loss = chunked_lm_loss(
+            out.last_hidden_state, self.get_output_embeddings(), shift_labels, chunk, num_items, transform
+        )
         loss = combine_over_sp(loss, seqpar)  # the exact SP loss: sum_local / N, summed over the SP group
         router_logits = getattr(out, "router_logits", None)
         if not router_logits:
-            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
-                                          attentions=out.attentions)
+            return CausalLMOutputWithPast(
+                loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions
+            )
         # MoE: under SP the hook of hf_seqpar.core.moe adds the full sequence's aux loss to this output
         aux = None
         spec = moe.router_spec(self.config)
@@ -187,8 +196,14 @@ def _chunked_forward(chunk: int, transform: LogitTransform):
             valid = mask.bool() if mask is not None else torch.ones(labels.shape, dtype=torch.bool)
             aux = moe.load_balancing_loss(router_logits, valid, *spec)
             loss = loss + self.config.router_aux_loss_coef * aux.to(loss.device)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None, router_logits=router_logits,
-                                         hidden_states=out.hidden_states, attentions=out.attentions)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux,
+            logits=None,
+            router_logits=router_logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
 
     return forward
 
@@ -254,8 +269,9 @@ def check_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: 
     return _check_chunkable(model) if loss_chunk_size else None
 
 
-def install_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None,
-                            offload_checkpoints: bool = False) -> None:
+def install_memory_features(
+    model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None, offload_checkpoints: bool = False
+) -> None:
     """Switch on the memory features on a ``*ForCausalLM`` model, in place (reversible).
 
     Args:

@@ -21,8 +21,18 @@ if TYPE_CHECKING:  # annotations only (the config and the strategies sit above c
 
     import hf_seqpar
 
-__all__ = ["build_mesh", "MeshDims", "from_dims", "check_mesh", "check_positive_int", "check_sp_size", "SeqParState",
-           "STATE_ATTR", "find_state", "unwrap_model"]
+__all__ = [
+    "build_mesh",
+    "MeshDims",
+    "from_dims",
+    "check_mesh",
+    "check_positive_int",
+    "check_sp_size",
+    "SeqParState",
+    "STATE_ATTR",
+    "find_state",
+    "unwrap_model",
+]
 
 #: Attribute of the underlying ``PreTrainedModel`` that holds its :class:`SeqParState`.
 STATE_ATTR = "hf_seqpar_state"
@@ -81,8 +91,12 @@ def build_mesh(sp_size: int, device_type: str | None = None, timeout: float | No
     if timeout is not None:
         options = _backend_options(timeout)
         override = {"dp": options, "sp": options}
-    return init_device_mesh(device_type or _device_type(), (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"),
-                            backend_override=override)
+    return init_device_mesh(
+        device_type or _device_type(),
+        (world // sp_size, sp_size),
+        mesh_dim_names=("dp", "sp"),
+        backend_override=override,
+    )
 
 
 def _backend_options(timeout: float):
@@ -95,8 +109,10 @@ def _backend_options(timeout: float):
     elif backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
     else:
-        raise ValueError(f"a collective timeout is supported with the gloo and nccl backends, not {backend!r}; "
-                         "set collective_timeout_s: null")
+        raise ValueError(
+            f"a collective timeout is supported with the gloo and nccl backends, not {backend!r}; "
+            "set collective_timeout_s: null"
+        )
     options._timeout = timedelta(seconds=timeout)
     return options
 
@@ -131,8 +147,10 @@ class MeshDims:
         names = tuple(mesh.mesh_dim_names or ())
         if "sp" not in names:
             raise ValueError(
-                f"the mesh needs a dimension named 'sp' (the ranks that share one sequence); it has {names or 'no names'}. "
-                "Build it with init_device_mesh(..., mesh_dim_names=(..., 'sp')) or let hf_seqpar build ('dp', 'sp')")
+                "the mesh needs a dimension named 'sp' (the ranks that share one sequence); it has "
+                f"{names or 'no names'}. "
+                "Build it with init_device_mesh(..., mesh_dim_names=(..., 'sp')) or let hf_seqpar build ('dp', 'sp')"
+            )
         self.mesh, self.names = mesh, names
         self.sp_mesh = mesh["sp"]
         self.sp_size = self.sp_mesh.size()
@@ -166,8 +184,10 @@ def check_mesh(mesh: DeviceMesh, sp_size: int | None) -> MeshDims:
     """
     dims = MeshDims(mesh)
     if sp_size is not None and dims.sp_size != sp_size:
-        raise ValueError(f"the mesh's 'sp' dimension has size {dims.sp_size} but sp_size={sp_size}; pass "
-                         f"sp_size={dims.sp_size} (or None) with this mesh")
+        raise ValueError(
+            f"the mesh's 'sp' dimension has size {dims.sp_size} but sp_size={sp_size}; pass "
+            f"sp_size={dims.sp_size} (or None) with this mesh"
+        )
     return dims
 
 
@@ -217,14 +237,15 @@ class SeqParState:
     """Handles of the hooks ``enable_sequence_parallel`` put on the model (the MoE auxiliary loss
     of the full sequence, :mod:`hf_seqpar.core.moe`); removed by ``disable_sequence_parallel``."""
 
-    mesh = from_dims("mesh", "The mesh (``\"sp\"`` dimension, usually ``\"dp\"``).")
+    mesh = from_dims("mesh", 'The mesh (``"sp"`` dimension, usually ``"dp"``).')
     sp_group = from_dims("sp_group", "Process group of this rank's SP group.")
-    dp_group = from_dims("dp_group", "Process group of this rank's data-parallel replicas (same SP rank); None "
-                                     "without ``\"dp\"``.")
+    dp_group = from_dims(
+        "dp_group", 'Process group of this rank\'s data-parallel replicas (same SP rank); None without ``"dp"``.'
+    )
     sp_size = from_dims("sp_size", "Ranks per sequence.")
     sp_rank = from_dims("sp_rank", "This rank's index inside its SP group.")
-    dp_size = from_dims("dp_size", "Data-parallel replicas (the ``\"dp\"`` dimension; 1 without one).")
-    dp_rank = from_dims("dp_rank", "This rank's index along ``\"dp\"`` (0 without one).")
+    dp_size = from_dims("dp_size", 'Data-parallel replicas (the ``"dp"`` dimension; 1 without one).')
+    dp_rank = from_dims("dp_rank", 'This rank\'s index along ``"dp"`` (0 without one).')
 
 
 def unwrap_model(model):

@@ -33,8 +33,9 @@ def router_spec(config) -> tuple[int, int] | None:
     return int(experts), int(top_k)
 
 
-def load_balancing_loss(router_logits, valid: torch.Tensor, num_experts: int, top_k: int, group=None,
-                        counter=None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits, valid: torch.Tensor, num_experts: int, top_k: int, group=None, counter=None
+) -> torch.Tensor:
     """transformers' ``load_balancing_loss_func`` over the tokens of every rank of ``group``.
 
     Args:
@@ -56,7 +57,7 @@ def load_balancing_loss(router_logits, valid: torch.Tensor, num_experts: int, to
     col = 0
     for layer_logits in router_logits:
         width = layer_logits.shape[0] // bsz  # a whole layer, or one MLP tile of it
-        mask = valid[:, col:col + width].reshape(-1).to(device, torch.float32)  # (rows,) batch-major
+        mask = valid[:, col : col + width].reshape(-1).to(device, torch.float32)  # (rows,) batch-major
         col = (col + width) % local
         weights = torch.softmax(layer_logits.float(), dim=-1)  # (rows, E)
         _, chosen = torch.topk(weights, top_k, dim=-1)  # (rows, k)
@@ -66,7 +67,7 @@ def load_balancing_loss(router_logits, valid: torch.Tensor, num_experts: int, to
     both = torch.cat([tokens, probs, rows])  # (2E + 1,): one collective
     if group is not None:
         both = all_reduce_sum(both, group, counter)
-    tokens, probs, rows = both[:num_experts], both[num_experts:2 * num_experts], both[-1]
+    tokens, probs, rows = both[:num_experts], both[num_experts : 2 * num_experts], both[-1]
     return (tokens / rows * probs / rows).sum() * num_experts
 
 

@@ -174,8 +174,18 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
                     for ks, ke, _ in _clip(by_doc[doc], doc_ends[doc], kg0, kg1):
 
                         def emit(a, b, c, d, kind, qo=qo, ko=ko, qg0=qg0, kg0=kg0, b0=b0, b1=b1):
-                            pieces.append(Piece((b0, b1), (a - qg0 + qo, b - qg0 + qo), (c - kg0 + ko, d - kg0 + ko),
-                                                kind, a, c, causal, window))
+                            pieces.append(
+                                Piece(
+                                    (b0, b1),
+                                    (a - qg0 + qo, b - qg0 + qo),
+                                    (c - kg0 + ko, d - kg0 + ko),
+                                    kind,
+                                    a,
+                                    c,
+                                    causal,
+                                    window,
+                                )
+                            )
 
                         _pair(qs, qe, ks, ke, causal, window, emit)
     return pack_pieces(_merge_full(pieces))

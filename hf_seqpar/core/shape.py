@@ -18,8 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelShape", "FP32", "INDEX", "norm_bytes", "attention_saved_bytes", "mlp_saved_bytes",
-           "layer_activation_bytes", "outside_activation_bytes"]
+__all__ = [
+    "ModelShape",
+    "FP32",
+    "INDEX",
+    "norm_bytes",
+    "attention_saved_bytes",
+    "mlp_saved_bytes",
+    "layer_activation_bytes",
+    "outside_activation_bytes",
+]
 
 #: Bytes of an fp32 element (the lse, norms' upcasts, accumulators): defined here only.
 FP32 = 4

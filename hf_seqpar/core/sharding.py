@@ -10,7 +10,8 @@ the loss in a :class:`SeqParBatch` (the ``seqpar=`` keyword of the model's forwa
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,15 @@ from hf_seqpar.core.masks import document_ids
 from hf_seqpar.core.mesh import SeqParState, find_state
 from hf_seqpar.core.segments import Segments, build_segments
 
-__all__ = ["SeqParBatch", "shard_batch", "gather_sequence", "next_token_labels", "count_label_tokens", "IGNORE_INDEX",
-           "BatchMismatchError"]
+__all__ = [
+    "SeqParBatch",
+    "shard_batch",
+    "gather_sequence",
+    "next_token_labels",
+    "count_label_tokens",
+    "IGNORE_INDEX",
+    "BatchMismatchError",
+]
 
 IGNORE_INDEX = -100
 #: Keys of a batch that carry a sequence dimension and are sharded.
@@ -127,9 +135,11 @@ def _check_varlen_keys(batch: Mapping[str, Any], bsz: int, seq: int) -> None:
         return
     pos = batch.get("position_ids")
     if pos is None:
-        raise ValueError(f"the batch has {present} but no `position_ids`; shard_batch reads the documents from "
-                         "position_ids (restarting at every document): pass them too (TRL's collators do with "
-                         "padding_free=True or packing=True)")
+        raise ValueError(
+            f"the batch has {present} but no `position_ids`; shard_batch reads the documents from "
+            "position_ids (restarting at every document): pass them too (TRL's collators do with "
+            "padding_free=True or packing=True)"
+        )
     pos = pos.expand(bsz, seq)
     starts = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1  # (B, S); every row starts a document
     starts[:, 0] = True
@@ -145,8 +155,11 @@ def _check_varlen_keys(batch: Mapping[str, Any], bsz: int, seq: int) -> None:
         elif key.startswith("max_length"):
             ok = int(value) == expected["max"]
         else:
-            ok = torch.is_tensor(value) and value.numel() == flat.numel() and torch.equal(
-                value.reshape(-1).long().cpu(), expected["idx"].cpu())
+            ok = (
+                torch.is_tensor(value)
+                and value.numel() == flat.numel()
+                and torch.equal(value.reshape(-1).long().cpu(), expected["idx"].cpu())
+            )
         if not ok:
             bad.append(key)
     if bad:
@@ -154,7 +167,8 @@ def _check_varlen_keys(batch: Mapping[str, Any], bsz: int, seq: int) -> None:
             f"batch key(s) {bad} disagree with `position_ids`: position_ids give documents starting at flattened "
             f"token(s) {expected['cu'][:-1].tolist()[:16]} (cu_seq_lens {expected['cu'].tolist()[:17]}, longest "
             f"{expected['max']}). Build them from the same position_ids, or drop them (shard_batch derives the "
-            "documents from position_ids).")
+            "documents from position_ids)."
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,13 +238,15 @@ def check_documents(batch: Mapping[str, Any], features=None) -> None:
             "ambiguous. To keep the documents apart (the usual intent of packing), drop `attention_mask` from the "
             "batch; padding then needs a position run of its own (positions restarting at 0) so that it forms a "
             "separate document, and labels -100. To attend across documents, pass position_ids that do not restart "
-            "(or none).")
+            "(or none)."
+        )
     raise ValueError(
         f"batch rows {rows} hold packed documents (`position_ids` restart inside the row), but transformers' "
         f"{features.model_type} builds its attention mask without position_ids, so even unsharded it lets every "
         "token attend across documents, while hf_seqpar would separate them. Pass one document per row (pad the "
         "rows and give an attention_mask), or pass position_ids that do not restart (or none) to attend across "
-        "documents.")
+        "documents."
+    )
 
 
 def _check_same_batch(state: SeqParState, batch, bsz: int, seq: int) -> None:
@@ -329,7 +345,7 @@ def shard_batch(batch: Mapping[str, Any], model) -> dict:
     user_pos = batch.get("position_ids")
     positions = (user_pos if user_pos is not None else torch.arange(seq, device=device)[None]).expand(bsz, seq)
     mask = batch.get("attention_mask")
-    valid = (mask.bool() if mask is not None else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+    valid = mask.bool() if mask is not None else torch.ones(bsz, seq, dtype=torch.bool, device=device)
     doc_ids = document_ids(positions) if user_pos is not None else None
     # the layout may depend on the rows' documents (ring/hybrid balance their causal work), O(B S)
     layout = state.strategy.make_layout(seq, valid, doc_ids)
@@ -386,7 +402,7 @@ def record_outputs(module, args, kwargs, output) -> None:
         return
     values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else (output,)
     for value in values:
-        for t in (value if isinstance(value, tuple) else (value,)):
+        for t in value if isinstance(value, tuple) else (value,):
             if torch.is_tensor(t) and t.dim() >= 2:
                 batch.state.sharded_outputs[t] = batch.layout
 
@@ -397,8 +413,10 @@ def _resolve(tensor, source, layout, batch) -> tuple[SeqParState, Layout, str]:
         batch, source = source, None  # gather_sequence(x, local): the batch names the layout
     if isinstance(batch, Mapping):
         if not isinstance(batch.get("seqpar"), SeqParBatch):
-            raise TypeError("gather_sequence(batch=...) takes the dict shard_batch returned (with its `seqpar`) or "
-                            f"that SeqParBatch; got a mapping with keys {sorted(batch)[:8]}")
+            raise TypeError(
+                "gather_sequence(batch=...) takes the dict shard_batch returned (with its `seqpar`) or "
+                f"that SeqParBatch; got a mapping with keys {sorted(batch)[:8]}"
+            )
         batch = batch["seqpar"]
     state = batch.state if batch is not None else _require_state(source)
     known = state.sharded_outputs.get(tensor)
@@ -410,7 +428,8 @@ def _resolve(tensor, source, layout, batch) -> tuple[SeqParState, Layout, str]:
                 f"tensor is an output of a forward on a sequence of {known.seq_len} ({known.kind}, {known.local_len} "
                 f"per rank), the named batch has {named.seq_len} ({named.kind}, {named.local_len} per rank). Pass "
                 "the dict shard_batch returned for the tensor's own batch (or drop batch=/layout=: model outputs "
-                "remember their batch).")
+                "remember their batch)."
+            )
         return state, named, "the named batch" if batch is not None else "layout="
     if known is not None:
         return state, known, "the forward that produced the tensor"
@@ -423,12 +442,14 @@ def _resolve(tensor, source, layout, batch) -> tuple[SeqParState, Layout, str]:
             f"this model, and batches of different lengths were sharded to the same {state.last_layout.local_len} "
             "positions per rank, so the latest batch's layout could be the wrong one (silently wrong tokens). Name "
             "the batch: `local = hf_seqpar.shard_batch(batch, model)` ... `hf_seqpar.gather_sequence(tensor, "
-            "model, batch=local)` (or pass `layout=local['seqpar'].layout`).")
+            "model, batch=local)` (or pass `layout=local['seqpar'].layout`)."
+        )
     return state, state.last_layout, "the latest shard_batch call"
 
 
-def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | None = None, *,
-                    batch=None) -> torch.Tensor:
+def gather_sequence(
+    tensor: torch.Tensor, model, dim: int = 1, layout: Layout | None = None, *, batch=None
+) -> torch.Tensor:
     """The full-sequence tensor from every rank's shard, in original token order.
 
     Which layout undoes the sharding, first match: ``batch`` (or a batch passed as ``model``);
@@ -460,6 +481,7 @@ def gather_sequence(tensor: torch.Tensor, model, dim: int = 1, layout: Layout | 
             f"tensor has {tensor.shape[dim]} positions along dim {dim}, but the layout of {source} holds "
             f"{layout.local_len} per rank (sequence {layout.seq_len} padded to {layout.padded_len} over "
             f"{layout.sp_size} ranks); pass the tensor's own batch: gather_sequence(tensor, model, batch=local) "
-            "with `local` the dict shard_batch returned for it")
+            "with `local` the dict shard_batch returned for it"
+        )
     full = all_gather_concat(tensor, dim, state.sp_group, state.counter)
     return layout.unshard(full, dim)

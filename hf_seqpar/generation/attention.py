@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_seqpar.kernels import block_forward, merge_into
-
 from hf_seqpar.core.comm import all_gather_concat
+from hf_seqpar.kernels import block_forward, merge_into
 
 __all__ = ["DecodeStep", "merge_over_group", "partial_attention"]
 
@@ -36,8 +35,10 @@ def partial_attention(query, key, value, valid, scale: float, backend: str | Non
     """
     bsz, heads, q_len, dim = query.shape
     if key.shape[2] == 0:
-        return (query.new_zeros((bsz, heads, q_len, value.shape[-1]), dtype=torch.float32),
-                query.new_full((bsz, heads, q_len), float("-inf"), dtype=torch.float32))
+        return (
+            query.new_zeros((bsz, heads, q_len, value.shape[-1]), dtype=torch.float32),
+            query.new_full((bsz, heads, q_len), float("-inf"), dtype=torch.float32),
+        )
     mask = valid[:, None, None, :].expand(bsz, 1, q_len, key.shape[2])  # (B, 1, 1, L)
     out, lse = block_forward(query, key, value, scale=scale, mask=mask, backend=backend)
     return out.float(), lse.float()

@@ -67,8 +67,10 @@ class ShardedLayer(CacheLayerMixin):
             self.keys, self.values, self.valid, self.seen = key_states, value_states, valid, seq_len
             return key_states, value_states
         if key_states.shape[2] != 1:
-            raise ValueError(f"a decode step over the sharded cache takes one token per row, got "
-                             f"{key_states.shape[2]}; the prompt is prefilled by hf_seqpar.generate")
+            raise ValueError(
+                f"a decode step over the sharded cache takes one token per row, got "
+                f"{key_states.shape[2]}; the prompt is prefilled by hf_seqpar.generate"
+            )
         if self.seen % self.cache.sp_size == self.cache.sp_rank:  # round robin: position t on rank t % P
             self.keys = torch.cat([self.keys, key_states], dim=2)
             self.values = torch.cat([self.values, value_states], dim=2)
@@ -147,9 +149,16 @@ class ShardedCache(Cache):
         unsharded = 0
         for layer in self.layers:
             if layer.is_initialized:
-                per_token = (layer.keys[:, :, :1].numel() * layer.keys.element_size()
-                             + layer.values[:, :, :1].numel() * layer.values.element_size())
+                per_token = (
+                    layer.keys[:, :, :1].numel() * layer.keys.element_size()
+                    + layer.values[:, :, :1].numel() * layer.values.element_size()
+                )
                 unsharded += per_token * layer.seen
         local = self.nbytes()
-        return {"local_bytes": local, "unsharded_bytes": unsharded, "fraction": local / unsharded if unsharded else 0.0,
-                "local_tokens": self.local_tokens(), "tokens": self.layers[0].seen if self.layers else 0}
+        return {
+            "local_bytes": local,
+            "unsharded_bytes": unsharded,
+            "fraction": local / unsharded if unsharded else 0.0,
+            "local_tokens": self.local_tokens(),
+            "tokens": self.layers[0].seen if self.layers else 0,
+        }

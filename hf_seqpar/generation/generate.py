@@ -42,7 +42,7 @@ UNSUPPORTED_KWARGS = {
     "cache": "hf_seqpar.generate builds its own sequence-sharded cache",
     "past_key_values": "hf_seqpar.generate builds its own sequence-sharded cache",
     "cache_implementation": "only the sequence-sharded dynamic cache is supported (no static, offloaded or "
-                            "quantized caches)",
+    "quantized caches)",
     "prefill_chunk_size": "the prefill runs sequence-parallel in one pass (chunks are what SP replaces)",
     "inputs_embeds": "pass input_ids (the prefill shards them with hf_seqpar.shard_batch)",
     "negative_prompt_ids": "classifier-free guidance runs an extra unsharded forward",
@@ -51,8 +51,10 @@ UNSUPPORTED_KWARGS = {
 
 
 def _refuse(what: str, why: str) -> None:
-    raise NotImplementedError(f"hf_seqpar.generate does not support {what}: {why}. Greedy decoding and sampling "
-                              "(with any logits processors and stopping criteria) are supported.")
+    raise NotImplementedError(
+        f"hf_seqpar.generate does not support {what}: {why}. Greedy decoding and sampling "
+        "(with any logits processors and stopping criteria) are supported."
+    )
 
 
 def check_generation(config, model_config=None) -> None:
@@ -81,43 +83,61 @@ def check_generation(config, model_config=None) -> None:
     if config.output_attentions:
         _refuse("output_attentions=True", "SP attention never materialises attention weights")
     if config.output_hidden_states:
-        _refuse("output_hidden_states=True", "the prompt's hidden states stay sharded over the ranks (the first "
-                "step's would hold only the last prompt token)")
+        _refuse(
+            "output_hidden_states=True",
+            "the prompt's hidden states stay sharded over the ranks (the first "
+            "step's would hold only the last prompt token)",
+        )
 
 
 def _check_model(state, base) -> None:
     if state is None:
-        raise RuntimeError(f"{type(base).__name__} has no sequence parallelism: call "
-                           "hf_seqpar.enable_sequence_parallel(model, ...) first (or use model.generate unsharded)")
+        raise RuntimeError(
+            f"{type(base).__name__} has no sequence parallelism: call "
+            "hf_seqpar.enable_sequence_parallel(model, ...) first (or use model.generate unsharded)"
+        )
     if state.strategy.shards_parameters:
-        _refuse(f"strategy {state.strategy.name!r}", "it splits the parameters over the SP group (tensor "
-                "parallel), so the ranks cannot decode the same token independently; enable 'ulysses', 'ring' or "
-                "'hybrid' for generation")
+        _refuse(
+            f"strategy {state.strategy.name!r}",
+            "it splits the parameters over the SP group (tensor "
+            "parallel), so the ranks cannot decode the same token independently; enable 'ulysses', 'ring' or "
+            "'hybrid' for generation",
+        )
     f = state.features
     if f is not None and (f.sinks or f.softcap is not None or f.qk_head_dim != f.v_head_dim):
-        _refuse(f"this {f.model_type} model's attention (sinks={f.sinks}, softcap={f.softcap}, value head size "
-                f"{f.v_head_dim} vs {f.qk_head_dim})", "the decode kernel computes plain softmax attention")
+        _refuse(
+            f"this {f.model_type} model's attention (sinks={f.sinks}, softcap={f.softcap}, value head size "
+            f"{f.v_head_dim} vs {f.qk_head_dim})",
+            "the decode kernel computes plain softmax attention",
+        )
     text = base.config.get_text_config(decoder=True)
     layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
     window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
     if layer_types != {"full_attention"} or window is not None:
-        _refuse(f"layers of types {sorted(layer_types)} (sliding_window={window})",
-                "the sharded cache keeps every position; only full-attention models are supported")
+        _refuse(
+            f"layers of types {sorted(layer_types)} (sliding_window={window})",
+            "the sharded cache keeps every position; only full-attention models are supported",
+        )
 
 
 def _check_inputs(input_ids, attention_mask) -> None:
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty (B, S) tensor, got "
-                         f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+        raise ValueError(
+            f"input_ids must be a non-empty (B, S) tensor, got "
+            f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}"
+        )
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
         right = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
         if right:
-            raise ValueError(f"rows {right} end in padding (attention_mask 0 at the last position): pad on the "
-                             "left for generation (tokenizer.padding_side = 'left'), as transformers requires for "
-                             "decoder-only models")
+            raise ValueError(
+                f"rows {right} end in padding (attention_mask 0 at the last position): pad on the "
+                "left for generation (tokenizer.padding_side = 'left'), as transformers requires for "
+                "decoder-only models"
+            )
 
 
 def _prefill(model, state, cache: ShardedCache, input_ids, attention_mask, position_ids) -> None:
@@ -134,8 +154,14 @@ def _prefill(model, state, cache: ShardedCache, input_ids, attention_mask, posit
     seqpar = local["seqpar"]
     valid = seqpar.layout.shard(seqpar.valid, state.sp_rank)  # (B, L_local)
     with cache.prefilling(valid, seq):
-        model(input_ids=local["input_ids"], position_ids=local["position_ids"], seqpar=seqpar, cache=cache,
-              use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=local["input_ids"],
+            position_ids=local["position_ids"],
+            seqpar=seqpar,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
 
 
 def _decoding_method(state, streamer, synced_gpus):
@@ -148,12 +174,24 @@ def _decoding_method(state, streamer, synced_gpus):
         cache = model_kwargs["cache"]
         _check_inputs(input_ids, model_kwargs.get("attention_mask"))
         _prefill(model, state, cache, input_ids, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"))
-        out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                            generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer,
-                            seqpar=DecodeStep(state, cache), **model_kwargs)
+        out = model._sample(
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            seqpar=DecodeStep(state, cache),
+            **model_kwargs,
+        )
         report = cache.report()
-        logger.info("hf_seqpar.generate: KV cache on SP rank %d: %d bytes (%.3f of the unsharded %d)", state.sp_rank,
-                    report["local_bytes"], report["fraction"], report["unsharded_bytes"])
+        logger.info(
+            "hf_seqpar.generate: KV cache on SP rank %d: %d bytes (%.3f of the unsharded %d)",
+            state.sp_rank,
+            report["local_bytes"],
+            report["fraction"],
+            report["unsharded_bytes"],
+        )
         return out
 
     return decode
@@ -200,5 +238,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     synced_gpus = bool(generation_kwargs.pop("synced_gpus", False))
     layers = base.config.get_text_config(decoder=True).num_hidden_layers
     cache = ShardedCache(layers, state.sp_size, state.sp_rank)
-    return base.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                         custom_generate=_decoding_method(state, streamer, synced_gpus), **generation_kwargs)
+    return base.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cache=cache,
+        custom_generate=_decoding_method(state, streamer, synced_gpus),
+        **generation_kwargs,
+    )

@@ -35,12 +35,23 @@ from hf_seqpar.api import enable_sequence_parallel
 from hf_seqpar.config import SequenceParallelConfig, resolve, unknown_keys_message
 from hf_seqpar.core.memory import check_memory_features, install_memory_features
 from hf_seqpar.core.mesh import build_mesh, check_positive_int, find_state, unwrap_model
-from hf_seqpar.integrations.parallelism import (ACCELERATE_PREFIX, apply_parallelism_config, current_parallelism_config,
-                          is_accelerate_config, plugin_section)
 from hf_seqpar.core.sharding import shard_batch
+from hf_seqpar.integrations.parallelism import (
+    ACCELERATE_PREFIX,
+    apply_parallelism_config,
+    current_parallelism_config,
+    is_accelerate_config,
+    plugin_section,
+)
 
-__all__ = ["SequenceParallelPlugin", "SP_CONFIG_ENV", "prepare_sequence_parallel", "prepare_model",
-           "SequenceParallelDataLoader", "shard_dataloader"]
+__all__ = [
+    "SequenceParallelPlugin",
+    "SP_CONFIG_ENV",
+    "prepare_sequence_parallel",
+    "prepare_model",
+    "SequenceParallelDataLoader",
+    "shard_dataloader",
+]
 
 #: Environment variable naming the plugin's YAML file (used when no path is given).
 SP_CONFIG_ENV = "HF_SEQPAR_CONFIG"
@@ -93,9 +104,11 @@ class SequenceParallelPlugin(SequenceParallelConfig):
             raise ValueError(f"{source} must be a mapping of option: value, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
         if "options" in data:  # an earlier format of this file kept strategy options in a mapping
-            raise ValueError(f"{source}: the key 'options' was removed (an earlier format of this file kept the "
-                             f"strategy options in it); write its entries as top-level keys instead (e.g. "
-                             f"'backend: reference'; valid keys: {', '.join(names)})")
+            raise ValueError(
+                f"{source}: the key 'options' was removed (an earlier format of this file kept the "
+                f"strategy options in it); write its entries as top-level keys instead (e.g. "
+                f"'backend: reference'; valid keys: {', '.join(names)})"
+            )
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(unknown_keys_message(source, unknown, names))
@@ -156,8 +169,10 @@ class SequenceParallelPlugin(SequenceParallelConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if self.offload_checkpoints and not self.gradient_checkpointing:
-            raise ValueError("offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
-                             "checkpointed layer inputs)")
+            raise ValueError(
+                "offload_checkpoints: true needs gradient_checkpointing: true (it offloads the "
+                "checkpointed layer inputs)"
+            )
 
     def accelerator_kwargs(self) -> dict:
         """Keyword arguments for ``accelerate.Accelerator`` that apply :attr:`collective_timeout_s`
@@ -241,8 +256,15 @@ class SequenceParallelDataLoader:
         return getattr(self.loader, name)
 
 
-def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_types=None,
-                     use_seedable_sampler: bool = False, data_seed: int | None = None):
+def shard_dataloader(
+    dataloader,
+    model,
+    device=None,
+    shard: bool = True,
+    rng_types=None,
+    use_seedable_sampler: bool = False,
+    data_seed: int | None = None,
+):
     """Shard a loader of full batches over the data-parallel replicas only, and (optionally) by sequence.
 
     Args:
@@ -268,9 +290,17 @@ def shard_dataloader(dataloader, model, device=None, shard: bool = True, rng_typ
     # dispatch_batches=False: accelerate's dispatcher (its default for an IterableDataset placed on a
     # device) slices every batch over all processes; here every rank reads the stream and each
     # replica keeps its own batches (IterableDatasetShard, or datasets' file shards)
-    loader = prepare_data_loader(dataloader, device=device, num_processes=dp_size, process_index=dp_rank,
-                                 put_on_device=device is not None, rng_types=rng_types, dispatch_batches=False,
-                                 use_seedable_sampler=use_seedable_sampler, data_seed=data_seed)
+    loader = prepare_data_loader(
+        dataloader,
+        device=device,
+        num_processes=dp_size,
+        process_index=dp_rank,
+        put_on_device=device is not None,
+        rng_types=rng_types,
+        dispatch_batches=False,
+        use_seedable_sampler=use_seedable_sampler,
+        data_seed=data_seed,
+    )
     return SequenceParallelDataLoader(loader, model, shard=shard)
 
 
@@ -286,8 +316,10 @@ def _ensure_process_group(accelerator) -> None:
     if dist.is_initialized():
         return
     if accelerator.num_processes != 1:
-        raise RuntimeError("torch.distributed is not initialised although accelerate launched "
-                           f"{accelerator.num_processes} processes; create the Accelerator before this call")
+        raise RuntimeError(
+            "torch.distributed is not initialised although accelerate launched "
+            f"{accelerator.num_processes} processes; create the Accelerator before this call"
+        )
     # a single process (python script.py): a one-rank group so SP code paths run unchanged
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
 
@@ -320,7 +352,9 @@ def _average_gradients_over_dp_by_hooks(model) -> None:
         return
     for p in model.parameters():
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda param: state.strategy.average_gradient_over_dp(param, state.counter))
+            p.register_post_accumulate_grad_hook(
+                lambda param: state.strategy.average_gradient_over_dp(param, state.counter)
+            )
 
 
 def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model, *objects):
@@ -349,11 +383,16 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     from accelerate.scheduler import AcceleratedScheduler
 
     _ensure_process_group(accelerator)
-    plugin = apply_parallelism_config(plugin, getattr(accelerator, "parallelism_config", None), dist.get_world_size(),
-                                      deepspeed=getattr(accelerator, "distributed_type", None) == "DEEPSPEED")
+    plugin = apply_parallelism_config(
+        plugin,
+        getattr(accelerator, "parallelism_config", None),
+        dist.get_world_size(),
+        deepspeed=getattr(accelerator, "distributed_type", None) == "DEEPSPEED",
+    )
     sp_size = resolve(plugin, dist.get_world_size()).sp_size  # clear message, no collective
-    mesh = build_mesh(sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu",
-                      timeout=plugin.collective_timeout_s)
+    mesh = build_mesh(
+        sp_size, device_type="cuda" if accelerator.device.type == "cuda" else "cpu", timeout=plugin.collective_timeout_s
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     model = prepare_model(model, plugin, mesh=mesh)
     _repoint_optimizers(model, names, objects)
@@ -375,10 +414,17 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
         out[i] = obj
     optimizers = [o for o in prepared[1:] if isinstance(o, torch.optim.Optimizer) or hasattr(o, "optimizer")]
     for i in schedulers:  # one scheduler step per optimizer step (the loader is split over dp only)
-        out[i] = AcceleratedScheduler(objects[i], optimizers, step_with_optimizer=accelerator.step_scheduler_with_optimizer,
-                                      split_batches=True)
+        out[i] = AcceleratedScheduler(
+            objects[i], optimizers, step_with_optimizer=accelerator.step_scheduler_with_optimizer, split_batches=True
+        )
     cfg = accelerator.dataloader_config
     for i in loaders:
-        out[i] = shard_dataloader(objects[i], prepared[0], device=accelerator.device, rng_types=accelerator.rng_types,
-                                  use_seedable_sampler=cfg.use_seedable_sampler, data_seed=cfg.data_seed)
+        out[i] = shard_dataloader(
+            objects[i],
+            prepared[0],
+            device=accelerator.device,
+            rng_types=accelerator.rng_types,
+            use_seedable_sampler=cfg.use_seedable_sampler,
+            data_seed=cfg.data_seed,
+        )
     return (prepared[0], *out)

@@ -23,7 +23,7 @@ SUPPORTED_TRL_TRAINERS = frozenset({"SFTTrainer", "DPOTrainer"})
 #: Why a TRL trainer is not supported yet (for the message; others get the generic reason).
 WHY_NOT_YET = {
     "GRPOTrainer": "each step generates completions with the model (generate() on sequence shards) and scores "
-                   "them with per-sequence advantages",
+    "them with per-sequence advantages",
 }
 
 
@@ -45,8 +45,10 @@ def host_refusal(cls: type) -> str | None:
     if base is None or base.__name__ in SUPPORTED_TRL_TRAINERS:
         return None
     why = WHY_NOT_YET.get(base.__name__, "its loss or its step is not a token-level LM loss over one batch")
-    return (f"{cls.__name__} is built on TRL's {base.__name__}, which is not yet supported with sequence "
-            f"parallelism (GRPO and TRL's other RL/preference trainers but DPO are not, yet): {why}. What works: "
-            "SequenceParallelTrainer (transformers.Trainer) and TRL's SFTTrainer and DPOTrainer with "
-            "SequenceParallelMixin (class T(SequenceParallelMixin, SFTTrainer)); or train this one without sequence "
-            "parallelism.")
+    return (
+        f"{cls.__name__} is built on TRL's {base.__name__}, which is not yet supported with sequence "
+        f"parallelism (GRPO and TRL's other RL/preference trainers but DPO are not, yet): {why}. What works: "
+        "SequenceParallelTrainer (transformers.Trainer) and TRL's SFTTrainer and DPOTrainer with "
+        "SequenceParallelMixin (class T(SequenceParallelMixin, SFTTrainer)); or train this one without sequence "
+        "parallelism."
+    )

@@ -34,8 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ACCELERATE_PREFIX", "plugin_section", "is_accelerate_config", "apply_parallelism_config",
-           "current_parallelism_config"]
+__all__ = [
+    "ACCELERATE_PREFIX",
+    "plugin_section",
+    "is_accelerate_config",
+    "apply_parallelism_config",
+    "current_parallelism_config",
+]
 
 #: Prefix of the plugin's fields inside the ``parallelism_config:`` section of an accelerate config file.
 ACCELERATE_PREFIX = "hf_seqpar_"
@@ -63,7 +68,7 @@ def plugin_section(data: dict, source: str) -> dict:
     section = data.get("parallelism_config") or {}
     if not isinstance(section, dict):
         raise ValueError(f"{source}: parallelism_config must be a mapping, got {type(section).__name__}")
-    return {k[len(ACCELERATE_PREFIX):]: v for k, v in section.items() if k.startswith(ACCELERATE_PREFIX)}
+    return {k[len(ACCELERATE_PREFIX) :]: v for k, v in section.items() if k.startswith(ACCELERATE_PREFIX)}
 
 
 def current_parallelism_config():
@@ -79,13 +84,17 @@ def current_parallelism_config():
 
 
 def _where(trainer: bool) -> str:
-    return ("TrainingArguments(parallelism_config=...) or the accelerate config's parallelism_config section"
-            if trainer else "the Accelerator's parallelism_config (Accelerator(parallelism_config=...) or the "
-            "accelerate config's parallelism_config section)")
+    return (
+        "TrainingArguments(parallelism_config=...) or the accelerate config's parallelism_config section"
+        if trainer
+        else "the Accelerator's parallelism_config (Accelerator(parallelism_config=...) or the "
+        "accelerate config's parallelism_config section)"
+    )
 
 
-def apply_parallelism_config(plugin, parallelism_config, world_size: int, *, deepspeed: bool = False,
-                             trainer: bool = False):
+def apply_parallelism_config(
+    plugin, parallelism_config, world_size: int, *, deepspeed: bool = False, trainer: bool = False
+):
     """Check accelerate's ``ParallelismConfig`` against the SP plugin and read its ``sp_size``.
 
     Args:
@@ -114,39 +123,49 @@ def apply_parallelism_config(plugin, parallelism_config, world_size: int, *, dee
             f"{where} has cp_size={cp}: accelerate would run its own context parallelism (torch ring attention "
             "under FSDP2) and split every sequence a second time. Set cp_size to 1 (remove "
             f"parallelism_config_cp_size) and let hf_seqpar split the sequence: strategy: ring (zigzag) is ring "
-            f"attention, with sp_size: {cp}.")
+            f"attention, with sp_size: {cp}."
+        )
     if tp > 1:
         raise ValueError(
             f"{where} has tp_size={tp}: accelerate would apply its own tensor parallelism to the model, which "
             "hf_seqpar's sequence parallelism does not compose with. Set tp_size to 1; strategy: megatron is "
-            f"tensor parallelism over the SP group with sequence-parallel norms (sp_size: {tp}).")
+            f"tensor parallelism over the SP group with sequence-parallel norms (sp_size: {tp})."
+        )
     if sp == 1:
         return plugin  # data-parallel sizes only: accelerate's DDP/FSDP2/HSDP over all ranks, as without SP
-    fix = (f"remove sp_size from the parallelism config (parallelism_config_sp_size in the accelerate config "
-           f"file, ParallelismConfig(sp_size=...)) and set the hf_seqpar plugin's sp_size: {sp} instead "
-           f"(hf_seqpar_sp_size: {sp} in the same file's parallelism_config section)")
+    fix = (
+        f"remove sp_size from the parallelism config (parallelism_config_sp_size in the accelerate config "
+        f"file, ParallelismConfig(sp_size=...)) and set the hf_seqpar plugin's sp_size: {sp} instead "
+        f"(hf_seqpar_sp_size: {sp} in the same file's parallelism_config section)"
+    )
     if deepspeed:
         raise ValueError(
             f"{where} has sp_size={sp} under DeepSpeed: accelerate would start DeepSpeed's own Ulysses sequence "
             f"parallelism (sequence_parallel_size={sp}) and wrap the data loaders for it, on top of hf_seqpar's. "
-            f"To use hf_seqpar, {fix}.")
+            f"To use hf_seqpar, {fix}."
+        )
     if trainer:
         raise ValueError(
             f"{where} has sp_size={sp}: the HF Trainer then takes its DeepSpeed-Ulysses code paths (the train "
             f"loader wrapped in DeepSpeed's adapter, its length multiplied by {sp}, batch sizes and token counts "
             f"divided by {sp}, DeepSpeed's loss), which would handle the sequence split a second time. To use "
-            f"hf_seqpar's Trainer, {fix}.")
+            f"hf_seqpar's Trainer, {fix}."
+        )
     if plugin.sp_size is not None and plugin.sp_size != sp:
         raise ValueError(
             f"{where} has sp_size={sp} but the hf_seqpar plugin has sp_size={plugin.sp_size}; they name the same "
-            "thing. Set one of them (or both to the same value).")
+            "thing. Set one of them (or both to the same value)."
+        )
     if world_size % sp:
-        raise ValueError(f"{where} has sp_size={sp}, which does not divide the {world_size} launched ranks; use a "
-                         f"divisor of {world_size} or launch a multiple of {sp} ranks.")
+        raise ValueError(
+            f"{where} has sp_size={sp}, which does not divide the {world_size} launched ranks; use a "
+            f"divisor of {world_size} or launch a multiple of {sp} ranks."
+        )
     dp = (pc.dp_replicate_size or 1) * (pc.dp_shard_size or 1)
     if dp > 1 and dp * sp != world_size:
         raise ValueError(
             f"{where} has dp_replicate_size x dp_shard_size x sp_size = {pc.dp_replicate_size} x {pc.dp_shard_size} "
             f"x {sp} = {dp * sp} ranks but {world_size} were launched. Use sizes whose product is {world_size} "
-            f"(e.g. dp_shard_size={world_size // sp} with sp_size={sp}), or leave the dp sizes at 1.")
+            f"(e.g. dp_shard_size={world_size // sp} with sp_size={sp}), or leave the dp sizes at 1."
+        )
     return dataclasses.replace(plugin, sp_size=sp)

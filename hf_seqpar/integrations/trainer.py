@@ -50,10 +50,10 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 from hf_seqpar.core.comm import all_gather_concat, all_reduce_sum
 from hf_seqpar.core.mesh import find_state, unwrap_model
 from hf_seqpar.core.sharding import _check_same_batch, count_label_tokens, gather_sequence, shard_batch
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
 from hf_seqpar.integrations.hosts import host_refusal
 from hf_seqpar.integrations.trl_dpo import host_support
 from hf_seqpar.strategies import AUTO, strategy_class
@@ -117,46 +117,54 @@ class SequenceParallelMixin(Trainer):
                 f"process(es) (distributed_type={acc.distributed_type}): the model would not be wrapped in DDP and "
                 "every rank would step on its own gradients. On a machine without GPUs pass "
                 "TrainingArguments(use_cpu=True) (or set ACCELERATE_USE_CPU=true) so that accelerate runs the ranks "
-                "as gloo MULTI_CPU.")
+                "as gloo MULTI_CPU."
+            )
         if self.sp_plugin.strategy != AUTO:  # auto picks ulysses, hybrid or ring, which the Trainer drives
             strategy_class(self.sp_plugin.strategy).check_trainer()
         if getattr(self.args, "train_sampling_strategy", None) == "batch_rebalance":
             raise ValueError(
                 "train_sampling_strategy='batch_rebalance' is not supported with sequence parallelism: its sampler "
                 "deals batches to every process, while the ranks of an SP group must share each batch. Use "
-                "train_sampling_strategy='random' (the default) or 'group_by_length'.")
+                "train_sampling_strategy='random' (the default) or 'group_by_length'."
+            )
         if not hasattr(Trainer, "_get_dataloader"):  # the one loader construction overrides it
             raise NotImplementedError(
                 f"this transformers version ({__import__('transformers').__version__}) builds its data loaders "
                 "without Trainer._get_dataloader, which SequenceParallelMixin replaces to give every rank of an "
-                "SP group the same batches; use the transformers version in hf_seqpar's requirements.")
+                "SP group the same batches; use the transformers version in hf_seqpar's requirements."
+            )
         if self.args.label_smoothing_factor:
             raise ValueError(
                 f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with sequence "
                 "parallelism: the Trainer's label smoother shifts the labels itself and would score the sharded, "
-                "already shifted labels wrongly. Train with label_smoothing_factor=0.")
+                "already shifted labels wrongly. Train with label_smoothing_factor=0."
+            )
         if self.compute_loss_func is not None:
             raise ValueError(
                 "compute_loss_func is not supported with sequence parallelism: it would see one rank's sequence "
                 "shard as if it were the batch. Leave it unset (the model's loss is exact under SP), or subclass "
                 "and override compute_loss, which receives the local batch of hf_seqpar.shard_batch "
-                "(labels already shifted in `shift_labels`, num_items_in_batch = the full batch's count).")
+                "(labels already shifted in `shift_labels`, num_items_in_batch = the full batch's count)."
+            )
         if not self.model_accepts_loss_kwargs and self._sp_host is None:
             raise ValueError(
                 f"{type(unwrap_model(self.model)).__name__}.forward takes no loss kwargs (num_items_in_batch), so "
                 "the Trainer would not hand it the full batch's token count and each rank's loss would be a local "
-                "mean. Use a transformers causal LM (their forward takes **kwargs).")
+                "mean. Use a transformers causal LM (their forward takes **kwargs)."
+            )
         base = unwrap_model(self.model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         if self.sp_plugin.loss_chunk_size and "forward" in vars(base):
             raise ValueError(
                 f"loss_chunk_size={self.sp_plugin.loss_chunk_size}: the host trainer already replaced the model's "
                 "forward (TRL's SFTTrainer installs its fused, chunked LM head, which never builds the full logits); "
-                "set loss_chunk_size: null in the SP config.")
+                "set loss_chunk_size: null in the SP config."
+            )
 
     # ---- data: every loader as the stock Trainer builds it, split over data-parallel replicas only ----
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
+    def _get_dataloader(
+        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
+    ):
         """The one loader construction: ``Trainer.get_train/eval/test_dataloader`` (and a host's own
         loaders built through this method) all come here. As the stock Trainer's (same sampler,
         columns, collator, accelerate's per-epoch seeded sampler, ``skip_first_batches`` on resume,
@@ -168,8 +176,9 @@ class SequenceParallelMixin(Trainer):
         ``datasets``' file shards when there are enough): accelerate's ``dispatch_batches`` would
         split each batch over *all* processes. The stream must give every rank the same items (a
         seeded shuffle does); ``compute_loss`` checks every batch."""
-        dataloader = self._sp_dataloader(dataset, batch_size, description, sampler_fn=sampler_fn,
-                                         is_training=is_training)
+        dataloader = self._sp_dataloader(
+            dataset, batch_size, description, sampler_fn=sampler_fn, is_training=is_training
+        )
         if dataloader_key is not None and self.args.dataloader_persistent_workers:
             self.__dict__.setdefault("_eval_dataloaders", {})[dataloader_key] = dataloader
         return dataloader
@@ -191,7 +200,8 @@ class SequenceParallelMixin(Trainer):
                 f"{type(self).__name__}.{method} returned a loader that SequenceParallelMixin did not build "
                 f"({type(loader).__name__}): it would split the batches over all processes, while the ranks of an SP "
                 "group must share each batch. Build it with self._get_dataloader(dataset, description, batch_size, "
-                "sampler_fn) (the stock Trainer's loader construction, which the mixin makes SP-aware).")
+                "sampler_fn) (the stock Trainer's loader construction, which the mixin makes SP-aware)."
+            )
         return loader
 
     def _sp_dataloader(self, dataset, batch_size: int, description: str, sampler_fn=None, is_training=False):
@@ -209,9 +219,14 @@ class SequenceParallelMixin(Trainer):
         else:
             collator = self._get_collator_with_removed_columns(collator, description=description)
         args = self.args
-        params = {"batch_size": batch_size, "collate_fn": collator, "num_workers": args.dataloader_num_workers,
-                  "pin_memory": args.dataloader_pin_memory, "persistent_workers": args.dataloader_persistent_workers,
-                  "prefetch_factor": args.dataloader_prefetch_factor}
+        params = {
+            "batch_size": batch_size,
+            "collate_fn": collator,
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+        }
         for name in ("multiprocessing_context", "in_order"):  # DataLoader options of newer transformers
             if hasattr(args, f"dataloader_{name}"):
                 params[name] = getattr(args, f"dataloader_{name}")
@@ -221,17 +236,26 @@ class SequenceParallelMixin(Trainer):
             params["drop_last"] = args.dataloader_drop_last
             if is_training:
                 # the data-parallel replica, not the process: SP ranks of a replica draw the same augmentations
-                params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers,
-                                                   rank=self.sp_state.dp_rank)
+                params["worker_init_fn"] = partial(
+                    seed_worker, num_workers=args.dataloader_num_workers, rank=self.sp_state.dp_rank
+                )
         acc, state = self.accelerator, self.sp_state
         # what Accelerator.prepare_data_loader does, with the data-parallel replicas as the processes;
         # dispatch_batches=False: accelerate's dispatcher slices every batch over all processes
         loader = prepare_data_loader(
-            DataLoader(dataset, **params), acc.device, num_processes=state.dp_size,
-            process_index=state.dp_rank, split_batches=acc.split_batches,
-            put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=False,
-            even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
-            data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking)
+            DataLoader(dataset, **params),
+            acc.device,
+            num_processes=state.dp_size,
+            process_index=state.dp_rank,
+            split_batches=acc.split_batches,
+            put_on_device=acc.device_placement,
+            rng_types=acc.rng_types.copy(),
+            dispatch_batches=False,
+            even_batches=acc.even_batches,
+            use_seedable_sampler=acc.use_seedable_sampler,
+            data_seed=acc.dataloader_config.data_seed,
+            non_blocking=acc.non_blocking,
+        )
         loader._hf_seqpar_replica_loader = True  # see _sp_own
         return loader
 
@@ -280,14 +304,19 @@ class SequenceParallelMixin(Trainer):
         if "seqpar" in inputs:  # already sharded (a host that calls back into compute_loss)
             return host(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         training = model.training
-        if training and self.sp_state.mesh.size() > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) \
-                and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if (
+            training
+            and self.sp_state.mesh.size() > 1
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        ):
             raise RuntimeError(
                 "the Trainer is training a model that is not wrapped for data parallelism (DDP/FSDP/DeepSpeed): "
                 "each rank would step on its own gradients. This happens when evaluate() runs before the first "
                 "train() (accelerate then marks the model as prepared for evaluation, and train() does not wrap it); "
                 "call train() first (evaluation during and after training is fine), or build a new trainer for "
-                "training.")
+                "training."
+            )
         if not training or num_items_in_batch is None:  # eval: the stock count would include SP ranks
             num_items_in_batch = self._label_tokens([inputs])
         full = inputs if num_items_in_batch is None else {**inputs, "num_items_in_batch": num_items_in_batch}
@@ -373,8 +402,9 @@ class SequenceParallelMixin(Trainer):
             dist.all_gather_object(parts, data, group=state.dp_group)
             data = [x for part in parts for x in (part if isinstance(part, list) else [part])]
         elif state.dp_size > 1:
-            data = recursively_apply(lambda t: all_gather_concat(t.contiguous() if t.dim() else t[None], 0,
-                                                                 state.dp_group), data)
+            data = recursively_apply(
+                lambda t: all_gather_concat(t.contiguous() if t.dim() else t[None], 0, state.dp_group), data
+            )
         if gradient_state.end_of_dataloader and gradient_state.remainder > 0:
             cut = gradient_state.remainder
             return data[:cut] if isinstance(data, list) else recursively_apply(lambda t: t[:cut], data)

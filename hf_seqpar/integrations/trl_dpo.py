@@ -53,22 +53,31 @@ def _sharded_fused_forward(inner):
             raise ValueError(
                 f"the sequence-parallel fused LM head takes keyword input_ids, attention_mask and labels; got "
                 f"{len(args)} positional argument(s), labels={'set' if labels is not None else None}, other keys "
-                f"{extra}. It serves TRL's DPOTrainer concatenated forward (text only, padded rows).")
+                f"{extra}. It serves TRL's DPOTrainer concatenated forward (text only, padded rows)."
+            )
         full = {"input_ids": kwargs["input_ids"], "labels": labels}
         if kwargs.get("attention_mask") is not None:
             full["attention_mask"] = kwargs["attention_mask"]
         local = shard_batch(full, self)
         batch = local["seqpar"]
-        out = inner(input_ids=local["input_ids"], position_ids=local["position_ids"], seqpar=batch,
-                    shift_labels=local["shift_labels"], labels=local["labels"], fused_lm_head=True, use_cache=False)
+        out = inner(
+            input_ids=local["input_ids"],
+            position_ids=local["position_ids"],
+            seqpar=batch,
+            shift_labels=local["shift_labels"],
+            labels=local["labels"],
+            fused_lm_head=True,
+            use_cache=False,
+        )
         state = batch.state
         for name in _TOKEN_FIELDS:
             value = getattr(out, name, None)
             if value is not None:
                 # (B, S_local) -> (B, S) in token order; drop the last position (it predicts nothing),
                 # giving TRL's unsharded (B, S - 1)
-                setattr(out, name, gather_tokens(value, batch.layout, state.sp_rank, state.sp_group,
-                                                 state.counter)[:, :-1])
+                setattr(
+                    out, name, gather_tokens(value, batch.layout, state.sp_rank, state.sp_group, state.counter)[:, :-1]
+                )
         out.loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
         return out
 
@@ -85,8 +94,10 @@ def install_sharded_fused_forward(model) -> None:
     """
     inner = vars(model).get("forward")
     if inner is None:
-        raise ValueError(f"{type(model).__name__} has no instance forward from TRL's add_fused_lm_head; "
-                         "build the DPOTrainer before applying sequence parallelism")
+        raise ValueError(
+            f"{type(model).__name__} has no instance forward from TRL's add_fused_lm_head; "
+            "build the DPOTrainer before applying sequence parallelism"
+        )
     if getattr(inner, _MARK, False):
         return
     wrapped = types.MethodType(_sharded_fused_forward(inner), model)
@@ -104,16 +115,20 @@ class DPOSupport:
     def refuse(self, trainer) -> None:
         """Refuse the DPO options that are not exact (or not tested) under SP, naming what works."""
         args = trainer.args
-        works = (f"DPO under sequence parallelism supports loss_type in {list(self.LOSS_TYPES)} (one or a list), "
-                 "an explicit ref_model or precompute_ref_log_probs=True, padded text rows, full fine-tuning")
+        works = (
+            f"DPO under sequence parallelism supports loss_type in {list(self.LOSS_TYPES)} (one or a list), "
+            "an explicit ref_model or precompute_ref_log_probs=True, padded text rows, full fine-tuning"
+        )
         losses = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
-        bad = [(f"loss_type={args.loss_type!r}", any(t not in self.LOSS_TYPES for t in losses)),
-               ("padding_free=True", bool(getattr(args, "padding_free", False))),
-               ("a vision dataset", bool(getattr(trainer, "_is_vision_dataset", False))),
-               ("a MoE router aux loss (router_aux_loss_coef)", bool(getattr(trainer, "aux_loss_enabled", False))),
-               ("sync_ref_model=True", bool(getattr(args, "sync_ref_model", False))),
-               ("a PEFT model", hasattr(unwrap_model(trainer.model), "get_base_model")),
-               ("DeepSpeed/FSDP", bool(trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled))]
+        bad = [
+            (f"loss_type={args.loss_type!r}", any(t not in self.LOSS_TYPES for t in losses)),
+            ("padding_free=True", bool(getattr(args, "padding_free", False))),
+            ("a vision dataset", bool(getattr(trainer, "_is_vision_dataset", False))),
+            ("a MoE router aux loss (router_aux_loss_coef)", bool(getattr(trainer, "aux_loss_enabled", False))),
+            ("sync_ref_model=True", bool(getattr(args, "sync_ref_model", False))),
+            ("a PEFT model", hasattr(unwrap_model(trainer.model), "get_base_model")),
+            ("DeepSpeed/FSDP", bool(trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)),
+        ]
         found = [name for name, on in bad if on]
         if found:
             raise ValueError(f"{', '.join(found)}: not supported by DPOTrainer under sequence parallelism. {works}.")
@@ -131,8 +146,9 @@ class DPOSupport:
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's DPO loss on the full batch (the model call shards); ``num_tokens`` counted once per SP group."""
         before = trainer._total_train_tokens
-        out = type(trainer).compute_loss(trainer, model, inputs, return_outputs=return_outputs,
-                                         num_items_in_batch=num_items_in_batch)
+        out = type(trainer).compute_loss(
+            trainer, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
             trainer._sp_recount_tokens(inputs, before)
         return out

@@ -40,8 +40,10 @@ def choose_strategy(config, sp_size: int) -> tuple[str, str]:
         return "ulysses", f"{heads} query heads divide sp_size={sp_size}"
     u = largest_ulysses_size(heads, sp_size)
     if u > 1:
-        return "hybrid", (f"{heads} query heads do not divide sp_size={sp_size}; ulysses_size={u} x "
-                          f"ring_size={sp_size // u} is the largest Ulysses degree they allow")
+        return "hybrid", (
+            f"{heads} query heads do not divide sp_size={sp_size}; ulysses_size={u} x "
+            f"ring_size={sp_size // u} is the largest Ulysses degree they allow"
+        )
     return "ring", f"no Ulysses degree > 1 divides both {heads} query heads and sp_size={sp_size}"
 
 
@@ -52,6 +54,7 @@ def strategy_class(name: str) -> type[Strategy]:
         ValueError: unknown name (the message lists the valid ones).
     """
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} "
-                         f"(or {AUTO!r})")
+        raise ValueError(
+            f"unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))} (or {AUTO!r})"
+        )
     return STRATEGIES[name]

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hf_seqpar.core.comm import all_reduce_mean_, all_reduce_sum
-from hf_seqpar.kernels import backend_named
 from hf_seqpar.core.mesh import MeshDims, from_dims
+from hf_seqpar.kernels import backend_named
 
 if TYPE_CHECKING:
     from hf_seqpar.core.layout import Layout
@@ -115,8 +115,9 @@ class Strategy:
         takes = [f.name for f in fields(cls.Options)]
         unknown = [k for k in STRATEGY_OPTION_FIELDS if k not in takes and getattr(config, k, None) is not None]
         if unknown:
-            raise ValueError(f"strategy {cls.name!r} does not take option(s) {unknown}; it takes: "
-                             f"{takes or 'no options'}")
+            raise ValueError(
+                f"strategy {cls.name!r} does not take option(s) {unknown}; it takes: {takes or 'no options'}"
+            )
         values = {k: getattr(config, k) for k in takes if getattr(config, k, None) is not None}
         return cls.Options(**values)
 
@@ -170,8 +171,8 @@ class Strategy:
     sp_size = from_dims("sp_size", "Ranks per sequence.")
     sp_rank = from_dims("sp_rank", "This rank's index in its SP group.")
     sp_group = from_dims("sp_group", "This rank's SP process group.")
-    dp_size = from_dims("dp_size", "Data-parallel replicas (1 without a ``\"dp\"`` dimension).")
-    dp_group = from_dims("dp_group", "This rank's data-parallel process group (None without ``\"dp\"``).")
+    dp_size = from_dims("dp_size", 'Data-parallel replicas (1 without a ``"dp"`` dimension).')
+    dp_group = from_dims("dp_group", 'This rank\'s data-parallel process group (None without ``"dp"``).')
 
     #: The tensor-parallel machinery (:class:`hf_seqpar.tp.TensorParallel`) when :attr:`shards_parameters`.
     tensor_parallel = None

@@ -45,7 +45,8 @@ def _ulysses_size(heads: int, sp_size: int, options: HybridOptions) -> int:
     if heads % size:
         ok = [u for u in divisors(sp_size) if heads % u == 0]
         raise HeadsNotDivisibleError(
-            f"ulysses_size={size} does not divide the {heads} query heads; use one of {ok} (ring_size = sp_size / it)")
+            f"ulysses_size={size} does not divide the {heads} query heads; use one of {ok} (ring_size = sp_size / it)"
+        )
     return size
 
 
@@ -84,8 +85,15 @@ class HybridStrategy(RingStrategy):
         self.mesh3d = None
 
     def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
-        return choose_layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options),
-                             self.ulysses_size, valid, doc_ids)
+        return choose_layout(
+            self.options.layout,
+            seq_len,
+            self.sp_size,
+            self.seq_multiple(self.sp_size, self.options),
+            self.ulysses_size,
+            valid,
+            doc_ids,
+        )
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
         ugroup, rgroup = self.mesh3d.get_group("ulysses"), self.mesh3d.get_group("ring")
@@ -95,7 +103,18 @@ class HybridStrategy(RingStrategy):
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         # (B, h, S/P, D) -> (B, h/U, U*S/P, D): the Ulysses group's pieces form this ring shard
         q, k, v = seq_to_heads((query, key, value), ugroup, counter, layer)
-        out = ring_attention(module, q, k, v, batch, rgroup, self.mesh3d.get_local_rank("ring"), batch.layout,
-                             backend=self.backend, counter=counter, **kwargs)
+        out = ring_attention(
+            module,
+            q,
+            k,
+            v,
+            batch,
+            rgroup,
+            self.mesh3d.get_local_rank("ring"),
+            batch.layout,
+            backend=self.backend,
+            counter=counter,
+            **kwargs,
+        )
         # (B, h/U, U*S/P, D) -> (B, U*S/P, h/U, D) -> (B, S/P, h, D)
         return all_to_all(out.transpose(1, 2), 1, 2, ugroup, counter, layer)

@@ -58,8 +58,15 @@ class MegatronStrategy(Strategy):
     # the two all-gathered linear inputs are full-sequence; the ranks share one graph (no loss
     # all-reduce in backward); tensor parallel stays inside a node: its collectives are on the
     # critical path of every layer
-    cost = CostFacts(degrees=lambda sp, options, heads: (1, 1, sp), out_copy=False, gathered_inputs=2,
-                     loss_allreduce_in_backward=False, min_sp=2, heads_over_sp=True, within_node=True)
+    cost = CostFacts(
+        degrees=lambda sp, options, heads: (1, 1, sp),
+        out_copy=False,
+        gathered_inputs=2,
+        loss_allreduce_in_backward=False,
+        min_sp=2,
+        heads_over_sp=True,
+        within_node=True,
+    )
 
     @classmethod
     def check_model(cls, model_config, sp_size: int, options, world_size: int | None = None) -> None:
@@ -105,8 +112,9 @@ class MegatronStrategy(Strategy):
         if self.kv_replicated:
             key, value = _select_kv(query, key, value, module.config, self.sp_rank)
         # query (B, h/T, S, D), key/value (B, h_kv', S, D): this rank's heads, the full sequence
-        return full_sequence_attention(module, query, key, value, batch, self.attn_implementation,
-                                       backend=self.backend, **kwargs)
+        return full_sequence_attention(
+            module, query, key, value, batch, self.attn_implementation, backend=self.backend, **kwargs
+        )
 
     def apply(self, model, state) -> None:
         from hf_seqpar import patches

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.kernels import compute_dtype
-from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
-
-from hf_seqpar.core.comm import RingShift
 from hf_seqpar.core.balance import choose_layout
+from hf_seqpar.core.comm import RingShift
 from hf_seqpar.core.layout import LAYOUT_MULTIPLE, Layout
 from hf_seqpar.core.segments import plan_pieces
+from hf_seqpar.kernels import compute_dtype
+from hf_seqpar.kernels.varlen import pieces_backward, pieces_forward
 from hf_seqpar.strategies.base import CostFacts, Strategy
 
 __all__ = ["RingStrategy", "RingOptions", "ring_attention", "ring_plans", "check_ring_kwargs", "check_ring_features"]
@@ -59,8 +58,10 @@ def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int
 
     def build():
         q_chunks = layout.outer_chunks(q_outer)
-        plans = [plan_pieces(batch.segments, q_chunks, layout.outer_chunks(src), is_causal, window)
-                 for src in range(layout.outer)]
+        plans = [
+            plan_pieces(batch.segments, q_chunks, layout.outer_chunks(src), is_causal, window)
+            for src in range(layout.outer)
+        ]
         return [p or None for p in plans]
 
     return batch.cached(("ring", q_outer, layout, is_causal, window), build)
@@ -82,7 +83,14 @@ class _RingAttention(torch.autograd.Function):
                 kv = shift.wait()
         out = out.to(q.dtype)  # saved in the activation dtype, as flash attention does
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plans, ctx.group, ctx.scale, ctx.backend, ctx.counter, ctx.layer = plans, group, scale, backend, counter, layer
+        ctx.plans, ctx.group, ctx.scale, ctx.backend, ctx.counter, ctx.layer = (
+            plans,
+            group,
+            scale,
+            backend,
+            counter,
+            layer,
+        )
         return out
 
     @staticmethod
@@ -95,11 +103,25 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             shift = RingShift(kv, group, counter, "ring_kv.bwd", layer) if step < world - 1 else None
             pieces = ctx.plans[(me - step) % world]
-            grads = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-                     torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
+            grads = [
+                torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                torch.zeros(v.shape, dtype=torch.float32, device=v.device),
+            ]
             if pieces is not None:
-                pieces_backward(dout, q, kv[0], kv[1], out, lse, pieces, dq, grads[0], grads[1], scale=ctx.scale,
-                                backend=ctx.backend)
+                pieces_backward(
+                    dout,
+                    q,
+                    kv[0],
+                    kv[1],
+                    out,
+                    lse,
+                    pieces,
+                    dq,
+                    grads[0],
+                    grads[1],
+                    scale=ctx.scale,
+                    backend=ctx.backend,
+                )
             if travelling is not None:  # this block's accumulators, from the previous rank
                 grads = [acc.add_(g) for acc, g in zip(travelling.wait(), grads)]
             if world > 1:  # the accumulators travel with their K/V block; after P hops they are home
@@ -118,10 +140,13 @@ def check_ring_kwargs(module, kwargs) -> None:
     if kwargs.get("dropout", 0.0):
         raise NotImplementedError(
             f"ring attention has no attention dropout (got dropout={kwargs['dropout']}); set "
-            "config.attention_dropout=0.0 or use strategy='ulysses'")
+            "config.attention_dropout=0.0 or use strategy='ulysses'"
+        )
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("ring attention supports neither logit softcapping nor attention sinks; "
-                                  "use strategy='ulysses' for this model")
+        raise NotImplementedError(
+            "ring attention supports neither logit softcapping nor attention sinks; "
+            "use strategy='ulysses' for this model"
+        )
 
 
 def check_ring_features(name: str, features) -> None:
@@ -133,19 +158,23 @@ def check_ring_features(name: str, features) -> None:
     if features.softcap is not None:
         missing.append(f"logit softcapping (attn_logit_softcapping={features.softcap})")
     if features.qk_head_dim != features.v_head_dim:
-        missing.append(f"value heads of another size ({features.v_head_dim}) than the query/key heads "
-                       f"({features.qk_head_dim}), as in multi-head latent attention")
+        missing.append(
+            f"value heads of another size ({features.v_head_dim}) than the query/key heads "
+            f"({features.qk_head_dim}), as in multi-head latent attention"
+        )
     if features.dropout:
         missing.append(f"attention dropout (attention_dropout={features.dropout}; set it to 0.0 to use {name})")
     if missing:
         raise NotImplementedError(
             f"strategy {name!r} cannot run this {features.model_type} model exactly: its ring attention kernels "
             f"have no {'; no '.join(missing)}. Use strategy='ulysses' (the model's own attention on whole "
-            "sequences, split by heads; sp_size must divide the query heads).")
+            "sequences, split by heads; sp_size must divide the query heads)."
+        )
 
 
-def ring_attention(module, query, key, value, batch, group, q_outer: int, layout: Layout, *, backend=None,
-                   counter=None, **kwargs):
+def ring_attention(
+    module, query, key, value, batch, group, q_outer: int, layout: Layout, *, backend=None, counter=None, **kwargs
+):
     """Exact ring attention of the local queries over all ranks' keys.
 
     Args:
@@ -171,8 +200,9 @@ def ring_attention(module, query, key, value, batch, group, q_outer: int, layout
     # the autocast dtype, as the model's own SDPA would use; autograd casts the gradients back
     dtype = compute_dtype(query, key, value)
     query, key, value = (t.to(dtype) for t in (query, key, value))
-    return _RingAttention.apply(query, key, value, plans, group, scale, backend, counter,
-                                getattr(module, "layer_idx", None))
+    return _RingAttention.apply(
+        query, key, value, plans, group, scale, backend, counter, getattr(module, "layer_idx", None)
+    )
 
 
 class RingStrategy(Strategy):
@@ -192,10 +222,22 @@ class RingStrategy(Strategy):
         return sp * LAYOUT_MULTIPLE.get(options.layout, 2)  # auto/balanced: at least zigzag's (per batch)
 
     def make_layout(self, seq_len: int, valid=None, doc_ids=None) -> Layout:
-        return choose_layout(self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options),
-                             1, valid, doc_ids)
+        return choose_layout(
+            self.options.layout, seq_len, self.sp_size, self.seq_multiple(self.sp_size, self.options), 1, valid, doc_ids
+        )
 
     def attention(self, module, query, key, value, batch, **kwargs) -> torch.Tensor:
-        out = ring_attention(module, query, key, value, batch, self.sp_group, self.sp_rank, batch.layout,
-                             backend=self.backend, counter=self.counter, **kwargs)
+        out = ring_attention(
+            module,
+            query,
+            key,
+            value,
+            batch,
+            self.sp_group,
+            self.sp_rank,
+            batch.layout,
+            backend=self.backend,
+            counter=self.counter,
+            **kwargs,
+        )
         return out.transpose(1, 2)  # (B, h, S/P, D) -> (B, S/P, h, D)

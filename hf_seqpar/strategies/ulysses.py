@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from hf_seqpar.kernels import compute_dtype
-
 from hf_seqpar.core.comm import all_to_all
 from hf_seqpar.core.layout import Layout
 from hf_seqpar.core.local_attention import full_sequence_attention
+from hf_seqpar.kernels import compute_dtype
 from hf_seqpar.strategies.base import CostFacts, Strategy, divisors
 
 __all__ = ["UlyssesStrategy", "kv_replication", "seq_to_heads", "HeadsNotDivisibleError", "heads_advice"]
@@ -30,17 +29,23 @@ def heads_advice(heads: int, sp_size: int, world_size: int | None = None) -> str
     degree > 1, sp sizes only those that divide both the heads and the world)."""
     u = max(d for d in divisors(sp_size) if heads % d == 0)  # the largest Ulysses degree the heads allow
     if u > 1:
-        use = (f"strategy='hybrid' (ulysses_size={u} x ring_size={sp_size // u} here) or strategy='ring' "
-               "(no head-count limit)")
+        use = (
+            f"strategy='hybrid' (ulysses_size={u} x ring_size={sp_size // u} here) or strategy='ring' "
+            "(no head-count limit)"
+        )
     else:
-        use = (f"strategy='ring' (no head-count limit; strategy='hybrid' would run as ring here: no Ulysses "
-               f"degree > 1 divides both the {heads} query heads and sp_size={sp_size})")
+        use = (
+            f"strategy='ring' (no head-count limit; strategy='hybrid' would run as ring here: no Ulysses "
+            f"degree > 1 divides both the {heads} query heads and sp_size={sp_size})"
+        )
     allowed = divisors(heads)
     if world_size is None:
         return f"Use {use}, or an sp_size that divides {heads}: {allowed}."
     fits = [d for d in allowed if world_size % d == 0]
-    return (f"Use {use}, or an sp_size that divides both the {heads} query heads and the {world_size} ranks: "
-            f"{fits} (the heads alone allow {allowed}).")
+    return (
+        f"Use {use}, or an sp_size that divides both the {heads} query heads and the {world_size} ranks: "
+        f"{fits} (the heads alone allow {allowed})."
+    )
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, sp_size: int, world_size: int | None = None) -> int:
@@ -79,8 +84,9 @@ def seq_to_heads(tensors, group, counter=None, layer=None) -> list[torch.Tensor]
         return tensors
     if len({t.shape[-1] for t in tensors}) > 1:  # head sizes differ (MLA: v_head_dim != qk_head_dim)
         split = next(i for i, t in enumerate(tensors) if t.shape[-1] != tensors[0].shape[-1])
-        return (seq_to_heads(tensors[:split], group, counter, layer)
-                + seq_to_heads(tensors[split:], group, counter, layer))
+        return seq_to_heads(tensors[:split], group, counter, layer) + seq_to_heads(
+            tensors[split:], group, counter, layer
+        )
     sizes = [t.shape[1] // world for t in tensors]
     # (B, h_i, S/P, D) -> (B, P, h_i/P, S/P, D), concatenated over i along the head dim
     packed = torch.cat([t.unflatten(1, (world, -1)) for t in tensors], dim=2)
@@ -113,7 +119,7 @@ class UlyssesStrategy(Strategy):
         q, k, v = seq_to_heads((query, key, value), group, counter, layer)
         if kwargs.get("s_aux") is not None:  # per-head attention sinks (GPT-OSS): those of this rank's heads
             n = q.shape[1]
-            kwargs["s_aux"] = kwargs["s_aux"][self.sp_rank * n:(self.sp_rank + 1) * n]
+            kwargs["s_aux"] = kwargs["s_aux"][self.sp_rank * n : (self.sp_rank + 1) * n]
         out = full_sequence_attention(module, q, k, v, batch, self.attn_implementation, backend=self.backend, **kwargs)
         # (B, S, h/P, D) -> (B, S/P, h, D): scatter the sequence, gather heads
         return all_to_all(out, 1, 2, group, counter, layer)

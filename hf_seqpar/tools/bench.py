@@ -3,8 +3,9 @@
 For every (strategy, world, sequence length) it runs forward+backward steps of a Llama-style
 model built from a config (random weights: speed and memory do not depend on their values) and
 reports the step time after warm-up (min / median / max over the timed steps), tokens/s (at the
-median), per-rank peak resident memory around the step, the activation bytes autograd saved (measured with ``saved_tensors_hooks``), the bytes the
-byte counter saw per step and the theory for them (:mod:`hf_seqpar.tools.theory`), and on CUDA the MFU.
+median), per-rank peak resident memory around the step, the activation bytes autograd saved
+(measured with ``saved_tensors_hooks``), the bytes the byte counter saw per step and the theory
+for them (:mod:`hf_seqpar.tools.theory`), and on CUDA the MFU.
 Baselines in the same run: the plain model on one rank (strategy ``none``) and every strategy at
 ``P = 1``. Every configuration runs in freshly spawned ranks (gloo on CPU, NCCL on GPUs), so its
 peak memory does not include what earlier configurations left in the process's heap; under
@@ -176,13 +177,13 @@ def _flops(shape, tokens: int, seq_len: int, batch: int) -> float:
     """Training FLOPs of a step: ``6 * params * tokens`` plus causal attention
     ``3 * 2 * B * N^2 * h_q * d * L`` (forward ``4 B N^2 h_q d L`` halved for causality, backward
     twice the forward)."""
-    return 6 * shape.params * tokens + 6 * batch * seq_len ** 2 * shape.heads * shape.head_dim * shape.layers
+    return 6 * shape.params * tokens + 6 * batch * seq_len**2 * shape.heads * shape.head_dim * shape.layers
 
 
 def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device) -> dict:
-    import hf_seqpar
     from transformers import LlamaForCausalLM
 
+    import hf_seqpar
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.theory import ModelShape, activation_bytes, comm_bytes
 
@@ -229,21 +230,45 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
     activation = saved_activation_bytes(model, local)
     shape = ModelShape.from_config(config)
     padded = local["seqpar"].layout.padded_len if strategy != "none" else seq_len
-    theory = 0 if strategy == "none" or world == 1 else comm_bytes(
-        strategy, shape, padded, world, spec.batch, elem,
-        ulysses_size=spec.options.get("ulysses_size"))["total"]
-    act_theory = activation_bytes(None if strategy == "none" or world == 1 else strategy, shape, padded, world,
-                                  spec.batch, elem,
-                                  ulysses_size=spec.options.get("ulysses_size"))
+    theory = (
+        0
+        if strategy == "none" or world == 1
+        else comm_bytes(
+            strategy, shape, padded, world, spec.batch, elem, ulysses_size=spec.options.get("ulysses_size")
+        )["total"]
+    )
+    act_theory = activation_bytes(
+        None if strategy == "none" or world == 1 else strategy,
+        shape,
+        padded,
+        world,
+        spec.batch,
+        elem,
+        ulysses_size=spec.options.get("ulysses_size"),
+    )
     step_time = statistics.median(times)
-    row = dict(strategy=strategy, world=world, seq_len=seq_len, batch=spec.batch, padded_len=padded,
-               step_time_s=step_time, step_times_s=times, pid=os.getpid(), tokens_per_s=spec.batch * seq_len / step_time,
-               peak_mem_bytes=max(peaks), activation_bytes=activation, activation_bytes_theory=act_theory,
-               comm_bytes_measured=comm[-1], comm_bytes_theory=theory,
-               comm_ratio=(comm[-1] / theory) if theory else None, device=device.type)
+    row = dict(
+        strategy=strategy,
+        world=world,
+        seq_len=seq_len,
+        batch=spec.batch,
+        padded_len=padded,
+        step_time_s=step_time,
+        step_times_s=times,
+        pid=os.getpid(),
+        tokens_per_s=spec.batch * seq_len / step_time,
+        peak_mem_bytes=max(peaks),
+        activation_bytes=activation,
+        activation_bytes_theory=act_theory,
+        comm_bytes_measured=comm[-1],
+        comm_bytes_theory=theory,
+        comm_ratio=(comm[-1] / theory) if theory else None,
+        device=device.type,
+    )
     if device.type == "cuda":
-        row["mfu"] = _flops(shape, spec.batch * seq_len, seq_len, spec.batch) / step_time / (
-            spec.peak_tflops * 1e12 * world)
+        row["mfu"] = (
+            _flops(shape, spec.batch * seq_len, seq_len, spec.batch) / step_time / (spec.peak_tflops * 1e12 * world)
+        )
     return row
 
 
@@ -272,8 +297,9 @@ def _merge(per_rank: list[dict]) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, spec_dict: dict, configs: list, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -319,7 +345,9 @@ def run_bench(spec: BenchSpec) -> list[dict]:
     configs = _configs(spec)
     if dist.is_initialized():
         world = dist.get_world_size()
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         return _measure(spec, [c for c in configs if c[1] == world], device, fresh=False)
     import multiprocessing
 
@@ -337,8 +365,11 @@ def run_bench(spec: BenchSpec) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
             torch.multiprocessing.start_processes(
-                _worker, args=(config[1], _free_port(), asdict(spec), [config], out), nprocs=config[1],
-                start_method=start)
+                _worker,
+                args=(config[1], _free_port(), asdict(spec), [config], out),
+                nprocs=config[1],
+                start_method=start,
+            )
             with open(out) as f:
                 rows += json.load(f)
     return rows
@@ -351,25 +382,52 @@ def _mib(x) -> str:
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of bench rows, with overhead at P=1 against the plain model."""
     plain = {r["seq_len"]: r["step_time_s"] for r in rows if r["strategy"] == "none"}
-    head = ["strategy", "P", "seq", "step s min/med/max", "tok/s", "peak MiB", "act MiB", "act theory", "comm MiB", "theory MiB",
-            "ratio", "vs plain"]
+    head = [
+        "strategy",
+        "P",
+        "seq",
+        "step s min/med/max",
+        "tok/s",
+        "peak MiB",
+        "act MiB",
+        "act theory",
+        "comm MiB",
+        "theory MiB",
+        "ratio",
+        "vs plain",
+    ]
     lines = [head]
     for r in rows:
         over = ""
         if r["world"] == 1 and r["strategy"] != "none" and r["seq_len"] in plain:
             over = f"{100 * (r['step_time_s'] / plain[r['seq_len']] - 1):+.1f}%"
-        spread = f"{r.get('step_time_min_s', r['step_time_s']):.3f}/{r['step_time_s']:.3f}/" \
-                 f"{r.get('step_time_max_s', r['step_time_s']):.3f}"
-        lines.append([r["strategy"], str(r["world"]), str(r["seq_len"]), spread + ("" if r.get("fresh_process", True) else "*"),
-                      f"{r['tokens_per_s']:,.0f}", _mib(r["peak_mem_bytes"]), _mib(r["activation_bytes"]),
-                      _mib(r["activation_bytes_theory"]),
-                      _mib(r["comm_bytes_measured"]), _mib(r["comm_bytes_theory"]),
-                      f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-", over])
+        spread = (
+            f"{r.get('step_time_min_s', r['step_time_s']):.3f}/{r['step_time_s']:.3f}/"
+            f"{r.get('step_time_max_s', r['step_time_s']):.3f}"
+        )
+        lines.append(
+            [
+                r["strategy"],
+                str(r["world"]),
+                str(r["seq_len"]),
+                spread + ("" if r.get("fresh_process", True) else "*"),
+                f"{r['tokens_per_s']:,.0f}",
+                _mib(r["peak_mem_bytes"]),
+                _mib(r["activation_bytes"]),
+                _mib(r["activation_bytes_theory"]),
+                _mib(r["comm_bytes_measured"]),
+                _mib(r["comm_bytes_theory"]),
+                f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-",
+                over,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
     if any(not r.get("fresh_process", True) for r in rows):
-        text += ("\n* ran in place under a launcher, after the configurations above it in the same processes: "
-                 "its CPU peak memory can include theirs (run without a launcher for per-configuration processes)")
+        text += (
+            "\n* ran in place under a launcher, after the configurations above it in the same processes: "
+            "its CPU peak memory can include theirs (run without a launcher for per-configuration processes)"
+        )
     return text
 
 
@@ -406,9 +464,13 @@ def plot_rows(rows: list[dict], path: str):
         sel = [next(r for r in rows if (r["strategy"], r["world"]) == k) for k in keys]
         x = list(range(len(sel)))
         ax_mem.bar(x, [r["activation_bytes"] / 2**20 for r in sel], color="tab:blue")
-        ax_time.bar(x, [r["step_time_s"] for r in sel], color="tab:orange",
-                    yerr=[[r["step_time_s"] - lo(r) for r in sel], [hi(r) - r["step_time_s"] for r in sel]],
-                    capsize=4)
+        ax_time.bar(
+            x,
+            [r["step_time_s"] for r in sel],
+            color="tab:orange",
+            yerr=[[r["step_time_s"] - lo(r) for r in sel], [hi(r) - r["step_time_s"] for r in sel]],
+            capsize=4,
+        )
         for ax in (ax_mem, ax_time):
             ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
             ax.grid(alpha=0.3, axis="y")
@@ -420,7 +482,7 @@ def plot_rows(rows: list[dict], path: str):
             label = f"{key[0]} P={key[1]}"
             xs = [r["seq_len"] for r in sel]
             ax_mem.plot(xs, [r["activation_bytes"] / 2**20 for r in sel], "o-", label=label)
-            line, = ax_time.plot(xs, [r["step_time_s"] for r in sel], "o-", label=label)
+            (line,) = ax_time.plot(xs, [r["step_time_s"] for r in sel], "o-", label=label)
             ax_time.fill_between(xs, [lo(r) for r in sel], [hi(r) for r in sel], color=line.get_color(), alpha=0.2)
         ax_mem.set(xlabel="sequence length (tokens)", ylabel="activation memory per rank (MiB)")
         ax_time.set(xlabel="sequence length (tokens)", ylabel="step time (s): median, min-max band")

@@ -59,107 +59,191 @@ def _names(text: str) -> list[str]:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure strategies: time, per-rank memory, traffic vs theory",
-                       description="Forward+backward steps of a Llama-style model (random weights built from a "
-                                   "config) per strategy, world size and sequence length. Spawns its own ranks "
-                                   "(gloo on CPU, NCCL on GPUs), or runs in place under torchrun.")
-    p.add_argument("--model", default="tiny", help="preset (tiny, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), "
-                                                   "config.json, model folder or Hub name (default: %(default)s)")
+    p = sub.add_parser(
+        "bench",
+        help="measure strategies: time, per-rank memory, traffic vs theory",
+        description="Forward+backward steps of a Llama-style model (random weights built from a "
+        "config) per strategy, world size and sequence length. Spawns its own ranks "
+        "(gloo on CPU, NCCL on GPUs), or runs in place under torchrun.",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="preset (tiny, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), "
+        "config.json, model folder or Hub name (default: %(default)s)",
+    )
     p.add_argument("--layers", type=_positive_int, help="override the number of layers")
     p.add_argument("--strategies", type=_names, default=["ulysses", "ring"], help="comma list (default: ulysses,ring)")
     p.add_argument("--world", type=_ints, default=[2], help="comma list of rank counts (default: 2)")
     p.add_argument("--seq-lens", type=_ints, default=[1024, 2048], help="comma list (default: 1024,2048)")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per step (default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=5,
-                   help="timed steps; min, median and max step time are reported (default: %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=5,
+        help="timed steps; min, median and max step time are reported (default: %(default)s)",
+    )
     p.add_argument("--warmup", type=_nonnegative_int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--ulysses-size", type=_positive_int, help="hybrid's Ulysses degree")
     p.add_argument("--no-baselines", action="store_true", help="skip the plain model and the P=1 runs")
-    p.add_argument("--peak-tflops", type=_positive_float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)")
+    p.add_argument(
+        "--peak-tflops", type=_positive_float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)"
+    )
     p.add_argument("--json", help="write one row per configuration to this file")
-    p.add_argument("--plot", help="write memory and step time to this PNG: lines against sequence length, or "
-                                  "bars per configuration when one length is measured")
+    p.add_argument(
+        "--plot",
+        help="write memory and step time to this PNG: lines against sequence length, or "
+        "bars per configuration when one length is measured",
+    )
     g = p.add_argument_group("row structures (per-rank step memory against S; CPU/gloo, fresh ranks per row)")
-    g.add_argument("--rows", type=_names, default=None,
-                   help="measure these row structures instead: comma list of single, packed, padded, window, "
-                        "short (plain rows of --doc-len tokens, the same tokens per step); prints memory growth "
-                        "S^x between lengths and each structure against single (hybrid runs on 4 ranks)")
-    g.add_argument("--scaling", action="store_true",
-                   help="measure the speed-up from 1 to P ranks instead: per-step wall time and each rank's CPU "
-                        "time (its own compute) for --strategies x --world x --rows (single, skewed, longtail) x "
-                        "--layouts, fresh ranks per point, with the layout's per-rank attention work")
-    g.add_argument("--layouts", type=_names, default=["auto"],
-                   help="ring/hybrid layouts for --scaling: comma list of auto, zigzag, balanced, contiguous "
-                        "(default: auto)")
+    g.add_argument(
+        "--rows",
+        type=_names,
+        default=None,
+        help="measure these row structures instead: comma list of single, packed, padded, window, "
+        "short (plain rows of --doc-len tokens, the same tokens per step); prints memory growth "
+        "S^x between lengths and each structure against single (hybrid runs on 4 ranks)",
+    )
+    g.add_argument(
+        "--scaling",
+        action="store_true",
+        help="measure the speed-up from 1 to P ranks instead: per-step wall time and each rank's CPU "
+        "time (its own compute) for --strategies x --world x --rows (single, skewed, longtail) x "
+        "--layouts, fresh ranks per point, with the layout's per-rank attention work",
+    )
+    g.add_argument(
+        "--layouts",
+        type=_names,
+        default=["auto"],
+        help="ring/hybrid layouts for --scaling: comma list of auto, zigzag, balanced, contiguous (default: auto)",
+    )
     g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
     g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
     g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
 
 
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="predict memory and traffic per strategy; recommend one",
-                       description="Predicts per-GPU memory (model states, activations, logits) and SP traffic "
-                                   "for every strategy and degree split of a model on a cluster, and recommends "
-                                   "the smallest SP degree that fits (the most data parallelism; then the least "
-                                   "traffic time). The header lists what the prediction assumes.")
-    p.add_argument("--model", default="llama-3.1-8b", help="preset, config.json, model folder or Hub name "
-                                                           "(default: %(default)s)")
+    p = sub.add_parser(
+        "plan",
+        help="predict memory and traffic per strategy; recommend one",
+        description="Predicts per-GPU memory (model states, activations, logits) and SP traffic "
+        "for every strategy and degree split of a model on a cluster, and recommends "
+        "the smallest SP degree that fits (the most data parallelism; then the least "
+        "traffic time). The header lists what the prediction assumes.",
+    )
+    p.add_argument(
+        "--model", default="llama-3.1-8b", help="preset, config.json, model folder or Hub name (default: %(default)s)"
+    )
     p.add_argument("--seq-len", type=_positive_int, default=131072, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--gpus", type=_positive_int, default=8, help="GPUs in total (default: %(default)s)")
     p.add_argument("--gpu-mem", type=_positive_float, default=80.0, help="GiB per GPU (default: %(default)s)")
-    p.add_argument("--reserve", type=_nonnegative_float, default=4.0,
-                   help="GiB per GPU kept out of the budget for the CUDA context, NCCL buffers and kernel "
-                        "workspaces; the budget is --gpu-mem minus this (default: %(default)s)")
+    p.add_argument(
+        "--reserve",
+        type=_nonnegative_float,
+        default=4.0,
+        help="GiB per GPU kept out of the budget for the CUDA context, NCCL buffers and kernel "
+        "workspaces; the budget is --gpu-mem minus this (default: %(default)s)",
+    )
     p.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: %(default)s)")
-    p.add_argument("--intra-bw", type=_positive_float, default=450.0,
-                   help="GB/s per GPU inside a node (default: %(default)s)")
-    p.add_argument("--inter-bw", type=_positive_float, default=50.0,
-                   help="GB/s per GPU across nodes (default: %(default)s)")
-    p.add_argument("--sharding", default="fsdp", choices=["none", "zero1", "zero2", "fsdp", "fsdp_offload"],
-                   help="model-state sharding; fsdp_offload keeps the sharded states in host memory (accelerate's "
-                        "fsdp_offload_params: true), as one GPU needs for an 8B model (default: %(default)s)")
+    p.add_argument(
+        "--intra-bw", type=_positive_float, default=450.0, help="GB/s per GPU inside a node (default: %(default)s)"
+    )
+    p.add_argument(
+        "--inter-bw", type=_positive_float, default=50.0, help="GB/s per GPU across nodes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--sharding",
+        default="fsdp",
+        choices=["none", "zero1", "zero2", "fsdp", "fsdp_offload"],
+        help="model-state sharding; fsdp_offload keeps the sharded states in host memory (accelerate's "
+        "fsdp_offload_params: true), as one GPU needs for an 8B model (default: %(default)s)",
+    )
     p.add_argument("--no-checkpointing", action="store_true", help="predict without activation checkpointing")
     p.add_argument("--no-chunked-loss", action="store_true", help="predict with full fp32 logits")
-    p.add_argument("--loss-chunk", type=_positive_int, default=4096,
-                   help="tokens per loss chunk (default: %(default)s)")
+    p.add_argument(
+        "--loss-chunk", type=_positive_int, default=4096, help="tokens per loss chunk (default: %(default)s)"
+    )
     p.add_argument("--offload", action="store_true", help="predict with offload_checkpoints (host memory)")
     p.add_argument("--mlp-tiles", type=_positive_int, default=None, help="predict with this many MLP tiles")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per micro-batch (default: %(default)s)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
-                   help="optimizer of the model states: adamw 12, sgd 4 bytes of state per trained parameter, "
-                        "beside 2 B weights and 2 B gradients (default: %(default)s)")
-    p.add_argument("--optim-bytes", type=_nonnegative_float, default=None,
-                   help="optimizer-state bytes per trained parameter, fp32 master copy included, instead of the "
-                        "optimizer's (e.g. 6 for 8-bit Adam with an fp32 master copy)")
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "sgd"],
+        help="optimizer of the model states: adamw 12, sgd 4 bytes of state per trained parameter, "
+        "beside 2 B weights and 2 B gradients (default: %(default)s)",
+    )
+    p.add_argument(
+        "--optim-bytes",
+        type=_nonnegative_float,
+        default=None,
+        help="optimizer-state bytes per trained parameter, fp32 master copy included, instead of the "
+        "optimizer's (e.g. 6 for 8-bit Adam with an fp32 master copy)",
+    )
     trained = p.add_mutually_exclusive_group()
-    trained.add_argument("--lora-rank", type=_positive_int, default=None,
-                         help="train a LoRA adapter of this rank on every attention and MLP projection (the "
-                              "recipe's --lora-targets default); the base weights are frozen")
-    trained.add_argument("--trainable-params", type=float, default=None,
-                         help="parameters that train (adapters of any kind, e.g. 4.2e7); the rest are frozen")
-    p.add_argument("--host-mem", type=_positive_float, default=1024.0,
-                   help="GiB of host memory per node for offloaded checkpoints/states (default: %(default)s)")
-    p.add_argument("--tflops", type=_positive_float, default=989.0,
-                   help="dense bf16 TFLOP/s per GPU for the attention time (default: H100 %(default)s)")
-    p.add_argument("--attn-mfu", type=_positive_float, default=0.5,
-                   help="share of --tflops the attention kernels reach (default: %(default)s)")
-    p.add_argument("--max-step-s", type=_positive_float, default=3600.0,
-                   help="longest acceptable attention time per step, seconds (default: %(default)s)")
-    p.add_argument("--max-seq", action="store_true",
-                   help="also report the longest sequence each candidate fits with these features, and the "
-                        "longest over all candidates using every GPU and every memory-feature setting, with "
-                        "the constraint that binds it and the plugin YAML")
-    p.add_argument("--rows", default="single", choices=["single", "skewed", "longtail"],
-                   help="row whose per-rank attention work (max/mean) is predicted for ring/hybrid: one document, "
-                        "skewed (3/4 one document, the rest S/32-token ones) or longtail (Pareto document lengths, "
-                        "seed 0) (default: %(default)s)")
+    trained.add_argument(
+        "--lora-rank",
+        type=_positive_int,
+        default=None,
+        help="train a LoRA adapter of this rank on every attention and MLP projection (the "
+        "recipe's --lora-targets default); the base weights are frozen",
+    )
+    trained.add_argument(
+        "--trainable-params",
+        type=float,
+        default=None,
+        help="parameters that train (adapters of any kind, e.g. 4.2e7); the rest are frozen",
+    )
+    p.add_argument(
+        "--host-mem",
+        type=_positive_float,
+        default=1024.0,
+        help="GiB of host memory per node for offloaded checkpoints/states (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tflops",
+        type=_positive_float,
+        default=989.0,
+        help="dense bf16 TFLOP/s per GPU for the attention time (default: H100 %(default)s)",
+    )
+    p.add_argument(
+        "--attn-mfu",
+        type=_positive_float,
+        default=0.5,
+        help="share of --tflops the attention kernels reach (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-step-s",
+        type=_positive_float,
+        default=3600.0,
+        help="longest acceptable attention time per step, seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-seq",
+        action="store_true",
+        help="also report the longest sequence each candidate fits with these features, and the "
+        "longest over all candidates using every GPU and every memory-feature setting, with "
+        "the constraint that binds it and the plugin YAML",
+    )
+    p.add_argument(
+        "--rows",
+        default="single",
+        choices=["single", "skewed", "longtail"],
+        help="row whose per-rank attention work (max/mean) is predicted for ring/hybrid: one document, "
+        "skewed (3/4 one document, the rest S/32-token ones) or longtail (Pareto document lengths, "
+        "seed 0) (default: %(default)s)",
+    )
     p.add_argument("--json", help="write the candidates to this file")
-    p.add_argument("--inference", action="store_true",
-                   help="plan hf_seqpar.generate instead of training: weights + sharded KV cache + prefill working "
-                        "set per GPU, and the longest prompt per candidate (hf_seqpar/tools/plan_infer.py)")
-    p.add_argument("--new-tokens", type=_positive_int, default=32, help="--inference: tokens generated (default: "
-                                                                         "%(default)s)")
+    p.add_argument(
+        "--inference",
+        action="store_true",
+        help="plan hf_seqpar.generate instead of training: weights + sharded KV cache + prefill working "
+        "set per GPU, and the longest prompt per candidate (hf_seqpar/tools/plan_infer.py)",
+    )
+    p.add_argument(
+        "--new-tokens", type=_positive_int, default=32, help="--inference: tokens generated (default: %(default)s)"
+    )
 
 
 def _bench_rows(args) -> int:
@@ -178,10 +262,13 @@ def _bench_rows(args) -> int:
         world = max(args.world[0], strategy_class(strategy).bench_world) if strategy != "none" else args.world[0]
         for kind in args.rows:
             for n in args.seq_lens:
-                row = measure_rows(RowSpec(strategy, world, n, kind, args.doc_len, args.window, args.pad_frac,
-                                           layers=args.layers or 1))
-                print(f"{strategy} P={world} {kind} S={n}: {row['peak_mib']:.1f} MiB/rank, {row['seconds']:.2f} s",
-                      flush=True)
+                row = measure_rows(
+                    RowSpec(strategy, world, n, kind, args.doc_len, args.window, args.pad_frac, layers=args.layers or 1)
+                )
+                print(
+                    f"{strategy} P={world} {kind} S={n}: {row['peak_mib']:.1f} MiB/rank, {row['seconds']:.2f} s",
+                    flush=True,
+                )
                 rows.append(row)
     rows = growth_table(rows)
     print(format_rows(rows))
@@ -216,11 +303,24 @@ def _bench_scaling(args) -> int:
                         if world == 1 and i:
                             continue  # one rank: the layout does not matter, measured once
                         opts = options if world > 1 else ()
-                        spec = ScalingSpec(strategy, world, kind, n, None if layout == "auto" else layout,
-                                           args.model, args.layers, args.steps, args.warmup, opts)
+                        spec = ScalingSpec(
+                            strategy,
+                            world,
+                            kind,
+                            n,
+                            None if layout == "auto" else layout,
+                            args.model,
+                            args.layers,
+                            args.steps,
+                            args.warmup,
+                            opts,
+                        )
                         row = measure_scaling(spec)
-                        print(f"{strategy} P={world} {kind} S={n} layout={layout} ({row['layout_used']}): "
-                              f"wall {row['wall_s']:.2f} s, CPU per rank {row['cpu_s_per_rank']}", flush=True)
+                        print(
+                            f"{strategy} P={world} {kind} S={n} layout={layout} ({row['layout_used']}): "
+                            f"wall {row['wall_s']:.2f} s, CPU per rank {row['cpu_s_per_rank']}",
+                            flush=True,
+                        )
                         rows.append(row)
     print(format_scaling(rows))
     if args.json:
@@ -244,10 +344,20 @@ def _bench(args) -> int:
         args.parser.error(str(e))
 
     options = {"ulysses_size": args.ulysses_size} if args.ulysses_size else {}
-    spec = BenchSpec(model=args.model, layers=args.layers, strategies=args.strategies, worlds=args.world,
-                     seq_lens=args.seq_lens, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                     dtype=args.dtype, baselines=not args.no_baselines, peak_tflops=args.peak_tflops,
-                     options=options)
+    spec = BenchSpec(
+        model=args.model,
+        layers=args.layers,
+        strategies=args.strategies,
+        worlds=args.world,
+        seq_lens=args.seq_lens,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        baselines=not args.no_baselines,
+        peak_tflops=args.peak_tflops,
+        options=options,
+    )
     rows = run_bench(spec)
     import torch.distributed as dist
 
@@ -265,14 +375,25 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
-    from hf_seqpar.tools.plan import (Cluster, GiB, Setup, assumptions, attention_balance, candidates, evaluate,
-                                      lora_params, max_seq_len, recommend)
+    from hf_seqpar.tools.plan import (
+        Cluster,
+        GiB,
+        Setup,
+        assumptions,
+        attention_balance,
+        candidates,
+        evaluate,
+        lora_params,
+        max_seq_len,
+        recommend,
+    )
     from hf_seqpar.tools.presets import load_config
     from hf_seqpar.tools.theory import ModelShape
 
     if args.reserve >= args.gpu_mem:
-        args.parser.error(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; "
-                          "lower --reserve")
+        args.parser.error(
+            f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; lower --reserve"
+        )
     if args.inference:
         from hf_seqpar.tools.plan_infer import plan_inference
 
@@ -282,21 +403,40 @@ def _plan(args) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     if args.offload and args.no_checkpointing:
-        args.parser.error("--offload offloads the checkpointed layer inputs: it needs checkpointing (drop "
-                          "--no-checkpointing)")
+        args.parser.error(
+            "--offload offloads the checkpointed layer inputs: it needs checkpointing (drop --no-checkpointing)"
+        )
     if args.attn_mfu > 1:
         args.parser.error(f"--attn-mfu is a share of the peak, at most 1, got {args.attn_mfu:g}")
-    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve,
-                      host_mem_gib=args.host_mem, peak_tflops=args.tflops, attention_mfu=args.attn_mfu,
-                      max_step_s=args.max_step_s)
+    cluster = Cluster(
+        args.gpus,
+        args.gpu_mem,
+        args.gpus_per_node,
+        args.intra_bw,
+        args.inter_bw,
+        args.reserve,
+        host_mem_gib=args.host_mem,
+        peak_tflops=args.tflops,
+        attention_mfu=args.attn_mfu,
+        max_step_s=args.max_step_s,
+    )
     trainable = lora_params(shape, args.lora_rank) if args.lora_rank else args.trainable_params
     if trainable is not None and not 0 < trainable <= shape.params:
-        args.parser.error(f"--trainable-params must be in (0, {shape.params:.4g}] (the model's parameters), "
-                          f"got {trainable:g}")
-    setup = Setup(sharding=args.sharding, checkpointing=not args.no_checkpointing,
-                  chunked_loss=not args.no_chunked_loss, batch=args.batch, loss_chunk_size=args.loss_chunk,
-                  offload_checkpoints=args.offload, mlp_tiles=args.mlp_tiles, optimizer=args.optimizer,
-                  optim_bytes=args.optim_bytes, trainable_params=None if trainable is None else int(trainable))
+        args.parser.error(
+            f"--trainable-params must be in (0, {shape.params:.4g}] (the model's parameters), got {trainable:g}"
+        )
+    setup = Setup(
+        sharding=args.sharding,
+        checkpointing=not args.no_checkpointing,
+        chunked_loss=not args.no_chunked_loss,
+        batch=args.batch,
+        loss_chunk_size=args.loss_chunk,
+        offload_checkpoints=args.offload,
+        mlp_tiles=args.mlp_tiles,
+        optimizer=args.optimizer,
+        optim_bytes=args.optim_bytes,
+        trainable_params=None if trainable is None else int(trainable),
+    )
     cands = candidates(shape, cluster)
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
     for c, r in zip(cands, rows):
@@ -304,30 +444,45 @@ def _plan(args) -> int:
     if args.max_seq:
         for c, r in zip(cands, rows):
             r["max_seq_len"] = max_seq_len(shape, c, cluster, setup)
-    print(f"{args.model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {shape.heads} heads "
-          f"({shape.kv_heads} kv), seq {args.seq_len:,} on {args.gpus} x {args.gpu_mem:g} GiB")
-    print(f"budget per GPU: {args.gpu_mem:g} GiB - {args.reserve:g} GiB reserve (CUDA context, NCCL, workspaces; "
-          f"--reserve) = {args.gpu_mem - args.reserve:g} GiB")
+    print(
+        f"{args.model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {shape.heads} heads "
+        f"({shape.kv_heads} kv), seq {args.seq_len:,} on {args.gpus} x {args.gpu_mem:g} GiB"
+    )
+    print(
+        f"budget per GPU: {args.gpu_mem:g} GiB - {args.reserve:g} GiB reserve (CUDA context, NCCL, workspaces; "
+        f"--reserve) = {args.gpu_mem - args.reserve:g} GiB"
+    )
     for line in assumptions(shape, cluster, setup):
         print("assumes: " + line)
-    head = f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}{'SP GB/step':>12}{'SP ms':>9}"
+    head = (
+        f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}"
+        f"{'SP GB/step':>12}{'SP ms':>9}"
+    )
     print(head + f"  work max/mean ({args.rows} row; zigzag)" + ("  max seq" if args.max_seq else ""))
     for r in rows:
         states = r["states_bytes"] + r["gathered_bytes"]
         bal = r["attention_balance"]
-        work = (f"{bal['work_max_over_mean']:.2f} {bal['layout']}, pad {bal['pad']} "
-                f"({bal['zigzag_work_max_over_mean']:.2f})" if bal["layout"] else "1.00 (all tokens)")
-        line = (f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
-                f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
-                f"{r['comm_seconds'] * 1e3:>9.1f}  {work}")
+        work = (
+            f"{bal['work_max_over_mean']:.2f} {bal['layout']}, pad {bal['pad']} "
+            f"({bal['zigzag_work_max_over_mean']:.2f})"
+            if bal["layout"]
+            else "1.00 (all tokens)"
+        )
+        line = (
+            f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
+            f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
+            f"{r['comm_seconds'] * 1e3:>9.1f}  {work}"
+        )
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)
     result = {"candidates": rows, "recommended": best, "reason": why}
     if args.max_seq:
         longest = max(rows, key=lambda r: r["max_seq_len"])
-        print(f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']} "
-              f"({setup.features.label})")
+        print(
+            f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']} "
+            f"({setup.features.label})"
+        )
         result["longest"] = _print_longest(shape, cluster, setup)
     if args.json:
         with open(args.json, "w") as f:
@@ -341,43 +496,63 @@ def _print_longest(shape, cluster, setup) -> dict | None:
 
     found = longest(shape, cluster, setup)
     if found is None:
-        print("Longest sequence with the memory features searched: nothing fits, with any feature (see the reason "
-              "above)")
+        print(
+            "Longest sequence with the memory features searched: nothing fits, with any feature (see the reason above)"
+        )
         return None
     r, lim = found.row, found.limits
     show = lambda v: "unbounded" if v == float("inf") else f"{int(v):,}"  # noqa: E731
-    print(f"Longest sequence with the memory features searched: {found.seq_len:,} tokens with {found.candidate} "
-          f"({found.setup.features.label}), bound by {found.binding}")
-    print(f"  device {r['total_bytes'] / GiB:.1f} of {r['budget_bytes'] / GiB:.1f} GiB per GPU "
-          f"({r['states_bytes'] / GiB:.1f} states + {r['gathered_bytes'] / GiB:.1f} gathered by FSDP + "
-          f"{r['activation_bytes'] / GiB:.1f} activations at the "
-          f"{r['peak_phase']} peak); host {r['host_node_bytes'] / GiB:.1f} of {r['host_budget_bytes'] / GiB:.0f} GiB "
-          f"per node; attention {r['attention_seconds']:.0f} s per step (limit {cluster.max_step_s:g} s)")
-    print(f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
-          f"attention time {show(lim['time'])} tokens")
+    print(
+        f"Longest sequence with the memory features searched: {found.seq_len:,} tokens with {found.candidate} "
+        f"({found.setup.features.label}), bound by {found.binding}"
+    )
+    print(
+        f"  device {r['total_bytes'] / GiB:.1f} of {r['budget_bytes'] / GiB:.1f} GiB per GPU "
+        f"({r['states_bytes'] / GiB:.1f} states + {r['gathered_bytes'] / GiB:.1f} gathered by FSDP + "
+        f"{r['activation_bytes'] / GiB:.1f} activations at the "
+        f"{r['peak_phase']} peak); host {r['host_node_bytes'] / GiB:.1f} of {r['host_budget_bytes'] / GiB:.0f} GiB "
+        f"per node; attention {r['attention_seconds']:.0f} s per step (limit {cluster.max_step_s:g} s)"
+    )
+    print(
+        f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
+        f"attention time {show(lim['time'])} tokens"
+    )
     print("  plugin YAML:\n    " + found.plugin_yaml().strip().replace("\n", "\n    "))
-    return {"seq_len": found.seq_len, "candidate": found.candidate, "features": found.setup.features.label,
-            "binding": found.binding, "limits": {k: (None if v == float("inf") else v) for k, v in lim.items()},
-            "row": r, "plugin_yaml": found.plugin_yaml()}
+    return {
+        "seq_len": found.seq_len,
+        "candidate": found.candidate,
+        "features": found.setup.features.label,
+        "binding": found.binding,
+        "limits": {k: (None if v == float("inf") else v) for k, v in lim.items()},
+        "row": r,
+        "plugin_yaml": found.plugin_yaml(),
+    }
 
 
 def _selftest_parser(sub) -> None:
-    p = sub.add_parser("selftest", help="check this installation: CPU strategies vs the unsharded model; --gpu: "
-                                        "the CUDA checks",
-                       description="Without --gpu: 2 gloo ranks on CPU, one training step of every strategy on a "
-                                   "plain and a packed batch against the unsharded model (loss, logits, every "
-                                   "gradient), a pass/fail table; exit 1 on any failure. With --gpu: the CUDA checks "
-                                   "on one GPU, each case in its own process: the gpu-marked tests, a kernel-backend "
-                                   "sweep against float64, the variable-length pieces, and long single-GPU steps at "
-                                   "S and 2S; writes selftest.json and selftest.md (without a GPU it selects nothing "
-                                   "CUDA and exits 0).")
+    p = sub.add_parser(
+        "selftest",
+        help="check this installation: CPU strategies vs the unsharded model; --gpu: the CUDA checks",
+        description="Without --gpu: 2 gloo ranks on CPU, one training step of every strategy on a "
+        "plain and a packed batch against the unsharded model (loss, logits, every "
+        "gradient), a pass/fail table; exit 1 on any failure. With --gpu: the CUDA checks "
+        "on one GPU, each case in its own process: the gpu-marked tests, a kernel-backend "
+        "sweep against float64, the variable-length pieces, and long single-GPU steps at "
+        "S and 2S; writes selftest.json and selftest.md (without a GPU it selects nothing "
+        "CUDA and exits 0).",
+    )
     p.add_argument("--gpu", action="store_true", help="run the GPU checks instead of the CPU check")
     p.add_argument("--out", default=".", help="--gpu: folder for selftest.json / selftest.md (default: .)")
-    p.add_argument("--budget", type=float, default=540.0,
-                   help="--gpu: seconds after which no new case starts (default 540)")
+    p.add_argument(
+        "--budget", type=float, default=540.0, help="--gpu: seconds after which no new case starts (default 540)"
+    )
     p.add_argument("--tests", default=None, help="--gpu: the repository's tests folder (default: beside the package)")
-    p.add_argument("--cases", type=_names, default=None,
-                   help="comma-separated case names (default: all): strategies on CPU, GPU case names with --gpu")
+    p.add_argument(
+        "--cases",
+        type=_names,
+        default=None,
+        help="comma-separated case names (default: all): strategies on CPU, GPU case names with --gpu",
+    )
 
 
 def _selftest(args) -> int:
@@ -387,8 +562,9 @@ def _selftest(args) -> int:
         from hf_seqpar.strategies import STRATEGIES as valid
     unknown = [c for c in args.cases or () if c not in valid]
     if unknown:
-        args.parser.error(f"--cases {unknown}: unknown {'GPU case' if args.gpu else 'strategy'} name(s); valid: "
-                          f"{', '.join(valid)}")
+        args.parser.error(
+            f"--cases {unknown}: unknown {'GPU case' if args.gpu else 'strategy'} name(s); valid: {', '.join(valid)}"
+        )
     if not args.gpu:
         from hf_seqpar.tools.cpucheck import run_cpu_selftest
 
@@ -401,12 +577,15 @@ def _selftest(args) -> int:
 def _launch_parser(sub) -> None:
     from hf_seqpar.launch import add_arguments
 
-    p = sub.add_parser("launch", help="run a stock Trainer/SFTTrainer script with sequence parallelism",
-                       description="Run a training script written for the stock transformers.Trainer or TRL's "
-                                   "SFTTrainer, unchanged, with those classes made sequence-parallel (the same as "
-                                   "`python -m hf_seqpar.launch`). Start it under a launcher: `accelerate launch -m "
-                                   "hf_seqpar.launch --sp-config X train.py ...` or `torchrun --nproc_per_node N "
-                                   "--no-python hf-seqpar launch --sp-config X train.py ...`.")
+    p = sub.add_parser(
+        "launch",
+        help="run a stock Trainer/SFTTrainer script with sequence parallelism",
+        description="Run a training script written for the stock transformers.Trainer or TRL's "
+        "SFTTrainer, unchanged, with those classes made sequence-parallel (the same as "
+        "`python -m hf_seqpar.launch`). Start it under a launcher: `accelerate launch -m "
+        "hf_seqpar.launch --sp-config X train.py ...` or `torchrun --nproc_per_node N "
+        "--no-python hf-seqpar launch --sp-config X train.py ...`.",
+    )
     add_arguments(p)
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["run_cpu_selftest", "check_strategies", "BOUNDS", "BATCHES"]
 
@@ -36,9 +36,19 @@ def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-                                        max_position_embeddings=256, use_cache=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="sdpa",
+            max_position_embeddings=256,
+            use_cache=False,
+        )
+    )
 
 
 def _batch(kind: str) -> dict:
@@ -59,7 +69,6 @@ def _rel(a, b) -> float:
 
 def _one_step(strategy: str, kind: str, perturb: Callable | None) -> dict:
     """One forward + backward of the SP model and of the unsharded one; the errors (this rank)."""
-    import torch
     import torch.distributed as dist
 
     import hf_seqpar
@@ -76,8 +85,10 @@ def _one_step(strategy: str, kind: str, perturb: Callable | None) -> dict:
         out = model(**hf_seqpar.shard_batch(batch, model))
         out.loss.backward()
         logits = hf_seqpar.gather_sequence(out.logits, model)
-        errors = {"loss": abs(float(out.loss.detach()) - float(ref.loss.detach())) / abs(float(ref.loss.detach())),
-                  "logits": _rel(logits, ref.logits)}
+        errors = {
+            "loss": abs(float(out.loss.detach()) - float(ref.loss.detach())) / abs(float(ref.loss.detach())),
+            "logits": _rel(logits, ref.logits),
+        }
         shards = hf_seqpar.find_state(model).strategy.shards_parameters
         ref_params, worst = dict(reference.named_parameters()), 0.0
         for name, p in model.named_parameters():
@@ -138,8 +149,10 @@ def format_rows(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['strategy']:<10}{r['batch']:<8}{'':>32}  FAIL  {r['error'][:300]}")
             continue
-        lines.append(f"{r['strategy']:<10}{r['batch']:<8}{r['loss']:>10.1e}{r['logits']:>12.1e}{r['grad']:>10.1e}  "
-                     f"{'pass' if r['ok'] else 'FAIL'}")
+        lines.append(
+            f"{r['strategy']:<10}{r['batch']:<8}{r['loss']:>10.1e}{r['logits']:>12.1e}{r['grad']:>10.1e}  "
+            f"{'pass' if r['ok'] else 'FAIL'}"
+        )
     return "\n".join(lines)
 
 
@@ -162,19 +175,24 @@ def run_cpu_selftest(strategies: list[str] | None = None, world: int = 2, pertur
 
     strategies = strategies or list(STRATEGIES)
     start = time.monotonic()
-    print(f"hf-seqpar selftest: {world} gloo ranks on CPU, one training step of {', '.join(strategies)} on "
-          f"{' and '.join(BATCHES)} batches against the unsharded model (bounds: loss {BOUNDS['loss']:g}, "
-          f"logits and every gradient {BOUNDS['grad']:g} relative, fp32)", flush=True)
+    print(
+        f"hf-seqpar selftest: {world} gloo ranks on CPU, one training step of {', '.join(strategies)} on "
+        f"{' and '.join(BATCHES)} batches against the unsharded model (bounds: loss {BOUNDS['loss']:g}, "
+        f"logits and every gradient {BOUNDS['grad']:g} relative, fp32)",
+        flush=True,
+    )
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), strategies, perturb, out),
-                                              nprocs=world, start_method=method)
+        torch.multiprocessing.start_processes(
+            _worker, args=(world, _free_port(), strategies, perturb, out), nprocs=world, start_method=method
+        )
         with open(out) as f:
             rows = json.load(f)
     print(format_rows(rows))
     passed = sum(r["ok"] for r in rows)
     ok = passed == len(rows)
-    print(f"selftest {'passed' if ok else 'FAILED'}: {passed} of {len(rows)} checks in "
-          f"{time.monotonic() - start:.0f} s")
+    print(
+        f"selftest {'passed' if ok else 'FAILED'}: {passed} of {len(rows)} checks in {time.monotonic() - start:.0f} s"
+    )
     return 0 if ok else 1

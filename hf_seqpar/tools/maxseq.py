@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hf_seqpar.tools.plan import Cluster, Setup, _limits, candidates, evaluate
 from hf_seqpar.core.shape import ModelShape
+from hf_seqpar.tools.plan import Cluster, Setup, _limits, candidates, evaluate
 
 __all__ = ["FEATURE_GRID", "Longest", "longest"]
 
 #: The feature settings searched: (checkpointing, offload, mlp_tiles, loss_chunk_size or None).
-FEATURE_GRID = [(ckpt, off, tiles, chunk)
-                for ckpt in (False, True) for off in ((False, True) if ckpt else (False,))
-                for tiles in (None, 4, 16, 64) for chunk in (None, 4096, 1024)]
+FEATURE_GRID = [
+    (ckpt, off, tiles, chunk)
+    for ckpt in (False, True)
+    for off in ((False, True) if ckpt else (False,))
+    for tiles in (None, 4, 16, 64)
+    for chunk in (None, 4096, 1024)
+]
 
 BINDING = {"device": "device memory", "host": "host memory", "time": "attention time per step"}
 
@@ -80,8 +84,14 @@ def longest(shape: ModelShape, cluster: Cluster, base: Setup, step: int = 1024) 
     found = []
     for cand in (c for c in candidates(shape, cluster) if c.sp == cluster.gpus):
         for ckpt, off, tiles, chunk in FEATURE_GRID:
-            setup = replace(base, checkpointing=ckpt, offload_checkpoints=off, mlp_tiles=tiles,
-                            chunked_loss=chunk is not None, loss_chunk_size=chunk or base.loss_chunk_size)
+            setup = replace(
+                base,
+                checkpointing=ckpt,
+                offload_checkpoints=off,
+                mlp_tiles=tiles,
+                chunked_loss=chunk is not None,
+                loss_chunk_size=chunk or base.loss_chunk_size,
+            )
             lim = _limits(shape, cand, cluster, setup, step)
             n = min(lim["memory"], int(lim["time"]) // step * step)
             if n > 0:
@@ -94,5 +104,14 @@ def longest(shape: ModelShape, cluster: Cluster, base: Setup, step: int = 1024) 
         binding = "time"
     else:
         binding = "host" if lim["host"] < lim["device"] else "device"
-    return Longest(n, cand.label, setup, BINDING[binding], {k: lim[k] for k in ("device", "host", "time")},
-                   evaluate(shape, n, cand, cluster, setup), cand.strategy, cand.sp, cand.ulysses)
+    return Longest(
+        n,
+        cand.label,
+        setup,
+        BINDING[binding],
+        {k: lim[k] for k in ("device", "host", "time")},
+        evaluate(shape, n, cand, cluster, setup),
+        cand.strategy,
+        cand.sp,
+        cand.ulysses,
+    )

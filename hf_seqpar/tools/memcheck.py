@@ -68,21 +68,34 @@ def tiny_shape_config(layers: int = 4):
     (MLP and vocabulary wide enough for the tiles and the chunked loss to matter)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=1024, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
-                       attn_implementation="sdpa", use_cache=False)
+    return LlamaConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=1024,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1 << 20,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
 
 
 def validation_cases(strategies=("ulysses", "ring"), seq_lens=(2048, 4096)) -> list[MemCase]:
     """Each feature on and off: alone against nothing, and removed from the full set."""
     chunk, tiles = 128, 8
-    sets = [dict(), dict(checkpointing=True), dict(checkpointing=True, offload_checkpoints=True),
-            dict(mlp_tiles=tiles), dict(loss_chunk_size=chunk),
-            dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles, loss_chunk_size=chunk),
-            dict(checkpointing=True, mlp_tiles=tiles, loss_chunk_size=chunk),
-            dict(mlp_tiles=tiles, loss_chunk_size=chunk),
-            dict(checkpointing=True, offload_checkpoints=True, loss_chunk_size=chunk),
-            dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles)]
+    sets = [
+        dict(),
+        dict(checkpointing=True),
+        dict(checkpointing=True, offload_checkpoints=True),
+        dict(mlp_tiles=tiles),
+        dict(loss_chunk_size=chunk),
+        dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles, loss_chunk_size=chunk),
+        dict(checkpointing=True, mlp_tiles=tiles, loss_chunk_size=chunk),
+        dict(mlp_tiles=tiles, loss_chunk_size=chunk),
+        dict(checkpointing=True, offload_checkpoints=True, loss_chunk_size=chunk),
+        dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles),
+    ]
     return [MemCase(s, n, **kw) for s in strategies for n in seq_lens for kw in sets]
 
 
@@ -92,11 +105,17 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
     from hf_seqpar.core.shape import ModelShape
 
     shape = ModelShape.from_config(tiny_shape_config(layers))
-    inputs = MemoryModelInputs(shape=shape, seq_len=case.seq_len, strategy=case.strategy, sp=case.sp or world,
-                               features=case.features, elem=4, param_elem=4)
+    inputs = MemoryModelInputs(
+        shape=shape,
+        seq_len=case.seq_len,
+        strategy=case.strategy,
+        sp=case.sp or world,
+        features=case.features,
+        elem=4,
+        param_elem=4,
+    )
     mem = peak_memory(inputs)
-    return {"device_bytes": mem.total, "host_bytes": mem.host_bytes,
-            "phase": mem.peak_phase}
+    return {"device_bytes": mem.total, "host_bytes": mem.host_bytes, "phase": mem.peak_phase}
 
 
 def _saved_bytes_outside_checkpoints(model, batch) -> int:
@@ -139,7 +158,7 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     install_memory_features(model, case.loss_chunk_size, case.mlp_tiles, case.offload_checkpoints)
     ids = torch.randint(0, model.config.vocab_size, (1, case.seq_len), generator=torch.Generator().manual_seed(1))
     # the first step (a short row: lazily built buffers, gloo's connections) is not measured
-    warm = hf_seqpar.shard_batch({"input_ids": ids[:, :64 * world], "labels": ids[:, :64 * world]}, model)
+    warm = hf_seqpar.shard_batch({"input_ids": ids[:, : 64 * world], "labels": ids[:, : 64 * world]}, model)
     local = hf_seqpar.shard_batch({"input_ids": ids, "labels": ids.clone()}, model)
     peak = 0
     for batch in (warm, local):
@@ -167,9 +186,16 @@ def compare(case: MemCase, measured: list[dict], world: int = 2) -> dict:
     pred = predict_case(case, world)
     peak = max(r["peak_bytes"] for r in measured)
     host = max(r["host_bytes"] for r in measured)
-    row = dict(asdict(case), label=case.label, measured_peak=peak, predicted_peak=pred["device_bytes"],
-               peak_ratio=pred["device_bytes"] / peak, phase=pred["phase"], measured_host=host,
-               predicted_host=pred["host_bytes"] if case.offload_checkpoints else 0)
+    row = dict(
+        asdict(case),
+        label=case.label,
+        measured_peak=peak,
+        predicted_peak=pred["device_bytes"],
+        peak_ratio=pred["device_bytes"] / peak,
+        phase=pred["phase"],
+        measured_host=host,
+        predicted_host=pred["host_bytes"] if case.offload_checkpoints else 0,
+    )
     # on CPU "device" and host are one memory: offloaded tensors stay resident, so the measured
     # peak is compared with the prediction for the same features without offload
     if case.offload_checkpoints:
@@ -228,10 +254,15 @@ def run(cases: list[MemCase], world: int = 2) -> list[dict]:
 
 
 def _line(r: dict) -> str:
-    host = (f"  host {r['measured_host'] / 2**20:7.2f} MiB pred {r['predicted_host'] / 2**20:7.2f}"
-            if r["measured_host"] else "")
-    return (f"{r['label']:<48} peak {r['measured_peak'] / 2**20:8.2f} MiB pred {r['predicted_peak'] / 2**20:8.2f} "
-            f"({r['peak_ratio']:.3f}, {r['phase']}){host}")
+    host = (
+        f"  host {r['measured_host'] / 2**20:7.2f} MiB pred {r['predicted_host'] / 2**20:7.2f}"
+        if r["measured_host"]
+        else ""
+    )
+    return (
+        f"{r['label']:<48} peak {r['measured_peak'] / 2**20:8.2f} MiB pred {r['predicted_peak'] / 2**20:8.2f} "
+        f"({r['peak_ratio']:.3f}, {r['phase']}){host}"
+    )
 
 
 if __name__ == "__main__":

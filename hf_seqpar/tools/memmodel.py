@@ -48,8 +48,15 @@ from dataclasses import dataclass, field
 
 from hf_seqpar.core.shape import FP32, INDEX, ModelShape, attention_saved_bytes, mlp_saved_bytes, norm_bytes
 
-__all__ = ["Features", "StrategyTerms", "MemoryModelInputs", "MemoryPeak", "strategy_terms", "peak_memory",
-           "attention_flops"]
+__all__ = [
+    "Features",
+    "StrategyTerms",
+    "MemoryModelInputs",
+    "MemoryPeak",
+    "strategy_terms",
+    "peak_memory",
+    "attention_flops",
+]
 
 #: What ``strategy=None`` (one rank, no SP) is modelled as.
 DEFAULT_STRATEGY = "ulysses"
@@ -79,9 +86,12 @@ class Features:
 
     def plugin_fields(self) -> dict:
         """The ``SequenceParallelPlugin`` YAML keys for these features."""
-        return {"gradient_checkpointing": self.checkpointing, "offload_checkpoints": self.offload_checkpoints,
-                "mlp_tiles": self.mlp_tiles if self.mlp_tiles and self.mlp_tiles > 1 else None,
-                "loss_chunk_size": self.loss_chunk_size}
+        return {
+            "gradient_checkpointing": self.checkpointing,
+            "offload_checkpoints": self.offload_checkpoints,
+            "mlp_tiles": self.mlp_tiles if self.mlp_tiles and self.mlp_tiles > 1 else None,
+            "loss_chunk_size": self.loss_chunk_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -136,9 +146,17 @@ def strategy_terms(strategy: str | None, shape: ModelShape, sp: int, ulysses_siz
     act = cost.activation_terms(cls, shape, sp, 1, opts)  # bytes per element 1: extra terms in elements
     exchange = (shape.heads + 2 * act.kv_heads) * shape.head_dim if u > 1 else 0
     # tensor parallel (tp > 1): heads split, full-sequence linear inputs gathered, parameters split
-    return StrategyTerms(u, r, tp, act.kv_heads, out_copy=cls.cost.out_copy,
-                         gathered_inputs=cls.cost.gathered_inputs if tp > 1 else 0, exchange_elems=exchange,
-                         ring_kv_in_flight=0 if r == 1 else (1 if r == 2 else 2), params_over_sp=tp > 1)
+    return StrategyTerms(
+        u,
+        r,
+        tp,
+        act.kv_heads,
+        out_copy=cls.cost.out_copy,
+        gathered_inputs=cls.cost.gathered_inputs if tp > 1 else 0,
+        exchange_elems=exchange,
+        ring_kv_in_flight=0 if r == 1 else (1 if r == 2 else 2),
+        params_over_sp=tp > 1,
+    )
 
 
 @dataclass(frozen=True)
@@ -242,7 +260,7 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         raise ValueError("offload_checkpoints needs checkpointing (it offloads the checkpointed layer inputs)")
     t = strategy_terms(x.strategy, m, x.sp, x.ulysses_size)
     n = x.batch * x.seq_len / x.sp
-    h, V, L, I = m.hidden, m.vocab, m.layers, m.intermediate
+    h, V, L, I = m.hidden, m.vocab, m.layers, m.intermediate  # noqa: E741 (I: the MLP width, as in the docstring)
     pe = x.param_elem
     tiles = f.mlp_tiles if f.mlp_tiles and f.mlp_tiles > 1 else 1
     chunk = min(f.loss_chunk_size, n) if f.loss_chunk_size else None
@@ -288,9 +306,10 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     # with offload the loss's backward brings its saved tensors back to the device: the hidden states
     # and labels (chunked), or the two copies of the log-softmax output (plain)
     unpacked_loss = n * (e * h + INDEX if chunk else 2 * FP32 * V) if f.offload_checkpoints else 0.0
-    phases = {"forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd,
-              "loss backward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_bwd
-              + unpacked_loss}
+    phases = {
+        "forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd,
+        "loss backward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_bwd + unpacked_loss,
+    }
 
     # the layers' backward, from the last (every earlier layer's activations still kept, one layer's
     # gradients) to the first (one layer's kept, every layer's gradients): linear in between
@@ -304,8 +323,13 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         # with offload the layer's input comes back to the device for its recomputation
         shared = FP32 * h * n if e == FP32 and not f.offload_checkpoints else 0.0
         unpacked = e * h * n if f.offload_checkpoints else 0.0
-        layer_at = lambda i: (device_kept * i / L + outside_no_loss + n * (layer + layer_ws)  # noqa: E731
-                              + unpacked - shared)
+        layer_at = lambda i: (
+            device_kept * i / L
+            + outside_no_loss
+            + n * (layer + layer_ws)  # noqa: E731
+            + unpacked
+            - shared
+        )
     else:
         layer_at = lambda i: kept * i / L + outside_no_loss + n * layer_ws  # noqa: E731
     phases["last layer backward"] = layer_at(L)
@@ -314,15 +338,33 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     layer_params = (m.params - 2 * V * h - h) / L
     if t.params_over_sp:
         layer_params /= t.tp
-    grads = {"forward": 0.0, "loss backward": loss_grad, "last layer backward": lm_grad + h * pe + layer_params * pe,
-             "first layer backward": lm_grad + h * pe + L * layer_params * pe,
-             "end": (m.params / (t.tp if t.params_over_sp else 1)) * pe}
+    grads = {
+        "forward": 0.0,
+        "loss backward": loss_grad,
+        "last layer backward": lm_grad + h * pe + layer_params * pe,
+        "first layer backward": lm_grad + h * pe + L * layer_params * pe,
+        "end": (m.params / (t.tp if t.params_over_sp else 1)) * pe,
+    }
     total = {k: phases[k] + (grads[k] if x.grads_in_peak else 0) for k in phases}
     peak_phase = max(total, key=total.get)
-    comps = {"kept": kept, "outside": outside * n, "layer_saved": layer * n, "layer_ws": layer_ws * n,
-             "loss_fwd": loss_fwd, "loss_bwd": loss_bwd, **{f"layer.{k}": v * n for k, v in saved.items()}}
-    return MemoryPeak(activation_peak=phases[peak_phase], peak_phase=peak_phase, phases=phases,
-                      grad_at_phase=grads, host_bytes=host, kept_bytes=kept, components=comps)
+    comps = {
+        "kept": kept,
+        "outside": outside * n,
+        "layer_saved": layer * n,
+        "layer_ws": layer_ws * n,
+        "loss_fwd": loss_fwd,
+        "loss_bwd": loss_bwd,
+        **{f"layer.{k}": v * n for k, v in saved.items()},
+    }
+    return MemoryPeak(
+        activation_peak=phases[peak_phase],
+        peak_phase=peak_phase,
+        phases=phases,
+        grad_at_phase=grads,
+        host_bytes=host,
+        kept_bytes=kept,
+        components=comps,
+    )
 
 
 def attention_flops(shape: ModelShape, seq_len: int, sp: int, batch: int = 1, checkpointing: bool = True) -> float:

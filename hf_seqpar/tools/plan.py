@@ -19,8 +19,20 @@ from hf_seqpar.tools import cost
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
-__all__ = ["Cluster", "Setup", "Candidate", "candidates", "evaluate", "recommend", "max_seq_len", "GiB",
-           "lora_params", "assumptions", "attention_balance", "PLAN_ROWS"]
+__all__ = [
+    "Cluster",
+    "Setup",
+    "Candidate",
+    "candidates",
+    "evaluate",
+    "recommend",
+    "max_seq_len",
+    "GiB",
+    "lora_params",
+    "assumptions",
+    "attention_balance",
+    "PLAN_ROWS",
+]
 
 GiB = 2**30
 #: Share of the memory budget a recommended candidate may use.
@@ -29,8 +41,13 @@ HEADROOM = 0.9
 #: Bytes per parameter of the model states: (parameters, gradients, optimizer incl. fp32 master).
 STATE_BYTES = {"adamw": (2, 2, 12), "sgd": (2, 2, 4)}
 #: Which model states each sharding splits over all ranks.
-SHARDED = {"none": (), "zero1": ("opt",), "zero2": ("opt", "grad"), "fsdp": ("opt", "grad", "param"),
-           "fsdp_offload": ("opt", "grad", "param")}
+SHARDED = {
+    "none": (),
+    "zero1": ("opt",),
+    "zero2": ("opt", "grad"),
+    "fsdp": ("opt", "grad", "param"),
+    "fsdp_offload": ("opt", "grad", "param"),
+}
 #: Shardings whose (sharded) states live in host memory (FSDP's CPU offload of parameters, gradients
 #: and optimizer state: accelerate's ``fsdp_offload_params: true``); the GPU holds the gathered layers.
 HOST_STATES = ("fsdp_offload",)
@@ -105,8 +122,12 @@ class Setup:
     @property
     def features(self) -> Features:
         """The memory features of :mod:`hf_seqpar.tools.memmodel`."""
-        return Features(self.checkpointing, self.offload_checkpoints and self.checkpointing, self.mlp_tiles,
-                        self.loss_chunk_size if self.chunked_loss else None)
+        return Features(
+            self.checkpointing,
+            self.offload_checkpoints and self.checkpointing,
+            self.mlp_tiles,
+            self.loss_chunk_size if self.chunked_loss else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -196,11 +217,26 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
     states = _states(shape, cand, cluster, setup)
     host_states = states if setup.sharding in HOST_STATES else 0.0
     ulysses_size = getattr(cand.opts, "ulysses_size", None)
-    mem = peak_memory(MemoryModelInputs(shape, seq, cand.strategy, cand.sp, setup.features, setup.batch, setup.elem,
-                                        setup.elem, ulysses_size=ulysses_size, grads_in_peak=False))
+    mem = peak_memory(
+        MemoryModelInputs(
+            shape,
+            seq,
+            cand.strategy,
+            cand.sp,
+            setup.features,
+            setup.batch,
+            setup.elem,
+            setup.elem,
+            ulysses_size=ulysses_size,
+            grads_in_peak=False,
+        )
+    )
     acts = mem.activation_peak
-    comm = comm_bytes(cand.strategy, shape, seq, cand.sp, setup.batch, setup.elem,
-                      ulysses_size=ulysses_size) if cand.sp > 1 else {"total": 0}
+    comm = (
+        comm_bytes(cand.strategy, shape, seq, cand.sp, setup.batch, setup.elem, ulysses_size=ulysses_size)
+        if cand.sp > 1
+        else {"total": 0}
+    )
     device_states = states - host_states
     gathered = _gathered(shape, cand, setup)
     total = device_states + gathered + acts
@@ -208,35 +244,60 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
     per_node = min(cluster.gpus, cluster.gpus_per_node)
     host_node = per_node * (mem.host_bytes + host_states)
     attn_s = attention_flops(shape, seq, cand.sp, setup.batch, setup.checkpointing) / (
-        cluster.peak_tflops * 1e12 * cluster.attention_mfu)
-    return dict(candidate=cand.label, strategy=cand.strategy, sp=cand.sp, ulysses=cand.ulysses, ring=cand.ring,
-                dp=cluster.gpus // cand.sp, seq_len=seq,
-                states_bytes=device_states, gathered_bytes=gathered, activation_bytes=acts, total_bytes=total,
-                budget_bytes=budget,
-                reserve_bytes=cluster.reserve_gib * GiB, peak_phase=mem.peak_phase, kept_bytes=mem.kept_bytes,
-                host_bytes=mem.host_bytes + host_states, host_node_bytes=host_node,
-                host_budget_bytes=cluster.host_mem_gib * GiB, attention_seconds=attn_s,
-                features=setup.features.label,
-                fits=total <= budget and host_node <= cluster.host_mem_gib * GiB,
-                comm_bytes=comm["total"], comm_seconds=_comm_seconds(cand, comm, cluster))
+        cluster.peak_tflops * 1e12 * cluster.attention_mfu
+    )
+    return dict(
+        candidate=cand.label,
+        strategy=cand.strategy,
+        sp=cand.sp,
+        ulysses=cand.ulysses,
+        ring=cand.ring,
+        dp=cluster.gpus // cand.sp,
+        seq_len=seq,
+        states_bytes=device_states,
+        gathered_bytes=gathered,
+        activation_bytes=acts,
+        total_bytes=total,
+        budget_bytes=budget,
+        reserve_bytes=cluster.reserve_gib * GiB,
+        peak_phase=mem.peak_phase,
+        kept_bytes=mem.kept_bytes,
+        host_bytes=mem.host_bytes + host_states,
+        host_node_bytes=host_node,
+        host_budget_bytes=cluster.host_mem_gib * GiB,
+        attention_seconds=attn_s,
+        features=setup.features.label,
+        fits=total <= budget and host_node <= cluster.host_mem_gib * GiB,
+        comm_bytes=comm["total"],
+        comm_seconds=_comm_seconds(cand, comm, cluster),
+    )
 
 
 def assumptions(shape: ModelShape, cluster: Cluster, setup: Setup) -> list[str]:
     """The training set-up the predictions assume, one short line each (the table's header)."""
     param_b, grad_b, opt_b = setup.state_bytes()
     trained = setup.trained(shape)
-    who = ("all parameters train (full fine-tuning)" if setup.trainable_params is None else
-           f"{trained / 1e6:,.1f}M parameters train (LoRA/adapters), the {shape.params / 1e9:.2f}B base is frozen")
-    loss = (f"loss in chunks of {setup.loss_chunk_size:,} tokens (no full logits; --loss-chunk, --no-chunked-loss)"
-            if setup.chunked_loss else "full fp32 logits (no chunked loss)")
+    who = (
+        "all parameters train (full fine-tuning)"
+        if setup.trainable_params is None
+        else f"{trained / 1e6:,.1f}M parameters train (LoRA/adapters), the {shape.params / 1e9:.2f}B base is frozen"
+    )
+    loss = (
+        f"loss in chunks of {setup.loss_chunk_size:,} tokens (no full logits; --loss-chunk, --no-chunked-loss)"
+        if setup.chunked_loss
+        else "full fp32 logits (no chunked loss)"
+    )
     ckpt = "activation checkpointing of every layer" if setup.checkpointing else "no activation checkpointing"
     extra = (["checkpoints offloaded to host memory"] if setup.offload_checkpoints and setup.checkpointing else []) + (
-        [f"MLP in {setup.mlp_tiles} tiles"] if setup.mlp_tiles else [])
-    return [f"{ckpt}; {loss}" + "".join(f"; {e}" for e in extra),
-            f"{setup.optimizer}: {param_b:g} B weights + {grad_b:g} B gradients + {opt_b:g} B optimizer states per "
-            f"trained parameter (--optimizer, --optim-bytes); {who}",
-            f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} row(s) per "
-            f"micro-batch, {setup.elem}-byte activations"]
+        [f"MLP in {setup.mlp_tiles} tiles"] if setup.mlp_tiles else []
+    )
+    return [
+        f"{ckpt}; {loss}" + "".join(f"; {e}" for e in extra),
+        f"{setup.optimizer}: {param_b:g} B weights + {grad_b:g} B gradients + {opt_b:g} B optimizer states per "
+        f"trained parameter (--optimizer, --optim-bytes); {who}",
+        f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} row(s) per "
+        f"micro-batch, {setup.elem}-byte activations",
+    ]
 
 
 #: Row kinds ``plan --rows`` predicts the ring's attention balance for.
@@ -258,16 +319,23 @@ def attention_balance(cand: Candidate, seq_len: int, rows: str = "single") -> di
 
     if cand.ring == 1:
         return dict(layout=None, work_max_over_mean=1.0, zigzag_work_max_over_mean=1.0, pad=0)
-    docs = {"single": None, "skewed": lambda: document_ids(skewed_positions(seq_len)),
-            "longtail": lambda: document_ids(longtail_positions(seq_len))}[rows]
+    docs = {
+        "single": None,
+        "skewed": lambda: document_ids(skewed_positions(seq_len)),
+        "longtail": lambda: document_ids(longtail_positions(seq_len)),
+    }[rows]
     docs = docs() if docs else None
     valid = torch.ones(1, seq_len, dtype=torch.bool)
     multiple = cost.seq_multiple(cand.cls, cand.sp, cand.opts)
     kind = getattr(cand.opts, "layout", "auto")
     chosen = layout_report(choose_layout(kind, seq_len, cand.sp, multiple, cand.ulysses, valid, docs), valid, docs)
     zigzag = layout_report(choose_layout("zigzag", seq_len, cand.sp, multiple, cand.ulysses), valid, docs)
-    return dict(layout=chosen["layout"], work_max_over_mean=chosen["work_max_over_mean"],
-                zigzag_work_max_over_mean=zigzag["work_max_over_mean"], pad=chosen["pad"])
+    return dict(
+        layout=chosen["layout"],
+        work_max_over_mean=chosen["work_max_over_mean"],
+        zigzag_work_max_over_mean=zigzag["work_max_over_mean"],
+        pad=chosen["pad"],
+    )
 
 
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
@@ -280,30 +348,38 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
         reserve = smallest.get("reserve_bytes", 0) / GiB
         states = smallest["states_bytes"] + smallest.get("gathered_bytes", 0)
         if states > smallest["budget_bytes"]:
-            return None, (f"nothing fits: the model states alone take {states / GiB:.1f} GiB per GPU "
-                          f"({smallest['candidate']}), over the budget of {smallest['budget_bytes'] / GiB:.1f} GiB; "
-                          "shard them over more GPUs, keep them in host memory (--sharding fsdp_offload: "
-                          "accelerate's fsdp_offload_params), or train an adapter (--lora-rank) or with fewer "
-                          "optimizer bytes (--optim-bytes)")
+            return None, (
+                f"nothing fits: the model states alone take {states / GiB:.1f} GiB per GPU "
+                f"({smallest['candidate']}), over the budget of {smallest['budget_bytes'] / GiB:.1f} GiB; "
+                "shard them over more GPUs, keep them in host memory (--sharding fsdp_offload: "
+                "accelerate's fsdp_offload_params), or train an adapter (--lora-rank) or with fewer "
+                "optimizer bytes (--optim-bytes)"
+            )
         if smallest.get("host_node_bytes", 0) > smallest.get("host_budget_bytes", float("inf")):
-            return None, (f"nothing fits: {smallest['candidate']} needs {smallest['host_node_bytes'] / GiB:.0f} GiB "
-                          f"of host memory per node, over --host-mem {smallest['host_budget_bytes'] / GiB:.0f} GiB; "
-                          "add nodes (the states shard over more GPUs) or host memory")
-        return None, (f"nothing fits: the smallest footprint is {smallest['candidate']} at "
-                      f"{smallest['total_bytes'] / GiB:.1f} GiB per GPU, over the budget of "
-                      f"{smallest['budget_bytes'] / GiB:.1f} GiB (GPU memory minus a {reserve:g} GiB reserve, "
-                      "--reserve); add GPUs, enable checkpointing and the chunked loss, or shorten the sequence")
+            return None, (
+                f"nothing fits: {smallest['candidate']} needs {smallest['host_node_bytes'] / GiB:.0f} GiB "
+                f"of host memory per node, over --host-mem {smallest['host_budget_bytes'] / GiB:.0f} GiB; "
+                "add nodes (the states shard over more GPUs) or host memory"
+            )
+        return None, (
+            f"nothing fits: the smallest footprint is {smallest['candidate']} at "
+            f"{smallest['total_bytes'] / GiB:.1f} GiB per GPU, over the budget of "
+            f"{smallest['budget_bytes'] / GiB:.1f} GiB (GPU memory minus a {reserve:g} GiB reserve, "
+            "--reserve); add GPUs, enable checkpointing and the chunked loss, or shorten the sequence"
+        )
     # prefer candidates that leave 10% of the budget as headroom (allocator fragmentation, spikes)
     roomy = [r for r in fitting if r["total_bytes"] <= HEADROOM * r["budget_bytes"]]
     among = "candidates that fit with 10% headroom" if roomy else "candidates that fit (none with 10% headroom)"
     roomy = roomy or fitting
     best = min(roomy, key=lambda r: (r["sp"], r["comm_seconds"], r["ring"]))
     same_sp = sum(r["sp"] == best["sp"] for r in roomy)
-    why = (f"{best['candidate']} fits in {best['total_bytes'] / GiB:.1f} GiB per GPU "
-           f"({(best['states_bytes'] + best.get('gathered_bytes', 0)) / GiB:.1f} states + "
-           f"{best['activation_bytes'] / GiB:.1f} activations): the smallest SP degree of the {len(roomy)} "
-           f"{among}, leaving the most data parallelism (dp={best['dp']}), and "
-           f"the least SP traffic of the {same_sp} at that degree ({best['comm_seconds'] * 1e3:.1f} ms per step)")
+    why = (
+        f"{best['candidate']} fits in {best['total_bytes'] / GiB:.1f} GiB per GPU "
+        f"({(best['states_bytes'] + best.get('gathered_bytes', 0)) / GiB:.1f} states + "
+        f"{best['activation_bytes'] / GiB:.1f} activations): the smallest SP degree of the {len(roomy)} "
+        f"{among}, leaving the most data parallelism (dp={best['dp']}), and "
+        f"the least SP traffic of the {same_sp} at that degree ({best['comm_seconds'] * 1e3:.1f} ms per step)"
+    )
     return best, why
 
 

@@ -23,7 +23,14 @@ from hf_seqpar.strategies import STRATEGIES
 from hf_seqpar.strategies.ulysses import kv_replication
 from hf_seqpar.tools import cost
 
-__all__ = ["kv_bytes_per_rank", "InferenceRow", "inference_rows", "longest_prompt", "format_inference", "GENERATION_STRATEGIES"]
+__all__ = [
+    "kv_bytes_per_rank",
+    "InferenceRow",
+    "inference_rows",
+    "longest_prompt",
+    "format_inference",
+    "GENERATION_STRATEGIES",
+]
 
 GiB = 2**30
 #: Strategies hf_seqpar.generate runs (Megatron-SP splits the parameters and is refused).
@@ -56,8 +63,9 @@ def _per_token_bytes(m: ModelShape, sp: int, u: int, r: int, elem: int) -> tuple
     """(KV bytes, prefill working-set bytes) per local token on one rank."""
     kv = 2 * m.layers * m.kv_heads * m.head_dim * elem
     kv_eff = m.kv_heads * kv_replication(m.heads, m.kv_heads, u) if u > 1 else m.kv_heads
-    work = elem * (2 * m.hidden + (m.heads + 2 * m.kv_heads) * m.head_dim + 3 * m.intermediate
-                   + 2 * m.heads * m.head_dim)
+    work = elem * (
+        2 * m.hidden + (m.heads + 2 * m.kv_heads) * m.head_dim + 3 * m.intermediate + 2 * m.heads * m.head_dim
+    )
     if u > 1:
         work += 2 * elem * (m.heads + 2 * kv_eff) * m.head_dim
     if r > 1:
@@ -72,8 +80,9 @@ def kv_bytes_per_rank(m: ModelShape, seq: int, sp: int, new: int = 32, batch: in
     return 2 * m.layers * m.kv_heads * m.head_dim * elem * batch * (-(-seq // sp) + -(-new // sp))
 
 
-def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: int, elem: int,
-         budget_gib: float) -> InferenceRow:
+def _row(
+    m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: int, elem: int, budget_gib: float
+) -> InferenceRow:
     cls = STRATEGIES[name]
     u, r = cost.split(cls, sp, options, m.heads)
     kv_tok, work_tok = _per_token_bytes(m, sp, u, r, elem)
@@ -85,12 +94,29 @@ def _row(m: ModelShape, name: str, options, sp: int, seq: int, new: int, batch: 
     per_row = (kv_tok + work_tok) * batch / sp  # bytes per prompt token of one row
     longest = max(0, int((budget_gib * GiB - weights - kv_tok * batch * -(-new // sp)) / per_row))
     longest -= longest % sp  # whole shards: ceil(S / P) positions per rank stay within the budget
-    return InferenceRow(cost.label(cls, sp, options), sp, weights / GiB, kv / GiB, work / GiB, total / GiB,
-                        total <= budget_gib * GiB, longest)
+    return InferenceRow(
+        cost.label(cls, sp, options),
+        sp,
+        weights / GiB,
+        kv / GiB,
+        work / GiB,
+        total / GiB,
+        total <= budget_gib * GiB,
+        longest,
+    )
 
 
-def inference_rows(m: ModelShape, seq: int, gpus: int, *, new: int = 32, batch: int = 1, elem: int = 2,
-                   budget_gib: float = 76.0, gpus_per_node: int = 8) -> list[InferenceRow]:
+def inference_rows(
+    m: ModelShape,
+    seq: int,
+    gpus: int,
+    *,
+    new: int = 32,
+    batch: int = 1,
+    elem: int = 2,
+    budget_gib: float = 76.0,
+    gpus_per_node: int = 8,
+) -> list[InferenceRow]:
     """Every generation strategy and split on SP degrees dividing ``gpus``, for a prompt of ``seq``."""
     rows = []
     for sp in (d for d in range(1, gpus + 1) if gpus % d == 0):
@@ -107,11 +133,15 @@ def longest_prompt(rows: list[InferenceRow]) -> InferenceRow | None:
 
 def format_inference(rows: list[InferenceRow], seq: int, budget_gib: float) -> str:
     """The table ``hf-seqpar plan --inference`` prints."""
-    lines = [f"hf_seqpar.generate, prompt of {seq} tokens, per-GPU memory (predicted; budget {budget_gib:.1f} GiB)",
-             f"{'candidate':<22}{'weights':>9}{'KV':>9}{'prefill':>9}{'total':>9}  fits  longest prompt"]
+    lines = [
+        f"hf_seqpar.generate, prompt of {seq} tokens, per-GPU memory (predicted; budget {budget_gib:.1f} GiB)",
+        f"{'candidate':<22}{'weights':>9}{'KV':>9}{'prefill':>9}{'total':>9}  fits  longest prompt",
+    ]
     for r in sorted(rows, key=lambda r: (r.sp, r.label)):
-        lines.append(f"{r.label:<22}{r.weights_gib:>8.1f}G{r.kv_gib:>8.1f}G{r.prefill_gib:>8.1f}G"
-                     f"{r.total_gib:>8.1f}G  {'yes' if r.fits else 'no ':<4}  {r.longest_prompt:>12,}")
+        lines.append(
+            f"{r.label:<22}{r.weights_gib:>8.1f}G{r.kv_gib:>8.1f}G{r.prefill_gib:>8.1f}G"
+            f"{r.total_gib:>8.1f}G  {'yes' if r.fits else 'no ':<4}  {r.longest_prompt:>12,}"
+        )
     best = longest_prompt(rows)
     if best is not None:
         lines.append(f"longest prompt on this cluster: {best.longest_prompt:,} tokens with {best.label}")
@@ -129,8 +159,15 @@ def plan_inference(args) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     budget = args.gpu_mem - args.reserve
-    rows = inference_rows(m, args.seq_len, args.gpus, new=args.new_tokens, batch=args.batch, budget_gib=budget,
-                          gpus_per_node=args.gpus_per_node)
+    rows = inference_rows(
+        m,
+        args.seq_len,
+        args.gpus,
+        new=args.new_tokens,
+        batch=args.batch,
+        budget_gib=budget,
+        gpus_per_node=args.gpus_per_node,
+    )
     print(format_inference(rows, args.seq_len, budget))
     if args.json:
         with open(args.json, "w") as f:

@@ -6,8 +6,8 @@ Llama-style model from a config, and measures one forward+backward step on rows 
 document, packed documents of ``doc_len`` tokens (restarting ``position_ids``), right-padded
 (``pad_frac`` of the row), or one document under a sliding window. It reports per-rank peak step
 memory (peak resident memory during the last step minus the resident memory before the first
-step, i.e. with the model and the batch already built, on CPU), the step time, tokens/s, and the growth exponent of memory
-between consecutive lengths (``log(m2 / m1) / log(S2 / S1)``: 1.0 is linear).
+step, i.e. with the model and the batch already built, on CPU), the step time, tokens/s, and the
+growth exponent of memory between consecutive lengths (``log(m2 / m1) / log(S2 / S1)``: 1.0 is linear).
 
 The ranks run with glibc's ``mmap`` threshold fixed at 128 KiB
 (:func:`hf_seqpar.tools.bench.malloc_follows_tensors`, unless the environment sets
@@ -33,8 +33,19 @@ import torch.distributed as dist
 
 from hf_seqpar.tools.bench import _PeakRSS, malloc_follows_tensors, status_bytes
 
-__all__ = ["RowSpec", "ROW_KINDS", "make_rows", "measure_rows", "run_ranks", "growth_table", "format_rows", "init_rank", "skewed_positions",
-           "longtail_positions", "PARETO_ALPHA"]
+__all__ = [
+    "RowSpec",
+    "ROW_KINDS",
+    "make_rows",
+    "measure_rows",
+    "run_ranks",
+    "growth_table",
+    "format_rows",
+    "init_rank",
+    "skewed_positions",
+    "longtail_positions",
+    "PARETO_ALPHA",
+]
 
 ROW_KINDS = ("single", "packed", "padded", "window", "short", "skewed", "longtail")
 #: Tail index of the ``longtail`` rows' document lengths (Pareto: P(len > x) ~ x^-alpha).
@@ -107,7 +118,7 @@ def make_rows(spec: RowSpec, vocab: int) -> dict:
         batch["position_ids"] = longtail_positions(s)
     elif spec.rows == "padded":
         mask = torch.ones(rows, s, dtype=torch.long)
-        mask[:, s - int(s * spec.pad_frac):] = 0
+        mask[:, s - int(s * spec.pad_frac) :] = 0
         batch["attention_mask"] = mask
         batch["labels"] = ids.masked_fill(mask == 0, -100)
     return batch
@@ -117,10 +128,18 @@ def _model(spec: RowSpec):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=97, hidden_size=spec.hidden, intermediate_size=2 * spec.hidden,
-                        num_hidden_layers=spec.layers, num_attention_heads=2, num_key_value_heads=2,
-                        max_position_embeddings=1 << 22, use_cache=False, attn_implementation="sdpa",
-                        sliding_window=spec.window if spec.rows == "window" else None)
+    cfg = MistralConfig(
+        vocab_size=97,
+        hidden_size=spec.hidden,
+        intermediate_size=2 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1 << 22,
+        use_cache=False,
+        attn_implementation="sdpa",
+        sliding_window=spec.window if spec.rows == "window" else None,
+    )
     return MistralForCausalLM(cfg)
 
 
@@ -144,7 +163,7 @@ def _rank_main(rank: int, spec: RowSpec, port: int, queue) -> None:
         # the baseline is taken once, before the first step: later steps reuse memory the
         # allocator kept from the first, so "RSS before this step" would hide the step's peak
         before = status_bytes("VmRSS")
-        for step in range(spec.steps):
+        for _step in range(spec.steps):
             model.zero_grad(set_to_none=True)
             local = batch if spec.strategy == "none" else hf_seqpar.shard_batch(batch, model)
             _PeakRSS.reset()
@@ -169,8 +188,12 @@ def measure_rows(spec: RowSpec, timeout: float = 1800.0) -> dict:
     results = run_ranks(_rank_main, spec, spec.world, timeout)
     tokens = spec.seq_len
     seconds = max(r["seconds"] for r in results.values())
-    return dict(asdict(spec), peak_mib=max(r["peak_mib"] for r in results.values()), seconds=seconds,
-                tokens_per_s=tokens / seconds)
+    return dict(
+        asdict(spec),
+        peak_mib=max(r["peak_mib"] for r in results.values()),
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+    )
 
 
 def run_ranks(target, spec, world: int, timeout: float = 1800.0) -> dict:
@@ -218,8 +241,11 @@ def growth_table(rows: list[dict]) -> list[dict]:
     by_key: dict = {}
     for r in sorted(rows, key=lambda r: (r["strategy"], r["world"], r["rows"], r["seq_len"])):
         prev = by_key.get((r["strategy"], r["world"], r["rows"]))
-        r["growth"] = (math.log(r["peak_mib"] / prev["peak_mib"]) / math.log(r["seq_len"] / prev["seq_len"])
-                       if prev and prev["peak_mib"] > 0 and r["peak_mib"] > 0 else None)
+        r["growth"] = (
+            math.log(r["peak_mib"] / prev["peak_mib"]) / math.log(r["seq_len"] / prev["seq_len"])
+            if prev and prev["peak_mib"] > 0 and r["peak_mib"] > 0
+            else None
+        )
         by_key[(r["strategy"], r["world"], r["rows"])] = r
     single = {(r["strategy"], r["world"], r["seq_len"]): r["peak_mib"] for r in rows if r["rows"] == "single"}
     for r in rows:
@@ -235,6 +261,8 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         g = f"{r['growth']:.2f}" if r.get("growth") is not None else ""
         v = f"{r['vs_single']:.2f}x" if r.get("vs_single") is not None else ""
-        lines.append(f"| {r['strategy']} | {r['world']} | {r['rows']} | {r['seq_len']} | {r['peak_mib']:.1f} | {g} | "
-                     f"{v} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} |")
+        lines.append(
+            f"| {r['strategy']} | {r['world']} | {r['rows']} | {r['seq_len']} | {r['peak_mib']:.1f} | {g} | "
+            f"{v} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} |"
+        )
     return "\n".join(lines)

@@ -116,27 +116,40 @@ def measure_scaling(spec: ScalingSpec, timeout: float = 1800.0) -> dict:
     walls = [max(r["walls"][i] for r in ranks) for i in range(spec.steps)]
     cpu = [statistics.median(r["cpus"]) for r in ranks]
     first = ranks[0]
-    return dict(asdict(spec), wall_s=statistics.median(walls), wall_min_s=min(walls), wall_max_s=max(walls),
-                walls_s=walls, cpu_s_per_rank=cpu, cpu_max_over_mean=max(cpu) / (sum(cpu) / len(cpu)),
-                cpus_s=[r["cpus"] for r in ranks], layout_used=first["layout"],
-                work_max_over_mean=first["work_max_over_mean"], spans_per_rank=first["spans_per_rank"],
-                pad=first["pad"])
+    return dict(
+        asdict(spec),
+        wall_s=statistics.median(walls),
+        wall_min_s=min(walls),
+        wall_max_s=max(walls),
+        walls_s=walls,
+        cpu_s_per_rank=cpu,
+        cpu_max_over_mean=max(cpu) / (sum(cpu) / len(cpu)),
+        cpus_s=[r["cpus"] for r in ranks],
+        layout_used=first["layout"],
+        work_max_over_mean=first["work_max_over_mean"],
+        spans_per_rank=first["spans_per_rank"],
+        pad=first["pad"],
+    )
 
 
 def format_scaling(rows: list[dict]) -> str:
     """A markdown table of :func:`measure_scaling` rows, with the speed-up from the same
     strategy and row kind at one rank (wall, and by the slowest rank's CPU time)."""
     base = {(r["strategy"], r["rows"], r["seq_len"]): r for r in rows if r["world"] == 1}
-    head = ("| strategy | rows | S | layout (used) | P | wall s/step med (min-max) | CPU s/step per rank | "
-            "CPU max/mean | work max/mean | pad | speed-up wall | speed-up CPU |")
+    head = (
+        "| strategy | rows | S | layout (used) | P | wall s/step med (min-max) | CPU s/step per rank | "
+        "CPU max/mean | work max/mean | pad | speed-up wall | speed-up CPU |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         b = base.get((r["strategy"], r["rows"], r["seq_len"]))
         up_wall = f"{b['wall_s'] / r['wall_s']:.2f}x" if b else ""
         up_cpu = f"{max(b['cpu_s_per_rank']) / max(r['cpu_s_per_rank']):.2f}x" if b else ""
         cpu = " / ".join(f"{c:.2f}" for c in r["cpu_s_per_rank"])
-        lines.append(f"| {r['strategy']} | {r['rows']} | {r['seq_len']} | {r['layout'] or 'auto'} ({r['layout_used']}) "
-                     f"| {r['world']} | {r['wall_s']:.2f} ({r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}) | {cpu} | "
-                     f"{r['cpu_max_over_mean']:.2f} | {r['work_max_over_mean']:.2f} | {r['pad']} | {up_wall} | "
-                     f"{up_cpu} |")
+        lines.append(
+            f"| {r['strategy']} | {r['rows']} | {r['seq_len']} | {r['layout'] or 'auto'} ({r['layout_used']}) "
+            f"| {r['world']} | {r['wall_s']:.2f} ({r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}) | {cpu} | "
+            f"{r['cpu_max_over_mean']:.2f} | {r['work_max_over_mean']:.2f} | {r['pad']} | {up_wall} | "
+            f"{up_cpu} |"
+        )
     return "\n".join(lines)

@@ -26,9 +26,15 @@ import torch
 __all__ = ["run_selftest", "CASES"]
 
 #: Long-sequence cases: (strategy, rows, S). Llama-3.1-8B attention/MLP shapes, 2 layers, bf16.
-LONG_CASES = [("ulysses", "single", 65536), ("ulysses", "single", 131072), ("ulysses", "packed", 65536),
-              ("ulysses", "packed", 131072), ("ring", "packed", 65536), ("ring", "packed", 131072),
-              ("ring", "single", 65536)]
+LONG_CASES = [
+    ("ulysses", "single", 65536),
+    ("ulysses", "single", 131072),
+    ("ulysses", "packed", 65536),
+    ("ulysses", "packed", 131072),
+    ("ring", "packed", 65536),
+    ("ring", "packed", 131072),
+    ("ring", "single", 65536),
+]
 CASES = ["kernels", "pieces", "predicted"] + [f"long:{s}:{r}:{n}" for s, r, n in LONG_CASES]
 #: The ``predicted`` case's features: single-GPU mode (sp_size 1) as in the long cases.
 PREDICTED_FEATURES = dict(loss_chunk_size=4096, gradient_checkpointing=True, mlp_tiles=4)
@@ -64,8 +70,12 @@ def _case_kernels() -> dict:
             results[name] = "not installed"
             continue
         for dtype in (torch.bfloat16, torch.float16):
-            for causal, window, masked in ((True, None, False), (False, None, False), (True, 37, False),
-                                           (True, None, True)):
+            for causal, window, masked in (
+                (True, None, False),
+                (False, None, False),
+                (True, 37, False),
+                (True, None, True),
+            ):
                 key = f"{name}/{str(dtype)[6:]}/causal={causal}/window={window}/mask={masked}"
                 if (masked or window and not impl.native_window) and not impl.supports_mask:
                     continue
@@ -73,7 +83,7 @@ def _case_kernels() -> dict:
                     q = torch.randn(2, 8, 333, 128, device="cuda", dtype=dtype, generator=g)
                     k, v = (torch.randn(2, 2, 333, 128, device="cuda", dtype=dtype, generator=g) for _ in range(2))
                     mask = (torch.rand(2, 1, 333, 333, device="cuda", generator=g) > 0.3) if masked else None
-                    kw = dict(scale=128 ** -0.5, causal=causal, window=window, mask=mask)
+                    kw = dict(scale=128**-0.5, causal=causal, window=window, mask=mask)
                     out, lse = block_forward(q, k, v, backend=name, **kw)
                     ref, ref_lse = reference_forward(q, k, v, **kw)
                     dout = torch.randn_like(out)
@@ -81,8 +91,11 @@ def _case_kernels() -> dict:
                     refg = reference_backward(dout, q, k, v, ref, ref_lse, **kw)
                     torch.cuda.synchronize()
                     errs = [_max_err(out, ref)] + [_rel_err(a, b) for a, b in zip(grads, refg)]
-                    results[key] = {"out_err": errs[0], "grad_rel_err": max(errs[1:]),
-                                    "ok": errs[0] < 3e-2 and max(errs[1:]) < 5e-2}
+                    results[key] = {
+                        "out_err": errs[0],
+                        "grad_rel_err": max(errs[1:]),
+                        "ok": errs[0] < 3e-2 and max(errs[1:]) < 5e-2,
+                    }
                 except Exception as e:  # noqa: BLE001 (recorded in the report)
                     results[key] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return results
@@ -92,10 +105,10 @@ def _case_pieces(device: str = "cuda", seq: int = 4096) -> dict:
     """The variable-length pieces (packed, padded, windowed rows) against the float64 dense masked
     reference, forward and backward (bf16). On CUDA the window-band tiles run on the
     memory-efficient kernel, the rest on flash; ``device="cpu"`` runs the same check on CPU."""
-    from hf_seqpar.kernels import reference_backward, reference_forward
-    from hf_seqpar.kernels.varlen import varlen_attention
     from hf_seqpar.core.masks import document_ids
     from hf_seqpar.core.segments import build_segments, plan_pieces
+    from hf_seqpar.kernels import reference_backward, reference_forward
+    from hf_seqpar.kernels.varlen import varlen_attention
 
     results = {}
     s = seq
@@ -107,11 +120,12 @@ def _case_pieces(device: str = "cuda", seq: int = 4096) -> dict:
             pos = pos % 777
         if rows == "padded":
             valid[0, :100] = False
-            valid[1, s - 333:] = False
+            valid[1, s - 333 :] = False
         docs = document_ids(pos)
         pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], True, window)
-        q, k, v = (torch.randn(2, h, s, 64, device=device, generator=g).to(torch.bfloat16).requires_grad_()
-                   for h in (8, 2, 2))
+        q, k, v = (
+            torch.randn(2, h, s, 64, device=device, generator=g).to(torch.bfloat16).requires_grad_() for h in (8, 2, 2)
+        )
         out = varlen_attention(q, k, v, pieces, scale=0.125)
         qi, ki = torch.arange(s, device=device)[:, None], torch.arange(s, device=device)[None]
         allowed = (ki <= qi) & (ki > qi - (window or s))
@@ -127,24 +141,38 @@ def _case_pieces(device: str = "cuda", seq: int = 4096) -> dict:
         out.backward(dout)
         refg = reference_backward(dout, q.detach(), k.detach(), v.detach(), ref, ref_lse, scale=0.125, mask=mask)
         gerr = max(_rel_err(t.grad, r) for t, r in zip((q, k, v), refg))
-        results[f"{rows}/window={window}"] = {"pieces": len(pieces), "out_err": err, "grad_rel_err": gerr,
-                                              "ok": err < 3e-2 and gerr < 5e-2}
+        results[f"{rows}/window={window}"] = {
+            "pieces": len(pieces),
+            "out_err": err,
+            "grad_rel_err": gerr,
+            "ok": err < 3e-2 and gerr < 5e-2,
+        }
     return results
 
 
 def _long_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 22,
-                       rope_theta=500000.0, attn_implementation="sdpa", use_cache=False)
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=1 << 22,
+        rope_theta=500000.0,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
 
 
 def predicted_length(budget_bytes: float, step: int = 4096) -> tuple[int, float]:
     """The longest row (a multiple of ``step``) whose predicted step peak (activations and
     gradients, bf16, :data:`PREDICTED_FEATURES`, one GPU) fits ``budget_bytes``, and that peak."""
-    from .memmodel import Features, MemoryModelInputs, peak_memory
     from hf_seqpar.core.shape import ModelShape
+
+    from .memmodel import Features, MemoryModelInputs, peak_memory
 
     shape = ModelShape.from_config(_long_config())
     f = PREDICTED_FEATURES
@@ -164,16 +192,20 @@ def _case_predicted() -> dict:
     vs measured peak (``max_memory_allocated`` minus the allocated memory before the step)."""
     seq, predicted = predicted_length(torch.cuda.get_device_properties(0).total_memory / 3)
     res = _case_long("ulysses", "single", seq, PREDICTED_FEATURES)
-    res.update(seq_len=seq, predicted_step_gib=round(predicted / 2**30, 3),
-               ratio=round(res["peak_step_gib"] * 2**30 / predicted, 3) if predicted else None)
+    res.update(
+        seq_len=seq,
+        predicted_step_gib=round(predicted / 2**30, 3),
+        ratio=round(res["peak_step_gib"] * 2**30 / predicted, 3) if predicted else None,
+    )
     res["ok"] = bool(res["ok"] and res["ratio"] is not None and abs(res["ratio"] - 1) <= 0.15)
     return res
 
 
 def _case_long(strategy: str, rows: str, seq: int, features: dict | None = None) -> dict:
+    from transformers import LlamaForCausalLM
+
     import hf_seqpar
     from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
-    from transformers import LlamaForCausalLM
 
     cfg = _long_config()
     torch.manual_seed(0)
@@ -191,9 +223,12 @@ def _case_long(strategy: str, rows: str, seq: int, features: dict | None = None)
     out = model(**hf_seqpar.shard_batch(batch, model))
     out.loss.backward()
     torch.cuda.synchronize()
-    return {"loss": float(out.loss), "seconds": round(time.perf_counter() - t0, 2),
-            "peak_step_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3),
-            "ok": bool(torch.isfinite(out.loss))}
+    return {
+        "loss": float(out.loss),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_step_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3),
+        "ok": bool(torch.isfinite(out.loss)),
+    }
 
 
 def _run_case(name: str) -> dict:
@@ -212,8 +247,19 @@ def _pytest(tests_dir: Path, timeout: float, log: Path) -> dict:
     """Run the ``gpu``-marked tests; their whole output goes to ``log``, its tail to the report."""
     if not tests_dir.is_dir():
         return {"skipped": f"no tests folder at {tests_dir} (run from a source checkout)"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider",
-           str(tests_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfE",
+        "--tb=short",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        str(tests_dir),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tests_dir)
     except subprocess.TimeoutExpired as e:
@@ -226,8 +272,12 @@ def _pytest(tests_dir: Path, timeout: float, log: Path) -> dict:
 
 
 def _markdown(report: dict) -> str:
-    lines = [f"# hf-seqpar selftest on {report['device']}", "",
-             f"torch {report['torch']}, transformers {report['transformers']}, {report['seconds']:.0f} s", ""]
+    lines = [
+        f"# hf-seqpar selftest on {report['device']}",
+        "",
+        f"torch {report['torch']}, transformers {report['transformers']}, {report['seconds']:.0f} s",
+        "",
+    ]
     for name, res in report["results"].items():
         lines.append(f"## {name}")
         lines.append("```")
@@ -236,8 +286,9 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_selftest(out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | None = None,
-                 cases: list[str] | None = None) -> int:
+def run_selftest(
+    out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | None = None, cases: list[str] | None = None
+) -> int:
     """Run the GPU check and write ``selftest.json``/``selftest.md`` to ``out_dir``.
 
     Args:
@@ -250,15 +301,21 @@ def run_selftest(out_dir: str = ".", budget_s: float = 540.0, tests_dir: str | N
         0 when every case passed (or no GPU: dry mode), 1 otherwise.
     """
     if not torch.cuda.is_available():
-        print("hf-seqpar selftest: no GPU (torch.cuda.is_available() is False): nothing CUDA selected, "
-              f"dry mode. On a GPU it runs: gpu-marked tests, then {', '.join(CASES)}.")
+        print(
+            "hf-seqpar selftest: no GPU (torch.cuda.is_available() is False): nothing CUDA selected, "
+            f"dry mode. On a GPU it runs: gpu-marked tests, then {', '.join(CASES)}."
+        )
         return 0
     import transformers
 
     start = time.monotonic()
     tests = Path(tests_dir) if tests_dir else Path(__file__).resolve().parent.parent / "tests"
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "transformers": transformers.__version__, "results": {}}
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "results": {},
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report["results"]["pytest -m gpu"] = _pytest(tests, timeout=min(300.0, budget_s / 2), log=out / "pytest-gpu.log")

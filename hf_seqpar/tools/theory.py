@@ -10,8 +10,7 @@ declares); the shared per-layer formulas are in :mod:`hf_seqpar.core.shape`.
 from __future__ import annotations
 
 from hf_seqpar.config import SequenceParallelConfig
-from hf_seqpar.core.shape import (FP32, ModelShape, layer_activation_bytes, norm_bytes,  # noqa: F401 (re-exported)
-                                  outside_activation_bytes)
+from hf_seqpar.core.shape import FP32, ModelShape, layer_activation_bytes, norm_bytes, outside_activation_bytes  # noqa: F401 (re-exported)
 from hf_seqpar.strategies import strategy_class
 from hf_seqpar.strategies.ulysses import kv_replication
 from hf_seqpar.tools import cost
@@ -31,12 +30,22 @@ def strategy_options(strategy: str, **options):
         ValueError: unknown strategy, or an option it does not take.
     """
     cls = strategy_class(strategy)
-    return cls.options_from(SequenceParallelConfig(strategy=strategy, **{k: v for k, v in options.items()
-                                                                         if v is not None}))
+    return cls.options_from(
+        SequenceParallelConfig(strategy=strategy, **{k: v for k, v in options.items() if v is not None})
+    )
 
 
-def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int = 1, elem: int = 4,
-               ulysses_size: int | None = None, backward: bool = True, loss_allreduce: bool = True) -> dict:
+def comm_bytes(
+    strategy: str,
+    m: ModelShape,
+    seq_len: int,
+    sp: int,
+    batch: int = 1,
+    elem: int = 4,
+    ulysses_size: int | None = None,
+    backward: bool = True,
+    loss_allreduce: bool = True,
+) -> dict:
     """Bytes one rank sends per step (forward, and backward when ``backward``).
 
     Args:
@@ -73,8 +82,17 @@ def comm_bytes(strategy: str, m: ModelShape, seq_len: int, sp: int, batch: int =
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "all_to_all": a2a}
 
 
-def activation_bytes(strategy: str | None, m: ModelShape, seq_len: int, sp: int = 1, batch: int = 1, elem: int = 4,
-                     ulysses_size: int | None = None, checkpointing: bool = False, chunked_loss: bool = False) -> float:
+def activation_bytes(
+    strategy: str | None,
+    m: ModelShape,
+    seq_len: int,
+    sp: int = 1,
+    batch: int = 1,
+    elem: int = 4,
+    ulysses_size: int | None = None,
+    checkpointing: bool = False,
+    chunked_loss: bool = False,
+) -> float:
     """Bytes autograd saves for the backward on one rank (one micro-batch).
 
     Args:

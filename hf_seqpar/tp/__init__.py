@@ -16,5 +16,4 @@ strategy that uses them is :mod:`hf_seqpar.strategies.megatron`.
 from hf_seqpar.tp.apply import TensorParallel, average_gradients_over_dp, counting, full_tensor
 from hf_seqpar.tp.styles import HeadNorm, ReplicatedProjection
 
-__all__ = ["TensorParallel", "full_tensor", "average_gradients_over_dp", "counting", "HeadNorm",
-           "ReplicatedProjection"]
+__all__ = ["TensorParallel", "full_tensor", "average_gradients_over_dp", "counting", "HeadNorm", "ReplicatedProjection"]

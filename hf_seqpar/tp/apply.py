@@ -24,8 +24,13 @@ from hf_seqpar.tp.styles import ReplicatedProjection
 __all__ = ["TensorParallel", "full_tensor", "average_gradients_over_dp", "counting"]
 
 #: nn.Module hook dicts that torch's styles register into (they return no handles).
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 class _LocalConfig:
@@ -49,7 +54,7 @@ class _FullStateDict:
     def __call__(self, module, state_dict, prefix, local_metadata) -> None:
         for key, value in list(state_dict.items()):
             if isinstance(value, DTensor) and key.startswith(prefix):
-                state_dict[key] = self.tp.full_tensor(key[len(prefix):], value)
+                state_dict[key] = self.tp.full_tensor(key[len(prefix) :], value)
 
 
 def _hook_keys(model) -> dict:
@@ -60,8 +65,9 @@ def _rank_major(sizes: list[int], tp: int) -> torch.Tensor:
     """Row order that gives rank ``r`` the ``r``-th slice of every fused block."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     # for each rank, for each block: that block's r-th slice of rows
-    return torch.cat([torch.arange(s + r * n // tp, s + (r + 1) * n // tp)
-                      for r in range(tp) for s, n in zip(starts, sizes)])
+    return torch.cat(
+        [torch.arange(s + r * n // tp, s + (r + 1) * n // tp) for r in range(tp) for s, n in zip(starts, sizes)]
+    )
 
 
 class TensorParallel:
@@ -125,8 +131,12 @@ class TensorParallel:
         if self._tied:
             head.weight = embed.weight
         after = _hook_keys(model)
-        self._tp_hooks = [(m, d, after[id(m)][d] - before[id(m)][d]) for m in model.modules() for d in _HOOK_DICTS
-                          if after[id(m)][d] - before[id(m)][d]]
+        self._tp_hooks = [
+            (m, d, after[id(m)][d] - before[id(m)][d])
+            for m in model.modules()
+            for d in _HOOK_DICTS
+            if after[id(m)][d] - before[id(m)][d]
+        ]
         self._handles.append(model.register_state_dict_post_hook(_FullStateDict(self)))
         if self.counter.enabled:
             self._install_meter(model, layers, [group, *(g for g in groups if g is not None)])
@@ -168,6 +178,7 @@ class TensorParallel:
         def set_layer(layer, phase):
             def hook(*_):
                 meter.layer, meter.phase = layer, phase
+
             return hook
 
         def layer_pre(i):
@@ -175,6 +186,7 @@ class TensorParallel:
                 set_layer(i, "fwd")()
                 if args and torch.is_tensor(args[0]) and args[0].requires_grad:
                     args[0].register_hook(set_layer(i - 1 if i else None, "bwd"))
+
             return hook
 
         def layer_post(i):
@@ -182,6 +194,7 @@ class TensorParallel:
                 set_layer(None, "fwd")()
                 if torch.is_tensor(out) and out.requires_grad:
                     out.register_hook(set_layer(i, "bwd"))
+
             return hook
 
         for i, layer in enumerate(layers):
@@ -222,7 +235,7 @@ def check_targets(model, plan) -> None:
 def _set_local_attr(module, attr: str, value: int, undo: list) -> None:
     if attr.startswith("config."):
         undo.append((module, "config", module.config))
-        module.config = _LocalConfig(module.config, **{attr[len("config."):]: value})
+        module.config = _LocalConfig(module.config, **{attr[len("config.") :]: value})
     else:
         undo.append((module, attr, getattr(module, attr)))
         setattr(module, attr, value)

@@ -33,8 +33,10 @@ def _replicate_params(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
     """Turn every parameter into a ``Replicate()`` DTensor (same values on every rank)."""
     for p_name, param in list(module.named_parameters(recurse=False)):
         module.register_parameter(
-            p_name, nn.Parameter(DTensor.from_local(param.data, mesh, [Replicate()], run_check=False),
-                                 requires_grad=param.requires_grad)
+            p_name,
+            nn.Parameter(
+                DTensor.from_local(param.data, mesh, [Replicate()], run_check=False), requires_grad=param.requires_grad
+            ),
         )
 
 
