@@ -78,24 +78,12 @@ def test_dpo_hybrid_on_four_ranks_matches_one_process(pool4, tmp_path):
 @pytest.mark.slow
 def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     """recipes/dpo_trl.py under accelerate launch, offline default: trains and logs TRL's DPO metrics."""
-    import pathlib
     import re
-    import subprocess
-    import sys
 
-    from test_recipes import _port
+    from test_recipes import launch_recipe
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [
-        str(pathlib.Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(root / "recipes/accelerate/cpu.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        _port(),
-        str(root / "recipes/dpo_trl.py"),
+    stdout = launch_recipe(
+        "dpo_trl.py",
         "--max-steps",
         "3",
         "--max-pairs",
@@ -104,17 +92,16 @@ def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
         "1e-3",
         "--output-dir",
         str(tmp_path / "out"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "strategy=ulysses sp_size=2" in proc.stdout, proc.stdout
+        cwd=tmp_path,
+    )
+    assert "strategy=ulysses sp_size=2" in stdout, stdout
     steps = re.findall(
         r"^step +\d+/3 loss (\S+) grad_norm \S+ rewards/chosen \S+ rewards/rejected \S+ "
         r"rewards/margins (\S+) rewards/accuracies (\S+)",
-        proc.stdout,
+        stdout,
         re.M,
     )
-    assert len(steps) == 3, proc.stdout
+    assert len(steps) == 3, stdout
     assert float(steps[0][1]) == 0.0 and abs(float(steps[0][0]) - 0.693147) < 1e-4, steps  # ref = initial policy
     assert any(float(s[1]) != 0.0 for s in steps[1:]), steps  # the policy moved away from the reference
 

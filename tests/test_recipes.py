@@ -32,26 +32,26 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
+def launch_recipe(script: str, *args, cwd, config: str = "recipes/accelerate/cpu.yaml") -> str:
+    """``recipes/<script>`` under ``accelerate launch`` on 2 CPU ranks; its stdout (it must exit 0)."""
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), "--num_processes", "2"]
+    cmd += ["--main_process_port", _port(), str(ROOT / "recipes" / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
 def _run(out_dir, *args, config: str = "recipes/accelerate/cpu.yaml") -> str:
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        _port(),
-        str(ROOT / "recipes/finetune_long_context.py"),
+    return launch_recipe(
+        "finetune_long_context.py",
         "--output-dir",
         str(out_dir),
         "--log-every",
         "1",
         *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out_dir.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+        cwd=out_dir.parent,
+        config=config,
+    )
 
 
 def _scalars(out_dir) -> dict[str, dict[int, float]]:

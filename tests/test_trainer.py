@@ -114,24 +114,12 @@ def test_trl_sft_lora_reverse_order(pool2, tmp_path):
 @pytest.mark.slow
 def test_sft_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     """recipes/sft_trl.py under accelerate launch, offline default: trains and logs TRL's metrics."""
-    import pathlib
     import re
-    import subprocess
-    import sys
 
-    from test_recipes import _port
+    from test_recipes import launch_recipe
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [
-        str(pathlib.Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(root / "recipes/accelerate/cpu.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        _port(),
-        str(root / "recipes/sft_trl.py"),
+    stdout = launch_recipe(
+        "sft_trl.py",
         "--max-steps",
         "3",
         "--max-docs",
@@ -140,16 +128,15 @@ def test_sft_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
         "512",
         "--output-dir",
         str(tmp_path / "out"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "strategy=ulysses sp_size=2" in proc.stdout, proc.stdout
+        cwd=tmp_path,
+    )
+    assert "strategy=ulysses sp_size=2" in stdout, stdout
     steps = re.findall(
         r"^step +\d+/3 loss (\S+) grad_norm \S+ mean_token_accuracy (\S+) entropy (\S+) num_tokens (\S+)",
-        proc.stdout,
+        stdout,
         re.M,
     )
-    assert len(steps) == 3, proc.stdout
+    assert len(steps) == 3, stdout
     assert float(steps[-1][0]) < float(steps[0][0]), steps
     assert [int(float(s[3])) for s in steps] == [1024, 2048, 3072], steps  # 2 full packed rows of 512 per step
 
