@@ -76,7 +76,8 @@ def _per_token_bytes(m: ModelShape, sp: int, u: int, r: int, elem: int) -> tuple
 def kv_bytes_per_rank(m: ModelShape, seq: int, sp: int, new: int = 32, batch: int = 1, elem: int = 2) -> int:
     """Bytes of the sharded KV cache on the fullest rank after ``new`` tokens: ``ceil(S / P)`` prompt
     positions and ``ceil(new / P)`` generated ones per row (positions are dealt round robin), times
-    ``2 L h_kv d elem``. Exact for prompts that are a multiple of the layout's shard multiple."""
+    ``2 L h_kv d elem``. Exact for prompts that are a multiple of the layout's shard multiple (a
+    padded or packed prompt under ring's balanced layout may be padded by up to ``16 P`` positions more)."""
     return 2 * m.layers * m.kv_heads * m.head_dim * elem * batch * (-(-seq // sp) + -(-new // sp))
 
 
