@@ -140,7 +140,9 @@ def _clip(runs, ends, lo, hi):
             yield s, e, d
 
 
-def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: int | None) -> list[Piece]:
+def plan_pieces(
+    segments: Segments, q_chunks, k_chunks, causal: bool, window: int | None, pack: bool = True
+) -> list[Piece]:
     """Attention pieces of a query block against a key block, derived from the segments.
 
     Args:
@@ -150,6 +152,7 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
         k_chunks: the same for the keys.
         causal: causal attention.
         window: sliding window, or None.
+        pack: pack runs of small pieces into tiles (:func:`~hf_seqpar.kernels.varlen.pack_pieces`).
 
     Returns:
         :class:`~hf_seqpar.kernels.varlen.Piece` list in local coordinates, small pieces packed
@@ -188,7 +191,8 @@ def plan_pieces(segments: Segments, q_chunks, k_chunks, causal: bool, window: in
                             )
 
                         _pair(qs, qe, ks, ke, causal, window, emit)
-    return pack_pieces(_merge_full(pieces))
+    pieces = _merge_full(pieces)
+    return pack_pieces(pieces) if pack else pieces
 
 
 def _merge_full(pieces: list[Piece]) -> list[Piece]:
