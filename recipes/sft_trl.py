@@ -194,6 +194,9 @@ def train_and_save(trainer, output_dir: str, detail: str, resume=None, restore=N
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         print(f"saved to {output_dir}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():  # a clean exit: no gloo thread left running at interpreter shutdown
+        torch.distributed.destroy_process_group()
 
 
 def sp_plugin(args):
