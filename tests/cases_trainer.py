@@ -12,6 +12,7 @@ import torch.distributed as dist
 from cases import VOCAB, tiny_model
 
 import hf_seqpar
+from hf_seqpar.core.mesh import unwrap_model
 
 
 def reset_accelerate(use_cpu_env: bool = True) -> None:
@@ -202,7 +203,7 @@ def resume_run(out_dir: str, resume: bool, steps: int = 8, n_rows: int = 6) -> d
     trainer.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-5") if resume else None)
     dist.barrier()
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    params = {n: p.detach().clone() for n, p in hf_seqpar.core.mesh.unwrap_model(trainer.model).named_parameters()}
+    params = {n: p.detach().clone() for n, p in unwrap_model(trainer.model).named_parameters()}
     hf_seqpar.disable_sequence_parallel(trainer.model)
     return {"losses": losses, "params": params, "orders": orders}
 
@@ -331,7 +332,7 @@ def trainer_paths(out_dir: str, sp: bool, steps: int = 2, stream: bool = True) -
     out.update(
         predictions=torch.as_tensor(pred.predictions), label_ids=torch.as_tensor(pred.label_ids), test=pred.metrics
     )
-    base = hf_seqpar.core.mesh.unwrap_model(trainer.model)
+    base = unwrap_model(trainer.model)
     out["params"] = {n: p.detach().clone() for n, p in base.named_parameters()}
     if sp:
         rank = dist.get_rank()

@@ -177,6 +177,13 @@ def test_predict_metrics_streaming_and_throughput_match_stock_trainer(pool2, tmp
             ref["train"],
         )
         assert r["tokens_seen"] == ref["tokens_seen"] == 4 * 15, (r["tokens_seen"], ref["tokens_seen"])
+        # eval/test steps per sample as the stock Trainer counts them (main's were sp_size times too few);
+        # both are rounded to 1e-3 per second, so the ratio is compared at 2%
+        for prefix in ("eval", "test"):
+            sp, one = (
+                m[f"{prefix}_steps_per_second"] / m[f"{prefix}_samples_per_second"] for m in (r[prefix], ref[prefix])
+            )
+            assert abs(sp - one) <= 0.02 * one, (prefix, r[prefix], ref[prefix])
         assert r["mismatch"] is not None and "different batches" in r["mismatch"], r["mismatch"]
         assert r["own_loader"] is not None and "_get_dataloader" in r["own_loader"], r["own_loader"]
 

@@ -41,6 +41,7 @@ What it changes, and why:
 from __future__ import annotations
 
 import functools
+import math
 import os
 from functools import partial
 
@@ -384,7 +385,33 @@ class SequenceParallelMixin(Trainer):
         each row once, in the stock Trainer's order. (The Trainer resets ``gather_function`` at the
         end of every loop, so it is set at the start of each.)"""
         self.gather_function = partial(self._sp_gather_for_metrics, use_gather_object=self.args.eval_use_gather_object)
-        return super().evaluation_loop(*args, **kwargs)
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self.__dict__.setdefault("_sp_loop_samples", {})[prefix] = output.num_samples
+        return output
+
+    def _sp_fix_steps_per_second(self, metrics: dict) -> None:
+        """``{eval,test}_steps_per_second`` counting each batch once: the stock count divides the
+        rows by ``eval_batch_size x world_size``, but only the ``dp_size`` replicas split the rows
+        (the SP ranks of a replica run the same batches), so it came out ``sp_size`` times too low.
+        Recomputed in place from the loop's row count and the reported runtime."""
+        for prefix, rows in self.__dict__.get("_sp_loop_samples", {}).items():
+            key, runtime = f"{prefix}_steps_per_second", metrics.get(f"{prefix}_runtime")
+            if key in metrics and runtime:
+                steps = math.ceil(rows / (self.args.eval_batch_size * self.sp_state.dp_size))
+                metrics[key] = round(steps / runtime, 3)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """As the host's, with the evaluation's steps/s corrected (see :meth:`_sp_fix_steps_per_second`;
+        ``evaluate()`` logs its metrics dict and returns the same dict)."""
+        self._sp_fix_steps_per_second(logs)
+        return super().log(logs, *args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        """As the host's, with ``test_steps_per_second`` corrected (:meth:`_sp_fix_steps_per_second`)."""
+        output = super().predict(*args, **kwargs)
+        self._sp_fix_steps_per_second(output.metrics)
+        return output
 
     def _sp_gather_for_metrics(self, data, use_gather_object: bool = False):
         """``Accelerator.gather_for_metrics`` over the data-parallel group: gathered along dim 0 in
