@@ -116,17 +116,10 @@ def test_full_sequence_pieces_match_dense_reference(kind, causal, window):
         assert (t.grad.double() - r).abs().max() <= 1e-4, f"d{name}"
 
 
-@pytest.mark.parametrize("layout_kind,p", [("zigzag", 2), ("zigzag", 4), ("contiguous", 3)])
-@pytest.mark.parametrize("causal,window", MASKS, ids=lambda x: str(x))
-@pytest.mark.parametrize("kind", KINDS)
-def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout_kind, p):
-    """Every query shard against every key shard of the layout, merged by lse, is exact."""
-    s = 48
-    layout = Layout(layout_kind, s, p, p * (2 if layout_kind == "zigzag" else 1))
-    valid, docs = structure(kind, s)
-    segments = build_segments(valid, docs)
-    q, k, v = _qkv(s, seed=1)
-    dout = torch.randn_like(q) * valid[:, None, :, None]
+def _ring_blocks(q, k, v, dout, layout, segments, causal, window):
+    """Every query shard of ``layout`` against every key shard, forward merged by lse then backward,
+    as the ring runs them: ``(out, lse, (dq, dk, dv), tiles)`` in global order (tiles: packed pieces)."""
+    p, (b, hq, _, d), hkv = layout.outer, q.shape, k.shape[1]
     out, lse = torch.zeros(q.shape), torch.full(q.shape[:3], float("-inf"))
     dq, dk, dv = torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(v.shape)
     idx = [layout.outer_indices(r) for r in range(p)]
@@ -136,13 +129,13 @@ def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout
         for src in range(p)
     }
     for r in range(p):
-        o_r, l_r = torch.zeros(2, 4, len(idx[r]), 8), torch.full((2, 4, len(idx[r])), float("-inf"))
+        o_r, l_r = torch.zeros(b, hq, len(idx[r]), d), torch.full((b, hq, len(idx[r])), float("-inf"))
         for src in range(p):
             pieces_forward(q[:, :, idx[r]], k[:, :, idx[src]], v[:, :, idx[src]], plans[r, src], o_r, l_r, scale=0.3)
         out[:, :, idx[r]], lse[:, :, idx[r]] = o_r, l_r
     for r in range(p):
         for src in range(p):
-            g = [torch.zeros(2, h, len(idx[i]), 8) for h, i in ((4, r), (2, src), (2, src))]
+            g = [torch.zeros(b, h, len(idx[i]), d) for h, i in ((hq, r), (hkv, src), (hkv, src))]
             pieces_backward(
                 dout[:, :, idx[r]],
                 q[:, :, idx[r]],
@@ -157,7 +150,47 @@ def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout
             dq[:, :, idx[r]] += g[0]
             dk[:, :, idx[src]] += g[1]
             dv[:, :, idx[src]] += g[2]
-    _check_against_reference(q, k, v, out, lse, (dq, dk, dv), dout, dense_allowed(valid, docs, causal, window))
+    tiles = sum(piece.kind == PACKED for plan in plans.values() for piece in plan)
+    return out, lse, (dq, dk, dv), tiles
+
+
+@pytest.mark.parametrize("layout_kind,p", [("zigzag", 2), ("zigzag", 4), ("contiguous", 3)])
+@pytest.mark.parametrize("causal,window", MASKS, ids=lambda x: str(x))
+@pytest.mark.parametrize("kind", KINDS)
+def test_ring_block_pieces_merge_to_dense_reference(kind, causal, window, layout_kind, p):
+    """Every query shard against every key shard of the layout, merged by lse, is exact."""
+    s = 48
+    layout = Layout(layout_kind, s, p, p * (2 if layout_kind == "zigzag" else 1))
+    valid, docs = structure(kind, s)
+    q, k, v = _qkv(s, seed=1)
+    dout = torch.randn_like(q) * valid[:, None, :, None]
+    out, lse, grads, _ = _ring_blocks(q, k, v, dout, layout, build_segments(valid, docs), causal, window)
+    _check_against_reference(q, k, v, out, lse, grads, dout, dense_allowed(valid, docs, causal, window))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ring_blocks_of_random_tiny_documents_with_tiles_are_exact(seed):
+    """Packed tiles in the ring's blocks (random rows of 1-40-token documents, end padding, causal or
+    windowed, the balanced/auto layouts that shard_batch picks for them, 2-4 ranks) are exact."""
+    from hf_seqpar.core.balance import choose_layout
+
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
+    s, p = draw([48, 61, 96, 130]), draw([2, 3, 4])
+    lengths = torch.tensor([1, 2, 3, 1, 5, 9, 17, 40])[torch.randint(8, (2, s), generator=gen)]
+    pos = torch.stack([torch.cat([torch.arange(int(n)) for n in row])[:s] for row in lengths])  # (2, S)
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[1, s - draw([1, 3, 5]) :] = False
+    causal, window = draw([(True, None), (True, 4), (False, None)])
+    layout = choose_layout(draw(["balanced", "auto"]), s, p, 2 * p, valid=valid, doc_ids=document_ids(pos))
+    pad = layout.padded_len - s
+    valid, pos = torch.nn.functional.pad(valid, (0, pad), value=False), torch.nn.functional.pad(pos, (0, pad))
+    docs = document_ids(pos)
+    q, k, v = _qkv(layout.padded_len, seed=seed)
+    dout = torch.randn_like(q) * valid[:, None, :, None]
+    out, lse, grads, tiles = _ring_blocks(q, k, v, dout, layout, build_segments(valid, docs), causal, window)
+    assert tiles > 0, "the case must exercise packed tiles"
+    _check_against_reference(q, k, v, out, lse, grads, dout, dense_allowed(valid, docs, causal, window))
 
 
 def test_windowed_long_row_is_tiled_and_every_mask_is_small():

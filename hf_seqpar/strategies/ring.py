@@ -59,9 +59,8 @@ def ring_plans(batch, q_outer: int, layout: Layout, is_causal: bool, window: int
     def build():
         q_chunks = layout.outer_chunks(q_outer)
         plans = [
-            # unpacked: the ring's backward from packed tiles gave a wrong gradient on one family (CTRL's
-            # packed batch, tests/test_families.py -m slow) that is not understood yet, so tiles stay off here
-            plan_pieces(batch.segments, q_chunks, layout.outer_chunks(src), is_causal, window, pack=False)
+            # small pieces packed into tiles (kernels/varlen.pack_pieces), as for Ulysses and Megatron-SP
+            plan_pieces(batch.segments, q_chunks, layout.outer_chunks(src), is_causal, window)
             for src in range(layout.outer)
         ]
         return [p or None for p in plans]
