@@ -550,6 +550,12 @@ def _plan(args) -> int:
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)
+    if post is not None:
+        shown = best or min(rows, key=lambda r: r["total_bytes"])
+        print(
+            f"phases of {shown['candidate']} (GiB per GPU): "
+            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in shown["post_phases"].items())
+        )
     result = {"candidates": rows, "recommended": best, "reason": why}
     if args.max_seq:
         longest = max(rows, key=lambda r: r["max_seq_len"])

@@ -248,7 +248,7 @@ def post_assumptions(shape: ModelShape, cluster, setup) -> list[str]:
         )
         lines.insert(
             0,
-            f"GRPO: {b} completion row(s) per micro-batch ({post.prompt_len:,} prompt + "
-            f"completion tokens each), {post.num_generations} generations per prompt; {gen}",
+            f"GRPO: {b} completion row(s) per micro-batch (each {post.prompt_len:,} prompt tokens + the "
+            f"completion, --seq-len in all), {post.num_generations} generations per prompt; {gen}",
         )
     return lines
