@@ -160,12 +160,13 @@ def ref_weight_bytes(shape: ModelShape, gpus: int, sharding: str, post: PostTrai
     return (full / gpus if sharding in _FSDP else full), 0.0
 
 
-def no_grad_forward_bytes(shape: ModelShape, cand, tokens: float, elem: int) -> float:
+def no_grad_forward_bytes(shape: ModelShape, cand, tokens: float, elem: int, triton: bool = True) -> float:
     """Transient bytes of a no-grad forward over ``tokens`` tokens of a rank (one layer's working set at
     a time: :mod:`hf_seqpar.tools.plan_infer`'s prefill working set, under the candidate's Ulysses and
-    ring degrees) plus TRL's fused head forward on them."""
+    ring degrees) plus TRL's fused head forward on them (``triton``: see
+    :func:`~hf_seqpar.tools.memmodel.trl_fused_head_terms`)."""
     _, work = _infer_per_token(shape, cand.sp, cand.ulysses, cand.ring, elem)
-    return work * tokens + trl_fused_head_terms(shape, tokens, elem, cand.sp)["forward"]
+    return work * tokens + trl_fused_head_terms(shape, tokens, elem, cand.sp, triton)["forward"]
 
 
 def generation_bytes(shape: ModelShape, seq: int, post: PostTraining, batch: int, elem: int) -> float:
