@@ -5,7 +5,8 @@ DPOTrainer runs it under hf_seqpar (policy forward of the 2B concatenated rows t
 head and hf_seqpar's sharded call, the reference forward under no_grad, the sigmoid loss, the
 backward) minus the resident memory before it. Predicted: the planner's phases for the same step
 (fp32, TRL's torch fallback of the fused head, the step's gradients in the peak); no constant is
-fitted. Within 15%, as the SFT memory model (tests/test_memory_model.py).
+fitted. Within 15%, as the SFT memory model (tests/test_memory_model.py). Slow (about 20 s a
+case on 2 shared cores, plus its own ranks' start-up).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _ratio(pool, case):
     return pred["device_bytes"] / measured, measured, pred
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [DPOCase("ulysses", 2048), DPOCase("ulysses", 2048, checkpointing=True), DPOCase("ring", 2048)],
