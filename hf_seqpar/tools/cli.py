@@ -244,6 +244,59 @@ def _plan_parser(sub) -> None:
     p.add_argument(
         "--new-tokens", type=_positive_int, default=32, help="--inference: tokens generated (default: %(default)s)"
     )
+    post = p.add_argument_group(
+        "post-training (TRL's DPOTrainer / GRPOTrainer; hf_seqpar/tools/plan_post.py)",
+        "The rows, TRL's fused LM head, the reference model and GRPO's generation; the table's total is "
+        "the largest phase (training step, reference forward, generation, scoring, precompute).",
+    )
+    post.add_argument(
+        "--post-training",
+        choices=["dpo", "grpo"],
+        default=None,
+        help="dpo: --batch pairs per micro-batch, i.e. 2 x --batch rows of --seq-len (chosen + rejected); "
+        "grpo: --batch completion rows of --seq-len (prompt + completion) per micro-batch",
+    )
+    post.add_argument(
+        "--ref-model",
+        choices=["none", "same", "precompute"],
+        default=None,
+        help="same: a frozen copy of the model as the reference (DPO ref_model, GRPO beta > 0), sharded "
+        "like the states under FSDP, replicated otherwise, with a no-grad forward per step; none: no "
+        "reference (GRPO beta = 0); precompute: DPO's precompute_ref_log_probs (a whole-row pass "
+        "before training) (default: same)",
+    )
+    post.add_argument(
+        "--ref-bytes",
+        type=int,
+        choices=[2, 4],
+        default=None,
+        help="bytes per reference weight: 2 (bf16) or 4 (an fp32 copy, e.g. copy.deepcopy of an fp32 "
+        "policy as recipes/dpo_trl.py does) (default: 2)",
+    )
+    post.add_argument(
+        "--num-generations",
+        type=_positive_int,
+        default=None,
+        help="grpo: completions per prompt (TRL's num_generations; no memory term of its own: --batch "
+        "counts completion rows) (default: 8)",
+    )
+    post.add_argument(
+        "--prompt-len", type=_positive_int, default=None, help="grpo: prompt tokens of each --seq-len row (required)"
+    )
+    post.add_argument(
+        "--steps-per-generation",
+        type=_positive_int,
+        default=None,
+        help="grpo: micro-batches one generation serves (TRL's steps_per_generation): the generating rank "
+        "holds the KV cache of --batch x this many whole rows (default: 1)",
+    )
+    post.add_argument(
+        "--generation",
+        choices=["hf", "external"],
+        default=None,
+        help="grpo: hf = HF generate on the training GPUs (modelled: KV cache, prefill, logits); external = "
+        "a vLLM server on other GPUs (nothing on these) (default: hf)",
+    )
 
 
 def _bench_rows(args) -> int:
@@ -394,10 +447,21 @@ def _plan(args) -> int:
         args.parser.error(
             f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB; lower --reserve"
         )
+    post_flags = [
+        f"--{name.replace('_', '-')}"
+        for name in ("ref_model", "ref_bytes", "num_generations", "prompt_len", "steps_per_generation", "generation")
+        if getattr(args, name) is not None
+    ]
     if args.inference:
+        if args.post_training or post_flags:
+            args.parser.error(
+                f"{' '.join(([f'--post-training {args.post_training}'] if args.post_training else []) + post_flags)}"
+                " with --inference: those plan TRL's DPO/GRPO training; drop --inference (or them)"
+            )
         from hf_seqpar.tools.plan_infer import plan_inference
 
         return plan_inference(args)
+    post = _post_training(args, post_flags)
     try:
         shape = ModelShape.from_config(load_config(args.model))
     except ValueError as e:
@@ -436,8 +500,13 @@ def _plan(args) -> int:
         optimizer=args.optimizer,
         optim_bytes=args.optim_bytes,
         trainable_params=None if trainable is None else int(trainable),
+        post_training=post,
     )
     cands = candidates(shape, cluster)
+    if post is not None:
+        from hf_seqpar.tools.plan_post import post_strategies_ok
+
+        cands = [c for c in cands if post_strategies_ok(c.cls)]  # Megatron-SP: refused by the mixin
     rows = [evaluate(shape, args.seq_len, c, cluster, setup) for c in cands]
     for c, r in zip(cands, rows):
         r["attention_balance"] = attention_balance(c, args.seq_len, args.rows)
@@ -458,6 +527,9 @@ def _plan(args) -> int:
         f"{'candidate':<16}{'dp':>4}{'states GiB':>12}{'act GiB':>10}{'total GiB':>11}{'fits':>6}"
         f"{'SP GB/step':>12}{'SP ms':>9}"
     )
+    if post is not None:
+        print("states include the reference weights (ref GiB); act: the peak phase's transient beyond them")
+        head += f"{'ref GiB':>9}  {'peak phase':<20}"
     print(head + f"  work max/mean ({args.rows} row; zigzag)" + ("  max seq" if args.max_seq else ""))
     for r in rows:
         states = r["states_bytes"] + r["gathered_bytes"]
@@ -471,11 +543,19 @@ def _plan(args) -> int:
         line = (
             f"{r['candidate']:<16}{r['dp']:>4}{states / GiB:>12.1f}{r['activation_bytes'] / GiB:>10.1f}"
             f"{r['total_bytes'] / GiB:>11.1f}{'yes' if r['fits'] else 'no':>6}{r['comm_bytes'] / 1e9:>12.2f}"
-            f"{r['comm_seconds'] * 1e3:>9.1f}  {work}"
+            f"{r['comm_seconds'] * 1e3:>9.1f}"
+            + (f"{r['ref_bytes'] / GiB:>9.1f}  {r['peak_phase']:<20}" if post is not None else "")
+            + f"  {work}"
         )
         print(line + (f"  {r['max_seq_len']:,}" if args.max_seq else ""))
     best, why = recommend(rows)
     print(("Recommended: " if best else "") + why)
+    if post is not None:
+        shown = best or min(rows, key=lambda r: r["total_bytes"])
+        print(
+            f"phases of {shown['candidate']} (GiB per GPU): "
+            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in shown["post_phases"].items())
+        )
     result = {"candidates": rows, "recommended": best, "reason": why}
     if args.max_seq:
         longest = max(rows, key=lambda r: r["max_seq_len"])
@@ -488,6 +568,51 @@ def _plan(args) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0 if best or (args.max_seq and result.get("longest")) else 1
+
+
+def _post_training(args, post_flags):
+    """The :class:`~hf_seqpar.tools.plan_post.PostTraining` of ``--post-training`` (None without it), or a
+    parser error naming the fix."""
+    from hf_seqpar.tools.plan_post import PostTraining
+
+    if args.post_training is None:
+        if post_flags:
+            args.parser.error(f"{' '.join(post_flags)} need --post-training dpo or grpo")
+        return None
+    grpo_only = [f for f in post_flags if f not in ("--ref-model", "--ref-bytes")]
+    if args.post_training == "dpo" and grpo_only:
+        args.parser.error(f"{' '.join(grpo_only)}: GRPO options; --post-training dpo takes --ref-model and --ref-bytes")
+    unmodelled = [
+        flag
+        for flag, on in (
+            ("--offload", args.offload),
+            ("--no-chunked-loss", args.no_chunked_loss),
+            ("--lora-rank", args.lora_rank is not None),
+            ("--trainable-params", args.trainable_params is not None),
+            ("--max-seq", args.max_seq),
+        )
+        if on
+    ]
+    if unmodelled:
+        args.parser.error(
+            f"{' '.join(unmodelled)} with --post-training: not modelled for TRL's trainers (TRL's fused LM head "
+            "replaces hf_seqpar's loss; hf_seqpar's DPO support refuses PEFT models; the longest-sequence search "
+            "varies features TRL's path does not take); drop them"
+        )
+    post = PostTraining(
+        args.post_training,
+        ref_model=args.ref_model or "same",
+        ref_elem=args.ref_bytes or 2,
+        num_generations=args.num_generations or 8,
+        prompt_len=args.prompt_len,
+        steps_per_generation=args.steps_per_generation or 1,
+        generation=args.generation or "hf",
+    )
+    try:
+        post.check(args.seq_len)
+    except ValueError as e:
+        args.parser.error(str(e))
+    return post
 
 
 def _print_longest(shape, cluster, setup) -> dict | None:

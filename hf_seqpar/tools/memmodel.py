@@ -56,6 +56,9 @@ __all__ = [
     "strategy_terms",
     "peak_memory",
     "attention_flops",
+    "trl_fused_head_terms",
+    "TRL_TOKEN_TILE",
+    "TRL_VOCAB_TILE",
 ]
 
 #: What ``strategy=None`` (one rank, no SP) is modelled as.
@@ -179,6 +182,13 @@ class MemoryModelInputs:
     grads_in_peak: bool = True
     """Whether the step's parameter gradients count in the peak (a step without gradient sharding);
     False when the caller counts them with the model states (the planner, under FSDP/ZeRO)."""
+    fused_head: bool = False
+    """TRL's fused LM head (``DPOTrainer``/``GRPOTrainer``'s per-token log-probs, through
+    hf_seqpar's sharded call) instead of hf_seqpar's loss: :func:`trl_fused_head_terms` replaces the
+    loss terms (``features.loss_chunk_size`` is then ignored)."""
+    fused_head_triton: bool = True
+    """With ``fused_head``: TRL's Triton kernels (GPUs); False: its torch fallback (CPU ranks, for the
+    measured validation: :func:`trl_fused_head_terms` with ``triton=False``)."""
 
 
 @dataclass
@@ -270,6 +280,11 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     rope = 2 * e * m.head_dim
     final_norm = norm_bytes(m, e)
     loss_saved = INDEX if chunk else FP32 * V  # chunked: the labels; plain: the fp32 log-softmax
+    head = trl_fused_head_terms(m, n, e, x.sp, x.fused_head_triton) if x.fused_head else None
+    if head is not None:
+        if f.offload_checkpoints:
+            raise ValueError("offload_checkpoints with TRL's fused LM head is not modelled")
+        loss_saved = head["saved_per_token"]
     outside = INDEX + rope + final_norm + loss_saved  # token ids, cos/sin, final norm, loss
 
     # what is kept through the forward (device) and what offload moves (host)
@@ -302,6 +317,9 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         loss_fwd = e * V * n + (FP32 * V * n if e < FP32 else 0)  # logits (and their fp32 copy)
         loss_bwd = 2 * FP32 * V * n + (e * V * n if e < FP32 else 0)  # nll and log-softmax gradients
         loss_grad = lm_grad
+    if head is not None:
+        loss_fwd, loss_bwd = head["forward"], head["backward"]
+        loss_grad = FP32 * V * h if pe < FP32 else lm_grad  # the kernel's fp32 weight-gradient accumulator
     loss_outside = device_outside if f.offload_checkpoints else outside * n
     # with offload the loss's backward brings its saved tensors back to the device: the hidden states
     # and labels (chunked), or the two copies of the log-softmax output (plain)
@@ -365,6 +383,50 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         kept_bytes=kept,
         components=comps,
     )
+
+
+#: TRL's fused LM head (``trl/kernels/chunked_logprob.py``, TRL 1.16): a projection tile of
+#: ``TOKEN_CHUNK_SIZE`` tokens x ``_CHUNKED_LOGPROB_CHUNK_SIZE`` vocabulary entries (``trl/trainer/utils.py``).
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+
+
+def trl_fused_head_terms(m: ModelShape, n: float, e: int, sp: int, triton: bool = True) -> dict:
+    """Bytes of TRL's fused LM head (``add_fused_lm_head``, ``ChunkedLogProbFunction``) on ``n`` local
+    tokens under hf_seqpar's sharded call (:mod:`hf_seqpar.integrations.trl_dpo`), replacing the loss
+    terms of :func:`peak_memory`:
+
+    - ``saved_per_token``: what the kernel saves for its backward beyond the final norm's output:
+      the targets (int64), ``log_z`` and the entropy slot (fp32): ``8 + 2 x 4``; with ``triton``
+      (only labelled positions are scored) also the gathered ``hidden[mask]`` copy ``e h``.
+    - ``outputs_per_token``: the per-token fields it returns (log-probs, entropy, mean logits fp32 and
+      the top-1 flag, ``3 x 4 + 1`` bytes), their ``masked_scatter`` copies, and hf_seqpar's gather of
+      each into whole rows (``B S = n P`` tokens on every rank): ``13 (2 + P)``.
+    - ``forward``: the projection tile ``min(n, 4096) x 32768 x e`` (allocated whole, whatever the
+      vocabulary), the seven fp32 running statistics per token (``7 x 4 n``) and the outputs.
+    - ``backward``: the tile again, the fp32 hidden-gradient accumulator and its cast to the
+      activation dtype (``(4 + e) h n``), the fp32 ``lm_head`` weight-gradient accumulator
+      (``4 V h``), the fp32 copy of the log-prob gradient (``4 n``) and the outputs.
+    - ``triton=False`` (TRL's torch fallback, CPU ranks): the tile's untouched columns are never
+      resident (``min(n, 4096) x min(V, 32768) x e``), and the fallback's whole-tile fp32
+      temporaries add 3 tiles in the forward (the transformed logits, their shifted copy, its
+      exponential) and 8.25 in the backward (``y``, ``z``, ``log p``, ``p``, the gradient, the
+      target one-hot in fp32 and in bool, ``1[target] - p`` and its product with the incoming gradient).
+    """
+    h, V = m.hidden, m.vocab
+    rows = min(n, TRL_TOKEN_TILE)
+    outputs = (3 * FP32 + 1) * (2 + sp) * n
+    if triton:
+        tile, fwd_tmp, bwd_tmp = rows * TRL_VOCAB_TILE * e, 0.0, 0.0
+    else:
+        tile = rows * min(V, TRL_VOCAB_TILE) * e
+        fwd_tmp, bwd_tmp = 3 * rows * min(V, TRL_VOCAB_TILE) * FP32, 8.25 * rows * min(V, TRL_VOCAB_TILE) * FP32
+    return {
+        "saved_per_token": INDEX + 2 * FP32 + (e * h if triton else 0),
+        "outputs_per_token": (3 * FP32 + 1) * (2 + sp),
+        "forward": tile + fwd_tmp + 7 * FP32 * n + outputs,
+        "backward": tile + bwd_tmp + (FP32 + e) * h * n + FP32 * V * h + FP32 * n + outputs,
+    }
 
 
 def attention_flops(shape: ModelShape, seq_len: int, sp: int, batch: int = 1, checkpointing: bool = True) -> float:

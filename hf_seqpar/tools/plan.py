@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from hf_seqpar.strategies import STRATEGIES, strategy_class
 from hf_seqpar.tools import cost
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
+from hf_seqpar.tools.plan_post import PostTraining, post_assumptions, post_memory
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
 __all__ = [
@@ -109,6 +110,9 @@ class Setup:
     optim_bytes: float | None = None
     """Optimizer-state bytes per trained parameter, fp32 master copy included (None: the
     optimizer's, :data:`STATE_BYTES`: adamw 12, sgd 4; e.g. 6 for 8-bit Adam with a master copy)."""
+    post_training: PostTraining | None = None
+    """TRL's DPO or GRPO instead of a language-model loss (``--post-training``): pairs or completion
+    rows, TRL's fused LM head, the reference model, generation (:mod:`hf_seqpar.tools.plan_post`)."""
 
     def state_bytes(self) -> tuple[float, float, float]:
         """Bytes per parameter of (weights, gradients, optimizer states) for a trained parameter."""
@@ -217,6 +221,8 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
     states = _states(shape, cand, cluster, setup)
     host_states = states if setup.sharding in HOST_STATES else 0.0
     ulysses_size = getattr(cand.opts, "ulysses_size", None)
+    post = setup.post_training
+    rows = post.rows(setup.batch) if post else setup.batch  # DPO: a pair is two rows
     mem = peak_memory(
         MemoryModelInputs(
             shape,
@@ -224,28 +230,43 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
             cand.strategy,
             cand.sp,
             setup.features,
-            setup.batch,
+            rows,
             setup.elem,
             setup.elem,
             ulysses_size=ulysses_size,
             grads_in_peak=False,
+            fused_head=post is not None,
         )
     )
     acts = mem.activation_peak
     comm = (
-        comm_bytes(cand.strategy, shape, seq, cand.sp, setup.batch, setup.elem, ulysses_size=ulysses_size)
+        comm_bytes(cand.strategy, shape, seq, cand.sp, rows, setup.elem, ulysses_size=ulysses_size)
         if cand.sp > 1
         else {"total": 0}
     )
     device_states = states - host_states
     gathered = _gathered(shape, cand, setup)
     total = device_states + gathered + acts
+    peak_phase, ref_bytes, phases = mem.peak_phase, 0.0, None
+    if post is not None:
+        # the reference weights are model states; the largest phase (training step, reference forward,
+        # generation, scoring, precompute) is the total, its part beyond the states the transient
+        extra = post_memory(shape, seq, cand, cluster, setup, mem, device_states + gathered)
+        ref_bytes = extra["ref_device"]
+        device_states += ref_bytes
+        host_states += extra["ref_host"]
+        phases = extra["phases"]
+        total = phases[extra["peak_phase"]]
+        acts = total - device_states - gathered
+        if extra["peak_phase"] != "training step":
+            peak_phase = extra["peak_phase"]
     budget = (cluster.gpu_mem_gib - cluster.reserve_gib) * GiB
     per_node = min(cluster.gpus, cluster.gpus_per_node)
     host_node = per_node * (mem.host_bytes + host_states)
-    attn_s = attention_flops(shape, seq, cand.sp, setup.batch, setup.checkpointing) / (
-        cluster.peak_tflops * 1e12 * cluster.attention_mfu
-    )
+    flops = attention_flops(shape, seq, cand.sp, rows, setup.checkpointing)
+    if post is not None and post.has_ref_model:  # the reference's forward: the forward share of the step
+        flops += flops / (3.5 + setup.checkpointing)
+    attn_s = flops / (cluster.peak_tflops * 1e12 * cluster.attention_mfu)
     return dict(
         candidate=cand.label,
         strategy=cand.strategy,
@@ -255,12 +276,14 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
         dp=cluster.gpus // cand.sp,
         seq_len=seq,
         states_bytes=device_states,
+        ref_bytes=ref_bytes,
         gathered_bytes=gathered,
         activation_bytes=acts,
         total_bytes=total,
         budget_bytes=budget,
         reserve_bytes=cluster.reserve_gib * GiB,
-        peak_phase=mem.peak_phase,
+        peak_phase=peak_phase,
+        post_phases=phases,
         kept_bytes=mem.kept_bytes,
         host_bytes=mem.host_bytes + host_states,
         host_node_bytes=host_node,
@@ -291,13 +314,17 @@ def assumptions(shape: ModelShape, cluster: Cluster, setup: Setup) -> list[str]:
     extra = (["checkpoints offloaded to host memory"] if setup.offload_checkpoints and setup.checkpointing else []) + (
         [f"MLP in {setup.mlp_tiles} tiles"] if setup.mlp_tiles else []
     )
-    return [
+    if setup.post_training is not None:
+        loss = "TRL's fused LM head"
+    head = [
         f"{ckpt}; {loss}" + "".join(f"; {e}" for e in extra),
         f"{setup.optimizer}: {param_b:g} B weights + {grad_b:g} B gradients + {opt_b:g} B optimizer states per "
         f"trained parameter (--optimizer, --optim-bytes); {who}",
-        f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} row(s) per "
+        f"states sharded by {setup.sharding} over {cluster.gpus} GPUs (--sharding); {setup.batch} "
+        f"{'pair(s)' if setup.post_training is not None and setup.post_training.kind == 'dpo' else 'row(s)'} per "
         f"micro-batch, {setup.elem}-byte activations",
     ]
+    return head + (post_assumptions(shape, cluster, setup) if setup.post_training is not None else [])
 
 
 #: Row kinds ``plan --rows`` predicts the ring's attention balance for.
