@@ -179,3 +179,160 @@ def test_cudnn_sends_one_by_one_blocks_to_the_efficient_backward(monkeypatch):
     q, k, v = _qkv(s=1)
     grads = CudnnBackend().backward(q, q, k, v, q, torch.zeros(2, 4, 1), scale=1.0, causal=True, window=None, mask=None)
     assert seen == [q.shape] and grads[0] is q
+
+
+# ---- grouped-query attention: K/V with their own heads where the kernel takes them --------------
+
+
+def _gqa(b=1, hq=8, hkv=2, s=9, d=8, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, hq, s, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def test_the_gqa_table_covers_every_backend_and_matches_the_kernels_checks():
+    from hf_seqpar.kernels.gqa import GQA
+
+    assert set(GQA) == set(BACKENDS)
+    for name, row in GQA.items():
+        # a kernel that takes grouped K/V returns kv-head gradients; one that needs expanded K/V
+        # returns query-head gradients (summed per group by the backend)
+        assert row.dkv_heads == ("kv" if row.native else "q"), name
+        assert row.source
+    # the memory-efficient kernel checks query.size(2) == key.size(2) (one num_heads in its Params)
+    assert not GQA["cuda_efficient"].native
+    assert GQA["cuda_flash"].native and GQA["cuda_cudnn"].native and GQA["flash_attn"].native
+
+
+def test_kv_for_kernel_passes_kv_heads_as_they_are_or_expands_them():
+    from hf_seqpar.kernels.gqa import kv_for_kernel
+
+    q, k, v = _gqa()
+    for name in ("cuda_flash", "cuda_cudnn"):
+        ke, ve = kv_for_kernel(name, q, k, v)
+        assert ke is k and ve is v  # no copy: the 2 x h_q x D bytes per token are never allocated
+    ke, ve = kv_for_kernel("cuda_efficient", q, k, v)
+    assert ke.shape == q.shape and ve.shape == q.shape
+    # query head i reads kv head i // (h_q / h_kv), as transformers' repeat_kv
+    for i in range(q.shape[1]):
+        assert torch.equal(ke[:, i], k[:, i // 4]) and torch.equal(ve[:, i], v[:, i // 4])
+
+
+def test_dkv_from_kernel_sums_groups_only_for_expanding_kernels():
+    from hf_seqpar.kernels.gqa import dkv_from_kernel
+
+    g = torch.Generator().manual_seed(4)
+    dk_q, dv_q = torch.randn(1, 8, 5, 4, generator=g), torch.randn(1, 8, 5, 4, generator=g)
+    dk, dv = dkv_from_kernel("cuda_efficient", dk_q, dv_q, 2)
+    assert torch.equal(dk[:, 0], dk_q[:, 0:4].sum(1)) and torch.equal(dv[:, 1], dv_q[:, 4:8].sum(1))
+    dk_kv = torch.randn(1, 2, 5, 4, generator=g)
+    same = dkv_from_kernel("cuda_flash", dk_kv, dk_kv, 2)
+    assert same[0] is dk_kv and same[1] is dk_kv
+    with pytest.raises(ValueError, match="kernels/gqa.py"):
+        dkv_from_kernel("cuda_flash", dk_q, dv_q, 2)
+
+
+def test_flash_and_cudnn_backward_args_carry_kv_heads():
+    q, k, v = _gqa()
+    out, lse = torch.randn_like(q), torch.randn(1, 8, 9)
+    args, _ = CudaFlashBackend.backward_args(q, q, k, v, out, lse, scale=0.3, causal=True)
+    named = dict(zip(_names(aten._scaled_dot_product_flash_attention_backward), args))
+    assert named["key"].shape[1] == 2 and named["value"].shape[1] == 2 and named["query"].shape[1] == 8
+    args, _ = CudnnBackend.backward_args(
+        q, q, k, v, out, lse, scale=0.3, causal=False, mask=torch.ones(1, 1, 9, 9).bool()
+    )
+    named = dict(zip(_names(aten._scaled_dot_product_cudnn_attention_backward), args))
+    assert named["key"].shape[1] == 2 and named["attn_bias"].shape == (1, 8, 9, 9)
+
+
+class _FakeAten:
+    """The three CUDA SDPA ops computed by the float64 reference on CPU, with the head checks of the
+    real kernels (flash/cuDNN: ``h_q % h_kv == 0``, kv-head gradients; memory-efficient: equal
+    heads), so the backends' whole forward/backward logic runs here; the calls are recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _fwd(self, name, q, k, v, causal, scale, bias=None, need_equal=False):
+        self.calls.append((name, q.shape[1], k.shape[1]))
+        assert (k.shape[1] == q.shape[1]) if need_equal else (q.shape[1] % k.shape[1] == 0)
+        mask = None if bias is None else ~torch.isneginf(bias[:, :1])
+        from hf_seqpar.kernels import reference_forward
+
+        out, lse = reference_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+        return out.to(q.dtype), lse.float()
+
+    def _bwd(self, name, dout, q, k, v, out, lse, causal, scale, bias=None, need_equal=False):
+        self.calls.append((name, q.shape[1], k.shape[1]))
+        assert (k.shape[1] == q.shape[1]) if need_equal else (q.shape[1] % k.shape[1] == 0)
+        mask = None if bias is None else ~torch.isneginf(bias[:, :1])
+        from hf_seqpar.kernels import reference_backward
+
+        grads = reference_backward(dout, q, k, v, out, lse.reshape(q.shape[:3]), scale=scale, causal=causal, mask=mask)
+        return tuple(g.to(q.dtype) for g in grads)  # dk/dv with k's heads, as the kernels return
+
+    @property
+    def _scaled_dot_product_flash_attention(self):
+        return lambda q, k, v, p, causal, debug, scale: (*self._fwd("flash", q, k, v, causal, scale), None)
+
+    @property
+    def _scaled_dot_product_flash_attention_backward(self):
+        return lambda do, q, k, v, o, lse, *rest, scale: self._bwd("flash_bwd", do, q, k, v, o, lse, rest[5], scale)
+
+    @property
+    def _scaled_dot_product_efficient_attention(self):
+        def f(q, k, v, bias, lse_flag, p, causal, scale):
+            out, lse = self._fwd("efficient", q, k, v, causal, scale, bias, need_equal=True)
+            return out, lse, None, None
+
+        return f
+
+    @property
+    def _scaled_dot_product_efficient_attention_backward(self):
+        def f(do, q, k, v, bias, o, lse, s1, s2, p, mask, causal, scale):
+            return (*self._bwd("efficient_bwd", do, q, k, v, o, lse, causal, scale, bias, need_equal=True), None)
+
+        return f
+
+    @property
+    def _scaled_dot_product_cudnn_attention(self):
+        return lambda q, k, v, bias, lse_flag, p, causal, debug, scale: (
+            self._fwd("cudnn", q, k, v, causal, scale, bias) + (None,)
+        )
+
+    @property
+    def _scaled_dot_product_cudnn_attention_backward(self):
+        def f(do, q, k, v, o, lse, s1, s2, bias, cq, ck, mq, mk, p, causal, scale):
+            return self._bwd("cudnn_bwd", do, q, k, v, o, lse.squeeze(-1), causal, scale, bias)
+
+        return f
+
+
+@pytest.mark.parametrize("name", ["cuda_flash", "cuda_cudnn", "cuda_efficient"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_backends_pass_kv_heads_and_return_exact_kv_gradients(monkeypatch, name, masked):
+    """Each CUDA backend's forward and backward on grouped heads, against the float64 reference:
+    flash and cuDNN get K/V with their 2 kv heads, the memory-efficient kernel 8 expanded heads;
+    every backend returns kv-head dk/dv equal to the reference's."""
+    import hf_seqpar.kernels.backends as backends
+    from hf_seqpar.kernels import reference_backward, reference_forward
+
+    if masked and name == "cuda_flash":
+        pytest.skip("flash takes no masks")
+    fake = _FakeAten()
+    monkeypatch.setattr(backends, "aten", fake)
+    q, k, v = _gqa(dtype=torch.float32)
+    mask = (torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(5)) > 0.3) | torch.eye(9, dtype=torch.bool)
+    mask = mask if masked else None
+    impl = BACKENDS[name]
+    out, lse = impl.forward(q, k, v, scale=0.4, causal=not masked, window=None, mask=mask)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+    dq, dk, dv = impl.backward(dout, q, k, v, out, lse, scale=0.4, causal=not masked, window=None, mask=mask)
+    heads_seen = {h_kv for _, _, h_kv in fake.calls}
+    assert heads_seen == ({8} if name == "cuda_efficient" else {2})
+    ref_out, ref_lse = reference_forward(q, k, v, scale=0.4, causal=not masked, mask=mask)
+    ref = reference_backward(dout, q, k, v, ref_out, ref_lse, scale=0.4, causal=not masked, mask=mask)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    for got, want in zip((out, dq, dk, dv), (ref_out, *ref)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
