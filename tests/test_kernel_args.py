@@ -336,3 +336,81 @@ def test_cuda_backends_pass_kv_heads_and_return_exact_kv_gradients(monkeypatch, 
     assert dk.shape == k.shape and dv.shape == v.shape
     for got, want in zip((out, dq, dk, dv), (ref_out, *ref)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---- the default CUDA backend order from the per-device speed table ------------------------------
+
+FAKE_TABLE = {
+    "NVIDIA H200": {
+        "causal": {"cuda_cudnn": 520.0, "cuda_flash": 410.0},  # flash_attn not measured there
+        "packed": {"cuda_efficient": 150.0, "cuda_cudnn": 240.0},
+    }
+}
+
+
+def test_the_order_follows_the_measured_speed_then_the_fallback():
+    from hf_seqpar.kernels.speed import FALLBACK, order_from_table
+
+    assert order_from_table("NVIDIA H200", False, FAKE_TABLE) == (
+        "cuda_cudnn",
+        "cuda_flash",
+        "flash_attn",
+        "cuda_efficient",
+    )
+    assert order_from_table("NVIDIA H200", True, FAKE_TABLE)[:2] == ("cuda_cudnn", "cuda_efficient")
+    # a device without a row keeps the order of before the table
+    assert order_from_table("NVIDIA A100-SXM4-80GB", False, FAKE_TABLE) == FALLBACK
+    assert FALLBACK == ("flash_attn", "cuda_flash", "cuda_efficient")
+
+
+def test_select_backend_uses_the_device_order_and_a_named_backend_overrides_it(monkeypatch):
+    import hf_seqpar.kernels as kernels
+    from hf_seqpar.kernels.speed import order_from_table
+
+    monkeypatch.setattr(
+        kernels, "device_order", lambda device, needs_mask: order_from_table("NVIDIA H200", needs_mask, FAKE_TABLE)
+    )
+    cuda = torch.device("cuda", 0)
+    assert select_backend(cuda, False, dtype=torch.bfloat16).name == "cuda_cudnn"
+    assert select_backend(cuda, True, dtype=torch.bfloat16).name == "cuda_cudnn"
+    # fp32: cuDNN and flash take only half precision, so the first fp32-capable one in the order
+    assert select_backend(cuda, True, dtype=torch.float32).name == "cuda_efficient"
+    assert select_backend(cuda, False, "cuda_flash", torch.bfloat16).name == "cuda_flash"
+
+
+def test_table_entry_is_the_geometric_mean_of_correct_complete_backends():
+    from hf_seqpar.kernels.speed import table_entry
+
+    rows = [
+        {"backend": "cuda_flash", "case": "causal", "seq_len": 8192, "tflops": 100.0, "correct": True},
+        {"backend": "cuda_flash", "case": "causal", "seq_len": 32768, "tflops": 400.0, "correct": True},
+        # wrong at one length: not ranked
+        {"backend": "cuda_cudnn", "case": "causal", "seq_len": 8192, "tflops": 900.0, "correct": True},
+        {"backend": "cuda_cudnn", "case": "causal", "seq_len": 32768, "tflops": 900.0, "correct": False},
+        # ran at one length only (e.g. out of memory at the other): not ranked on it alone
+        {"backend": "cuda_efficient", "case": "causal", "seq_len": 8192, "tflops": 50.0, "correct": True},
+        {"backend": "cuda_efficient", "case": "packed", "seq_len": 8192, "tflops": 30.0, "correct": True},
+    ]
+    entry = table_entry(rows)
+    # sqrt(100 * 400) = 200
+    assert entry["causal"] == {"cuda_flash": pytest.approx(200.0)}
+    assert entry["packed"] == {"cuda_efficient": pytest.approx(30.0)}
+
+
+def test_cuda_kernel_backward_bytes_by_hand():
+    """The memory model's CUDA attention term at the Llama-3.1-8B shape (h_q 32, h_kv 8, d 128, bf16),
+    per local token: aten's flash keeps dk/dv expanded to 32 heads while it sums the groups
+    (2 x 2 x 32 x 128 = 16,384 B) and its fp32 dq accumulator (4 x 32 x 128 = 16,384 B); the
+    memory-efficient kernel gets K/V expanded (16,384 B) and returns 32-head dk/dv, 24 heads beyond
+    the kv ones (2 x 2 x 24 x 128 = 12,288 B). Flash as it was called before (K/V expanded) held
+    16,384 + 12,288 + 16,384: passing the kv heads saves 12,288 B per token."""
+    from hf_seqpar.core.shape import ModelShape
+    from hf_seqpar.tools.memmodel import cuda_kernel_backward_bytes
+
+    m = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
+    assert cuda_kernel_backward_bytes(m, 8, 2, None) == 0
+    assert cuda_kernel_backward_bytes(m, 8, 2, "cuda_flash") == 16384 + 16384
+    assert cuda_kernel_backward_bytes(m, 8, 2, "cuda_efficient") == 16384 + 12288
+    assert cuda_kernel_backward_bytes(m, 32, 2, "cuda_flash") == 16384  # no GQA: only the accumulator
+    expanded_flash = 16384 + 12288 + 16384
+    assert expanded_flash - cuda_kernel_backward_bytes(m, 8, 2, "cuda_flash") == 12288

@@ -88,7 +88,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--ulysses-size", type=_positive_int, help="hybrid's Ulysses degree")
     p.add_argument("--no-baselines", action="store_true", help="skip the plain model and the P=1 runs")
     p.add_argument(
-        "--peak-tflops", type=_positive_float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)"
+        "--peak-tflops",
+        type=_positive_float,
+        default=None,
+        help="GPU dense bf16 peak for MFU (default: by the device name, e.g. H100/H200 989, A100 312; "
+        "an unknown device gets tokens/s only)",
     )
     p.add_argument("--json", help="write one row per configuration to this file")
     p.add_argument(
