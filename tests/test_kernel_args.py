@@ -414,3 +414,46 @@ def test_cuda_kernel_backward_bytes_by_hand():
     assert cuda_kernel_backward_bytes(m, 32, 2, "cuda_flash") == 16384  # no GQA: only the accumulator
     expanded_flash = 16384 + 12288 + 16384
     assert expanded_flash - cuda_kernel_backward_bytes(m, 8, 2, "cuda_flash") == 12288
+
+
+# ---- the kernel speed table command ---------------------------------------------------------------
+
+
+def test_kernel_bench_rows_pieces_and_work():
+    from hf_seqpar.tools.kernelbench import DOC_LENGTHS, pieces_for, work_of
+
+    pieces, lengths = pieces_for("causal", 1000, "cpu")
+    assert lengths == [1000] and len(pieces) == 1 and pieces[0].kind == "causal"
+    pieces, lengths = pieces_for("packed", 10000, "cpu")
+    assert sum(lengths) == 10000 and lengths[:3] == list(DOC_LENGTHS[:3])
+    assert any(p.kind == "packed" for p in pieces)  # the tiny documents are packed into masked tiles
+    # every query sees exactly its document's causal prefix: the pieces' work is the documents'
+    assert sum(p.work if p.kind != "packed" else sum(a.work for a in p.parts) for p in pieces) == work_of(lengths)
+    assert work_of([3, 2]) == 6 + 3
+
+
+def test_kernel_bench_on_cpu_measures_checks_and_writes_the_table(tmp_path):
+    import json
+
+    from hf_seqpar.tools.kernelbench import KernelBenchSpec, format_kernel_table, run_kernel_bench
+
+    spec = KernelBenchSpec(
+        lengths=[64, 128], heads=4, kv_heads=2, head_dim=16, steps=1, warmup=0, check_len=96, device="cpu"
+    )
+    out = tmp_path / "speed.json"
+    report = run_kernel_bench(spec, str(out), echo=lambda line: None)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and saved["device"] == "cpu" and len(saved["rows"]) == 4
+    assert all(r["correct"] and r["tflops"] > 0 for r in saved["rows"])
+    assert set(saved["table_entry"]) == {"causal", "packed"} and "torch_cpu" in saved["table_entry"]["causal"]
+    text = format_kernel_table(report)
+    assert "default order for dense blocks" in text and "MEASURED" in text
+
+
+def test_kernel_bench_without_cuda_says_so_and_exits_nonzero(capsys):
+    from hf_seqpar.tools import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert cli.main(["bench", "--kernels"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

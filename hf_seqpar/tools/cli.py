@@ -125,6 +125,27 @@ def _bench_parser(sub) -> None:
     g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
     g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
     g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
+    k = p.add_argument_group("attention kernels (per-device speed table; hf_seqpar.tools.kernelbench)")
+    k.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure forward+backward TFLOP/s of every CUDA attention backend instead (causal and packed "
+        "rows, Llama-3.1-8B heads, bf16), each checked against the float64 reference; prints the table "
+        "and the default order it gives, writes --json (default kernel-speed-<device>.json). "
+        "Without CUDA it exits 2 (--device cpu: the CPU kernel, a smoke test)",
+    )
+    k.add_argument(
+        "--kernel-lengths",
+        type=_ints,
+        default=[8192, 32768, 131072],
+        help="row lengths for --kernels (default: 8192,32768,131072)",
+    )
+    k.add_argument(
+        "--kernel-backends", type=_names, default=None, help="backends for --kernels (default: all available)"
+    )
+    k.add_argument("--kernel-cases", type=_names, default=["causal", "packed"], help="causal,packed (default: both)")
+    k.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="--kernels device (default: cuda)")
+    k.add_argument("--time-limit", type=_positive_float, default=None, help="--kernels: stop after this many seconds")
 
 
 def _plan_parser(sub) -> None:
@@ -333,10 +354,42 @@ def _bench_scaling(args) -> int:
     return 0
 
 
+def _bench_kernels(args) -> int:
+    import torch
+
+    from hf_seqpar.tools.kernelbench import KernelBenchSpec, default_out, format_kernel_table, run_kernel_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "hf-seqpar bench --kernels: no CUDA device here; the speed table measures the CUDA attention "
+            "kernels (run it on the GPU; --device cpu --kernel-lengths 512 smoke-tests the command on CPU)",
+            file=sys.stderr,
+        )
+        return 2
+    spec = KernelBenchSpec(
+        lengths=args.kernel_lengths,
+        cases=args.kernel_cases,
+        backends=args.kernel_backends,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        time_limit_s=args.time_limit,
+        check_len=min(2048, min(args.kernel_lengths)),
+    )
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    out = args.json or default_out(name)
+    report = run_kernel_bench(spec, out)
+    print(format_kernel_table(report))
+    print(f"wrote {out}")
+    return 0
+
+
 def _bench(args) -> int:
     from hf_seqpar.tools.bench import BenchSpec, format_table, plot_rows, run_bench
     from hf_seqpar.tools.presets import load_config
 
+    if args.kernels:
+        return _bench_kernels(args)
     if args.scaling:
         return _bench_scaling(args)
     if args.rows:
