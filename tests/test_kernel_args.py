@@ -457,3 +457,30 @@ def test_kernel_bench_without_cuda_says_so_and_exits_nonzero(capsys):
         pytest.skip("a CUDA device is present")
     assert cli.main(["bench", "--kernels"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_fullshape_plans_the_longest_row_within_memory_and_time():
+    """The GPU check's `longest` part on an 80 GB GPU with 128 GiB of host memory (no GPU needed):
+    the longest row fits the device and host fractions, one more step of 4096 tokens does not,
+    and the row it runs is the longest whose predicted step fits the time limit."""
+    from hf_seqpar.tools.fullshape import (
+        DEVICE_FRACTION,
+        HOST_FRACTION,
+        LONGEST_FEATURES,
+        plan_longest,
+        predicted_bytes,
+        predicted_step_s,
+    )
+
+    dev, host = 80 * 2**30, 128 * 2**30
+    plan = plan_longest(dev, host, 989.0, 1e9)
+    n = plan["longest"]
+    assert n > 0 and n % 4096 == 0 and plan["run"] == n
+    fits = lambda s: all(
+        a <= f * b
+        for a, f, b in zip(predicted_bytes(s, LONGEST_FEATURES), (DEVICE_FRACTION, HOST_FRACTION), (dev, host))
+    )  # noqa: E731
+    assert fits(n) and not fits(n + 4096)
+    limited = plan_longest(dev, host, 989.0, 60.0)
+    assert limited["longest"] == n and limited["run"] < n
+    assert predicted_step_s(limited["run"], 989.0) <= 60.0 < predicted_step_s(limited["run"] + 4096, 989.0)
