@@ -423,3 +423,18 @@ def test_mfu_by_hand():
     assert utilisation(shape, s, 60.0, device_name="Some GPU", peak=500.0).mfu == pytest.approx(u.mfu * 989 / 500)
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert f"MFU {100 * u.mfu:.1f}% of 989 TFLOP/s" in describe(u)
+
+
+def test_bench_table_shows_mfu_and_the_peak_only_when_measured():
+    from hf_seqpar.tools.bench import format_table
+
+    row = dict(
+        strategy="ulysses", world=2, seq_len=1024, batch=1, step_time_s=1.0, tokens_per_s=1024.0,
+        peak_mem_bytes=2**20, activation_bytes=2**20, activation_bytes_theory=2**20,
+        comm_bytes_measured=0, comm_bytes_theory=0, comm_ratio=None,
+    )  # fmt: skip
+    assert "MFU" not in format_table([row])  # CPU rows: no MFU column, no peak line
+    gpu = dict(row, tokens_per_s_per_gpu=512.0, mfu=0.4, peak_tflops=989.0, device_name="NVIDIA H200")
+    text = format_table([gpu, dict(gpu, device_name="Some GPU", peak_tflops=None, mfu=None)])
+    assert "40.0%" in text and "512" in text and "989 TFLOP/s dense bf16 peak of NVIDIA H200" in text
+    assert "no peak known for 'Some GPU'" in text
