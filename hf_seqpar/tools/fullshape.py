@@ -120,8 +120,12 @@ def _step(seq: int, features: dict, warmup: int | None = None) -> dict:
     cfg.use_cache = False
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, seq)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly (this process runs one step)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).train()
+    finally:
+        torch.set_default_dtype(torch.float32)
     prepare_model(model, SequenceParallelPlugin(strategy="ulysses", sp_size=1, **features))
 
     def run(n):
@@ -180,6 +184,10 @@ def main(argv=None) -> int:
     peak = args.peak_tflops or peak_tflops(name) or 989.0
     res = {"part": args.part, "device": name, "torch": torch.__version__, "peak_tflops_used": peak}
     shape = _shape()
+    if cuda and not args.dry:
+        from hf_seqpar.tools.selftest import _init_world_of_one
+
+        _init_world_of_one(29700 + (args.part == "longest"))  # sp_size 1 still runs in a process group
     if args.part == "mfu128k":
         seq = 131072
         dev, host = predicted_bytes(seq, MFU_FEATURES)
