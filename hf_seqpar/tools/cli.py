@@ -355,33 +355,14 @@ def _bench_scaling(args) -> int:
 
 
 def _bench_kernels(args) -> int:
-    import torch
+    from hf_seqpar.tools import kernelbench
 
-    from hf_seqpar.tools.kernelbench import KernelBenchSpec, default_out, format_kernel_table, run_kernel_bench
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "hf-seqpar bench --kernels: no CUDA device here; the speed table measures the CUDA attention "
-            "kernels (run it on the GPU; --device cpu --kernel-lengths 512 smoke-tests the command on CPU)",
-            file=sys.stderr,
-        )
-        return 2
-    spec = KernelBenchSpec(
-        lengths=args.kernel_lengths,
-        cases=args.kernel_cases,
-        backends=args.kernel_backends,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=args.device,
-        time_limit_s=args.time_limit,
-        check_len=min(2048, min(args.kernel_lengths)),
-    )
-    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    out = args.json or default_out(name)
-    report = run_kernel_bench(spec, out)
-    print(format_kernel_table(report))
-    print(f"wrote {out}")
-    return 0
+    argv = ["--kernel-lengths", ",".join(map(str, args.kernel_lengths)), "--kernel-cases", ",".join(args.kernel_cases)]
+    argv += ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv += ["--kernel-backends", ",".join(args.kernel_backends)] if args.kernel_backends else []
+    argv += ["--time-limit", str(args.time_limit)] if args.time_limit else []
+    argv += ["--json", args.json] if args.json else []
+    return kernelbench.main(argv)
 
 
 def _bench(args) -> int:

@@ -262,9 +262,51 @@ def default_out(name: str) -> str:
     return "kernel-speed-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ".json"
 
 
+def main(argv=None) -> int:
+    """``python -m hf_seqpar.tools.kernelbench`` (and ``hf-seqpar bench --kernels``): 0 when measured,
+    2 without a CUDA device (``--device cpu`` measures the CPU kernel instead)."""
+    import argparse
+    import sys
+
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    names = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m hf_seqpar.tools.kernelbench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--kernel-lengths", type=ints, default=[8192, 32768, 131072], help="row lengths (default: 8K,32K,128K)"
+    )
+    p.add_argument("--kernel-backends", type=names, default=None, help="backends (default: all available)")
+    p.add_argument("--kernel-cases", type=names, default=["causal", "packed"], help="causal,packed (default: both)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--time-limit", type=float, default=None, help="stop starting measurements after this many seconds")
+    p.add_argument("--json", default=None, help="output file (default: kernel-speed-<device>.json)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "hf-seqpar bench --kernels: no CUDA device here; the speed table measures the CUDA attention "
+            "kernels (run it on the GPU; --device cpu --kernel-lengths 512 smoke-tests the command on CPU)",
+            file=sys.stderr,
+        )
+        return 2
+    spec = KernelBenchSpec(
+        lengths=args.kernel_lengths,
+        cases=args.kernel_cases,
+        backends=args.kernel_backends,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        time_limit_s=args.time_limit,
+        check_len=min(2048, min(args.kernel_lengths)),
+    )
+    out = args.json or default_out(torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu")
+    report = run_kernel_bench(spec, out)
+    print(format_kernel_table(report))
+    print(f"wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
     import sys
 
-    from hf_seqpar.tools.cli import main
-
-    sys.exit(main(["bench", "--kernels", *sys.argv[1:]]))
+    sys.exit(main())
