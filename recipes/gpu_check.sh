@@ -6,7 +6,7 @@
 # as it goes (a part cut by its limit leaves what it had):
 #   kernels   the attention kernel speed table (hf-seqpar bench --kernels): forward+backward TFLOP/s of
 #             every CUDA backend, causal and packed rows at 8K/32K/128K, each checked against float64
-#             -> kernel-speed.json (its "table_entry" is the row for hf_seqpar/kernels/speed.py)
+#             -> kernel-speed.json (its "table_entry" is the row for kernels/speed.py)
 #   mfu128k   the full Llama-3.1-8B shape (32 layers, bf16, random weights) at 131,072 tokens: step
 #             time, tokens/s per GPU and MFU against the device's named peak -> mfu128k.json
 #   longest   the same model at the longest row the memory model fits on this GPU with every memory

@@ -251,7 +251,7 @@ def format_kernel_table(report: dict) -> str:
         order = order_from_table(report["device"], needs_mask, table)
         text += f"\ndefault order for {'masked' if needs_mask else 'dense'} blocks ({case} rows): {', '.join(order)}"
     text += (
-        f"\nto make it the default on this device, add to hf_seqpar/kernels/speed.py MEASURED:\n"
+        f"\nto make it the default on this device, add to kernels/speed.py MEASURED:\n"
         f"    {report['device']!r}: {json.dumps(report['table_entry'])},"
     )
     return text
