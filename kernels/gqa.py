@@ -22,7 +22,9 @@ source index at the commit named, "2.13 wheel" = the headers the CPU wheel here 
   kernel itself holds the expanded ones (plus its fp32 ``dq_accum`` of
   ``(B, round128(S_q), h_q, round32(D))``) while it runs. torch's own SDPA dispatcher marks flash
   as GQA-capable (``check_batch_size_and_num_heads_dense<true /*supports GQA*/>`` in
-  ``sdp_utils.cpp``).
+  ``sdp_utils.cpp``). Not counted here (the layout, not the heads): ``_flash_attention_backward``
+  (stored ``attention_backward.cu``) calls ``grad_out.contiguous()`` and ``out.contiguous()`` on the
+  ``(B, S, h, D)`` views it is given, a copy each when out/dout are ``(B, h, S, D)``-contiguous.
 - ``cuda_cudnn`` (``aten._scaled_dot_product_cudnn_attention`` / ``_backward`` ->
   ``_cudnn_attention_forward/backward`` -> ``run_cudnn_SDP_fprop/bprop`` in ``cudnn/MHA.cpp``):
   the dense path takes ``num_heads`` from the query only and builds the cuDNN graph's K and V
