@@ -13,6 +13,7 @@ import torch
 from .backends import BACKENDS, Backend
 from .merge import merge_into
 from .reference import allowed_mask, reference_attention, reference_backward, reference_forward
+from .speed import FALLBACK, device_order
 
 __all__ = [
     "BACKENDS",
@@ -27,8 +28,17 @@ __all__ = [
     "reference_backward",
 ]
 
-#: Preference order per device: the first available backend that can honour the call wins.
-PREFERENCE = {"cpu": ("torch_cpu",), "cuda": ("flash_attn", "cuda_flash", "cuda_efficient")}
+#: Preference order per device: the first available backend that can honour the call wins. On CUDA
+#: the order comes from the per-device speed table (:func:`.speed.device_order`); this is the order
+#: for a device the table does not know.
+PREFERENCE = {"cpu": ("torch_cpu",), "cuda": FALLBACK}
+
+
+def preference(device: torch.device, needs_mask: bool) -> tuple[str, ...]:
+    """The backend order for blocks on ``device`` (CUDA: measured per device, :mod:`.speed`)."""
+    if device.type == "cuda":
+        return device_order(device, needs_mask)
+    return PREFERENCE.get(device.type, ())
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -97,7 +107,7 @@ def select_backend(
                 f"{dtype}; train in bf16 (weights or autocast) or leave the backend automatic"
             )
         return backend
-    for candidate in PREFERENCE.get(device.type, ()):
+    for candidate in preference(device, needs_mask):
         backend = BACKENDS[candidate]
         if (
             backend.available()

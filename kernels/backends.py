@@ -1,7 +1,8 @@
 """Block-attention backends: forward ``(out, lse)`` and backward ``(dq, dk, dv)``.
 
 Every backend takes q ``(B, h_q, S_q, D)``, k/v ``(B, h_kv, S_k, D)`` (grouped-query attention:
-``h_q % h_kv == 0``, K/V passed without repetition), a softmax ``scale``, ``causal`` (top-left
+``h_q % h_kv == 0``, K/V passed without repetition, and expanded locally only for a kernel that
+needs it: :mod:`.gqa`), a softmax ``scale``, ``causal`` (top-left
 aligned, only with ``S_q == S_k``), an optional ``window`` (keys ``k > q - window``) and an
 optional bool ``mask`` ``(B|1, 1, S_q, S_k)`` (True = attend). The dispatcher in ``__init__``
 folds windows into masks for backends without native windows and fixes up rows with no allowed
@@ -20,6 +21,7 @@ import importlib.util
 
 import torch
 
+from .gqa import dkv_from_kernel, kv_for_kernel
 from .reference import reference_backward, reference_forward
 
 __all__ = ["BACKENDS", "Backend"]
@@ -35,19 +37,6 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
 
 def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _expand_kv(q, k, v):
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
-        return k, v
-    # (B, h_kv, S, D) -> (B, h_q, S, D), local only (never before communication)
-    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-
-
-def _fold_kv(grad, h_kv):
-    # (B, h_q, S, D) -> (B, h_kv, S, D): sum the query heads of each group
-    return grad.unflatten(1, (h_kv, grad.shape[1] // h_kv)).sum(2)
 
 
 class Backend:
@@ -190,7 +179,8 @@ def bshd_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 class CudaFlashBackend(Backend):
-    """``aten._scaled_dot_product_flash_attention`` (no mask; K/V expanded locally for GQA).
+    """``aten._scaled_dot_product_flash_attention`` (no mask; grouped K/V heads taken as they are:
+    :data:`~.gqa.GQA`, the backward returns kv-head dk/dv).
 
     Arguments follow torch's own context-parallel ring (``_context_parallel._attention``): the
     backward gets the *dense* form of the forward's outputs, i.e. ``cum_seq_q``/``cum_seq_k``
@@ -204,14 +194,15 @@ class CudaFlashBackend(Backend):
     dtypes = HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         res = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
         return res[0], res[1].float()
 
     @staticmethod
     def backward_args(dout, q, k, v, out, lse, *, scale, causal):
         """The positional arguments of ``aten._scaled_dot_product_flash_attention_backward``
-        (K/V already expanded to the query heads); no device needed, unit-tested on CPU."""
+        (K/V as the kernel takes them: :func:`~.gqa.kv_for_kernel`); no device needed, unit-tested
+        on CPU."""
         seed = _dense_seed(q)
         return (
             (
@@ -234,29 +225,32 @@ class CudaFlashBackend(Backend):
         )
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(*args, **kwargs)
-        return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
+        return (dq, *dkv_from_kernel(self.name, dk, dv, k.shape[1]))
 
 
 class CudaEfficientBackend(Backend):
     """``aten._scaled_dot_product_efficient_attention`` (masks as an aligned additive bias;
-    fp32, fp16 and bf16). Its lse is padded along the sequence (:func:`efficient_lse_for_backward`)."""
+    fp32, fp16 and bf16). Its lse is padded along the sequence (:func:`efficient_lse_for_backward`).
+    The kernel has one head count for q, k and v (:data:`~.gqa.GQA`): K/V are expanded locally for
+    GQA and the ``h_q``-head dk/dv it returns are summed over each group."""
 
     name = "cuda_efficient"
     devices = ("cuda",)
     dtypes = (torch.float32,) + HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, ke, ve, bias, True, 0.0, causal, scale=scale)
         return out, lse[..., : q.shape[2]].float()  # the lse is padded along the sequence
 
     @staticmethod
     def backward_args(dout, q, k, v, out, lse, *, scale, causal, mask):
-        """Arguments of ``aten._scaled_dot_product_efficient_attention_backward`` (K/V expanded)."""
+        """Arguments of ``aten._scaled_dot_product_efficient_attention_backward`` (K/V expanded to the
+        query heads by the caller: :func:`~.gqa.kv_for_kernel`)."""
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         seed = _dense_seed(q)
         # out (and dout, alike) in the forward's own layout: see bshd_layout
@@ -279,24 +273,25 @@ class CudaEfficientBackend(Backend):
         )
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, window, mask):
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(*args, **kwargs)
-        return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
+        return (dq, *dkv_from_kernel(self.name, dk, dv, k.shape[1]))
 
 
 class CudnnBackend(Backend):
     """``aten._scaled_dot_product_cudnn_attention`` (fp16/bf16; masks as an aligned additive
-    bias; K/V expanded locally for GQA). The lse is ``(B, h, S, 1)`` on cuDNN's side, ``(B, h, S)``
-    here. As for flash, the backward gets undefined ``cum_seq_q``/``cum_seq_k`` (a defined tensor
-    selects the nested 3-D path: "Q tensor has unexpected number of dims")."""
+    bias; grouped K/V heads taken as they are, kv-head dk/dv: :data:`~.gqa.GQA`). The lse is
+    ``(B, h, S, 1)`` on cuDNN's side, ``(B, h, S)`` here. As for flash, the backward gets undefined
+    ``cum_seq_q``/``cum_seq_k`` (a defined tensor selects the nested 3-D path: "Q tensor has
+    unexpected number of dims")."""
 
     name = "cuda_cudnn"
     devices = ("cuda",)
     dtypes = HALF_DTYPES
 
     def forward(self, q, k, v, *, scale, causal, window, mask):
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         res = aten._scaled_dot_product_cudnn_attention(q, ke, ve, bias, True, 0.0, causal, False, scale=scale)
         lse = res[1]
@@ -304,7 +299,8 @@ class CudnnBackend(Backend):
 
     @staticmethod
     def backward_args(dout, q, k, v, out, lse, *, scale, causal, mask):
-        """Arguments of ``aten._scaled_dot_product_cudnn_attention_backward`` (K/V expanded)."""
+        """Arguments of ``aten._scaled_dot_product_cudnn_attention_backward`` (K/V as the kernel
+        takes them: :func:`~.gqa.kv_for_kernel`; the bias has the query heads)."""
         bias = aligned_bias(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
         seed = cudnn_seed(q)
         out = out.to(q.dtype).contiguous()
@@ -338,10 +334,10 @@ class CudnnBackend(Backend):
             return CudaEfficientBackend().backward(
                 dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, mask=mask
             )
-        ke, ve = _expand_kv(q, k, v)
+        ke, ve = kv_for_kernel(self.name, q, k, v)
         args, kwargs = self.backward_args(dout, q, ke, ve, out, lse, scale=scale, causal=causal, mask=mask)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(*args, **kwargs)
-        return dq, _fold_kv(dk, k.shape[1]), _fold_kv(dv, k.shape[1])
+        return (dq, *dkv_from_kernel(self.name, dk, dv, k.shape[1]))
 
 
 class FlashAttnBackend(Backend):

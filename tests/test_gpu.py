@@ -147,3 +147,72 @@ def test_sliding_window_on_one_gpu(nccl_world_of_one, strategy, kind):
     r = _gpu_pair(strategy, kind, "bf16-weights", model_kw=dict(family="mistral", sliding_window=37))
     assert "logits" in r
     _assert_within_bf16_model(r)
+
+
+# ---- grouped K/V heads passed to the CUDA kernels as they are (kernels/gqa.py) --------------------
+
+
+@pytest.mark.parametrize("name", ["cuda_flash", "cuda_cudnn", "cuda_efficient"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gqa_kernels_take_kv_heads_and_match_the_expanded_call(name, masked):
+    """Each CUDA backend on 32 query / 8 kv heads (the Llama-3.1-8B grouping), forward and backward,
+    against the float64 reference and against the same backend given K/V expanded to 32 heads; a
+    kernel whose native grouped call fails here on this torch is a row to change in kernels/gqa.py."""
+    from hf_seqpar.kernels import BACKENDS, block_backward, block_forward, reference_backward, reference_forward
+    from hf_seqpar.kernels.gqa import GQA, expand_kv, fold_kv
+
+    if masked and not BACKENDS[name].supports_mask:
+        pytest.skip("takes no masks")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, 384, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(1, 8, 384, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    mask = (torch.rand(1, 1, 384, 384, device="cuda", generator=g) > 0.3) if masked else None
+    kw = dict(scale=128**-0.5, causal=not masked, mask=mask)
+    out, lse = block_forward(q, k, v, backend=name, **kw)
+    dout = torch.randn_like(out)
+    dq, dk, dv = block_backward(dout, q, k, v, out, lse, backend=name, **kw)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    ref, ref_lse = reference_forward(q, k, v, **kw)
+    rq, rk, rv = reference_backward(dout, q, k, v, ref, ref_lse, **kw)
+    assert float((out.double() - ref).abs().max()) < 3e-2
+    for a, b in ((dq, rq), (dk, rk), (dv, rv)):
+        assert float((a.double() - b).abs().max() / b.abs().max()) < 5e-2
+    ke, ve = expand_kv(q, k, v)
+    out_e, lse_e = block_forward(q, ke, ve, backend=name, **kw)
+    _, dke, dve = block_backward(dout, q, ke, ve, out_e, lse_e, backend=name, **kw)
+    torch.testing.assert_close(out, out_e, atol=2e-2, rtol=2e-2)
+    for a, b in ((dk, fold_kv(dke, 8)), (dv, fold_kv(dve, 8))):
+        assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) < 2e-2
+    assert GQA[name].native == (name != "cuda_efficient")
+
+
+def test_gqa_native_flash_backward_holds_less_than_the_expanded_one():
+    """Peak memory of aten's flash backward on grouped heads, native against expanded K/V: the
+    expanded call holds the two expanded K/V copies (2 x 2 x 32 x 128 B per token) where the native
+    one holds the kv-head dk/dv beside the kernel's expanded ones (2 x 2 x 8 x 128): 12,288 B per
+    token less, as the memory model's cuda_kernel_backward_bytes says (kernels/gqa.py)."""
+    from hf_seqpar.kernels import block_backward, block_forward
+    from hf_seqpar.kernels.gqa import expand_kv
+
+    s = 16384
+    q = torch.randn(1, 32, s, 128, device="cuda").bfloat16()
+    k, v = (torch.randn(1, 8, s, 128, device="cuda").bfloat16() for _ in range(2))
+    out, lse = block_forward(q, k, v, scale=0.088, causal=True, backend="cuda_flash")
+    dout = torch.randn_like(out)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    native = peak(lambda: block_backward(dout, q, k, v, out, lse, scale=0.088, causal=True, backend="cuda_flash"))
+
+    def expanded():
+        ke, ve = expand_kv(q, k, v)
+        return block_backward(dout, q, ke, ve, out, lse, scale=0.088, causal=True, backend="cuda_flash")
+
+    saving = peak(expanded) - native
+    assert 0.9 * 12288 * s < saving < 1.1 * 12288 * s, saving / s

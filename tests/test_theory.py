@@ -391,3 +391,50 @@ def test_plan_rejects_bad_training_options(argv, words, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", *argv])
     assert words in capsys.readouterr().err
+
+
+# ---- MFU ---------------------------------------------------------------------------------------
+
+
+def test_mfu_by_hand():
+    """One step of Llama-3.1-8B at S = 131072 on one GPU in 60 s, by hand:
+    params P = 32 (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336 + 2 * 4096) + 2 * 128256 * 4096 + 4096
+    = 8,030,261,248; 6 P S = 6 * 8,030,261,248 * 131072; attention forward per layer
+    2 * 2 * S^2 / 2 * 32 * 128 (causal: half the square), forward + backward (twice the forward,
+    no recompute) = 3 times that, times 32 layers; MFU = total / 60 s / 989e12."""
+    from hf_seqpar.tools.mfu import describe, model_flops, peak_tflops, utilisation
+
+    shape = ModelShape.from_config(load_config("llama-3.1-8b"))
+    s = 131072
+    params = 32 * (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336 + 2 * 4096) + 2 * 128256 * 4096 + 4096
+    assert shape.params == params == 8_030_261_248
+    attention = 32 * 3 * (2 * 2 * s * s / 2 * 32 * 128)
+    assert model_flops(shape, s) == pytest.approx(6 * params * s + attention, rel=1e-12)
+    u = utilisation(shape, s, 60.0, 1, 1, "NVIDIA H200")
+    assert u.peak_tflops == 989.0 and u.tokens_per_s_per_device == pytest.approx(s / 60)
+    assert u.mfu == pytest.approx((6 * params * s + attention) / 60 / 989e12, rel=1e-12)
+    assert 0.30 < u.mfu < 0.40  # about 34%, the figure the issue derived for 60.1 s per step
+    # 8 GPUs sharing one step of 8 rows: the same per-GPU figures
+    u8 = utilisation(shape, s, 60.0, 8, 8, "NVIDIA H100 80GB HBM3")
+    assert u8.mfu == pytest.approx(u.mfu) and u8.tokens_per_s_per_device == pytest.approx(s / 60)
+    # unknown device: no MFU, said so; a given peak wins
+    unknown = utilisation(shape, s, 60.0, device_name="Some GPU")
+    assert unknown.mfu is None and "unknown peak" in describe(unknown) and "tokens/s per GPU" in describe(unknown)
+    assert utilisation(shape, s, 60.0, device_name="Some GPU", peak=500.0).mfu == pytest.approx(u.mfu * 989 / 500)
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert f"MFU {100 * u.mfu:.1f}% of 989 TFLOP/s" in describe(u)
+
+
+def test_bench_table_shows_mfu_and_the_peak_only_when_measured():
+    from hf_seqpar.tools.bench import format_table
+
+    row = dict(
+        strategy="ulysses", world=2, seq_len=1024, batch=1, step_time_s=1.0, tokens_per_s=1024.0,
+        peak_mem_bytes=2**20, activation_bytes=2**20, activation_bytes_theory=2**20,
+        comm_bytes_measured=0, comm_bytes_theory=0, comm_ratio=None,
+    )  # fmt: skip
+    assert "MFU" not in format_table([row])  # CPU rows: no MFU column, no peak line
+    gpu = dict(row, tokens_per_s_per_gpu=512.0, mfu=0.4, peak_tflops=989.0, device_name="NVIDIA H200")
+    text = format_table([gpu, dict(gpu, device_name="Some GPU", peak_tflops=None, mfu=None)])
+    assert "40.0%" in text and "512" in text and "989 TFLOP/s dense bf16 peak of NVIDIA H200" in text
+    assert "no peak known for 'Some GPU'" in text

@@ -57,8 +57,9 @@ class BenchSpec:
     """Activation/parameter dtype (``bfloat16`` on GPUs)."""
     baselines: bool = True
     """Add the plain model on one rank and every strategy at P=1."""
-    peak_tflops: float = 989.0
-    """Peak dense TFLOP/s of one GPU for MFU (989: H100 SXM bf16)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one GPU for MFU; None: by the device's name
+    (:data:`hf_seqpar.tools.mfu.PEAK_TFLOPS`; an unknown device gets tokens/s only)."""
     options: dict = field(default_factory=dict)
     """Strategy options (e.g. ``{"ulysses_size": 2}``)."""
 
@@ -173,13 +174,6 @@ def _backward_meter(model, strategy: str | None = None):
     return contextlib.nullcontext() if state is None else state.strategy.metering()
 
 
-def _flops(shape, tokens: int, seq_len: int, batch: int) -> float:
-    """Training FLOPs of a step: ``6 * params * tokens`` plus causal attention
-    ``3 * 2 * B * N^2 * h_q * d * L`` (forward ``4 B N^2 h_q d L`` halved for causality, backward
-    twice the forward)."""
-    return 6 * shape.params * tokens + 6 * batch * seq_len**2 * shape.heads * shape.head_dim * shape.layers
-
-
 def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -265,9 +259,15 @@ def _run_one(spec: BenchSpec, strategy: str, seq_len: int, device: torch.device)
         comm_ratio=(comm[-1] / theory) if theory else None,
         device=device.type,
     )
+    row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / world
     if device.type == "cuda":
-        row["mfu"] = (
-            _flops(shape, spec.batch * seq_len, seq_len, spec.batch) / step_time / (spec.peak_tflops * 1e12 * world)
+        from hf_seqpar.tools.mfu import utilisation
+
+        u = utilisation(
+            shape, seq_len, step_time, world, spec.batch, torch.cuda.get_device_name(device), spec.peak_tflops
+        )
+        row.update(
+            mfu=u.mfu, peak_tflops=u.peak_tflops, device_name=u.device, model_tflops_per_gpu=u.model_tflops_per_device
         )
     return row
 
@@ -292,6 +292,12 @@ def _merge(per_rank: list[dict]) -> dict:
     row["step_time_s"] = statistics.median(times)
     row["step_time_min_s"], row["step_time_max_s"] = min(times), max(times)
     row["tokens_per_s"] = row["batch"] * row["seq_len"] / row["step_time_s"]
+    row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / row["world"]
+    if row.get("model_tflops_per_gpu") is not None:
+        # the slowest rank's median step: MFU of the configuration (same FLOPs, the merged time)
+        scale = per_rank[0]["step_time_s"] / row["step_time_s"]
+        row["model_tflops_per_gpu"] *= scale
+        row["mfu"] = row["model_tflops_per_gpu"] / row["peak_tflops"] if row.get("peak_tflops") else None
     row["comm_ratio"] = row["comm_bytes_measured"] / row["comm_bytes_theory"] if row["comm_bytes_theory"] else None
     return row
 
@@ -396,6 +402,9 @@ def format_table(rows: list[dict]) -> str:
         "ratio",
         "vs plain",
     ]
+    with_mfu = any("mfu" in r for r in rows)
+    if with_mfu:
+        head += ["tok/s/GPU", "MFU"]
     lines = [head]
     for r in rows:
         over = ""
@@ -420,9 +429,25 @@ def format_table(rows: list[dict]) -> str:
                 f"{r['comm_ratio']:.4f}" if r["comm_ratio"] else "-",
                 over,
             ]
+            + (
+                [
+                    f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s'] / r['world']):,.0f}",
+                    f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
+                ]
+                if with_mfu
+                else []
+            )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    peaks = {(r.get("device_name"), r.get("peak_tflops")) for r in rows if "mfu" in r}
+    for name, peak in sorted(peaks, key=str):
+        text += (
+            f"\nMFU: (6 x params x tokens + attention FLOPs, recompute not counted) / (step time x {peak:,.0f} "
+            f"TFLOP/s dense bf16 peak of {name} x GPUs)"
+            if peak
+            else f"\nMFU: no peak known for {name!r}: tokens/s only (pass --peak-tflops)"
+        )
     if any(not r.get("fresh_process", True) for r in rows):
         text += (
             "\n* ran in place under a launcher, after the configurations above it in the same processes: "

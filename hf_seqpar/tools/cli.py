@@ -88,7 +88,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--ulysses-size", type=_positive_int, help="hybrid's Ulysses degree")
     p.add_argument("--no-baselines", action="store_true", help="skip the plain model and the P=1 runs")
     p.add_argument(
-        "--peak-tflops", type=_positive_float, default=989.0, help="GPU peak for MFU (default: H100 bf16 989)"
+        "--peak-tflops",
+        type=_positive_float,
+        default=None,
+        help="GPU dense bf16 peak for MFU (default: by the device name, e.g. H100/H200 989, A100 312; "
+        "an unknown device gets tokens/s only)",
     )
     p.add_argument("--json", help="write one row per configuration to this file")
     p.add_argument(
@@ -121,6 +125,27 @@ def _bench_parser(sub) -> None:
     g.add_argument("--doc-len", type=_positive_int, default=1024, help="document length of packed rows (default: 1024)")
     g.add_argument("--window", type=_positive_int, default=1024, help="sliding window of window rows (default: 1024)")
     g.add_argument("--pad-frac", type=float, default=0.125, help="right padding of padded rows (default: 0.125)")
+    k = p.add_argument_group("attention kernels (per-device speed table; hf_seqpar.tools.kernelbench)")
+    k.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure forward+backward TFLOP/s of every CUDA attention backend instead (causal and packed "
+        "rows, Llama-3.1-8B heads, bf16), each checked against the float64 reference; prints the table "
+        "and the default order it gives, writes --json (default kernel-speed-<device>.json). "
+        "Without CUDA it exits 2 (--device cpu: the CPU kernel, a smoke test)",
+    )
+    k.add_argument(
+        "--kernel-lengths",
+        type=_ints,
+        default=[8192, 32768, 131072],
+        help="row lengths for --kernels (default: 8192,32768,131072)",
+    )
+    k.add_argument(
+        "--kernel-backends", type=_names, default=None, help="backends for --kernels (default: all available)"
+    )
+    k.add_argument("--kernel-cases", type=_names, default=["causal", "packed"], help="causal,packed (default: both)")
+    k.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="--kernels device (default: cuda)")
+    k.add_argument("--time-limit", type=_positive_float, default=None, help="--kernels: stop after this many seconds")
 
 
 def _plan_parser(sub) -> None:
@@ -382,10 +407,23 @@ def _bench_scaling(args) -> int:
     return 0
 
 
+def _bench_kernels(args) -> int:
+    from hf_seqpar.tools import kernelbench
+
+    argv = ["--kernel-lengths", ",".join(map(str, args.kernel_lengths)), "--kernel-cases", ",".join(args.kernel_cases)]
+    argv += ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv += ["--kernel-backends", ",".join(args.kernel_backends)] if args.kernel_backends else []
+    argv += ["--time-limit", str(args.time_limit)] if args.time_limit else []
+    argv += ["--json", args.json] if args.json else []
+    return kernelbench.main(argv)
+
+
 def _bench(args) -> int:
     from hf_seqpar.tools.bench import BenchSpec, format_table, plot_rows, run_bench
     from hf_seqpar.tools.presets import load_config
 
+    if args.kernels:
+        return _bench_kernels(args)
     if args.scaling:
         return _bench_scaling(args)
     if args.rows:

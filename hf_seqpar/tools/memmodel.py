@@ -18,7 +18,9 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
 - **backward working set of a layer** on top of its saved tensors and the residual gradients
   (``2 e h``): the MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already
   released; per tile with ``mlp_tiles``, plus the tile's recomputed ``4 e I``); attention's
-  output gradient and fp32 dq/dk/dv accumulators with the kernel's block gradients; the ring
+  output gradient and fp32 dq/dk/dv accumulators with the kernel's block gradients, and on a GPU
+  the CUDA kernel's own buffers (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel
+  needs them, its expanded dk/dv and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the ring
   adds the K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV
   accumulators travelling with it; Ulysses' exchange of the q/k/v gradients holds gradients,
   packed input and output once the kernel's accumulators are released.
@@ -47,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_seqpar.core.shape import FP32, INDEX, ModelShape, attention_saved_bytes, mlp_saved_bytes, norm_bytes
+from hf_seqpar.kernels.gqa import GQA
 
 __all__ = [
     "Features",
@@ -59,10 +62,15 @@ __all__ = [
     "trl_fused_head_terms",
     "TRL_TOKEN_TILE",
     "TRL_VOCAB_TILE",
+    "cuda_kernel_backward_bytes",
+    "GPU_KERNEL",
 ]
 
 #: What ``strategy=None`` (one rank, no SP) is modelled as.
 DEFAULT_STRATEGY = "ulysses"
+#: The attention kernel GPU predictions assume (the planner, the GPU selftest): aten's flash kernel,
+#: the first CUDA backend without flash-attn (``hf_seqpar.kernels.speed.FALLBACK``).
+GPU_KERNEL = "cuda_flash"
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,10 @@ class MemoryModelInputs:
     fused_head_triton: bool = True
     """With ``fused_head``: TRL's Triton kernels (GPUs); False: its torch fallback (CPU ranks, for the
     measured validation: :func:`trl_fused_head_terms` with ``triton=False``)."""
+    kernel: str | None = None
+    """The CUDA attention kernel the backward runs (a backend of ``hf_seqpar.kernels.gqa.GQA``, e.g.
+    :data:`GPU_KERNEL`), whose own buffers add to the working set (:func:`cuda_kernel_backward_bytes`);
+    None: the CPU kernel, as the CPU validation measures it."""
 
 
 @dataclass
@@ -236,11 +248,39 @@ def _layer_saved(m: ModelShape, t: StrategyTerms, f: Features, e: int, batch: in
     return {"norms": 2 * norm, "attention": attention, "mlp": mlp, "gathered": gathered}
 
 
-def _attention_backward(m: ModelShape, t: StrategyTerms, e: int) -> float:
+def cuda_kernel_backward_bytes(m: ModelShape, kv: int, e: int, kernel: str | None) -> float:
+    """Bytes per local token a CUDA attention kernel's backward holds beyond the block gradients it
+    returns (the facts: ``hf_seqpar.kernels.gqa.GQA``; ``kv``: kv heads after Ulysses' replication).
+
+    - a kernel that needs K/V expanded to the query heads (memory-efficient): the expanded K and V
+      (``2 e h_q d``) and its query-head dk/dv before they are summed per group (``2 e (h_q - h_kv) d``
+      beyond the kv-head ones);
+    - a grouped-head kernel that reduces groups itself after computing expanded gradients (aten's
+      flash, flash-attn: ``dk_expanded``/``dv_expanded``): ``2 e h_q d`` while it runs;
+    - a kernel with its own fp32 dq accumulator (flash: ``(B, S_q, h_q, d)`` with ``d`` rounded up
+      to 32; cuDNN counted alike, its workspace unread): ``4 h_q round32(d)``.
+
+    Without GQA (``kv == h_q``) only the accumulator remains. None (CPU) -> 0.
+    """
+    if kernel is None:
+        return 0.0
+    row, d, hq = GQA[kernel], m.head_dim, m.heads
+    extra = 0.0
+    if kv < hq and not row.native:
+        extra += 2 * e * hq * d + 2 * e * (hq - kv) * d
+    if kv < hq and row.native and row.kernel_expanded_dkv:
+        extra += 2 * e * hq * d
+    if row.fp32_dq_accum:
+        extra += FP32 * hq * (-(-d // 32) * 32)
+    return extra
+
+
+def _attention_backward(m: ModelShape, t: StrategyTerms, e: int, kernel: str | None = None) -> float:
     """Bytes per local token of attention's backward working set beyond its saved tensors."""
     d, hq, kv = m.head_dim, m.heads, t.kv_heads
     ws = e * hq * d  # the output's gradient
     ws += FP32 * (hq + 2 * kv) * d + e * (hq + 2 * kv) * d  # fp32 dq/dk/dv accumulators + a block's gradients
+    ws += cuda_kernel_backward_bytes(m, kv, e, kernel)  # a CUDA kernel's own buffers (0 on CPU)
     if t.ring > 1:
         ws += t.ring_kv_in_flight * 2 * e * kv * d  # K/V blocks in flight
         ws += 2 * FP32 * kv * d  # the dK/dV accumulators arriving with them
@@ -332,7 +372,7 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     # the layers' backward, from the last (every earlier layer's activations still kept, one layer's
     # gradients) to the first (one layer's kept, every layer's gradients): linear in between
     mlp_ws = (2 * e * I + (4 * e * I if tiles > 1 else 0)) / tiles
-    attn_ws = _attention_backward(m, t, e) - saved["mlp"] - (e * m.heads * m.head_dim if t.out_copy else 0)
+    attn_ws = _attention_backward(m, t, e, x.kernel) - saved["mlp"] - (e * m.heads * m.head_dim if t.out_copy else 0)
     layer_ws = 2 * e * h + max(mlp_ws, attn_ws)
     # by the layers' backward the loss and the final norm have run theirs: ids and cos/sin remain
     outside_no_loss = (INDEX + rope) * n if not f.offload_checkpoints else rope_live
@@ -429,9 +469,13 @@ def trl_fused_head_terms(m: ModelShape, n: float, e: int, sp: int, triton: bool 
     }
 
 
-def attention_flops(shape: ModelShape, seq_len: int, sp: int, batch: int = 1, checkpointing: bool = True) -> float:
+def attention_flops(
+    shape: ModelShape, seq_len: int, sp: int, batch: int = 1, checkpointing: bool = True, backward: float = 2.5
+) -> float:
     """Attention FLOPs per rank per step of causal full-sequence attention (the ``S^2`` part):
     ``2 x 2 S^2 / 2 h_q d`` per layer forward (scores and values, half the square), the backward
-    2.5x that, plus a recomputed forward with checkpointing; split evenly over the ranks."""
+    ``backward`` times that (2.5: flash's backward recomputes the scores, the hardware's work; 2: the
+    model's FLOPs, as MFU counts them), plus a recomputed forward with checkpointing; split evenly
+    over the ranks."""
     fwd = 2 * 2 * batch * seq_len * seq_len / 2 * shape.heads * shape.head_dim
-    return shape.layers * fwd * (1 + 2.5 + (1 if checkpointing else 0)) / sp
+    return shape.layers * fwd * (1 + backward + (1 if checkpointing else 0)) / sp

@@ -172,12 +172,12 @@ def predicted_length(budget_bytes: float, step: int = 4096) -> tuple[int, float]
     gradients, bf16, :data:`PREDICTED_FEATURES`, one GPU) fits ``budget_bytes``, and that peak."""
     from hf_seqpar.core.shape import ModelShape
 
-    from .memmodel import Features, MemoryModelInputs, peak_memory
+    from .memmodel import GPU_KERNEL, Features, MemoryModelInputs, peak_memory
 
     shape = ModelShape.from_config(_long_config())
     f = PREDICTED_FEATURES
     feats = Features(f["gradient_checkpointing"], False, f["mlp_tiles"], f["loss_chunk_size"])
-    peak = lambda k: peak_memory(MemoryModelInputs(shape, k * step, "ulysses", 1, feats)).total  # noqa: E731
+    peak = lambda k: peak_memory(MemoryModelInputs(shape, k * step, "ulysses", 1, feats, kernel=GPU_KERNEL)).total  # noqa: E731
     lo, hi = 0, 1
     while peak(hi) <= budget_bytes:
         lo, hi = hi, 2 * hi
