@@ -43,15 +43,16 @@ def reward_ascii(completions, **kwargs) -> list[float]:
     return [sum(ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
 
 
-def saved_model(out_dir: str, sp: bool) -> str:
+def saved_model(out_dir: str) -> str:
     """The tiny Llama saved on disk (rank 0 writes, the others wait): TRL builds GRPO's reference
     model from the policy's path."""
     from cases_trl import tiny_lm
 
     path = os.path.join(out_dir, "model")
-    if not sp or dist.get_rank() == 0:
+    ranks = dist.is_initialized()
+    if not ranks or dist.get_rank() == 0:
         tiny_lm().save_pretrained(path)
-    if sp:
+    if ranks:
         dist.barrier()
     return path
 
@@ -94,7 +95,8 @@ def grpo_run(
     **config,
 ) -> dict:
     """``max_steps`` optimizer steps of GRPOTrainer; the logged history (wall-clock times dropped),
-    the final parameters, and under SP the (local, full) lengths of the last batch each SP model saw."""
+    the final parameters, and under SP the (local, full) lengths of the last batch each SP model saw.
+    ``sp=False`` on launched ranks is TRL's own data-parallel run."""
     from cases_trainer import reset_accelerate
     from datasets import Dataset
     from trl import GRPOTrainer
@@ -103,7 +105,7 @@ def grpo_run(
 
     reset_accelerate()
     common = dict(
-        model=saved_model(out_dir, sp),
+        model=saved_model(out_dir),
         reward_funcs=[reward_length, reward_ascii],
         args=grpo_config(out_dir, **config),
         train_dataset=Dataset.from_dict({"prompt": prompts()}),
@@ -140,7 +142,7 @@ def grpo_refusals(out_dir: str) -> dict:
 
     from hf_seqpar.core.data import byte_tokenizer
 
-    path = saved_model(out_dir, True)
+    path = saved_model(out_dir)
 
     def attempt(strategy="ulysses", **kw):
         reset_accelerate()
