@@ -8,7 +8,8 @@ group must behave as *one* process of the one-process (or data-parallel) TRL run
 * **Data**: GRPO's ``RepeatSampler`` loader is built by the mixin's ``_get_dataloader``, split over
   the data-parallel replicas only (the SP ranks of a replica get the same prompts), and TRL's
   ``generation_batch_size`` is recomputed with the replicas as the processes
-  (``per_device_train_batch_size x dp x steps_per_generation``; TRL counts every rank).
+  (``per_device_train_batch_size x dp x steps_per_generation``; TRL counts every rank), and every
+  rank of replica ``d`` is seeded as TRL seeds its process ``d`` (``seed + d``).
 * **Generation** runs once per SP group: SP rank 0 calls TRL's ``_generate_single_turn`` on the
   unsharded model (:func:`hf_seqpar.unsharded`; HF ``generate``) and broadcasts the completions
   and its random-number state over the SP group, so the group trains on identical completions and
@@ -35,6 +36,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import set_seed
 
 from hf_seqpar.core.comm import all_gather_concat
 from hf_seqpar.core.mesh import find_state, unwrap_model
@@ -191,6 +193,9 @@ class GRPOSupport:
                 "per_device_train_batch_size or steps_per_generation (gradient_accumulation_steps) to make it one."
             )
         args.generation_batch_size = gen_batch
+        # TRL seeds each process with seed + process index (distinct completions per process): the SP
+        # group is data-parallel process dp_rank of TRL's run, so each of its ranks takes that seed
+        set_seed(args.seed + state.dp_rank)
         install_sharded_fused_forward(unwrap_model(trainer.model), "the GRPOTrainer")
         if trainer.ref_model is not None:
             ref = unwrap_model(trainer.ref_model)
