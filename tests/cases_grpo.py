@@ -162,7 +162,6 @@ def grpo_refusals(out_dir: str) -> dict:
 
     return {
         "cispo": attempt(loss_type="cispo"),
-        "log_completions": attempt(log_completions=True),
         "batch": attempt(steps_per_generation=1, gradient_accumulation_steps=1),
         "megatron": attempt(strategy="megatron"),
     }
