@@ -55,8 +55,12 @@ METRICS = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_trl_args(
-        p, output_dir="out/grpo-trl", lr=1e-5, batch_help="completions per data-parallel replica and micro-batch"
+        p,
+        output_dir="out/grpo-trl",
+        lr=1e-5,
+        batch_help="completions per data-parallel replica and micro-batch (default 4: one prompt's group)",
     )
+    p.set_defaults(batch_size=4)
     p.add_argument("--dataset", default=None, help="local prompt[/answer] file (default: addition prompts built here)")
     p.add_argument("--max-prompts", type=int, default=64, help="prompts of the offline default")
     p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (the group)")
@@ -147,8 +151,17 @@ def main(argv=None) -> None:
             f"loss_chunk_size={plugin.loss_chunk_size} in the SP config {source}: TRL's GRPOTrainer scores tokens "
             "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
         )
-    hf_seqpar.resolve(plugin, int(os.environ.get("WORLD_SIZE", "1")))  # the library's dry run, before any loading
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sp_size = hf_seqpar.resolve(plugin, world).sp_size  # the library's dry run, before any loading
     common.warn_if_one_process("grpo_trl.py")
+    replicas, steps = world // sp_size, args.steps_per_generation or args.grad_accum
+    if args.batch_size * replicas * steps % args.num_generations:
+        raise SystemExit(
+            f"grpo_trl.py: error: a generation batch is --batch-size ({args.batch_size}) x data-parallel replicas "
+            f"({replicas}) x steps per generation ({steps}) = {args.batch_size * replicas * steps} completions, not a "
+            f"multiple of --num-generations ({args.num_generations}); raise --batch-size, --grad-accum or "
+            "--steps-per-generation"
+        )
 
     from trl import GRPOConfig, GRPOTrainer
 

@@ -778,12 +778,12 @@ def test_grpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
 
     stdout = launch_recipe(
         "grpo_trl.py",
-        *("--max-steps", "3", "--max-prompts", "8", "--grad-accum", "2", "--beta", "0.04", "--lr", "1e-3"),
+        *("--max-steps", "3", "--max-prompts", "8", "--beta", "0.04", "--lr", "1e-3"),
         *("--no-progress", "--output-dir", str(tmp_path / "out")),
         cwd=tmp_path,
     )
     assert "strategy=ulysses sp_size=2 dp_size=1 loss_type=dapo" in stdout, stdout
-    assert "generation_batch_size=4" in stdout, stdout  # 2 per micro-batch x 1 replica x 2 steps per generation
+    assert "generation_batch_size=4" in stdout, stdout  # 4 per micro-batch x 1 replica x 1 step per generation
     steps = re.findall(
         r"^step +\d+/3 loss (\S+) grad_norm (\S+) reward (\S+) reward_std (\S+) rewards/correct/mean \S+ "
         r"rewards/digits/mean \S+ kl (\S+) entropy (\S+)",
