@@ -46,6 +46,7 @@ def test_grpo_with_reference_model_matches_one_process(pool2, tmp_path):
     "strategy,loss_type,beta,order,extra",
     [
         ("ring", "grpo", 0.04, "host_first", {}),
+        ("ulysses", "grpo", 0.0, "host_first", {}),
         ("ulysses", "dapo", 0.0, "mixin_first", {"sp_options": {"gradient_checkpointing": True}}),
         ("ring", "dapo", 0.04, "mixin_first", {}),
         ("ulysses", "bnpo", 0.0, "host_first", {"num_iterations": 2}),
