@@ -1,5 +1,5 @@
 """The reversible patch behind ``hf-seqpar launch``: inside one launch, ``transformers.Trainer``
-(and TRL's ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer`` when TRL is installed) resolve to
+(and TRL's ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``RLOOTrainer`` when TRL is installed) resolve to
 subclasses built with :class:`hf_seqpar.SequenceParallelMixin`.
 
 Why a patch is unavoidable: a script written for the stock ``Trainer`` constructs
@@ -12,9 +12,9 @@ duration of :func:`sequence_parallel_trainers` only, and put back afterwards:
 * ``transformers.Trainer`` and ``transformers.trainer.Trainer`` -> a subclass of
   :class:`hf_seqpar.SequenceParallelTrainer` (so ``isinstance(t, transformers.Trainer)`` holds);
 * ``trl.X``, ``trl.trainer.X`` and ``X``'s defining module, for ``X`` in TRL's supported trainers
-  and the ones :mod:`hf_seqpar.integrations.hosts` refuses -> ``(SequenceParallelMixin, X)``: SFT
-  runs sequence-parallel, DPO/GRPO are refused at construction as the mixin refuses them (instead
-  of training plain DDP silently).
+  and the ones :mod:`hf_seqpar.integrations.hosts` refuses -> ``(SequenceParallelMixin, X)``: SFT,
+  DPO and GRPO run sequence-parallel, RLOO is refused at construction as the mixin refuses it
+  (instead of training plain DDP silently).
 
 (:func:`hf_seqpar.launch.launch_hosts` names these classes and their bases: this module, in the
 patches layer, imports nothing of the integrations.) Classes a script defines on top of them

@@ -32,6 +32,7 @@ import torch
 import hf_seqpar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import recipe_common as common  # noqa: E402
 from sft_trl import build_model, metrics_printer, train_and_save  # noqa: E402  (shared with the SFT recipe)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -52,12 +53,8 @@ METRICS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks)"
-    )
-    p.add_argument("--model", default=None, help="model name or path (default: a tiny Llama built from a config)")
-    p.add_argument(
-        "--tokenizer", default=None, help="tokenizer name or path (default: the model's; byte-level without --model)"
+    common.add_trl_args(
+        p, output_dir="out/dpo-trl", lr=1e-4, batch_help="pairs per data-parallel replica and micro-batch"
     )
     p.add_argument("--dataset", default=None, help="local prompt/chosen/rejected file (default: built from the stdlib)")
     p.add_argument("--max-pairs", type=int, default=64, help="pairs of the offline default")
@@ -70,18 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--precompute-ref", action="store_true", help="TRL's precompute_ref_log_probs instead of a reference model"
     )
-    p.add_argument("--batch-size", type=int, default=2, help="pairs per data-parallel replica and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default on GPUs; fp32 on CPU)")
-    p.add_argument("--logging-steps", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="out/dpo-trl")
     args = p.parse_args(argv)
-    for name in ("max_length", "batch_size", "grad_accum", "max_steps", "max_pairs", "chunk_chars", "logging_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    common.check_positive(
+        p, args, ("max_length", "batch_size", "grad_accum", "max_steps", "max_pairs", "chunk_chars", "logging_steps")
+    )
     if args.dataset is not None and not os.path.isfile(args.dataset):
         p.error(f"--dataset {args.dataset}: no such file")
     return args

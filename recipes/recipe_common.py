@@ -204,3 +204,32 @@ def publish(staging: str, output_dir: str, step: int, total_limit: int) -> str:
         for _, path in complete[:-total_limit]:
             shutil.rmtree(path)
     return final
+
+
+# ---- the options the TRL post-training recipes share (dpo_trl.py, grpo_trl.py) ------------------
+
+
+def add_trl_args(parser, *, output_dir: str, lr: float, batch_help: str, max_steps: int = 10) -> None:
+    """Add the model, SP, optimisation and output options of the TRL post-training recipes."""
+    parser.add_argument(
+        "--sp-config", default=None, help="SP plugin YAML (default: $HF_SEQPAR_CONFIG, else Ulysses over all ranks)"
+    )
+    parser.add_argument("--model", default=None, help="model name or path (default: a tiny Llama built from a config)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer name or path (default: the model's; byte-level without --model)"
+    )
+    parser.add_argument("--batch-size", type=int, default=2, help=batch_help)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on GPUs; fp32 on CPU)")
+    parser.add_argument("--logging-steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=output_dir)
+
+
+def check_positive(parser, args, names) -> None:
+    """``parser.error`` for the first of ``names`` (attribute names) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

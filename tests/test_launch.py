@@ -74,8 +74,9 @@ def test_patch_is_reversible_and_keeps_isinstance():
 
         assert hf_seqpar.SequenceParallelMixin in Mine.__mro__
         assert {"transformers.Trainer", "transformers.trainer.Trainer", "trl.SFTTrainer"} <= set(record.patched)
-        with pytest.raises(NotImplementedError, match="GRPOTrainer"):  # refused before the host's constructor
-            trl.GRPOTrainer(model=None, reward_funcs=None)
+        assert issubclass(trl.GRPOTrainer, hf_seqpar.SequenceParallelMixin)  # GRPO runs sequence-parallel
+        with pytest.raises(NotImplementedError, match="RLOOTrainer"):  # refused before the host's constructor
+            trl.RLOOTrainer(model=None, reward_funcs=None)
     assert (transformers.Trainer, transformers.trainer.Trainer, trl.SFTTrainer, trl.DPOTrainer) == before
     assert record.constructed == []
 

@@ -188,18 +188,23 @@ def test_predict_metrics_streaming_and_throughput_match_stock_trainer(pool2, tmp
         assert r["own_loader"] is not None and "_get_dataloader" in r["own_loader"], r["own_loader"]
 
 
-@pytest.mark.parametrize("host", ["GRPOTrainer", "RLOOTrainer"])
 @pytest.mark.parametrize("order", ["mixin_first", "host_first"])
-def test_grpo_and_rloo_hosts_are_refused_at_construction(host, order):
-    """Point 10: refused before the host's constructor runs (any arguments), naming what works."""
+def test_rloo_host_is_refused_at_construction_and_grpo_is_not(order):
+    """Point 10: RLOO is refused before the host's constructor runs (any arguments), naming what
+    works; GRPO (and DPO, SFT) pass the host check (their own support: hosts.HOST_SUPPORT)."""
     import trl
 
     import hf_seqpar
+    from hf_seqpar.integrations.hosts import host_refusal
 
-    bases = (hf_seqpar.SequenceParallelMixin, getattr(trl, host))
-    cls = type("T", bases if order == "mixin_first" else bases[::-1], {})
+    def cls(host):
+        bases = (hf_seqpar.SequenceParallelMixin, getattr(trl, host))
+        return type("T", bases if order == "mixin_first" else bases[::-1], {})
+
     with pytest.raises(NotImplementedError) as e:
-        cls(model="not-a-model", args=None)
+        cls("RLOOTrainer")(model="not-a-model", args=None)
     msg = str(e.value)
-    assert host in msg and "not yet supported" in msg and "SFTTrainer" in msg and "SequenceParallelTrainer" in msg
-    assert "DPOTrainer" in msg, msg
+    assert "RLOOTrainer" in msg and "not yet supported" in msg and "SequenceParallelTrainer" in msg, msg
+    assert "SFTTrainer" in msg and "DPOTrainer" in msg and "GRPOTrainer" in msg, msg
+    for host in ("GRPOTrainer", "DPOTrainer", "SFTTrainer"):
+        assert host_refusal(cls(host)) is None, host

@@ -2,33 +2,46 @@
 
 The mixin shards each batch by sequence and hands the host's ``compute_loss`` the local shard. That
 is exact for a token-level LM loss (``transformers.Trainer``, TRL's ``SFTTrainer``, subclasses of
-them). TRL's DPOTrainer scores whole sequences; it is made exact by
-:mod:`hf_seqpar.integrations.trl_dpo` (the model call shards and gathers). TRL's other trainers
-generate completions inside the step (GRPO, RLOO) or score sequences in other ways, which the mixin
-does not make exact yet: they are refused when the trainer is constructed, before the host's
-constructor runs.
+them). TRL trainers that score whole sequences or generate inside the step have their own support
+class (:data:`HOST_SUPPORT`): TRL's DPOTrainer (:mod:`hf_seqpar.integrations.trl_dpo`) and
+GRPOTrainer (:mod:`hf_seqpar.integrations.trl_grpo`). TRL's other trainers (RLOO, KTO, ...) are
+refused when the trainer is constructed, before the host's constructor runs.
 
-To support another TRL trainer, add its class name to :data:`SUPPORTED_TRL_TRAINERS` (and remove
-its entry from :data:`WHY_NOT_YET`).
+To support another TRL trainer, write its support class (``refuse``, ``setup``, ``compute_loss``,
+as :class:`~hf_seqpar.integrations.trl_dpo.DPOSupport`), add it to :data:`HOST_SUPPORT` (and
+remove the trainer's entry from :data:`WHY_NOT_YET`).
 """
 
 from __future__ import annotations
 
-__all__ = ["SUPPORTED_TRL_TRAINERS", "WHY_NOT_YET", "host_refusal"]
+import importlib
+
+__all__ = ["HOST_SUPPORT", "SUPPORTED_TRL_TRAINERS", "WHY_NOT_YET", "host_refusal", "host_support"]
+
+#: TRL trainer class name -> ``"module:Class"`` of the support object the mixin consults
+#: (``refuse(trainer)``, ``setup(trainer, prepare)``, ``compute_loss(trainer, model, inputs, ...)``)
+HOST_SUPPORT = {
+    "DPOTrainer": "hf_seqpar.integrations.trl_dpo:DPOSupport",
+    "GRPOTrainer": "hf_seqpar.integrations.trl_grpo:GRPOSupport",
+}
 
 #: TRL trainer classes (by name, in the ``trl`` package) the mixin runs exactly. A trainer whose most
 #: derived TRL base class is not one of them is refused.
-SUPPORTED_TRL_TRAINERS = frozenset({"SFTTrainer", "DPOTrainer"})
+SUPPORTED_TRL_TRAINERS = frozenset({"SFTTrainer", *HOST_SUPPORT})
 
 #: Why a TRL trainer is not supported yet (for the message; others get the generic reason).
 WHY_NOT_YET = {
-    "GRPOTrainer": "each step generates completions with the model (generate() on sequence shards) and scores "
-    "them with per-sequence advantages",
+    "RLOOTrainer": "its leave-one-out baseline, generation and loss are not yet made exact (GRPOTrainer is)",
 }
 
 
 def _is_trl(cls: type) -> bool:
     return (cls.__module__ or "").split(".")[0] == "trl"
+
+
+def _trl_base(cls: type) -> type | None:
+    """The most derived TRL class in ``cls``'s MRO (it decides), or None."""
+    return next((b for b in cls.__mro__ if _is_trl(b)), None)
 
 
 def host_refusal(cls: type) -> str | None:
@@ -38,17 +51,28 @@ def host_refusal(cls: type) -> str | None:
         cls: the trainer class (``type(trainer)``).
 
     Returns:
-        A message naming the unsupported TRL trainer, why, and what works; None when every TRL
-        class in ``cls``'s MRO is in :data:`SUPPORTED_TRL_TRAINERS`.
+        A message naming the unsupported TRL trainer, why, and what works; None when the most
+        derived TRL class in ``cls``'s MRO is in :data:`SUPPORTED_TRL_TRAINERS`.
     """
-    base = next((b for b in cls.__mro__ if _is_trl(b)), None)  # the most derived TRL class decides
+    base = _trl_base(cls)
     if base is None or base.__name__ in SUPPORTED_TRL_TRAINERS:
         return None
     why = WHY_NOT_YET.get(base.__name__, "its loss or its step is not a token-level LM loss over one batch")
     return (
         f"{cls.__name__} is built on TRL's {base.__name__}, which is not yet supported with sequence "
-        f"parallelism (GRPO and TRL's other RL/preference trainers but DPO are not, yet): {why}. What works: "
-        "SequenceParallelTrainer (transformers.Trainer) and TRL's SFTTrainer and DPOTrainer with "
+        f"parallelism (TRL's trainers other than SFT, DPO and GRPO are not, yet): {why}. What works: "
+        "SequenceParallelTrainer (transformers.Trainer) and TRL's SFTTrainer, DPOTrainer and GRPOTrainer with "
         "SequenceParallelMixin (class T(SequenceParallelMixin, SFTTrainer)); or train this one without sequence "
         "parallelism."
     )
+
+
+def host_support(trainer):
+    """The support object for ``trainer``'s most derived TRL class (:data:`HOST_SUPPORT`), or None
+    (``transformers.Trainer`` / TRL's SFTTrainer: token-level LM loss, the mixin's own path)."""
+    base = _trl_base(type(trainer))
+    target = HOST_SUPPORT.get(base.__name__) if base is not None else None
+    if target is None:
+        return None
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)()

@@ -32,9 +32,9 @@ What it changes, and why:
 * **Evaluation** goes through the same sharded ``compute_loss``; logits are gathered over the
   sequence only when returned, and predictions/labels/losses over the data-parallel replicas only
   (``compute_metrics`` sees each row once). The host's outputs are asked for only when the caller
-  wants them (no extra TRL forward). TRL's DPOTrainer is made exact by
-  :mod:`hf_seqpar.integrations.trl_dpo`; unsupported hosts (GRPO, ...) are refused at construction
-  (:mod:`hf_seqpar.integrations.hosts`).
+  wants them (no extra TRL forward). TRL's DPOTrainer and GRPOTrainer are made exact by
+  :mod:`hf_seqpar.integrations.trl_dpo` and :mod:`hf_seqpar.integrations.trl_grpo`; unsupported
+  hosts (RLOO, ...) are refused at construction (:mod:`hf_seqpar.integrations.hosts`).
 * Checkpoints are the model's own ``save_pretrained`` output, loadable by plain transformers / PEFT.
 """
 
@@ -55,8 +55,7 @@ from hf_seqpar.core.comm import all_gather_concat, all_reduce_sum
 from hf_seqpar.core.mesh import find_state, unwrap_model
 from hf_seqpar.core.sharding import _check_same_batch, count_label_tokens, gather_sequence, shard_batch
 from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
-from hf_seqpar.integrations.hosts import host_refusal
-from hf_seqpar.integrations.trl_dpo import host_support
+from hf_seqpar.integrations.hosts import host_refusal, host_support
 from hf_seqpar.strategies import AUTO, strategy_class
 
 __all__ = ["SequenceParallelMixin", "SequenceParallelTrainer"]
@@ -97,7 +96,7 @@ class SequenceParallelMixin(Trainer):
     def _sp_setup(self) -> None:
         """Validate the set-up and apply SP to the model (after the host trainer's constructor)."""
         self.sp_plugin = self.__dict__.pop("_sp_plugin_arg", None) or SequenceParallelPlugin.load()
-        self._sp_host = host_support(self)  # TRL's DPOTrainer: its own support (trl_dpo)
+        self._sp_host = host_support(self)  # TRL's DPO/GRPO trainers: their own support (hosts.HOST_SUPPORT)
         if self._sp_host is not None:
             self._sp_host.refuse(self)
         self._sp_refuse_unsupported()
@@ -299,7 +298,7 @@ class SequenceParallelMixin(Trainer):
     def _sp_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Shard the full batch by sequence, run the host's ``compute_loss`` on this rank's shard,
         and return the loss of the whole SP group with the gradient scale DDP's mean needs."""
-        if self._sp_host is not None:  # the host's model call shards (hf_seqpar.integrations.trl_dpo)
+        if self._sp_host is not None:  # the host's model call shards (trl_dpo / trl_grpo)
             return self._sp_host.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         host = type(self).compute_loss
         if "seqpar" in inputs:  # already sharded (a host that calls back into compute_loss)
@@ -454,7 +453,7 @@ def _sp_constructor(init):
     def __init__(self, *args, sp_plugin: SequenceParallelPlugin | None = None, **kwargs):
         depth = self.__dict__.get("_sp_init_depth", 0)
         refusal = host_refusal(type(self)) if depth == 0 else None
-        if refusal:  # before the host's constructor (GRPO's would load reward models, start generation)
+        if refusal:  # before the host's constructor (RLOO's would load reward models, start generation)
             raise NotImplementedError(refusal)
         if sp_plugin is not None:
             self._sp_plugin_arg = sp_plugin

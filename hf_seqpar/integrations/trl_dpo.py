@@ -6,12 +6,10 @@ per-token ``log_probs`` (and the entropy, mean logits and top-1 flags it logs) o
 ``(2B, S - 1)``; everything after that (the loss types, ``ld_alpha``, WPO weighting, the metrics)
 is arithmetic on those per-token tensors. So the exact SP version changes only that call:
 
-* the model's forward (the instance ``forward`` TRL installed) is wrapped so that a
-  ``fused_lm_head=True`` call with the *full* batch is sharded with :func:`hf_seqpar.shard_batch`
-  (labels shifted on the full sequence, so no label is lost at a shard boundary), TRL's fused head
-  scores the local shard (its pre-shifted ``shift_labels`` path; never ``S x vocab`` logits), and
-  every per-token field is gathered back into ``(2B, S - 1)`` in the original order with
-  :func:`hf_seqpar.core.logprobs.gather_tokens`;
+* the model's forward (the instance ``forward`` TRL installed) is wrapped by
+  :func:`hf_seqpar.integrations.trl_fused.install_sharded_fused_forward` (shared with GRPO): a
+  ``fused_lm_head=True`` call with the *full* batch is sharded, TRL's fused head scores the local
+  shard, and every per-token field is gathered back into ``(2B, S - 1)`` in the original order;
 * every rank of an SP group then computes TRL's own loss and metrics on identical full per-token
   tensors; the gather's backward sums the ranks' gradients, so each rank's gradient is ``sp`` times
   its share and DDP's mean over ``dp x sp`` ranks is the one-process gradient.
@@ -25,84 +23,11 @@ parallel). Options this module has not made exact are refused at construction.
 from __future__ import annotations
 
 import dataclasses
-import types
 
-from hf_seqpar.core.hooks import SHARDS_ITSELF
-from hf_seqpar.core.logprobs import gather_tokens
 from hf_seqpar.core.mesh import find_state, unwrap_model
-from hf_seqpar.core.sharding import shard_batch
+from hf_seqpar.integrations.trl_fused import install_sharded_fused_forward
 
-__all__ = ["DPOSupport", "install_sharded_fused_forward"]
-
-_MARK = "_hf_seqpar_dpo_forward"
-#: per-token fields of TRL's FusedCausalLMOutput
-_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
-#: keyword arguments TRL's DPOTrainer passes to the fused forward (anything else is refused)
-_DPO_KWARGS = {"input_ids", "attention_mask", "use_cache"}
-
-
-def _sharded_fused_forward(inner):
-    """An instance ``forward`` that shards a full-batch ``fused_lm_head=True`` call and gathers the
-    per-token outputs back; every other call goes to ``inner`` (TRL's forward) unchanged."""
-
-    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if not fused_lm_head or "seqpar" in kwargs:
-            return inner(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        extra = sorted(k for k, v in kwargs.items() if k not in _DPO_KWARGS and v is not None)
-        if args or labels is None or extra:
-            raise ValueError(
-                f"the sequence-parallel fused LM head takes keyword input_ids, attention_mask and labels; got "
-                f"{len(args)} positional argument(s), labels={'set' if labels is not None else None}, other keys "
-                f"{extra}. It serves TRL's DPOTrainer concatenated forward (text only, padded rows)."
-            )
-        full = {"input_ids": kwargs["input_ids"], "labels": labels}
-        if kwargs.get("attention_mask") is not None:
-            full["attention_mask"] = kwargs["attention_mask"]
-        local = shard_batch(full, self)
-        batch = local["seqpar"]
-        out = inner(
-            input_ids=local["input_ids"],
-            position_ids=local["position_ids"],
-            seqpar=batch,
-            shift_labels=local["shift_labels"],
-            labels=local["labels"],
-            fused_lm_head=True,
-            use_cache=False,
-        )
-        state = batch.state
-        for name in _TOKEN_FIELDS:
-            value = getattr(out, name, None)
-            if value is not None:
-                # (B, S_local) -> (B, S) in token order; drop the last position (it predicts nothing),
-                # giving TRL's unsharded (B, S - 1)
-                setattr(
-                    out, name, gather_tokens(value, batch.layout, state.sp_rank, state.sp_group, state.counter)[:, :-1]
-                )
-        out.loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
-        return out
-
-    forward._hf_seqpar_inner = inner
-    setattr(forward, SHARDS_ITSELF, True)  # the model's pre-hook lets its full-batch call through
-    return forward
-
-
-def install_sharded_fused_forward(model) -> None:
-    """Wrap the fused forward TRL's ``add_fused_lm_head`` set on ``model`` (see the module doc).
-
-    Raises:
-        ValueError: ``model`` has no TRL fused forward (an instance ``forward``).
-    """
-    inner = vars(model).get("forward")
-    if inner is None:
-        raise ValueError(
-            f"{type(model).__name__} has no instance forward from TRL's add_fused_lm_head; "
-            "build the DPOTrainer before applying sequence parallelism"
-        )
-    if getattr(inner, _MARK, False):
-        return
-    wrapped = types.MethodType(_sharded_fused_forward(inner), model)
-    model.forward = wrapped
-    setattr(model.forward.__func__, _MARK, True)
+__all__ = ["DPOSupport"]
 
 
 class DPOSupport:
@@ -136,12 +61,12 @@ class DPOSupport:
     def setup(self, trainer, prepare) -> None:
         """SP on the reference model (policy's mesh, no checkpointing) and the sharding forward on both."""
         state = find_state(trainer.model)
-        install_sharded_fused_forward(unwrap_model(trainer.model))
+        install_sharded_fused_forward(unwrap_model(trainer.model), "the DPOTrainer")
         if trainer.ref_model is not None:
             ref = unwrap_model(trainer.ref_model)
             plugin = dataclasses.replace(trainer.sp_plugin, gradient_checkpointing=False, offload_checkpoints=False)
             prepare(ref, plugin, mesh=state.mesh)
-            install_sharded_fused_forward(ref)
+            install_sharded_fused_forward(ref, "the DPOTrainer")
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's DPO loss on the full batch (the model call shards); ``num_tokens`` counted once per SP group."""
@@ -152,14 +77,3 @@ class DPOSupport:
         if model.training:
             trainer._sp_recount_tokens(inputs, before)
         return out
-
-
-def host_support(trainer):
-    """The host-specific support for ``trainer``'s class: :class:`DPOSupport` for TRL's DPOTrainer,
-    None otherwise (``transformers.Trainer`` / TRL's SFTTrainer: token-level LM loss; other TRL
-    trainers are refused before this, by :func:`hf_seqpar.integrations.hosts.host_refusal`)."""
-    try:
-        import trl
-    except ImportError:
-        return None
-    return DPOSupport() if isinstance(trainer, trl.DPOTrainer) else None
