@@ -119,6 +119,7 @@ def main(argv=None) -> None:
             "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
         )
     hf_seqpar.resolve(plugin, int(os.environ.get("WORLD_SIZE", "1")))  # the library's dry run, before any loading
+    common.warn_if_one_process("dpo_trl.py")
 
     from trl import DPOConfig, DPOTrainer
 

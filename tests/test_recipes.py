@@ -198,6 +198,25 @@ def test_recipe_in_one_process_warns_and_a_nan_loss_fails(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.e2e
+def test_trl_recipe_in_one_process_warns_and_trains(tmp_path):
+    """A TRL recipe started without a launcher warns (one process, sp_size=1) and then trains on a
+    one-rank group (the mixin creates it, as prepare_sequence_parallel does), instead of stopping with
+    "torch.distributed is not initialised"."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HF_SEQPAR_CONFIG")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes/dpo_trl.py"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ONE process, so sp_size=1" in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"^step +1/1 loss \S+", proc.stdout, re.M) and (tmp_path / "out" / "config.json").exists()
+
+
 @pytest.mark.parametrize("name", ["cpu", "gpu-8", "gpu-multinode"])
 def test_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file

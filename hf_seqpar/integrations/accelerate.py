@@ -304,7 +304,10 @@ def shard_dataloader(
     return SequenceParallelDataLoader(loader, model, shard=shard)
 
 
-def _ensure_process_group(accelerator) -> None:
+def ensure_process_group(accelerator) -> None:
+    """Check that the launched processes and ``accelerator`` agree; for a script started without a
+    launcher (one process), initialise a one-rank gloo group so that SP's code paths run unchanged
+    (``sp_size=1``)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(
@@ -382,7 +385,7 @@ def prepare_sequence_parallel(accelerator, plugin: SequenceParallelPlugin, model
     """
     from accelerate.scheduler import AcceleratedScheduler
 
-    _ensure_process_group(accelerator)
+    ensure_process_group(accelerator)
     plugin = apply_parallelism_config(
         plugin,
         getattr(accelerator, "parallelism_config", None),

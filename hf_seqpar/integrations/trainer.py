@@ -54,7 +54,7 @@ from transformers.trainer_utils import seed_worker
 from hf_seqpar.core.comm import all_gather_concat, all_reduce_sum
 from hf_seqpar.core.mesh import find_state, unwrap_model
 from hf_seqpar.core.sharding import _check_same_batch, count_label_tokens, gather_sequence, shard_batch
-from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, prepare_model
+from hf_seqpar.integrations.accelerate import SequenceParallelPlugin, ensure_process_group, prepare_model
 from hf_seqpar.integrations.hosts import host_refusal, host_support
 from hf_seqpar.strategies import AUTO, strategy_class
 
@@ -100,6 +100,7 @@ class SequenceParallelMixin(Trainer):
         if self._sp_host is not None:
             self._sp_host.refuse(self)
         self._sp_refuse_unsupported()
+        ensure_process_group(self.accelerator)  # a script run without a launcher: one rank, sp_size=1
         prepare_model(self.model, self.sp_plugin)
         self.sp_state = find_state(self.model)
         if self._sp_host is not None:
