@@ -16,7 +16,10 @@ is arithmetic on those per-token tensors. So the exact SP version changes only t
   tensors; the gather's backward sums the ranks' gradients, so each rank's gradient is ``sp`` times
   its share and DDP's mean over ``dp x sp`` ranks is the one-process gradient.
 
-The reference model (``ref_model=``) gets SP on the policy's mesh and the same wrapper;
+The reference model (``ref_model=``) gets SP on the policy's mesh and the same wrapper (under
+accelerate's FSDP2 after TRL's root-only ``prepare_fsdp``: FSDP2 keeps the module object and TRL's
+instance ``forward``, so the wrapper goes on the sharded module; the policy is sharded later, by the
+Trainer, on the same object);
 ``precompute_ref_log_probs`` runs in TRL's constructor, before SP is applied, with TRL's own
 data split over all processes (exact; each rank scores whole rows, so that pass is not sequence
 parallel). Options this module has not made exact are refused at construction.
