@@ -151,18 +151,20 @@ def dpo_run(
     steps: int = 3,
     sp_options: dict | None = None,
     fsdp: bool = False,
+    bf16: bool = False,
 ) -> dict:
     """``steps`` optimizer steps of DPOTrainer (batch 2, fp32, SGD); the logged history and the final
     parameters. ``ref``: ``"model"`` (an explicit, different reference model) or ``"precompute"``
     (``precompute_ref_log_probs`` with the initial policy as reference). ``fsdp``: accelerate's
-    FSDP2 with the ``fsdp_config`` of ``recipes/accelerate/gpu-8.yaml`` (:func:`_fsdp2_on_cpu`)."""
+    FSDP2 with the ``fsdp_config`` of ``recipes/accelerate/gpu-8.yaml`` (:func:`_fsdp2_on_cpu`);
+    ``bf16``: accelerate's bf16 mixed precision (autocast under DDP, ``MixedPrecisionPolicy`` under FSDP2)."""
     if fsdp:
         with _fsdp2_on_cpu():
-            return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp)
-    return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp)
+            return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16)
+    return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16)
 
 
-def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp) -> dict:
+def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16) -> dict:
     from cases_trainer import reset_accelerate
     from cases_trl import tiny_lm
     from trl import DPOConfig, DPOTrainer
@@ -184,7 +186,7 @@ def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fs
         seed=0,
         data_seed=0,
         disable_tqdm=True,
-        bf16=False,
+        bf16=bf16,
         beta=0.5,
         loss_type=loss_type,
         max_length=None,
@@ -251,7 +253,8 @@ class _FSDPOnCPU:
     (``AcceleratorState.__init__``: the ``MULTI_GPU, MULTI_NPU, ...`` branch); under ``MULTI_CPU`` it drops
     the ``fsdp_plugin`` the Trainer passes, ``Trainer.is_fsdp_enabled`` is False and the model is DDP-wrapped
     (checked: ``DistributedType.MULTI_CPU``, ``DistributedDataParallel``). This sets what that branch sets
-    on GPUs (the state's type, also in ``PartialState``, and the plugin), so everything after it (TRL's
+    on GPUs (the state's type, also in ``PartialState``, and the plugin with its mixed-precision policy),
+    so everything after it (TRL's
     ``prepare_fsdp`` of the reference, ``Accelerator._prepare_fsdp2`` of the policy, FSDP2's
     reduce-scatter and grad-norm clipping) runs as on GPUs, on CPU tensors."""
 
@@ -263,7 +266,10 @@ class _FSDPOnCPU:
         state = self.accelerator.state
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":  # as that branch does: FSDP2's MixedPrecisionPolicy
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
         self.is_fsdp_enabled = True
 
 
