@@ -228,6 +228,7 @@ def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fs
     out = {"logs": logs, "params": params, "rank": int(os.environ.get("RANK", "0")), "split": split}
     if fsdp:
         out["placement"] = _fsdp_placement(trainer)
+        out["saved"] = _saved_error(trainer, os.path.join(out_dir, "saved"), params)
     return out
 
 
@@ -292,6 +293,18 @@ class _fsdp2_on_cpu:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         return False
+
+
+def _saved_error(trainer, path: str, params: dict) -> float:
+    """``trainer.save_model`` (the recipes' last step; FSDP's full state dict) reloaded with
+    ``from_pretrained`` on every rank (under the FSDP environment: CPU-RAM-efficient loading on the
+    other ranks): the largest relative difference from the trained parameters."""
+    from transformers import AutoModelForCausalLM
+
+    trainer.save_model(path)
+    trainer.accelerator.wait_for_everyone()
+    loaded = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+    return max(float((loaded[n] - p).abs().max() / p.abs().max().clamp_min(1e-12)) for n, p in params.items())
 
 
 def _full(p):

@@ -112,12 +112,14 @@ def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
 def test_dpo_under_accelerate_fsdp2_matches_one_process(pool2, tmp_path, strategy):
     """DPO (sigmoid, reference model) under accelerate's FSDP2 with gpu-8.yaml's fsdp_config (the
     documented 8-GPU launch) against the one-process DPOTrainer: loss, every metric, grad norm, final
-    weights. The policy is sharded layer by layer, the reference by TRL's root-only prepare_fsdp."""
+    weights. The policy is sharded layer by layer, the reference by TRL's root-only prepare_fsdp;
+    save_model's checkpoint reloads to the trained weights on every rank."""
     for r in _compare_dpo(pool2, tmp_path, strategy=strategy, fsdp=True):
         where = r["placement"]
         assert where["distributed_type"] == "DistributedType.FSDP", where
         assert where["policy_root"] and all(where["policy_layers"]) and where["policy_sharded"], where
         assert where["ref_root"] and not any(where["ref_layers"]) and where["ref_sharded"], where
+        assert r["saved"] <= 1e-6, (r["rank"], r["saved"])  # save_model's full state dict, reloaded
 
 
 def test_dpo_refusals_name_what_works(pool2, tmp_path):
