@@ -194,7 +194,7 @@ def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fs
         **({"fsdp": True, "fsdp_config": gpu8_fsdp_config()} if fsdp else {}),
     )
     common = dict(
-        model=tiny_lm(),
+        model=_policy_from_path(out_dir, sp) if fsdp and ref == "precompute" else tiny_lm(),
         ref_model=tiny_lm(seed=1) if ref == "model" else None,
         args=args,
         train_dataset=_shared_dataset(out_dir, sp),
@@ -293,6 +293,20 @@ class _fsdp2_on_cpu:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         return False
+
+
+def _policy_from_path(out_dir: str, sp: bool):
+    """``tiny_lm()`` saved and loaded back: under FSDP with ``precompute_ref_log_probs`` and no
+    ``ref_model``, TRL loads its scoring reference from the policy's path (``config._name_or_path``)."""
+    from cases_trl import tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(out_dir, "initial")
+    if not sp or dist.get_rank() == 0:
+        tiny_lm().save_pretrained(path)
+    if sp:
+        dist.barrier()
+    return AutoModelForCausalLM.from_pretrained(path)
 
 
 def _saved_error(trainer, path: str, params: dict) -> float:

@@ -108,17 +108,28 @@ def test_dpo_trl_recipe_runs_on_two_cpu_ranks(tmp_path):
     assert any(float(s[1]) != 0.0 for s in steps[1:]), steps  # the policy moved away from the reference
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
-def test_dpo_under_accelerate_fsdp2_matches_one_process(pool2, tmp_path, strategy):
-    """DPO (sigmoid, reference model) under accelerate's FSDP2 with gpu-8.yaml's fsdp_config (the
+@pytest.mark.parametrize(
+    "strategy,ref",
+    [
+        ("ulysses", "model"),
+        pytest.param("ring", "model", marks=pytest.mark.slow),
+        pytest.param("ulysses", "precompute", marks=pytest.mark.slow),
+    ],
+)
+def test_dpo_under_accelerate_fsdp2_matches_one_process(pool2, tmp_path, strategy, ref):
+    """DPO (sigmoid; reference model, or precomputed reference log-probs: under FSDP TRL loads the
+    reference from the policy's path) under accelerate's FSDP2 with gpu-8.yaml's fsdp_config (the
     documented 8-GPU launch) against the one-process DPOTrainer: loss, every metric, grad norm, final
     weights. The policy is sharded layer by layer, the reference by TRL's root-only prepare_fsdp;
     save_model's checkpoint reloads to the trained weights on every rank."""
-    for r in _compare_dpo(pool2, tmp_path, strategy=strategy, fsdp=True):
+    for r in _compare_dpo(pool2, tmp_path, strategy=strategy, ref=ref, fsdp=True):
         where = r["placement"]
         assert where["distributed_type"] == "DistributedType.FSDP", where
         assert where["policy_root"] and all(where["policy_layers"]) and where["policy_sharded"], where
-        assert where["ref_root"] and not any(where["ref_layers"]) and where["ref_sharded"], where
+        if ref == "model":
+            assert where["ref_root"] and not any(where["ref_layers"]) and where["ref_sharded"], where
+        else:  # TRL loaded, sharded and freed its scoring reference in its constructor
+            assert not where["ref_root"] and not where["ref_layers"], where
         assert r["saved"] <= 1e-6, (r["rank"], r["saved"])  # save_model's full state dict, reloaded
 
 
