@@ -150,10 +150,21 @@ def dpo_run(
     order: str = "mixin_first",
     steps: int = 3,
     sp_options: dict | None = None,
+    fsdp: bool = False,
+    bf16: bool = False,
 ) -> dict:
     """``steps`` optimizer steps of DPOTrainer (batch 2, fp32, SGD); the logged history and the final
     parameters. ``ref``: ``"model"`` (an explicit, different reference model) or ``"precompute"``
-    (``precompute_ref_log_probs`` with the initial policy as reference)."""
+    (``precompute_ref_log_probs`` with the initial policy as reference). ``fsdp``: accelerate's
+    FSDP2 with the ``fsdp_config`` of ``recipes/accelerate/gpu-8.yaml`` (:func:`_fsdp2_on_cpu`);
+    ``bf16``: accelerate's bf16 mixed precision (autocast under DDP, ``MixedPrecisionPolicy`` under FSDP2)."""
+    if fsdp:
+        with _fsdp2_on_cpu():
+            return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16)
+    return _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16)
+
+
+def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fsdp, bf16) -> dict:
     from cases_trainer import reset_accelerate
     from cases_trl import tiny_lm
     from trl import DPOConfig, DPOTrainer
@@ -175,14 +186,15 @@ def dpo_run(
         seed=0,
         data_seed=0,
         disable_tqdm=True,
-        bf16=False,
+        bf16=bf16,
         beta=0.5,
         loss_type=loss_type,
         max_length=None,
         precompute_ref_log_probs=ref == "precompute",
+        **({"fsdp": True, "fsdp_config": gpu8_fsdp_config()} if fsdp else {}),
     )
     common = dict(
-        model=tiny_lm(),
+        model=_policy_from_path(out_dir, sp) if fsdp and ref == "precompute" else tiny_lm(),
         ref_model=tiny_lm(seed=1) if ref == "model" else None,
         args=args,
         train_dataset=_shared_dataset(out_dir, sp),
@@ -194,6 +206,7 @@ def dpo_run(
             if order == "mixin_first"
             else (DPOTrainer, hf_seqpar.SequenceParallelMixin)
         )
+        bases = (_FSDPOnCPU, *bases) if fsdp else bases
         trainer = type("SPDPOTrainer", bases, {})(
             **common, sp_plugin=hf_seqpar.SequenceParallelPlugin(strategy=strategy, **(sp_options or {}))
         )
@@ -206,13 +219,130 @@ def dpo_run(
         if "loss" in h
     ]
     model = hf_seqpar.core.mesh.unwrap_model(trainer.model)
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: _full(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     split = None
     if sp:  # (local, full) length of the last batch each SP model saw: the rows really were split
         states = [hf_seqpar.core.mesh.find_state(m) for m in (trainer.model, trainer.ref_model) if m is not None]
         split = [(s.last_layout.local_len, s.last_layout.seq_len) for s in states]
         hf_seqpar.disable_sequence_parallel(trainer.model)
-    return {"logs": logs, "params": params, "rank": int(os.environ.get("RANK", "0")), "split": split}
+    out = {"logs": logs, "params": params, "rank": int(os.environ.get("RANK", "0")), "split": split}
+    if fsdp:
+        out["placement"] = _fsdp_placement(trainer)
+        out["saved"] = _saved_error(trainer, os.path.join(out_dir, "saved"), params)
+    return out
+
+
+# ---- accelerate's FSDP2 on gloo CPU ranks --------------------------------------------------------
+
+
+def gpu8_fsdp_config() -> dict:
+    """The ``fsdp_config`` of ``recipes/accelerate/gpu-8.yaml`` (the documented 8-GPU DPO launch) as
+    ``TrainingArguments(fsdp_config=...)``: FSDP2, full shard, transformer-layer auto wrap (the model's
+    ``_no_split_modules``: ``LlamaDecoderLayer``), reshard after forward, CPU-RAM-efficient loading."""
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "gpu-8.yaml"
+    return dict(yaml.safe_load(path.read_text())["fsdp_config"])
+
+
+class _FSDPOnCPU:
+    """Put the Trainer's Accelerator on accelerate's FSDP path on gloo CPU ranks.
+
+    accelerate 1.16 switches its state to ``DistributedType.FSDP`` only for GPU-like distributed types
+    (``AcceleratorState.__init__``: the ``MULTI_GPU, MULTI_NPU, ...`` branch); under ``MULTI_CPU`` it drops
+    the ``fsdp_plugin`` the Trainer passes, ``Trainer.is_fsdp_enabled`` is False and the model is DDP-wrapped
+    (checked: ``DistributedType.MULTI_CPU``, ``DistributedDataParallel``). This sets what that branch sets
+    on GPUs (the state's type, also in ``PartialState``, and the plugin with its mixed-precision policy),
+    so everything after it (TRL's
+    ``prepare_fsdp`` of the reference, ``Accelerator._prepare_fsdp2`` of the policy, FSDP2's
+    reduce-scatter and grad-norm clipping) runs as on GPUs, on CPU tensors."""
+
+    def create_accelerator_and_postprocess(self):
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":  # as that branch does: FSDP2's MixedPrecisionPolicy
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+
+
+class _fsdp2_on_cpu:
+    """Context of a :class:`_FSDPOnCPU` run: the process-wide state it changes (accelerate's shared
+    state, the ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` environment the Accelerator sets) is put back, so the
+    pool's later cases see plain gloo ranks."""
+
+    def __enter__(self):
+        self.env = dict(os.environ)
+
+    def __exit__(self, *exc):
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+        from accelerate.utils import DistributedType
+
+        os.environ.clear()
+        os.environ.update(self.env)
+        if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return False
+
+
+def _policy_from_path(out_dir: str, sp: bool):
+    """``tiny_lm()`` saved and loaded back: under FSDP with ``precompute_ref_log_probs`` and no
+    ``ref_model``, TRL loads its scoring reference from the policy's path (``config._name_or_path``)."""
+    from cases_trl import tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(out_dir, "initial")
+    if not sp or dist.get_rank() == 0:
+        tiny_lm().save_pretrained(path)
+    if sp:
+        dist.barrier()
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _saved_error(trainer, path: str, params: dict) -> float:
+    """``trainer.save_model`` (the recipes' last step; FSDP's full state dict) reloaded with
+    ``from_pretrained`` on every rank (under the FSDP environment: CPU-RAM-efficient loading on the
+    other ranks): the largest relative difference from the trained parameters."""
+    from transformers import AutoModelForCausalLM
+
+    trainer.save_model(path)
+    trainer.accelerator.wait_for_everyone()
+    loaded = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+    return max(float((loaded[n] - p).abs().max() / p.abs().max().clamp_min(1e-12)) for n, p in params.items())
+
+
+def _full(p):
+    """A parameter's full value (FSDP2 parameters are sharded DTensors)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _fsdp_placement(trainer) -> dict:
+    """How FSDP2 placed the models: the policy's decoder layers and root are FSDP modules with
+    sharded (DTensor) parameters; the reference is one root-only ``fully_shard`` (TRL's ``prepare_fsdp``)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    policy = hf_seqpar.core.mesh.unwrap_model(trainer.model)
+    ref = trainer.ref_model
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "policy_root": isinstance(policy, FSDPModule),
+        "policy_layers": [isinstance(layer, FSDPModule) for layer in policy.model.layers],
+        "policy_sharded": all(isinstance(p, DTensor) for p in policy.parameters()),
+        "ref_root": ref is not None and isinstance(ref, FSDPModule),
+        "ref_layers": [] if ref is None else [isinstance(layer, FSDPModule) for layer in ref.model.layers],
+        "ref_sharded": ref is not None and all(isinstance(p, DTensor) for p in ref.parameters()),
+    }
 
 
 def dpo_refusals(out_dir: str) -> dict:

@@ -208,7 +208,11 @@ def test_plan_cli_dpo_prints_assumptions_phases_and_skips_megatron(capsys, tmp_p
         assert r["total_bytes"] == max(r["post_phases"].values())
         assert r["ref_bytes"] == SHAPE.params * 2
     cli.main(["plan", "--seq-len", "65536", "--post-training", "dpo", "--json", str(out)])
-    assert "refuses DeepSpeed/FSDP today" in capsys.readouterr().out
+    assert "refuses" not in capsys.readouterr().out  # FSDP2 (the default sharding) runs
+    for sharding, refused in (("zero2", "refuses DeepSpeed today"), ("fsdp_offload", "refuses FSDP's CPU offload")):
+        cli.main(["plan", "--seq-len", "65536", "--post-training", "dpo", "--sharding", sharding, "--json", str(out)])
+        said = capsys.readouterr().out
+        assert refused in said and "--sharding fsdp (accelerate's FSDP2) or none is what runs now" in said, said
 
 
 def test_plan_cli_grpo(capsys):

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from transformers import AttentionInterface, AttentionMaskInterface
 
-__all__ = ["PREFIX", "registered_name", "register", "sp_attention_forward", "require_batch", "missing_batch_error"]
+__all__ = [
+    "PREFIX",
+    "registered_name",
+    "register",
+    "sp_attention_forward",
+    "require_batch",
+    "missing_batch_error",
+    "shards_itself",
+]
 
 PREFIX = "hf_seqpar_"
 #: Attribute of an instance ``forward`` that calls ``shard_batch`` on its full batch itself.
@@ -39,9 +47,25 @@ def require_batch(module, args, kwargs):
     (Megatron-SP would otherwise fail deep inside its sharded layers, e.g. in rotary embedding)."""
     if kwargs.get("seqpar") is not None or getattr(module, "hf_seqpar_state", None) is None:
         return  # a sharded batch, or no state: inside ``hf_seqpar.unsharded`` the plain model runs
-    if kwargs.get("fused_lm_head") and getattr(getattr(module, "forward", None), SHARDS_ITSELF, False):
+    if kwargs.get("fused_lm_head") and shards_itself(getattr(module, "forward", None)):
         return  # a forward that shards its full batch itself (TRL's DPO fused head: integrations/trl_dpo)
     raise missing_batch_error()
+
+
+def shards_itself(forward) -> bool:
+    """Whether ``forward`` (a model's instance forward) is, or wraps, one marked :data:`SHARDS_ITSELF`.
+
+    The mark is looked for down the ``__wrapped__`` chain: accelerate's ``prepare_model`` under mixed
+    precision (DDP with ``bf16``/``fp16``) replaces the instance forward with its autocast and
+    ``convert_outputs_to_fp32`` wrappers, whose outer function keeps the inner one only as
+    ``__wrapped__``; the marked forward still runs inside them."""
+    for _ in range(16):  # wrappers nest a few deep; a cycle must not loop forever
+        if forward is None:
+            return False
+        if getattr(forward, SHARDS_ITSELF, False):
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+    return False
 
 
 def sp_attention_forward(module, query, key, value, attention_mask, **kwargs):

@@ -14,7 +14,10 @@ is arithmetic on those per-token tensors. So the exact SP version changes only t
   tensors; the gather's backward sums the ranks' gradients, so each rank's gradient is ``sp`` times
   its share and DDP's mean over ``dp x sp`` ranks is the one-process gradient.
 
-The reference model (``ref_model=``) gets SP on the policy's mesh and the same wrapper;
+The reference model (``ref_model=``) gets SP on the policy's mesh and the same wrapper (under
+accelerate's FSDP2 after TRL's root-only ``prepare_fsdp``: FSDP2 keeps the module object and TRL's
+instance ``forward``, so the wrapper goes on the sharded module; the policy is sharded later, by the
+Trainer, on the same object);
 ``precompute_ref_log_probs`` runs in TRL's constructor, before SP is applied, with TRL's own
 data split over all processes (exact; each rank scores whole rows, so that pass is not sequence
 parallel). Options this module has not made exact are refused at construction.
@@ -42,7 +45,8 @@ class DPOSupport:
         args = trainer.args
         works = (
             f"DPO under sequence parallelism supports loss_type in {list(self.LOSS_TYPES)} (one or a list), "
-            "an explicit ref_model or precompute_ref_log_probs=True, padded text rows, full fine-tuning"
+            "an explicit ref_model or precompute_ref_log_probs=True, padded text rows, full fine-tuning, "
+            "DDP or accelerate's FSDP2 (fsdp_version: 2) without CPU offload"
         )
         losses = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
         bad = [
@@ -52,11 +56,29 @@ class DPOSupport:
             ("a MoE router aux loss (router_aux_loss_coef)", bool(getattr(trainer, "aux_loss_enabled", False))),
             ("sync_ref_model=True", bool(getattr(args, "sync_ref_model", False))),
             ("a PEFT model", hasattr(unwrap_model(trainer.model), "get_base_model")),
-            ("DeepSpeed/FSDP", bool(trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)),
+            ("DeepSpeed", bool(trainer.is_deepspeed_enabled)),
+            *self._fsdp_refusals(trainer),
         ]
         found = [name for name, on in bad if on]
         if found:
             raise ValueError(f"{', '.join(found)}: not supported by DPOTrainer under sequence parallelism. {works}.")
+
+    @staticmethod
+    def _fsdp_refusals(trainer) -> list:
+        """FSDP2 is tested (policy sharded by accelerate, reference by TRL's root-only ``prepare_fsdp``,
+        SP applied to the sharded reference afterwards: FSDP2 keeps the module object and TRL's
+        instance ``forward``); FSDP1's wrapper class and FSDP2's CPU offload are not."""
+        if not trainer.is_fsdp_enabled:
+            return []
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        plugin = trainer.accelerator.state.fsdp_plugin
+        version = getattr(plugin, "fsdp_version", 1)
+        offload = isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy)
+        return [
+            (f"FSDP version {version} (fsdp_version: 1)", version != 2),
+            ("FSDP CPU offload (fsdp_offload_params: true)", version == 2 and offload),
+        ]
 
     def setup(self, trainer, prepare) -> None:
         """SP on the reference model (policy's mesh, no checkpointing) and the sharding forward on both."""

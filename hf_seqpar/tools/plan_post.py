@@ -15,8 +15,9 @@ parameters, ``r`` bytes per reference weight (``--ref-bytes``) and ``e`` bytes p
   ``N`` GPUs (``Q r / N`` at rest; host memory with ``fsdp_offload``), otherwise
   ``accelerator.prepare_model(evaluation_mode=True)`` (DDP) or DeepSpeed stage 0 (ZeRO-1/2 are
   turned off for it) replicate it (``Q r``). hf_seqpar's DPO support prepares it for SP on the
-  policy's mesh without checkpointing and refuses FSDP/DeepSpeed today, so ``--sharding none``
-  is what runs now.
+  policy's mesh without checkpointing, after TRL's ``prepare_fsdp`` (the placement is TRL's), and runs
+  under accelerate's FSDP2 (``--sharding fsdp``) or DDP (``none``); it refuses FSDP's CPU offload
+  (``fsdp_offload``), FSDP1 and DeepSpeed (``zero1``/``zero2``) today.
 - **reference forward** (no gradients: one layer's working set at a time, nothing saved): per local
   token the prefill working set of :mod:`hf_seqpar.tools.plan_infer` (residual and normed input, q/k/v,
   the MLP's three ``I``-wide tensors, attention output before and after the exchange, Ulysses'
@@ -235,10 +236,12 @@ def post_assumptions(shape: ModelShape, cluster, setup) -> list[str]:
     lines = [f"TRL's fused LM head (tiles of 4,096 tokens x 32,768 vocabulary; --loss-chunk does not apply); {ref}"]
     if post.kind == "dpo":
         lines.insert(0, f"DPO: {b} pair(s) per micro-batch = {2 * b} rows of the sequence length (chosen + rejected)")
-        if setup.sharding != "none":
+        if setup.sharding not in ("none", "fsdp"):
+            refused = "FSDP's CPU offload" if setup.sharding == "fsdp_offload" else "DeepSpeed"
             lines.append(
-                f"hf_seqpar's DPOTrainer support refuses DeepSpeed/FSDP today (trl_dpo.py): --sharding "
-                f"{setup.sharding} predicts TRL's own placement; --sharding none is what runs now"
+                f"hf_seqpar's DPOTrainer support refuses {refused} today (trl_dpo.py): --sharding "
+                f"{setup.sharding} predicts TRL's own placement; --sharding fsdp (accelerate's FSDP2) or none "
+                "is what runs now"
             )
     else:
         gen = (
