@@ -10,7 +10,8 @@
   given; :func:`remove_memory_features` deletes the instance attributes again.
   The same mechanism tiles each decoder layer's MLP along the sequence (recomputed per tile
   in backward) and wraps the forward in ``torch.autograd.graph.save_on_cpu`` to offload the
-  activations that gradient checkpointing keeps (the layer inputs) to CPU memory.
+  activations that gradient checkpointing keeps (the layer inputs) to CPU memory, and gives the
+  Llama-style RMSNorms the lean forward of :mod:`hf_seqpar.core.norm` (``lean_norms``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-from hf_seqpar.core import moe
+from hf_seqpar.core import moe, norm
 from hf_seqpar.core.logits import LogitTransform, logit_transform
 from hf_seqpar.core.loss import combine_over_sp
 from hf_seqpar.core.sharding import IGNORE_INDEX
@@ -270,7 +271,12 @@ def check_memory_features(model, loss_chunk_size: int | None = None, mlp_tiles: 
 
 
 def install_memory_features(
-    model, loss_chunk_size: int | None = None, mlp_tiles: int | None = None, offload_checkpoints: bool = False
+    model,
+    loss_chunk_size: int | None = None,
+    mlp_tiles: int | None = None,
+    offload_checkpoints: bool = False,
+    *,
+    lean_norms: bool = False,
 ) -> None:
     """Switch on the memory features on a ``*ForCausalLM`` model, in place (reversible).
 
@@ -282,6 +288,8 @@ def install_memory_features(
         offload_checkpoints: run the forward under ``save_on_cpu``, so the tensors autograd keeps
             live in CPU memory; with gradient checkpointing these are essentially the layer inputs
             (torch's checkpoint saves them through the saved-tensor hooks, reentrant or not).
+        lean_norms: give the model's Llama-style RMSNorms the forward of :mod:`hf_seqpar.core.norm`
+            (saves the input and fp32 ``rstd`` instead of an fp32 copy; same numbers).
 
     Raises:
         ValueError: the model transforms its logits in a way the chunked loss cannot reproduce
@@ -302,6 +310,10 @@ def install_memory_features(
         model.forward = types.MethodType(_offload_forward(model.forward), model)
         if model not in installed:
             installed.append(model)
+    if lean_norms:
+        for m in norm.lean_norms_of(model):
+            m.forward = types.MethodType(norm.lean_forward, m)
+            installed.append(m)
     setattr(model, _MARK, installed)
 
 
