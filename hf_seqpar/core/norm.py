@@ -102,6 +102,27 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` written out, operation for operation (differentiable by autograd)."""
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``n``, what Llama's norm multiplies by its weight: ``(x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``."""
+    x32 = x.to(torch.float32)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def final_norm(model):
+    """The base model's final norm (``model.<base>.norm``) when it is Llama-style, else None: the one the
+    chunked loss can compute itself per chunk (:class:`hf_seqpar.core.memory.ChunkedLMHeadCrossEntropy`)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    m = getattr(base, "norm", None)
+    return m if isinstance(m, torch.nn.Module) and m in lean_norms_of(m) else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm of ``x`` (``(..., h)``) with ``weight`` (``(h,)``), saving ``x`` and ``rstd``."""
     return RMSNormFunction.apply(x, weight, eps)

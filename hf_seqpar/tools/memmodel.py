@@ -17,8 +17,9 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
 - **checkpointing** keeps only each layer's input (``e h``) and recomputes one layer at a time
   in the backward; **offload_checkpoints** moves everything saved outside the checkpointed
   layers to host memory (``save_on_cpu`` copies each saved tensor: the layer inputs, the final
-  norm's tensors (with ``lean_norms`` its input, ``rstd`` and output), the loss's inputs and the
-  ``lm_head`` weight it saves).
+  norm's tensors (with ``lean_norms`` its input, ``rstd`` and output), the plain loss's inputs and
+  the ``lm_head`` weight it saves; the chunked loss keeps what it saves on the device, as its
+  backward needs it first, and with ``lean_norms`` computes the final norm itself, per chunk).
 - **backward working set of a layer** on top of its saved tensors and the residual gradients
   (``2 e h``): the MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already
   released; per tile with ``mlp_tiles``, plus the tile's recomputed ``4 e I``); attention's
@@ -294,7 +295,8 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     saved = _layer_saved(m, t, f, e, x.batch)
     layer = sum(saved.values())
     rope = 2 * e * m.head_dim
-    final_norm = f.norm(m, e)
+    # with lean norms the chunked loss computes the final norm per chunk: only its input is saved
+    final_norm = e * h if (f.lean_norms and chunk) else f.norm(m, e)
     loss_saved = INDEX if chunk else FP32 * V  # chunked: the labels; plain: the fp32 log-softmax
     outside = INDEX + rope + final_norm + loss_saved  # token ids, cos/sin, final norm, loss
 
@@ -310,9 +312,16 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         # loss: the chunked one saves the labels; the plain one's log-softmax output is saved twice
         # (by log_softmax and by nll_loss) and its target once
         # (the lean norm saves its input, rstd and output once each)
-        norm_host = 2 * e * h + FP32 if f.lean_norms else 2 * (FP32 * h + FP32) + 2 * e * h
-        host = n * (L * e * h + INDEX + norm_host + (INDEX if chunk else 2 * FP32 * V + INDEX))
-        host += V * h * pe + h * pe
+        # the chunked loss keeps what it saves (hidden states, labels) on the device: with lean norms
+        # the final norm is computed inside it (nothing of it goes to the host), else its output stays
+        if chunk:
+            norm_host = 0.0 if f.lean_norms else 2 * (FP32 * h + FP32) + e * h
+        else:
+            norm_host = 2 * e * h + FP32 if f.lean_norms else 2 * (FP32 * h + FP32) + 2 * e * h
+        host = n * (L * e * h + INDEX + norm_host + (0 if chunk else 2 * FP32 * V + INDEX))
+        # the weights saved: lm_head's (by the plain loss; the chunked one keeps its own on the device)
+        # and the final norm's (unless the chunked loss computes that norm)
+        host += (0 if chunk else V * h * pe) + (0 if chunk and f.lean_norms else h * pe)
     device_kept = 0.0 if f.offload_checkpoints else kept
     device_outside = 0.0 if f.offload_checkpoints else outside * n
     rope_live = rope * n  # cos/sin stay referenced by the layers' closures either way
@@ -334,8 +343,10 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     # with offload the loss's backward brings its saved tensors back to the device: the hidden states
     # and labels (chunked), or the two copies of the log-softmax output (plain)
     unpacked_loss = n * (e * h + INDEX if chunk else 2 * FP32 * V) if f.offload_checkpoints else 0.0
+    # (the chunked loss's hidden states and labels are not offloaded: on the device from the forward on)
+    loss_kept = n * (e * h + INDEX) if (f.offload_checkpoints and chunk) else 0.0
     phases = {
-        "forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd,
+        "forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd + loss_kept,
         "loss backward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_bwd + unpacked_loss,
     }
 
