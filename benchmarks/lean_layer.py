@@ -3,7 +3,9 @@
 On 2 gloo CPU ranks, the model and measurement of :mod:`hf_seqpar.tools.memcheck` (a Llama of hidden
 128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024, vocabulary 4096, fp32, one row; the second
 step's peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with
-checkpointing, 8 MLP tiles and loss chunks of 128 tokens. The slope ``(peak(2S) - peak(S)) / S`` is the
+checkpointing, 32 MLP tiles and loss chunks of 128 tokens (so that the recomputed layer's attention,
+not its MLP, sets the backward's working set, as for the 8B model at millions of tokens; and both
+lengths peak in the same phase, the last layer's backward). The slope ``(peak(2S) - peak(S)) / S`` is the
 bytes per token of the row that the step's peak grows by (the constant part, the gradients, cancels).
 
 Rows: transformers' RMSNorm or the lean one (``lean_norms``), and the attention gradients either as
@@ -13,7 +15,7 @@ as now (the kernel's gradients when one piece covers the row). The ring's attent
 changed by the second; its rows show the norm only. ``predicted`` is the memory model's slope for the
 row where it describes the code that ran.
 
-    python benchmarks/lean_layer.py [--seq 4096] [--strategies ulysses,ring]
+    python benchmarks/lean_layer.py [--seq 8192] [--tiles 32] [--strategies ulysses,ring]
 
 Prints a markdown table; measures, asserts nothing.
 """
@@ -59,7 +61,8 @@ def main() -> None:
     from hf_seqpar.tools.memcheck import MemCase, predict_case
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=4096, help="S (the second length is 2 S)")
+    ap.add_argument("--seq", type=int, default=8192, help="S (the second length is 2 S)")
+    ap.add_argument("--tiles", type=int, default=32, help="MLP tiles")
     ap.add_argument("--strategies", default="ulysses,ring")
     args = ap.parse_args()
     s = args.seq
@@ -73,7 +76,7 @@ def main() -> None:
     for row in rows:
         strategy, norms, old = row
         for n in (s, 2 * s):
-            case = MemCase(strategy, n, True, False, 8, 128, lean_norms=norms == "lean")
+            case = MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean")
             jobs.append(((row, n), case, old))
     world = 2
     with socket.socket() as sock:
@@ -98,7 +101,7 @@ def main() -> None:
         grads = "fp32 over the sequence (before)" if old else ("per piece (now)" if strategy == "ulysses" else "ring's own")
         pred = ""
         if not old:
-            cases = [MemCase(strategy, n, True, False, 8, 128, lean_norms=norms == "lean") for n in (s, 2 * s)]
+            cases = [MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean") for n in (s, 2 * s)]
             pa, pb = (predict_case(c)["device_bytes"] for c in cases)
             pred = f"{(pb - pa) / s:.0f}"
         print(f"| {strategy} | {norms} | {grads} | {a / 2**20:.2f} | {b / 2**20:.2f} | {(b - a) / s:.0f} | {pred} |")
