@@ -1,6 +1,9 @@
 """The leaner recomputed layer (issue 23): the lean RMSNorm and attention gradients without
-whole-sequence fp32 accumulators compute the same numbers as before, bit for bit where the
-operations are the same, and SP with them matches the unsharded HF model."""
+whole-sequence fp32 accumulators compute the same numbers as before, bit for bit (fp32, bf16, fp64).
+
+So the tolerances of SP against the unsharded model do not change: ``tests/test_matrix.py`` runs every
+strategy through ``prepare_model`` (``lean_norms`` on by default, in fp32 and in bf16 with the bf16
+tolerances of ``tests/cases.py``), and ``tests/test_memory.py`` the memory features with and without it."""
 
 from __future__ import annotations
 
@@ -128,3 +131,19 @@ def test_one_document_needs_no_fp32_accumulator():
     windowed = plan_pieces(build_segments(torch.ones(1, n, dtype=torch.bool), None), [(0, n)], [(0, n)], True, 5)
     assert len(windowed) > 1 and _shared_ranges(windowed, True)  # band tiles share keys: those are summed in fp32
     assert all(b - a < s for _, (a, b) in _shared_ranges(packed, False))  # only where small docs share a tile
+
+
+def test_plugin_field_is_checked_and_can_turn_it_off():
+    from hf_seqpar.core.memory import install_memory_features, remove_memory_features
+    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
+
+    assert SequenceParallelPlugin().lean_norms is True
+    with pytest.raises(ValueError, match="lean_norms: must be true or false"):
+        SequenceParallelPlugin(lean_norms="yes")
+    model = torch.nn.Sequential(_llama_norm(), _llama_norm())
+    install_memory_features(model, lean_norms=False)
+    assert all("forward" not in m.__dict__ for m in model)
+    install_memory_features(model, lean_norms=True)
+    assert all(m.__dict__["forward"].__func__ is lean.lean_forward for m in model)
+    remove_memory_features(model)
+    assert all("forward" not in m.__dict__ for m in model)
