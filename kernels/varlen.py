@@ -34,6 +34,7 @@ __all__ = [
     "check_pieces",
     "pieces_forward",
     "pieces_backward",
+    "pieces_gradients",
     "unpack_pieces",
     "varlen_attention",
     "PACK_SPAN",
@@ -275,6 +276,134 @@ def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float
             view.add_(grad.float())
 
 
+def _shared_ranges(pieces, keys: bool) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``[(rows, (lo, hi)), ...]``: the positions (along q, or k with ``keys``) of the rows that more
+    than one piece writes, merged into disjoint ranges per group of rows.
+
+    Pieces of disjoint rows never share; if two different row ranges intersect (no planner makes
+    such pieces), every piece is taken as one group of all their rows, which only ever asks for more
+    fp32 accumulation than needed, never less.
+    """
+    groups: dict[tuple[int, int], list] = {}
+    for p in pieces:
+        groups.setdefault(p.rows, []).append(p.k if keys else p.q)
+    rows = sorted(groups)
+    if any(r1[0] < r0[1] for r0, r1 in zip(rows, rows[1:])):
+        groups = {(rows[0][0], max(r[1] for r in rows)): [span for spans in groups.values() for span in spans]}
+    shared = []
+    for r, spans in sorted(groups.items()):
+        merged: list[list[int]] = []
+        end = None  # the furthest end seen so far
+        for lo, hi in sorted(spans):
+            if end is not None and lo < end:
+                a, b = lo, min(hi, end)
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            end = hi if end is None else max(end, hi)
+        shared += [(r, (a, b)) for a, b in merged]
+    return shared
+
+
+def pieces_gradients(dout, q, k, v, out, lse, pieces, *, scale: float, backend: str | None = None):
+    """``(dq, dk, dv)`` of every piece, in the dtype of q/k/v, with fp32 accumulators only where pieces overlap.
+
+    The same numbers as :func:`pieces_backward` into fp32 accumulators cast at the end: a position one
+    piece writes gets that piece's gradient (``fp32(g)`` cast back to its dtype is ``g``); positions
+    several pieces write (window bands, pieces of several key chunks) are summed in fp32, in the
+    same order, in accumulators that span only those positions. So one document (one causal piece)
+    needs no accumulator at all: the kernel's gradients are the result. Memory: the three gradients
+    in the compute dtype plus fp32 over the shared ranges, instead of fp32 over the whole sequence.
+
+    Args:
+        dout, q, k, v, out, lse, pieces, scale, backend: as for :func:`pieces_backward`.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v`` (0 where no piece reaches).
+    """
+    from . import block_backward
+
+    check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    pieces = _runnable(pieces, backend)
+    whole = [p for p in pieces if p.rows == (0, q.shape[0]) and p.q == (0, q.shape[2]) and p.k == (0, k.shape[2])]
+    targets = [(q, False), (k, True), (v, True)]
+    if len(pieces) == 1 and whole:
+        p = pieces[0]
+        grads = block_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            scale=scale,
+            causal=p.kind == CAUSAL,
+            mask=_mask(p, q.device),
+            backend=backend,
+        )
+        return tuple(g.to(t.dtype) for g, (t, _) in zip(grads, targets))
+    results = [torch.zeros_like(t) for t, _ in targets]
+    # fp32 accumulators over the shared ranges only: (rows, range, (b1 - b0, h, hi - lo, D) fp32) per gradient
+    accs = [
+        [
+            (
+                r,
+                (lo, hi),
+                torch.zeros(r[1] - r[0], t.shape[1], hi - lo, t.shape[3], dtype=torch.float32, device=t.device),
+            )
+            for r, (lo, hi) in _shared_ranges(pieces, keys)
+        ]
+        for t, keys in targets
+    ]
+    for p in pieces:
+        dos, qs, os_ = _views(p, dout, q, out)
+        (ls,) = _views(p, lse)
+        ks, vs = _views(p, k, v, keys=True)
+        block = block_backward(
+            dos,
+            qs,
+            ks,
+            vs,
+            os_,
+            ls.contiguous(),
+            scale=scale,
+            causal=p.kind == CAUSAL,
+            mask=_mask(p, q.device),
+            backend=backend,
+        )
+        for grad, result, acc, (_, keys) in zip(block, results, accs, targets):
+            lo, hi = p.k if keys else p.q
+            b0, b1 = p.rows
+            mine = [(r, span, buf) for r, span, buf in acc if r[0] <= b0 and b1 <= r[1]]  # this piece's row group
+            for r, (a, b), buf in mine:
+                # the part of [lo, hi) inside a shared range [a, b) is summed in fp32 ...
+                s, e = max(lo, a), min(hi, b)
+                if s < e:
+                    buf[b0 - r[0] : b1 - r[0], :, s - a : e - a].add_(grad[:, :, s - lo : e - lo].float())
+            # ... and the rest is this piece's alone: its gradient, as the kernel returned it
+            for s, e in _outside(lo, hi, [span for _, span, _ in mine]):
+                result[b0:b1, :, s:e].copy_(grad[:, :, s - lo : e - lo])
+    for result, acc in zip(results, accs):
+        for (b0, b1), (a, b), buf in acc:
+            result[b0:b1, :, a:b].copy_(buf)
+    return tuple(results)
+
+
+def _outside(lo: int, hi: int, ranges) -> list[tuple[int, int]]:
+    """The parts of ``[lo, hi)`` outside the sorted, disjoint ``ranges``."""
+    parts, at = [], lo
+    for a, b in ranges:
+        if b <= at or a >= hi:
+            continue
+        if a > at:
+            parts.append((at, a))
+        at = max(at, b)
+    if at < hi:
+        parts.append((at, hi))
+    return parts
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pieces, scale, backend):
@@ -289,9 +418,8 @@ class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-        pieces_backward(dout, q, k, v, out, lse, ctx.pieces, dq, dk, dv, scale=ctx.scale, backend=ctx.backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = pieces_gradients(dout, q, k, v, out, lse, ctx.pieces, scale=ctx.scale, backend=ctx.backend)
+        return dq, dk, dv, None, None, None
 
 
 def varlen_attention(q, k, v, pieces, *, scale: float, backend: str | None = None) -> torch.Tensor:

@@ -79,6 +79,8 @@ def _check_features_match_plain(model, batch, checkpointing=None, **features):
         dict(loss_chunk_size=5),
         dict(mlp_tiles=4),
         dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True),
+        dict(lean_norms=True),
+        dict(loss_chunk_size=3, mlp_tiles=2, offload_checkpoints=True, lean_norms=True),
     ],
 )
 @pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
@@ -189,10 +191,15 @@ def test_logit_transform_is_read_from_the_forward(family, expected):
 
 @pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "mixtral", "qwen3_moe"])
 def test_memory_features_match_plain_model_across_families(family):
-    """Chunked loss (with the family's logit transformation, and the MoE aux loss) and tiled MLP
-    with B = 2 (MoE blocks `.view` their input) against the family's own forward."""
+    """Chunked loss (with the family's logit transformation, and the MoE aux loss), tiled MLP
+    with B = 2 (MoE blocks `.view` their input) and the lean norms (Granite's, Mixtral's and
+    Qwen3-MoE's are Llama-style; Cohere's and Gemma2's are left alone) against the family's own forward."""
     _check_features_match_plain(
-        cases_matrix.matrix_model(family), cases.make_batch("padding", bsz=2), loss_chunk_size=5, mlp_tiles=3
+        cases_matrix.matrix_model(family),
+        cases.make_batch("padding", bsz=2),
+        loss_chunk_size=5,
+        mlp_tiles=3,
+        lean_norms=True,
     )
 
 

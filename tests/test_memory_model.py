@@ -32,8 +32,9 @@ QUICK = [
     MemCase("ring", 2048, checkpointing=True, offload_checkpoints=True),
     MemCase("ring", 2048, mlp_tiles=8, loss_chunk_size=128),
     MemCase("ring", 2048, True, True, 8, 128),
-    MemCase("ulysses", 2048, True, True, 8, 128, sp=1),
-]  # single-device mode: each rank its own row
+    MemCase("ulysses", 2048, True, True, 8, 128, sp=1),  # single-device mode: each rank its own row
+    MemCase("ring", 2048, True, True, 8, 128, lean_norms=False),  # transformers' RMSNorm
+]
 
 
 def _check(pool, cases):
@@ -96,6 +97,21 @@ def test_tiles_and_chunks_shrink_their_working_sets():
     assert tiled.components["layer.mlp"] == 0 < base.components["layer.mlp"]
     plain_loss, chunked = _peak(), _peak(loss_chunk_size=256)
     assert chunked.components["loss_bwd"] < plain_loss.components["loss_bwd"] / 3
+
+
+def test_lean_norm_terms():
+    """Lean norms: 2 e h + 4 per norm (input, rstd, output) instead of 4 h + 4 + 2 e h; the first
+    norm's input is the kept layer input; with the chunked loss the final norm leaves nothing on the host."""
+    kw = dict(checkpointing=True, offload_checkpoints=True, loss_chunk_size=256)
+    hf, lean = _peak(**kw, lean_norms=False), _peak(**kw)
+    n, h = 4096 / 2, SHAPE.hidden
+    assert hf.components["layer.norms"] == 2 * (4 * h + 4 + 2 * 2 * h) * n
+    assert lean.components["layer.norms"] == 2 * (2 * 2 * h + 4) * n
+    # the final norm's x32 (twice), rsqrt (twice) and n, and its weight, are no longer offloaded
+    assert hf.host_bytes - lean.host_bytes == n * (2 * (4 * h + 4) + 2 * h) + 2 * h
+    # the recomputed layer: the norms' difference, and the first norm's input is the kept layer input
+    saved = (hf.components["layer.norms"] - lean.components["layer.norms"]) + 2 * h * n
+    assert hf.phases["last layer backward"] - lean.phases["last layer backward"] == saved
 
 
 def test_strategy_terms_gather_the_per_strategy_facts():

@@ -5,8 +5,10 @@ Activation memory counts the tensors autograd saves for the backward (what
 ``torch.autograd.graph.saved_tensors_hooks`` sees), derived from the structure of a transformers
 Llama decoder layer with ``sdpa``/flash attention (no ``S x S`` probabilities):
 
-- each RMSNorm saves its input upcast to fp32 (``4h``), ``rsqrt`` (4 bytes), the normalised
-  activations and the next linear's input (``2 e h``);
+- each RMSNorm of transformers saves its input upcast to fp32 (``4h``), ``rsqrt`` (4 bytes), the
+  normalised activations and the next linear's input (``2 e h``); hf_seqpar's lean norm
+  (:mod:`hf_seqpar.core.norm`, the plugin's ``lean_norms``) saves its input in its own dtype, the fp32
+  ``rstd`` and the next linear's input (``2 e h + 4``; :func:`lean_norm_bytes`);
 - attention saves q, k, v, its output (``e (2 h_q + 2 h_kv) d``) and the fp32 lse (``4 h_q``);
   under SP the output projection's input is a new tensor after the exchange (``e h_q d`` more);
 - the SwiGLU MLP saves gate, up, silu(gate) and the down projection's input (``4 e I``);
@@ -23,6 +25,7 @@ __all__ = [
     "FP32",
     "INDEX",
     "norm_bytes",
+    "lean_norm_bytes",
     "attention_saved_bytes",
     "mlp_saved_bytes",
     "layer_activation_bytes",
@@ -80,6 +83,12 @@ class ModelShape:
 def norm_bytes(m: ModelShape, elem: int) -> float:
     """Bytes one RMSNorm saves per token: fp32 input, ``rsqrt``, normalised output, next input."""
     return FP32 * m.hidden + FP32 + 2 * elem * m.hidden
+
+
+def lean_norm_bytes(m: ModelShape, elem: int) -> float:
+    """Bytes hf_seqpar's lean RMSNorm (:class:`hf_seqpar.core.norm.RMSNormFunction`) saves per token:
+    its input in its own dtype, the fp32 ``rstd`` and the next linear's input (its output)."""
+    return elem * m.hidden + FP32 + elem * m.hidden
 
 
 def attention_saved_bytes(m: ModelShape, elem: int, kv_heads: int) -> float:

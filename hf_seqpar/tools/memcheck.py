@@ -52,10 +52,14 @@ class MemCase:
     """Tokens per chunk of the chunked loss."""
     sp: int | None = None
     """SP degree; None = the world size (1: every rank trains its own row, the single-GPU mode)."""
+    lean_norms: bool = True
+    """hf_seqpar's lean RMSNorm (the plugin's default); False: transformers' own."""
 
     @property
     def features(self) -> Features:
-        return Features(self.checkpointing, self.offload_checkpoints, self.mlp_tiles, self.loss_chunk_size)
+        return Features(
+            self.checkpointing, self.offload_checkpoints, self.mlp_tiles, self.loss_chunk_size, self.lean_norms
+        )
 
     @property
     def label(self) -> str:
@@ -95,6 +99,8 @@ def validation_cases(strategies=("ulysses", "ring"), seq_lens=(2048, 4096)) -> l
         dict(mlp_tiles=tiles, loss_chunk_size=chunk),
         dict(checkpointing=True, offload_checkpoints=True, loss_chunk_size=chunk),
         dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles),
+        dict(lean_norms=False),
+        dict(checkpointing=True, offload_checkpoints=True, mlp_tiles=tiles, loss_chunk_size=chunk, lean_norms=False),
     ]
     return [MemCase(s, n, **kw) for s in strategies for n in seq_lens for kw in sets]
 
@@ -155,7 +161,9 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     world = case.sp or world
     hf_seqpar.enable_sequence_parallel(model, case.strategy, world)
-    install_memory_features(model, case.loss_chunk_size, case.mlp_tiles, case.offload_checkpoints)
+    install_memory_features(
+        model, case.loss_chunk_size, case.mlp_tiles, case.offload_checkpoints, lean_norms=case.lean_norms
+    )
     ids = torch.randint(0, model.config.vocab_size, (1, case.seq_len), generator=torch.Generator().manual_seed(1))
     # the first step (a short row: lazily built buffers, gloo's connections) is not measured
     warm = hf_seqpar.shard_batch({"input_ids": ids[:, : 64 * world], "labels": ids[:, : 64 * world]}, model)
@@ -173,7 +181,8 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     host = 0
     if case.offload_checkpoints:
         model.zero_grad(set_to_none=True)
-        install_memory_features(model, case.loss_chunk_size, case.mlp_tiles, False)  # count what it would move
+        # count what it would move
+        install_memory_features(model, case.loss_chunk_size, case.mlp_tiles, False, lean_norms=case.lean_norms)
         host = _saved_bytes_outside_checkpoints(model, local)
     hf_seqpar.disable_sequence_parallel(model)
     del model, local, warm, batch

@@ -5,8 +5,11 @@ sum of what is live in each (bytes per rank; ``n = B S / P`` local tokens, ``e``
 activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP width, ``V`` vocabulary,
 ``L`` layers). Attention is O(S) (hf_seqpar's variable-length pieces: no ``S x S`` tensor):
 
-- **saved per layer** (what autograd keeps for the backward): two RMSNorms (fp32 input ``4h``,
-  ``rsqrt`` 4 B, normalised and weighted outputs ``2 e h``); attention's q, k, v, output and fp32
+- **saved per layer** (what autograd keeps for the backward): two RMSNorms (transformers': fp32
+  input ``4h``, ``rsqrt`` 4 B, normalised and weighted outputs ``2 e h``; with ``lean_norms``,
+  hf_seqpar's :mod:`hf_seqpar.core.norm`: the input in its own dtype ``e h``, fp32 ``rstd`` 4 B and
+  the weighted output ``e h``, and in a checkpointed layer the first norm's input is the kept layer
+  input itself); attention's q, k, v, output and fp32
   lse, and the output projection's input, which is a new tensor after the exchange
   (``e (3 h_q + 2 h_kv') d + 4 h_q``, ``h_kv'`` = kv heads after Ulysses' replication); the SwiGLU
   MLP's gate, up, silu(gate) and down input (``4 e I``; with ``mlp_tiles`` only the tile inputs,
@@ -14,15 +17,21 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
 - **checkpointing** keeps only each layer's input (``e h``) and recomputes one layer at a time
   in the backward; **offload_checkpoints** moves everything saved outside the checkpointed
   layers to host memory (``save_on_cpu`` copies each saved tensor: the layer inputs, the final
-  norm's tensors, the loss's inputs and the ``lm_head`` weight it saves).
+  norm's tensors (with ``lean_norms`` its input, ``rstd`` and output), the plain loss's inputs and
+  the ``lm_head`` weight it saves; the chunked loss keeps what it saves on the device, as its
+  backward needs it first, and with ``lean_norms`` computes the final norm itself, per chunk).
 - **backward working set of a layer** on top of its saved tensors and the residual gradients
   (``2 e h``): the MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already
   released; per tile with ``mlp_tiles``, plus the tile's recomputed ``4 e I``); attention's
-  output gradient and fp32 dq/dk/dv accumulators with the kernel's block gradients, and on a GPU
-  the CUDA kernel's own buffers (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel
-  needs them, its expanded dk/dv and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the ring
-  adds the K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV
-  accumulators travelling with it; Ulysses' exchange of the q/k/v gradients holds gradients,
+  output gradient and the kernel's gradients: on the variable-length path (Ulysses, Megatron-SP,
+  one rank) of one document these are the result (fp32 accumulators only span positions several
+  pieces write: :func:`hf_seqpar.kernels.varlen.pieces_gradients`), while the ring keeps fp32
+  dq/dk/dv accumulators over the local sequence beside the kernel's block gradients and adds the
+  K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV accumulators
+  travelling with it; on a GPU the CUDA kernel's own buffers
+  (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel needs them, its expanded dk/dv
+  and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the lean norm's backward holds its
+  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the q/k/v gradients holds gradients,
   packed input and output once the kernel's accumulators are released.
 - **loss**: the plain loss keeps the fp32 log-softmax (``4 V``) and its backward holds two more
   ``n x V`` fp32 gradients; the chunked loss holds three ``chunk x V`` fp32 tensors (a chunk's
@@ -40,7 +49,7 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
 
 Everything that depends on the strategy is gathered in :func:`strategy_terms`. Validated on CPU
 ranks (:mod:`hf_seqpar.tools.memcheck`, ``tests/test_memory_model.py``): fp32, Ulysses and ring, every
-feature on and off, within 10% of the measured peak; the bf16 GPU terms are the same structure
+feature on and off (``lean_norms`` too), within 15% of the measured peak; the bf16 GPU terms are the same structure
 with ``e = 2`` and have not been measured on a GPU.
 """
 
@@ -48,7 +57,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_seqpar.core.shape import FP32, INDEX, ModelShape, attention_saved_bytes, mlp_saved_bytes, norm_bytes
+from hf_seqpar.core.shape import (
+    FP32,
+    INDEX,
+    ModelShape,
+    attention_saved_bytes,
+    lean_norm_bytes,
+    mlp_saved_bytes,
+    norm_bytes,
+)
 from hf_seqpar.kernels.gqa import GQA
 
 __all__ = [
@@ -85,6 +102,12 @@ class Features:
     """``mlp_tiles``: MLP sequence tiles, recomputed in backward (None or 1 = off)."""
     loss_chunk_size: int | None = None
     """``loss_chunk_size``: tokens per chunk of lm_head + cross-entropy (None = the plain loss)."""
+    lean_norms: bool = True
+    """``lean_norms``: RMSNorms save input and fp32 ``rstd``, not an fp32 copy (:mod:`hf_seqpar.core.norm`)."""
+
+    def norm(self, m: ModelShape, e: int) -> float:
+        """Bytes one RMSNorm saves per token with these features."""
+        return lean_norm_bytes(m, e) if self.lean_norms else norm_bytes(m, e)
 
     @property
     def label(self) -> str:
@@ -93,6 +116,8 @@ class Features:
             parts.append(f"tiles{self.mlp_tiles}")
         if self.loss_chunk_size:
             parts.append(f"chunk{self.loss_chunk_size}")
+        if not self.lean_norms:
+            parts.append("hfnorms")
         return "+".join(parts) or "none"
 
     def plugin_fields(self) -> dict:
@@ -102,6 +127,7 @@ class Features:
             "offload_checkpoints": self.offload_checkpoints,
             "mlp_tiles": self.mlp_tiles if self.mlp_tiles and self.mlp_tiles > 1 else None,
             "loss_chunk_size": self.loss_chunk_size,
+            **({} if self.lean_norms else {"lean_norms": False}),  # the plugin's default: true
         }
 
 
@@ -240,7 +266,7 @@ class MemoryPeak:
 def _layer_saved(m: ModelShape, t: StrategyTerms, f: Features, e: int, batch: int) -> dict:
     """Bytes per local token one layer saves for its backward (when not checkpointed)."""
     h, d, hq = m.hidden, m.head_dim, m.heads
-    norm = norm_bytes(m, e)
+    norm = f.norm(m, e)
     attention = attention_saved_bytes(m, e, t.kv_heads) + (e * hq * d if t.out_copy else 0)
     tiled = bool(f.mlp_tiles and f.mlp_tiles > 1)
     mlp = (e * h if batch > 1 else 0) if tiled else mlp_saved_bytes(m, e)
@@ -279,9 +305,10 @@ def _attention_backward(m: ModelShape, t: StrategyTerms, e: int, kernel: str | N
     """Bytes per local token of attention's backward working set beyond its saved tensors."""
     d, hq, kv = m.head_dim, m.heads, t.kv_heads
     ws = e * hq * d  # the output's gradient
-    ws += FP32 * (hq + 2 * kv) * d + e * (hq + 2 * kv) * d  # fp32 dq/dk/dv accumulators + a block's gradients
+    ws += e * (hq + 2 * kv) * d  # the kernel's dq/dk/dv (one document: the result itself)
     ws += cuda_kernel_backward_bytes(m, kv, e, kernel)  # a CUDA kernel's own buffers (0 on CPU)
     if t.ring > 1:
+        ws += FP32 * (hq + 2 * kv) * d  # the ring's fp32 dq/dk/dv accumulators over the local sequence
         ws += t.ring_kv_in_flight * 2 * e * kv * d  # K/V blocks in flight
         ws += 2 * FP32 * kv * d  # the dK/dV accumulators arriving with them
     if t.exchange_elems:
@@ -318,7 +345,8 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     saved = _layer_saved(m, t, f, e, x.batch)
     layer = sum(saved.values())
     rope = 2 * e * m.head_dim
-    final_norm = norm_bytes(m, e)
+    # with lean norms the chunked loss computes the final norm per chunk: only its input is saved
+    final_norm = e * h if (f.lean_norms and chunk) else f.norm(m, e)
     loss_saved = INDEX if chunk else FP32 * V  # chunked: the labels; plain: the fp32 log-softmax
     head = trl_fused_head_terms(m, n, e, x.sp, x.fused_head_triton) if x.fused_head else None
     if head is not None:
@@ -338,8 +366,17 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         # rsqrt twice (pow and mul save them), its output; the loss's inputs; lm_head's weight
         # loss: the chunked one saves the labels; the plain one's log-softmax output is saved twice
         # (by log_softmax and by nll_loss) and its target once
-        host = n * (L * e * h + INDEX + 2 * (FP32 * h + FP32) + 2 * e * h + (INDEX if chunk else 2 * FP32 * V + INDEX))
-        host += V * h * pe + h * pe
+        # (the lean norm saves its input, rstd and output once each)
+        # the chunked loss keeps what it saves (hidden states, labels) on the device: with lean norms
+        # the final norm is computed inside it (nothing of it goes to the host), else its output stays
+        if chunk:
+            norm_host = 0.0 if f.lean_norms else 2 * (FP32 * h + FP32) + e * h
+        else:
+            norm_host = 2 * e * h + FP32 if f.lean_norms else 2 * (FP32 * h + FP32) + 2 * e * h
+        host = n * (L * e * h + INDEX + norm_host + (0 if chunk else 2 * FP32 * V + INDEX))
+        # the weights saved: lm_head's (by the plain loss; the chunked one keeps its own on the device)
+        # and the final norm's (unless the chunked loss computes that norm)
+        host += (0 if chunk else V * h * pe) + (0 if chunk and f.lean_norms else h * pe)
     device_kept = 0.0 if f.offload_checkpoints else kept
     device_outside = 0.0 if f.offload_checkpoints else outside * n
     rope_live = rope * n  # cos/sin stay referenced by the layers' closures either way
@@ -364,8 +401,10 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     # with offload the loss's backward brings its saved tensors back to the device: the hidden states
     # and labels (chunked), or the two copies of the log-softmax output (plain)
     unpacked_loss = n * (e * h + INDEX if chunk else 2 * FP32 * V) if f.offload_checkpoints else 0.0
+    # (the chunked loss's hidden states and labels are not offloaded: on the device from the forward on)
+    loss_kept = n * (e * h + INDEX) if (f.offload_checkpoints and chunk) else 0.0
     phases = {
-        "forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd,
+        "forward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_fwd + loss_kept,
         "loss backward": device_kept + loss_outside + rope_live * f.offload_checkpoints + loss_bwd + unpacked_loss,
     }
 
@@ -373,13 +412,18 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
     # gradients) to the first (one layer's kept, every layer's gradients): linear in between
     mlp_ws = (2 * e * I + (4 * e * I if tiles > 1 else 0)) / tiles
     attn_ws = _attention_backward(m, t, e, x.kernel) - saved["mlp"] - (e * m.heads * m.head_dim if t.out_copy else 0)
-    layer_ws = 2 * e * h + max(mlp_ws, attn_ws)
+    norm_ws = 2 * e * h if f.lean_norms else 0.0  # the lean norm's recomputed n and the weight-gradient product
+    layer_ws = 2 * e * h + max(mlp_ws, attn_ws, norm_ws)
     # by the layers' backward the loss and the final norm have run theirs: ids and cos/sin remain
     outside_no_loss = (INDEX + rope) * n if not f.offload_checkpoints else rope_live
     if f.checkpointing:
-        # in fp32 the first norm's saved fp32 input is the kept layer input itself (in bf16 a copy)
-        # with offload the layer's input comes back to the device for its recomputation
-        shared = FP32 * h * n if e == FP32 and not f.offload_checkpoints else 0.0
+        # in fp32 the first norm's saved fp32 input is the kept layer input itself (in bf16 a copy);
+        # the lean norm saves its input as it is: the kept layer input (or, with offload, the copy
+        # that comes back to the device for the layer's recomputation)
+        if f.lean_norms:
+            shared = e * h * n
+        else:
+            shared = FP32 * h * n if e == FP32 and not f.offload_checkpoints else 0.0
         unpacked = e * h * n if f.offload_checkpoints else 0.0
         layer_at = lambda i: (
             device_kept * i / L
