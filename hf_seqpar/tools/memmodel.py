@@ -31,7 +31,8 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
   travelling with it; on a GPU the CUDA kernel's own buffers
   (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel needs them, its expanded dk/dv
   and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the lean norm's backward holds its
-  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the q/k/v gradients holds gradients,
+  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the q/k/v
+  gradients holds gradients,
   packed input and output once the kernel's accumulators are released.
 - **loss**: the plain loss keeps the fp32 log-softmax (``4 V``) and its backward holds two more
   ``n x V`` fp32 gradients; the chunked loss holds three ``chunk x V`` fp32 tensors (a chunk's
