@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from hf_seqpar.strategies import STRATEGIES, strategy_class
 from hf_seqpar.tools import cost
-from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, attention_flops, peak_memory
+from hf_seqpar.tools.memmodel import GPU_KERNEL, Features, MemoryModelInputs, attention_flops, peak_memory
 from hf_seqpar.tools.plan_post import PostTraining, post_assumptions, post_memory
 from hf_seqpar.tools.theory import ModelShape, comm_bytes
 
@@ -236,6 +236,7 @@ def evaluate(shape: ModelShape, seq_len: int, cand: Candidate, cluster: Cluster,
             ulysses_size=ulysses_size,
             grads_in_peak=False,
             fused_head=post is not None,
+            kernel=GPU_KERNEL,  # the CUDA kernel's own backward buffers (flash: fp32 dq accumulator, expanded dk/dv)
         )
     )
     acts = mem.activation_peak
