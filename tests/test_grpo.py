@@ -51,6 +51,9 @@ def test_grpo_with_reference_model_matches_one_process(pool2, tmp_path):
         ("ring", "dapo", 0.04, "mixin_first", {}),
         ("ulysses", "bnpo", 0.0, "host_first", {"num_iterations": 2}),
         ("ring", "dr_grpo", 0.04, "mixin_first", {"top_entropy_quantile": 0.5}),
+        ("ring", "grpo", 0.0, "mixin_first", {}),
+        ("ring", "dapo", 0.0, "host_first", {}),
+        ("ulysses", "dapo", 0.04, "host_first", {}),
     ],
 )
 def test_grpo_matrix_matches_one_process(pool2, tmp_path, strategy, loss_type, beta, order, extra):
