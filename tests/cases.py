@@ -16,6 +16,22 @@ import hf_seqpar
 
 VOCAB = 97
 
+#: Training arguments every trainer-comparison case shares (SP run and one-process reference):
+#: SGD at a constant learning rate 0.5 (differences show after a few steps), a log line per step,
+#: nothing saved or reported, CPU ranks, seed 0 for the model's sampling and the data order.
+TRAINER_ARGS = dict(
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    optim="sgd",
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    data_seed=0,
+    disable_tqdm=True,
+)
+
 
 def tiny_model(
     family: str = "llama",

@@ -8,7 +8,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from cases import VOCAB, tiny_model
+from cases import TRAINER_ARGS, VOCAB, tiny_model
 
 import hf_seqpar
 
@@ -230,19 +230,10 @@ def trainer_parity(
         per_device_eval_batch_size=2,
         gradient_accumulation_steps=grad_accum,
         max_steps=steps,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
+        **TRAINER_ARGS,
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=0.0,
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
         remove_unused_columns=False,
     )
     trainer = hf_seqpar.SequenceParallelTrainer(

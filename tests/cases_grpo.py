@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from cases import TRAINER_ARGS
 
 import hf_seqpar
 
@@ -70,16 +71,7 @@ def grpo_config(out_dir: str, **kw):
         temperature=0.9,
         generation_kwargs=GEN_KWARGS,
         max_steps=3,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
+        **TRAINER_ARGS,
         bf16=False,
     )
     base.update(kw)

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cases import VOCAB, tiny_model
+from cases import TRAINER_ARGS, VOCAB, tiny_model
 
 import hf_seqpar
 from hf_seqpar.core.logits import logit_transform
@@ -176,16 +176,7 @@ def _dpo_run(sp, out_dir, strategy, loss_type, ref, order, steps, sp_options, fs
         output_dir=out_dir,
         per_device_train_batch_size=2,
         max_steps=steps,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
+        **TRAINER_ARGS,
         bf16=bf16,
         beta=0.5,
         loss_type=loss_type,

@@ -9,7 +9,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from cases import VOCAB, tiny_model
+from cases import TRAINER_ARGS, VOCAB, tiny_model
 
 import hf_seqpar
 from hf_seqpar.core.mesh import unwrap_model
@@ -35,18 +35,9 @@ def _args(out_dir: str, **kw):
         per_device_train_batch_size=2,
         per_device_eval_batch_size=2,
         max_steps=2,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        optim="sgd",
+        **TRAINER_ARGS,
         weight_decay=0.0,
         max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
         remove_unused_columns=False,
     )
     return TrainingArguments(**{**base, **kw})

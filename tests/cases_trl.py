@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+from cases import TRAINER_ARGS
 
 import hf_seqpar
 
@@ -81,16 +82,7 @@ def sft_run(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=grad_accum,
         max_steps=steps,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
+        **TRAINER_ARGS,
         bf16=False,
         **kw,
     )
