@@ -110,16 +110,7 @@ def load_dataset_(args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    from hf_seqpar.integrations.accelerate import SequenceParallelPlugin
-
-    plugin = SequenceParallelPlugin.load(args.sp_config)  # a bad file fails here, before any loading
-    if plugin.loss_chunk_size is not None:
-        raise SystemExit(
-            f"loss_chunk_size={plugin.loss_chunk_size} in the SP config: TRL's DPOTrainer scores tokens "
-            "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
-        )
-    hf_seqpar.resolve(plugin, int(os.environ.get("WORLD_SIZE", "1")))  # the library's dry run, before any loading
-    common.warn_if_one_process("dpo_trl.py")
+    plugin, _, _, _ = common.trl_sp_plugin(args.sp_config, "dpo_trl.py", "DPOTrainer")  # before any loading
 
     from trl import DPOConfig, DPOTrainer
 

@@ -145,15 +145,7 @@ def policy(args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    plugin, source = common.load_sp_plugin(args.sp_config, "grpo_trl.py")  # a bad file fails here
-    if plugin.loss_chunk_size is not None:
-        raise SystemExit(
-            f"loss_chunk_size={plugin.loss_chunk_size} in the SP config {source}: TRL's GRPOTrainer scores tokens "
-            "with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
-        )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    sp_size = hf_seqpar.resolve(plugin, world).sp_size  # the library's dry run, before any loading
-    common.warn_if_one_process("grpo_trl.py")
+    plugin, _, world, sp_size = common.trl_sp_plugin(args.sp_config, "grpo_trl.py", "GRPOTrainer")
     replicas, steps = world // sp_size, args.steps_per_generation or args.grad_accum
     if args.batch_size * replicas * steps % args.num_generations:
         raise SystemExit(

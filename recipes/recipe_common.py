@@ -121,6 +121,32 @@ def load_sp_plugin(sp_config: str | None, prog: str):
         raise SystemExit(f"{prog}: error: {e}") from None
 
 
+def trl_sp_plugin(sp_config: str | None, prog: str, host: str):
+    """The SP plugin of a TRL post-training recipe, checked before anything loads.
+
+    Returns ``(plugin, source, world, sp_size)``: the plugin (:func:`load_sp_plugin`), where it came
+    from, the launched processes and the SP degree the library's dry run (``hf_seqpar.resolve``)
+    gives for them. Exits with the reason when the file is bad, asks for hf_seqpar's chunked loss
+    (TRL's ``host`` scores tokens with its own fused, chunked LM head) or does not fit the world.
+    Warns when the recipe runs in one process.
+    """
+    import hf_seqpar
+
+    plugin, source = load_sp_plugin(sp_config, prog)
+    if plugin.loss_chunk_size is not None:
+        raise SystemExit(
+            f"{prog}: error: loss_chunk_size={plugin.loss_chunk_size} in the SP config {source}: TRL's {host} "
+            "scores tokens with its own fused, chunked LM head; use an SP config with loss_chunk_size: null."
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        sp_size = hf_seqpar.resolve(plugin, world).sp_size
+    except ValueError as e:
+        raise SystemExit(f"{prog}: error: {world} launched rank(s), SP config {source}: {e}") from None
+    warn_if_one_process(prog)
+    return plugin, source, world, sp_size
+
+
 def warn_if_one_process(prog: str) -> None:
     """A recipe started without a launcher runs in one process, where SP has ``sp_size=1``: say so."""
     if "WORLD_SIZE" not in os.environ:
