@@ -123,7 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     run_script(args.script, args.script_args, args.sp_config)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Wait for every rank, then destroy the process group the script's Trainer created (if the
+    script did not): a rank whose interpreter shuts down with gloo's threads still running can abort
+    ("terminate called without an active exception"), which the launcher reports as a failure of
+    the whole run after training succeeded (seen in CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
