@@ -88,7 +88,15 @@ def _loss_of(model) -> float:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("strategy", [s for s in AVAILABLE if s != "ulysses"])  # ulysses: the resume test
+@pytest.mark.parametrize(
+    "strategy",
+    # ulysses: the resume test; megatron and hybrid (35 s each) run with -m slow, to keep CI under 20 minutes
+    [
+        pytest.param(s, marks=pytest.mark.slow) if s in ("megatron", "hybrid") else s
+        for s in AVAILABLE
+        if s != "ulysses"
+    ],
+)
 def test_recipe_full_finetune(strategy, tmp_path):
     """Loss goes down; tensorboard event files under the output folder hold loss, lr and grad norm
     for every step (the loss as printed); the saved model loads, with the user's use_cache (True)."""
