@@ -240,6 +240,27 @@ def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | No
         merge_into(o_acc, l_acc, o_b, l_b)
 
 
+def _piece_backward(p, dout, q, k, v, out, lse, scale: float, backend):
+    """``(dq, dk, dv)`` of one piece: :func:`~hf_seqpar.kernels.block_backward` on the piece's views."""
+    from . import block_backward
+
+    dos, qs, os_ = _views(p, dout, q, out)
+    (ls,) = _views(p, lse)
+    ks, vs = _views(p, k, v, keys=True)
+    return block_backward(
+        dos,
+        qs,
+        ks,
+        vs,
+        os_,
+        ls.contiguous(),
+        scale=scale,
+        causal=p.kind == CAUSAL,
+        mask=_mask(p, q.device),
+        backend=backend,
+    )
+
+
 def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float, backend: str | None = None) -> None:
     """Accumulate every piece's gradients into fp32 ``dq``/``dk``/``dv`` (in place).
 
@@ -251,26 +272,11 @@ def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float
         dq, dk, dv: fp32 accumulators shaped like q, k, v.
         scale, backend: as for :func:`pieces_forward`.
     """
-    from . import block_backward
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
     pieces = _runnable(pieces, backend)
     for p in pieces:
-        dos, qs, os_ = _views(p, dout, q, out)
-        (ls,) = _views(p, lse)
-        ks, vs = _views(p, k, v, keys=True)
-        g_q, g_k, g_v = block_backward(
-            dos,
-            qs,
-            ks,
-            vs,
-            os_,
-            ls.contiguous(),
-            scale=scale,
-            causal=p.kind == CAUSAL,
-            mask=_mask(p, q.device),
-            backend=backend,
-        )
+        g_q, g_k, g_v = _piece_backward(p, dout, q, k, v, out, lse, scale, backend)
         for acc, grad, keys in ((dq, g_q, False), (dk, g_k, True), (dv, g_v, True)):
             (view,) = _views(p, acc, keys=keys)
             view.add_(grad.float())
@@ -322,26 +328,13 @@ def pieces_gradients(dout, q, k, v, out, lse, pieces, *, scale: float, backend: 
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v`` (0 where no piece reaches).
     """
-    from . import block_backward
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
     pieces = _runnable(pieces, backend)
     whole = [p for p in pieces if p.rows == (0, q.shape[0]) and p.q == (0, q.shape[2]) and p.k == (0, k.shape[2])]
     targets = [(q, False), (k, True), (v, True)]
     if len(pieces) == 1 and whole:
-        p = pieces[0]
-        grads = block_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse.contiguous(),
-            scale=scale,
-            causal=p.kind == CAUSAL,
-            mask=_mask(p, q.device),
-            backend=backend,
-        )
+        grads = _piece_backward(pieces[0], dout, q, k, v, out, lse, scale, backend)  # views of the whole tensors
         return tuple(g.to(t.dtype) for g, (t, _) in zip(grads, targets))
     results = [torch.zeros_like(t) for t, _ in targets]
     # fp32 accumulators over the shared ranges only: (rows, range, (b1 - b0, h, hi - lo, D) fp32) per gradient
@@ -357,21 +350,7 @@ def pieces_gradients(dout, q, k, v, out, lse, pieces, *, scale: float, backend: 
         for t, keys in targets
     ]
     for p in pieces:
-        dos, qs, os_ = _views(p, dout, q, out)
-        (ls,) = _views(p, lse)
-        ks, vs = _views(p, k, v, keys=True)
-        block = block_backward(
-            dos,
-            qs,
-            ks,
-            vs,
-            os_,
-            ls.contiguous(),
-            scale=scale,
-            causal=p.kind == CAUSAL,
-            mask=_mask(p, q.device),
-            backend=backend,
-        )
+        block = _piece_backward(p, dout, q, k, v, out, lse, scale, backend)
         for grad, result, acc, (_, keys) in zip(block, results, accs, targets):
             lo, hi = p.k if keys else p.q
             b0, b1 = p.rows

@@ -67,13 +67,13 @@ class MemCase:
         return f"{self.strategy}{sp} S={self.seq_len} {self.features.label}"
 
 
-def tiny_shape_config(layers: int = 4):
+def tiny_shape_config(layers: int = 4, vocab_size: int = 4096):
     """The measured model: Llama with hidden 128, 4 query / 2 kv heads of 32, MLP 1024, vocab 4096
     (MLP and vocabulary wide enough for the tiles and the chunked loss to matter)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=4096,
+        vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=1024,
         num_hidden_layers=layers,

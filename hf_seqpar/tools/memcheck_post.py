@@ -48,20 +48,10 @@ class DPOCase:
 
 
 def dpo_config(layers: int = 4):
-    """Llama with hidden 128, 4 query / 2 kv heads of 32, MLP 1024 and a 256-token (byte) vocabulary."""
-    from transformers import LlamaConfig
+    """:func:`hf_seqpar.tools.memcheck.tiny_shape_config` with a 256-token (byte) vocabulary."""
+    from .memcheck import tiny_shape_config
 
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=1024,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1 << 20,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
+    return tiny_shape_config(layers, vocab_size=256)
 
 
 def _model(case: DPOCase, mesh, train: bool):
