@@ -154,6 +154,34 @@ def test_max_seq_reports_features_and_binding(capsys, tmp_path):
     assert "offload_checkpoints: true" in longest["plugin_yaml"]
 
 
+def _longest(capsys, tmp_path, *flags):
+    out = tmp_path / "plan.json"
+    code = cli.main(["plan", "--model", "llama-3.1-8b", "--gpu-mem", "80", "--max-seq", "--json", str(out), *flags])
+    return code, capsys.readouterr().out, json.loads(out.read_text())["longest"]
+
+
+def test_max_seq_searches_state_sharding_and_bounds_time_only_when_asked(capsys, tmp_path):
+    """Issue 23's commands: the longest 8B sequence on 8 and on 1 GPU of 80 GB, bound by device
+    memory. Without --sharding the search also keeps the states in host memory where that is
+    longer (one GPU: 122.6 GiB of states cannot be on it); without --max-step-s no time limit
+    binds, and the predicted attention time is printed; with one, the answer is the longest that
+    keeps attention within it."""
+    code, text, eight = _longest(capsys, tmp_path, "--gpus", "8")
+    assert code == 0 and eight["binding"] == "device memory" and eight["sharding"] == "fsdp"
+    assert eight["seq_len"] >= 4_000_000 and "no limit, --max-step-s" in text
+    code, text, one = _longest(capsys, tmp_path, "--gpus", "1")
+    assert code == 0 and one["binding"] == "device memory" and one["sharding"] == "fsdp_offload"
+    assert one["seq_len"] >= 600_000 and "fsdp_offload_params: true" in text
+    # the sharding named is kept: on one GPU the states alone do not fit
+    code, text, kept = _longest(capsys, tmp_path, "--gpus", "1", "--sharding", "fsdp")
+    assert code == 1 and kept is None and "nothing fits" in text
+    # a time limit under the memory answer's attention time binds, and is kept
+    limit = eight["row"]["attention_seconds"] / 2
+    code, text, timed = _longest(capsys, tmp_path, "--gpus", "8", "--max-step-s", str(limit))
+    assert timed["binding"] == "attention time per step" and timed["seq_len"] < eight["seq_len"]
+    assert timed["row"]["attention_seconds"] <= limit and f"limit {limit:g} s" in text
+
+
 def test_single_gpu_mode(capsys):
     """One GPU: the 8B model's states (16 B/param = 120 GiB) do not fit at all unless they live
     in host memory (FSDP's CPU offload); then the memory features give long sequences."""
@@ -188,7 +216,8 @@ def test_single_gpu_mode(capsys):
 
 # ---- the recipes for the longest runs are what the planner says ---------------------------
 
-#: recipe -> (model, GPUs, sharding), as in each file's "Produced by" line (with --max-step-s 1e9).
+#: recipe -> (model, GPUs, the sharding the search chooses); each file's "Produced by" line is
+#: ``hf-seqpar plan --model M --gpus G --max-seq``.
 MAX_RECIPES = {
     "llama3-8b-1gpu-max": ("llama-3.1-8b", 1, "fsdp_offload"),
     "llama3-8b-8gpu-max": ("llama-3.1-8b", 8, "fsdp"),
@@ -205,15 +234,14 @@ def test_longest_run_recipes_match_the_planner(name):
     import yaml
 
     from hf_seqpar import SequenceParallelPlugin
-    from hf_seqpar.tools.maxseq import longest
+    from hf_seqpar.tools.maxseq import SEARCHED_SHARDINGS, longest
 
     path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "sp" / f"{name}.yaml"
     text = path.read_text()
     model, gpus, sharding = MAX_RECIPES[name]
-    command = f"hf-seqpar plan --model {model} --gpus {gpus}"
-    command += f" --sharding {sharding}" if sharding != "fsdp" else ""
-    assert command + " --max-seq --max-step-s 1e9" in text
-    found = longest(ModelShape.from_config(load_config(model)), Cluster(gpus, max_step_s=1e9), Setup(sharding=sharding))
+    assert f"hf-seqpar plan --model {model} --gpus {gpus} --max-seq\n" in text
+    found = longest(ModelShape.from_config(load_config(model)), Cluster(gpus), Setup(), shardings=SEARCHED_SHARDINGS)
+    assert found.setup.sharding == sharding
     assert yaml.safe_load(text) == yaml.safe_load(found.plugin_yaml())
     assert f"{found.seq_len:,} tokens" in text and found.binding in re.sub(r"\s+#\s*", " ", text)
     SequenceParallelPlugin.from_yaml(path)  # valid plugin file

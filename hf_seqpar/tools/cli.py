@@ -179,10 +179,11 @@ def _plan_parser(sub) -> None:
     )
     p.add_argument(
         "--sharding",
-        default="fsdp",
+        default=None,
         choices=["none", "zero1", "zero2", "fsdp", "fsdp_offload"],
         help="model-state sharding; fsdp_offload keeps the sharded states in host memory (accelerate's "
-        "fsdp_offload_params: true), as one GPU needs for an 8B model (default: %(default)s)",
+        "fsdp_offload_params: true), as one GPU needs for an 8B model (default: fsdp; --max-seq without "
+        "--sharding searches fsdp and fsdp_offload and says which it chose)",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="predict without activation checkpointing")
     p.add_argument("--no-chunked-loss", action="store_true", help="predict with full fp32 logits")
@@ -241,8 +242,10 @@ def _plan_parser(sub) -> None:
     p.add_argument(
         "--max-step-s",
         type=_positive_float,
-        default=3600.0,
-        help="longest acceptable attention time per step, seconds (default: %(default)s)",
+        default=None,
+        help="longest acceptable attention time per step, seconds: --max-seq then also stops where "
+        "attention alone would take longer (default: no limit; --max-seq answers the memory question "
+        "and prints the predicted attention time)",
     )
     p.add_argument(
         "--max-seq",
@@ -466,6 +469,7 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
+    from hf_seqpar.tools.maxseq import SEARCHED_SHARDINGS
     from hf_seqpar.tools.plan import (
         Cluster,
         GiB,
@@ -528,7 +532,7 @@ def _plan(args) -> int:
             f"--trainable-params must be in (0, {shape.params:.4g}] (the model's parameters), got {trainable:g}"
         )
     setup = Setup(
-        sharding=args.sharding,
+        sharding=args.sharding or "fsdp",
         checkpointing=not args.no_checkpointing,
         chunked_loss=not args.no_chunked_loss,
         batch=args.batch,
@@ -599,9 +603,11 @@ def _plan(args) -> int:
         longest = max(rows, key=lambda r: r["max_seq_len"])
         print(
             f"Longest sequence that fits: {longest['max_seq_len']:,} tokens with {longest['candidate']} "
-            f"({setup.features.label})"
+            f"({setup.features.label}, {setup.sharding})"
+            if longest["max_seq_len"]
+            else f"Longest sequence that fits with {setup.features.label}, {setup.sharding}: none"
         )
-        result["longest"] = _print_longest(shape, cluster, setup)
+        result["longest"] = _print_longest(shape, cluster, setup, None if args.sharding else SEARCHED_SHARDINGS)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -653,38 +659,50 @@ def _post_training(args, post_flags):
     return post
 
 
-def _print_longest(shape, cluster, setup) -> dict | None:
+#: What each searched sharding asks of the accelerate config (printed with the longest sequence).
+SHARDING_LAUNCH = {
+    "fsdp": "states sharded over the GPUs (FSDP2: recipes/accelerate/gpu-8.yaml on one node, "
+    "gpu-multinode.yaml on several)",
+    "fsdp_offload": "states in host memory (FSDP2 with fsdp_offload_params: true, e.g. "
+    "recipes/accelerate/gpu-1-offload.yaml)",
+}
+
+
+def _print_longest(shape, cluster, setup, shardings=None) -> dict | None:
     from hf_seqpar.tools.maxseq import longest
     from hf_seqpar.tools.plan import GiB
 
-    found = longest(shape, cluster, setup)
+    found = longest(shape, cluster, setup, shardings=shardings)
+    searched = "the memory features searched" + (" and state shardings" if shardings else "")
     if found is None:
-        print(
-            "Longest sequence with the memory features searched: nothing fits, with any feature (see the reason above)"
-        )
+        print(f"Longest sequence with {searched}: nothing fits, with any of them (see the reason above)")
         return None
     r, lim = found.row, found.limits
     show = lambda v: "unbounded" if v == float("inf") else f"{int(v):,}"  # noqa: E731
     print(
-        f"Longest sequence with the memory features searched: {found.seq_len:,} tokens with {found.candidate} "
-        f"({found.setup.features.label}), bound by {found.binding}"
+        f"Longest sequence with {searched}: {found.seq_len:,} tokens with {found.candidate} "
+        f"({found.setup.features.label}, {found.setup.sharding}), bound by {found.binding} (predicted)"
     )
+    limit = "no limit, --max-step-s" if cluster.max_step_s is None else f"limit {cluster.max_step_s:g} s"
     print(
         f"  device {r['total_bytes'] / GiB:.1f} of {r['budget_bytes'] / GiB:.1f} GiB per GPU "
         f"({r['states_bytes'] / GiB:.1f} states + {r['gathered_bytes'] / GiB:.1f} gathered by FSDP + "
         f"{r['activation_bytes'] / GiB:.1f} activations at the "
         f"{r['peak_phase']} peak); host {r['host_node_bytes'] / GiB:.1f} of {r['host_budget_bytes'] / GiB:.0f} GiB "
-        f"per node; attention {r['attention_seconds']:.0f} s per step (limit {cluster.max_step_s:g} s)"
+        f"per node; attention {r['attention_seconds']:,.0f} s per step ({limit})"
     )
     print(
         f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
-        f"attention time {show(lim['time'])} tokens"
+        "attention time " + ("no limit (--max-step-s)" if cluster.max_step_s is None else f"{show(lim['time'])} tokens")
     )
+    if shardings or found.setup.sharding in SHARDING_LAUNCH:
+        print(f"  model states: {found.setup.sharding}: {SHARDING_LAUNCH.get(found.setup.sharding, 'as --sharding')}")
     print("  plugin YAML:\n    " + found.plugin_yaml().strip().replace("\n", "\n    "))
     return {
         "seq_len": found.seq_len,
         "candidate": found.candidate,
         "features": found.setup.features.label,
+        "sharding": found.setup.sharding,
         "binding": found.binding,
         "limits": {k: (None if v == float("inf") else v) for k, v in lim.items()},
         "row": r,

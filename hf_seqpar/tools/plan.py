@@ -77,9 +77,11 @@ class Cluster:
     """Dense bf16 TFLOP/s of one GPU (H100 SXM: 989), for the attention time per step."""
     attention_mfu: float = 0.5
     """Share of the peak the attention kernels reach (flash attention on H100: ~0.5)."""
-    max_step_s: float = 3600.0
-    """Longest acceptable attention time per step, seconds (``--max-step-s``): a length whose
-    attention alone takes longer is reported as bound by time, not memory."""
+    max_step_s: float | None = None
+    """Longest acceptable attention time per step, seconds (``--max-step-s``), or None for no limit:
+    with a limit, a length whose attention alone takes longer is reported as bound by time, not
+    memory. Without one the longest-sequence search answers the memory question (as the published
+    records do) and reports the predicted attention time beside it."""
 
 
 @dataclass(frozen=True)
@@ -447,7 +449,8 @@ def _limits(shape: ModelShape, cand: Candidate, cluster: Cluster, setup: Setup, 
             lo_k, hi_k = (mid, hi_k) if device_fits(mid) else (lo_k, mid)
         device = lo_k * step
     per_s2 = a["attention_seconds"] / a["seq_len"] ** 2
-    time = (cluster.max_step_s / per_s2) ** 0.5 if per_s2 > 0 else float("inf")
+    limited = cluster.max_step_s is not None and per_s2 > 0
+    time = (cluster.max_step_s / per_s2) ** 0.5 if limited else float("inf")
     memory = min(device, host)
     memory = int(min(memory, 1 << 40)) // step * step
     return {"device": device, "host": host, "time": time, "memory": memory}
