@@ -67,6 +67,7 @@ def test_readme_demo_command_runs(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 21 s; CI runs the README demo (the recipe under accelerate) and demo_cpu.py with megatron
 def test_demo_trains_on_two_ranks(tmp_path):
     cmd = [
         sys.executable,

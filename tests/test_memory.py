@@ -125,6 +125,7 @@ def test_bad_memory_options():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 21 s; test_memory_model QUICK measures loss-chunk peaks
 def test_chunked_loss_lowers_peak_memory_per_rank():
     """The benchmark: 2 gloo ranks, 128K vocabulary, 2048 tokens (1024 per rank), peak RSS per rank
     with the plain loss and with the chunked loss. The plain loss holds 1024 x 128256 fp32 logits
