@@ -251,8 +251,9 @@ def _plan_parser(sub) -> None:
         "--max-seq",
         action="store_true",
         help="also report the longest sequence each candidate fits with these features, and the "
-        "longest over all candidates using every GPU and every memory-feature setting, with "
-        "the constraint that binds it and the plugin YAML",
+        "longest over all candidates using every GPU, every memory-feature setting and (without "
+        "--sharding) the states on the GPUs or in host memory, with the constraint that binds it, "
+        "the sharding and the plugin YAML",
     )
     p.add_argument(
         "--rows",
