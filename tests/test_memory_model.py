@@ -132,7 +132,7 @@ def test_strategy_terms_gather_the_per_strategy_facts():
 def test_ring_backward_holds_kv_in_flight():
     ulysses = _peak(strategy="ulysses", sp=2, checkpointing=True, mlp_tiles=64)
     ring = _peak(strategy="ring", sp=2, checkpointing=True, mlp_tiles=64)
-    assert ring.components["layer_ws"] != ulysses.components["layer_ws"]
+    assert ring.components["ws.attention"] > ulysses.components["ws.attention"]
 
 
 # ---- the planner ---------------------------------------------------------------------------
@@ -245,3 +245,28 @@ def test_plan_refuses_offload_without_checkpointing(capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "--offload", "--no-checkpointing"])
     assert "needs checkpointing" in capsys.readouterr().err
+
+
+def test_traced_step_says_where_its_peak_is_set(pool2):
+    """measure_case(trace=True): each autograd node's peak, at or below the step's peak, the largest
+    one's node named, the attention kernel's backward among them (Ulysses: one variable-length call)."""
+    case = MemCase("ulysses", 1024, True, False, 4, 128)
+    for r in pool2.run(memcheck.measure_case, case, trace=True):
+        nodes = r["node_peaks"]
+        assert nodes[r["site"]] == r["peak_bytes"] == max(nodes.values())
+        assert 0 < nodes["_VarlenAttentionBackward"] <= r["peak_bytes"] and nodes["forward"] > 0
+
+
+def test_bf16_case_predicts_with_two_byte_elements():
+    """A bf16 case is predicted with e = 2: with tiles and the chunked loss the layers' backward
+    (activations and gradients) halves; the plain loss's fp32 log-softmax and gradients do not, and
+    the bf16 logits come on top of them."""
+    fp32 = MemCase("ring", 4096, True, False, 8, 128)
+    bf16 = MemCase("ring", 4096, True, False, 8, 128, dtype="bfloat16")
+    assert (fp32.elem, bf16.elem) == (4, 2) and bf16.label.endswith(" bfloat16") and "float32" not in fp32.label
+    a, b = memcheck.predict_case(fp32)["device_bytes"], memcheck.predict_case(bf16)["device_bytes"]
+    assert 0.5 * a < b < 0.6 * a
+    plain = [
+        memcheck.predict_case(MemCase("ring", 4096, True, dtype=d))["device_bytes"] for d in ("float32", "bfloat16")
+    ]
+    assert plain[1] > plain[0]
