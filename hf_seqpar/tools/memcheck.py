@@ -1,8 +1,8 @@
 """Measure what :mod:`hf_seqpar.tools.memmodel` predicts: per-rank step memory and offloaded bytes on CPU ranks.
 
 One :class:`MemCase` is a strategy, a sequence length and a set of memory features on a small
-Llama model built from a config (fp32, ``sdpa``, so attention runs hf_seqpar's variable-length
-kernels). :func:`measure_case` runs on every rank of an initialised gloo group and returns:
+Llama model built from a config (fp32, or the case's ``dtype``; ``sdpa``, so attention runs
+hf_seqpar's variable-length kernels). :func:`measure_case` runs on every rank of an initialised gloo group and returns:
 
 - ``peak_bytes``: the step's peak resident memory minus the resident memory just before it
   (Linux ``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus ``VmRSS``), measured on
