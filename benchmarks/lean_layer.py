@@ -1,23 +1,37 @@
-"""Per-token slope of the peak step memory, before and after the leaner recomputed layer (issue 23).
+"""Per-token slope of the peak step memory before and after the leaner recomputed layer (issue 23), and where it is set.
 
 On 2 gloo CPU ranks, the model and measurement of :mod:`hf_seqpar.tools.memcheck` (a Llama of hidden
-128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024, vocabulary 4096, fp32, one row; the second
-step's peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with
-checkpointing, 32 MLP tiles and loss chunks of 128 tokens (so that the recomputed layer's attention,
-not its MLP, sets the backward's working set, as for the 8B model at millions of tokens; and both
-lengths peak in the same phase, the last layer's backward). The slope ``(peak(2S) - peak(S)) / S`` is the
-bytes per token of the row that the step's peak grows by (the constant part, the gradients, cancels).
+128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024, vocabulary 4096, one row; the second step's
+peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with checkpointing,
+``--tiles`` MLP tiles and loss chunks of 128 tokens, in ``--dtype``. The slope
+``(peak(2S) - peak(S)) / S`` is the bytes per token of the row that the step's peak grows by (the
+constant part, the gradients, cancels).
 
 Rows: transformers' RMSNorm or the lean one (``lean_norms``), and the attention gradients either as
 before (fp32 dq/dk/dv accumulators over the whole local sequence, cast at the end: this script's
 ranks replace :func:`hf_seqpar.kernels.varlen.pieces_gradients` by that code, the same numbers) or
 as now (the kernel's gradients when one piece covers the row). The ring's attention path is not
-changed by the second; its rows show the norm only. ``predicted`` is the memory model's slope for the
-row where it describes the code that ran.
+changed by the second; its rows show the norm only. ``predicted`` is the memory model's slope
+(:func:`hf_seqpar.tools.memmodel.peak_memory`, which describes the code that runs now).
 
-    python benchmarks/lean_layer.py [--seq 8192] [--tiles 32] [--strategies ulysses,ring]
+Each case is measured traced (:class:`hf_seqpar.tools.memtrace.NodePeaks`, hooks that only observe:
+the same peak as without them): the autograd node during
+which the step's peak was set, and the peak while the attention kernel's backward ran (its node:
+``_VarlenAttentionBackward`` or ``_RingAttentionBackward``), with its slope and the model's slope
+for that phase (the last layer's backward with the attention working set). A discarded measurement
+at each length comes before the others: the first case a rank measures at a length reads 1 to 17 MiB
+higher than the same case measured again (measured: something the process keeps grows once per
+length), which would otherwise be counted as a saving of whatever row comes first.
 
-Prints a markdown table; measures, asserts nothing.
+The default ``S = 16384`` is the smallest at which, with 32 tiles on 2 ranks, every per-token
+tensor is one of glibc's own mappings (over 128 KiB: a tile's gradient is ``S / 2 / 32 x 128 x 4``
+bytes in fp32): below it the tiles' gradients come from the heap, whose free resident pages depend on
+what ran before, and the same case measured twice at ``S = 8192`` differed by up to 6 MiB.
+In bf16 the same holds from ``S = 32768``.
+
+    python benchmarks/lean_layer.py [--seq 16384] [--tiles 32] [--dtype float32] [--strategies ulysses,ring]
+
+Prints two markdown tables; measures, asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +42,10 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+
+#: The autograd node of each strategy's attention backward.
+ATTENTION_NODE = {"ulysses": "_VarlenAttentionBackward", "ring": "_RingAttentionBackward"}
+MIB = 2**20
 
 
 def _whole_sequence_fp32(dout, q, k, v, out, lse, pieces, *, scale, backend=None):
@@ -40,6 +58,7 @@ def _whole_sequence_fp32(dout, q, k, v, out, lse, pieces, *, scale, backend=None
 
 
 def _rank(rank, world, port, jobs, queue):
+    """Measure every job on this rank (``jobs``: ``(key, case, old_attention, trace)``)."""
     import torch.distributed as dist
 
     from hf_seqpar.kernels import varlen
@@ -50,35 +69,15 @@ def _rank(rank, world, port, jobs, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     lean_grads = varlen.pieces_gradients
     try:
-        for key, case, old_attention in jobs:
+        for key, case, old_attention, trace in jobs:
             varlen.pieces_gradients = _whole_sequence_fp32 if old_attention else lean_grads
-            queue.put((key, measure_case(case)["peak_bytes"]))
+            queue.put((key, measure_case(case, trace=trace)))
     finally:
         dist.destroy_process_group()
 
 
-def main() -> None:
-    from hf_seqpar.tools.memcheck import MemCase, predict_case
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=8192, help="S (the second length is 2 S)")
-    ap.add_argument("--tiles", type=int, default=32, help="MLP tiles")
-    ap.add_argument("--strategies", default="ulysses,ring")
-    args = ap.parse_args()
-    s = args.seq
-    rows = []
-    for strategy in args.strategies.split(","):
-        variants = [("transformers", True), ("transformers", False), ("lean", False)]
-        if strategy != "ulysses":
-            variants = [("transformers", False), ("lean", False)]  # the ring keeps its own accumulators
-        rows += [(strategy, norms, old) for norms, old in variants]
-    jobs = []
-    for row in rows:
-        strategy, norms, old = row
-        for n in (s, 2 * s):
-            case = MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean")
-            jobs.append(((row, n), case, old))
-    world = 2
+def _measure(jobs, world: int = 2) -> dict:
+    """``{key: [result of each rank]}`` for ``jobs``, on ``world`` fresh spawned ranks."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -87,24 +86,138 @@ def main() -> None:
     procs = [ctx.Process(target=_rank, args=(r, world, port, jobs, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    peaks: dict = {}
+    got: dict = {}
     for _ in range(world * len(jobs)):
-        key, peak = queue.get(timeout=1800)
-        peaks[key] = max(peaks.get(key, 0), peak)
+        key, res = queue.get(timeout=1800)
+        got.setdefault(key, []).append(res)
     for p in procs:
         p.join(timeout=30)
-    print(f"| strategy | norms | attention gradients | peak at S={s} (MiB) | at 2S (MiB) | slope B/token | predicted B/token |")
-    print("|---|---|---|---|---|---|---|")
+    return got
+
+
+def _case(strategy, norms, n, args):
+    from hf_seqpar.tools.memcheck import MemCase
+
+    return MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean", dtype=args.dtype)
+
+
+def _rows(strategies) -> list[tuple]:
+    """``(strategy, norms, old_attention)`` per row (the ring keeps its own accumulators: no "before")."""
+    rows = []
+    for strategy in strategies:
+        variants = [("transformers", True), ("transformers", False), ("lean", False)]
+        if strategy != "ulysses":
+            variants = [("transformers", False), ("lean", False)]
+        rows += [(strategy, norms, old) for norms, old in variants]
+    return rows
+
+
+def _predicted(case) -> tuple[float, float]:
+    """The model's step peak and its peak while attention's backward runs (the last layer's backward
+    with the attention working set in place of the largest one), bytes."""
+    from hf_seqpar.tools.memcheck import predict_case
+    from hf_seqpar.tools.memmodel import peak_memory
+
+    mem = peak_memory(_model_inputs(case))
+    ws = mem.components
+    largest = max(ws["ws.mlp"], ws["ws.attention"], ws["ws.norm"])
+    attention = max(
+        mem.phases[phase] - largest + ws["ws.attention"] + mem.grad_at_phase[phase]
+        for phase in ("last layer backward", "first layer backward")
+    )
+    return predict_case(case)["device_bytes"], attention
+
+
+def _model_inputs(case, world: int = 2):
+    from hf_seqpar.core.shape import ModelShape
+    from hf_seqpar.tools.memcheck import tiny_shape_config
+    from hf_seqpar.tools.memmodel import MemoryModelInputs
+
+    shape = ModelShape.from_config(tiny_shape_config())
+    return MemoryModelInputs(shape, case.seq_len, case.strategy, world, case.features, 1, case.elem, case.elem)
+
+
+def _grads_label(strategy: str, old: bool) -> str:
+    if old:
+        return "fp32 over the sequence (before)"
+    return "per piece (now)" if strategy == "ulysses" else "ring's own"
+
+
+def _header(*columns: str) -> None:
+    cols = ("strategy", "norms", "attention gradients", *columns)
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
+def _line(*cells) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def _site_label(results) -> str:
+    """The autograd node of the highest rank's peak (``forward``: before the backward)."""
+    return max(results, key=lambda r: r["peak_bytes"])["site"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--seq", type=int, default=16384, help="S (the second length is 2 S; above: the smallest clean S)"
+    )
+    ap.add_argument("--tiles", type=int, default=32, help="MLP tiles")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
+    ap.add_argument("--strategies", default="ulysses,ring", help="comma-separated: ulysses, ring")
+    args = ap.parse_args()
+    s = args.seq
+    rows = _rows(args.strategies.split(","))
+    first = rows[0]
+    jobs = [(("warm-up", n), _case(first[0], first[1], n, args), first[2], False) for n in (2 * s, s)]
+    for row in rows:
+        for n in (s, 2 * s):
+            jobs.append(((row, n), _case(row[0], row[1], n, args), row[2], True))
+    got = _measure(jobs)
+    print(f"{args.dtype}, {args.tiles} MLP tiles, S = {s}:\n")
+    _step_table(rows, got, s, args)
+    print()
+    _attention_table(rows, got, s, args)
+
+
+def _step_table(rows, got, s, args) -> None:
+    """Step peaks, slopes (measured, predicted) and where the peak is set."""
+    _header("peak at S (MiB)", "at 2S (MiB)", "slope B/token", "predicted B/token", "peak set in (S; 2S)")
     for row in rows:
         strategy, norms, old = row
-        a, b = peaks[(row, s)], peaks[(row, 2 * s)]
-        grads = "fp32 over the sequence (before)" if old else ("per piece (now)" if strategy == "ulysses" else "ring's own")
+        a, b = (max(r["peak_bytes"] for r in got[(row, n)]) for n in (s, 2 * s))
         pred = ""
         if not old:
-            cases = [MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean") for n in (s, 2 * s)]
-            pa, pb = (predict_case(c)["device_bytes"] for c in cases)
+            pa, pb = (_predicted(_case(strategy, norms, n, args))[0] for n in (s, 2 * s))
             pred = f"{(pb - pa) / s:.0f}"
-        print(f"| {strategy} | {norms} | {grads} | {a / 2**20:.2f} | {b / 2**20:.2f} | {(b - a) / s:.0f} | {pred} |")
+        where = "; ".join(_site_label(got[(row, n)]) for n in (s, 2 * s))
+        _line(
+            strategy,
+            norms,
+            _grads_label(strategy, old),
+            f"{a / MIB:.2f}",
+            f"{b / MIB:.2f}",
+            f"{(b - a) / s:.0f}",
+            pred,
+            where,
+        )
+
+
+def _attention_table(rows, got, s, args) -> None:
+    """The peak while the attention kernel's backward runs, measured and predicted."""
+    _header("attention backward's peak at S (MiB)", "at 2S (MiB)", "slope B/token", "predicted B/token")
+    for row in rows:
+        strategy, norms, old = row
+        node = ATTENTION_NODE[strategy]
+        a, b = (max(r["node_peaks"].get(node, 0) for r in got[(row, n)]) for n in (s, 2 * s))
+        pred = ""
+        if not old:
+            pa, pb = (_predicted(_case(strategy, norms, n, args))[1] for n in (s, 2 * s))
+            pred = f"{(pb - pa) / s:.0f}"
+        _line(
+            strategy, norms, _grads_label(strategy, old), f"{a / MIB:.2f}", f"{b / MIB:.2f}", f"{(b - a) / s:.0f}", pred
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Measure what :mod:`hf_seqpar.tools.memmodel` predicts: per-rank step memory and offloaded bytes on CPU ranks.
 
 One :class:`MemCase` is a strategy, a sequence length and a set of memory features on a small
-Llama model built from a config (fp32, ``sdpa``, so attention runs hf_seqpar's variable-length
-kernels). :func:`measure_case` runs on every rank of an initialised gloo group and returns:
+Llama model built from a config (fp32, or the case's ``dtype``; ``sdpa``, so attention runs
+hf_seqpar's variable-length kernels). :func:`measure_case` runs on every rank of an initialised gloo group and returns:
 
 - ``peak_bytes``: the step's peak resident memory minus the resident memory just before it
   (Linux ``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus ``VmRSS``), measured on
@@ -54,6 +54,13 @@ class MemCase:
     """SP degree; None = the world size (1: every rank trains its own row, the single-GPU mode)."""
     lean_norms: bool = True
     """hf_seqpar's lean RMSNorm (the plugin's default); False: transformers' own."""
+    dtype: str = "float32"
+    """Parameters and activations (``float32`` or ``bfloat16``: the model is cast, as a bf16 GPU run is)."""
+
+    @property
+    def elem(self) -> int:
+        """Bytes per element of parameters and activations."""
+        return getattr(torch, self.dtype).itemsize
 
     @property
     def features(self) -> Features:
@@ -64,7 +71,8 @@ class MemCase:
     @property
     def label(self) -> str:
         sp = "" if self.sp is None else f" sp={self.sp}"
-        return f"{self.strategy}{sp} S={self.seq_len} {self.features.label}"
+        dtype = "" if self.dtype == "float32" else f" {self.dtype}"
+        return f"{self.strategy}{sp} S={self.seq_len} {self.features.label}{dtype}"
 
 
 def tiny_shape_config(layers: int = 4, vocab_size: int = 4096):
@@ -106,8 +114,8 @@ def validation_cases(strategies=("ulysses", "ring"), seq_lens=(2048, 4096)) -> l
 
 
 def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
-    """The model's prediction for ``case`` on ``world`` ranks (fp32, no optimizer states: the
-    step's gradients are in the peak, as measured)."""
+    """The model's prediction for ``case`` on ``world`` ranks (in the case's dtype, no optimizer
+    states: the step's gradients are in the peak, as measured)."""
     from hf_seqpar.core.shape import ModelShape
 
     shape = ModelShape.from_config(tiny_shape_config(layers))
@@ -117,8 +125,8 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
         strategy=case.strategy,
         sp=case.sp or world,
         features=case.features,
-        elem=4,
-        param_elem=4,
+        elem=case.elem,
+        param_elem=case.elem,
     )
     mem = peak_memory(inputs)
     return {"device_bytes": mem.total, "host_bytes": mem.host_bytes, "phase": mem.peak_phase}
@@ -140,11 +148,41 @@ def _saved_bytes_outside_checkpoints(model, batch) -> int:
     return total
 
 
-def measure_case(case: MemCase, layers: int = 4) -> dict:
+def _measured_step(model, batch, trace: bool = False) -> tuple[int, dict]:
+    """One step's peak resident memory above the memory before it, with the gradients set to None
+    first; with ``trace``, also where it was set (:class:`hf_seqpar.tools.memtrace.NodePeaks`):
+    ``node_peaks`` (per autograd node name, and ``forward``, the largest memory while it ran, above
+    the memory before the step) and ``site`` (the name with the largest)."""
+    from .memtrace import NodePeaks
+
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    before = status_bytes("VmRSS")
+    _PeakRSS.reset()
+    loss = model(**batch).loss
+    nodes = NodePeaks(loss.grad_fn) if trace else None
+    loss.backward()
+    peak = status_bytes("VmHWM")
+    del loss
+    if nodes is None:
+        return peak - before, {}
+    peaks = {name: p - before for name, p in nodes.close().items()}
+    return max(peaks.values()), {"site": nodes.site, "node_peaks": peaks}
+
+
+def measure_case(case: MemCase, layers: int = 4, trace: bool = False) -> dict:
     """Measure ``case`` on this rank (every rank of the default gloo group calls it).
 
+    Args:
+        case: the configuration.
+        layers: decoder layers of the model.
+        trace: also say where the measured step's peak was set: each autograd node's peak
+            (``node_peaks``) and the node of the largest (``site``), from
+            :class:`hf_seqpar.tools.memtrace.NodePeaks` (hooks that only observe).
+
     Returns:
-        ``{"peak_bytes", "host_bytes", "rank"}`` (``host_bytes`` 0 without offload).
+        ``{"peak_bytes", "host_bytes", "rank"}`` (``host_bytes`` 0 without offload), plus ``site``
+        and ``node_peaks`` with ``trace``.
     """
     import torch.distributed as dist
 
@@ -156,7 +194,7 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(tiny_shape_config(layers)).train()
+    model = LlamaForCausalLM(tiny_shape_config(layers)).to(getattr(torch, case.dtype)).train()
     if case.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     world = case.sp or world
@@ -168,16 +206,8 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
     # the first step (a short row: lazily built buffers, gloo's connections) is not measured
     warm = hf_seqpar.shard_batch({"input_ids": ids[:, : 64 * world], "labels": ids[:, : 64 * world]}, model)
     local = hf_seqpar.shard_batch({"input_ids": ids, "labels": ids.clone()}, model)
-    peak = 0
-    for batch in (warm, local):
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        before = status_bytes("VmRSS")
-        _PeakRSS.reset()
-        loss = model(**batch).loss
-        loss.backward()
-        peak = status_bytes("VmHWM") - before
-        del loss
+    _measured_step(model, warm)
+    peak, traced = _measured_step(model, local, trace)
     host = 0
     if case.offload_checkpoints:
         model.zero_grad(set_to_none=True)
@@ -185,9 +215,9 @@ def measure_case(case: MemCase, layers: int = 4) -> dict:
         install_memory_features(model, case.loss_chunk_size, case.mlp_tiles, False, lean_norms=case.lean_norms)
         host = _saved_bytes_outside_checkpoints(model, local)
     hf_seqpar.disable_sequence_parallel(model)
-    del model, local, warm, batch
+    del model, local, warm
     gc.collect()
-    return {"peak_bytes": peak, "host_bytes": host, "rank": dist.get_rank()}
+    return {"peak_bytes": peak, "host_bytes": host, "rank": dist.get_rank(), **traced}
 
 
 def compare(case: MemCase, measured: list[dict], world: int = 2) -> dict:

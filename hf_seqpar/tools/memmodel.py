@@ -20,20 +20,22 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
   norm's tensors (with ``lean_norms`` its input, ``rstd`` and output), the plain loss's inputs and
   the ``lm_head`` weight it saves; the chunked loss keeps what it saves on the device, as its
   backward needs it first, and with ``lean_norms`` computes the final norm itself, per chunk).
-- **backward working set of a layer** on top of its saved tensors and the residual gradients
-  (``2 e h``): the MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already
-  released; per tile with ``mlp_tiles``, plus the tile's recomputed ``4 e I``); attention's
-  output gradient and the kernel's gradients: on the variable-length path (Ulysses, Megatron-SP,
-  one rank) of one document these are the result (fp32 accumulators only span positions several
-  pieces write: :func:`hf_seqpar.kernels.varlen.pieces_gradients`), while the ring keeps fp32
-  dq/dk/dv accumulators over the local sequence beside the kernel's block gradients and adds the
-  K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV accumulators
-  travelling with it; on a GPU the CUDA kernel's own buffers
+- **backward working set of a layer** on top of its saved tensors and the residual gradients (the
+  layer output's ``e h`` during the MLP's backward, with the residual sum's ``2 e h`` after): the
+  MLP's ``2 e I`` (three ``n x I`` gradients while the down input is already released; per tile with
+  ``mlp_tiles``, plus the tile's recomputed ``4 e I``, or the assembly of the tiles' gradients,
+  ``3 e h``: :func:`_mlp_backward`); attention's (which starts once the MLP's and the second norm's
+  saved tensors are released) output gradient and the kernel's gradients: on the variable-length
+  path (Ulysses, Megatron-SP, one rank) of one document these are the result (fp32 accumulators only
+  span positions several pieces write: :func:`hf_seqpar.kernels.varlen.pieces_gradients`), while the
+  ring keeps fp32 dq/dk/dv accumulators over the local sequence beside the kernel's block gradients
+  and adds the K/V block in flight (one pair at ``P = 2``, two beyond) and the fp32 dK/dV
+  accumulators travelling with it; on a GPU the CUDA kernel's own buffers
   (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel needs them, its expanded dk/dv
   and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the lean norm's backward holds its
-  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the q/k/v
-  gradients holds gradients,
-  packed input and output once the kernel's accumulators are released.
+  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the
+  q/k/v gradients holds gradients, packed input and output once the kernel's accumulators are
+  released.
 - **loss**: the plain loss keeps the fp32 log-softmax (``4 V``) and its backward holds two more
   ``n x V`` fp32 gradients; the chunked loss holds three ``chunk x V`` fp32 tensors (a chunk's
   logits and softmax while the next chunk's logits are computed) and fp32 ``lm_head`` weight
@@ -43,7 +45,9 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
   allocated, when gradients are not sharded); with offload the tensors come back to the device
   for their backward (the layer's input; the loss's hidden states, or the plain loss's two
   log-softmax copies). Forward transients of a layer (the ring's K/V in flight, one all-to-all)
-  are smaller than its backward working set and are not a phase of their own.
+  are smaller than its backward working set and are not a phase of their own (in a checkpoint's
+  recomputation too: Ulysses' exchange of q/k/v there peaks 10 MiB below the step at 32K tokens on
+  2 CPU ranks, BENCHMARKS.md, "The leaner recomputed layer").
 - **model states** (the planner's part): parameters, gradients and optimizer states, sharded by
   FSDP/ZeRO (:func:`hf_seqpar.tools.plan.evaluate`), plus FSDP's all-gathered layers (current and
   prefetched) while they compute.
@@ -302,6 +306,24 @@ def cuda_kernel_backward_bytes(m: ModelShape, kv: int, e: int, kernel: str | Non
     return extra
 
 
+def _mlp_backward(m: ModelShape, e: int, tiles: int) -> float:
+    """Bytes per local token of the MLP's backward working set beyond its saved tensors.
+
+    Untiled: three ``n x I`` gradients (``2 e I`` once the down input is released). With ``T`` tiles,
+    the larger of one tile's recomputed ``4 e I`` and gradients ``2 e I`` (over ``T``) beside the
+    gradients of the tiles already done (up to ``e h``: the engine runs every tile's backward before
+    the tiles' ``SliceBackward0``, created earlier), and the assembly of those tile gradients into
+    the input's gradient: each ``SliceBackward0`` pads its tile's gradient with zeros to the whole
+    local sequence and the engine adds it to the running sum (in place), so the sum and the padded
+    tile gradient (``2 e h``) live beside the tile gradients not yet added (measured:
+    ``hf_seqpar.tools.memtrace``, BENCHMARKS.md).
+    """
+    h, I = m.hidden, m.intermediate  # noqa: E741 (I: the MLP width)
+    if tiles == 1:
+        return 2 * e * I
+    return max(6 * e * I / tiles + e * h, 3 * e * h)
+
+
 def _attention_backward(m: ModelShape, t: StrategyTerms, e: int, kernel: str | None = None) -> float:
     """Bytes per local token of attention's backward working set beyond its saved tensors."""
     d, hq, kv = m.head_dim, m.heads, t.kv_heads
@@ -338,7 +360,7 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         raise ValueError("offload_checkpoints needs checkpointing (it offloads the checkpointed layer inputs)")
     t = strategy_terms(x.strategy, m, x.sp, x.ulysses_size)
     n = x.batch * x.seq_len / x.sp
-    h, V, L, I = m.hidden, m.vocab, m.layers, m.intermediate  # noqa: E741 (I: the MLP width, as in the docstring)
+    h, V, L = m.hidden, m.vocab, m.layers
     pe = x.param_elem
     tiles = f.mlp_tiles if f.mlp_tiles and f.mlp_tiles > 1 else 1
     chunk = min(f.loss_chunk_size, n) if f.loss_chunk_size else None
@@ -411,10 +433,18 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
 
     # the layers' backward, from the last (every earlier layer's activations still kept, one layer's
     # gradients) to the first (one layer's kept, every layer's gradients): linear in between
-    mlp_ws = (2 * e * I + (4 * e * I if tiles > 1 else 0)) / tiles
-    attn_ws = _attention_backward(m, t, e, x.kernel) - saved["mlp"] - (e * m.heads * m.head_dim if t.out_copy else 0)
+    mlp_ws = _mlp_backward(m, e, tiles)
+    # attention's backward starts once the MLP's and the second norm's have run: their saved tensors are released
+    attn_ws = (
+        _attention_backward(m, t, e, x.kernel)
+        - saved["mlp"]
+        - (e * m.heads * m.head_dim if t.out_copy else 0)
+        - saved["norms"] / 2
+    )
     norm_ws = 2 * e * h if f.lean_norms else 0.0  # the lean norm's recomputed n and the weight-gradient product
-    layer_ws = 2 * e * h + max(mlp_ws, attn_ws, norm_ws)
+    # the residual gradients: during the MLP's backward only the layer output's (e h); from the second
+    # norm's backward on, also the residual sum's (2 e h)
+    layer_ws = max(e * h + mlp_ws, 2 * e * h + max(attn_ws, norm_ws))
     # by the layers' backward the loss and the final norm have run theirs: ids and cos/sin remain
     outside_no_loss = (INDEX + rope) * n if not f.offload_checkpoints else rope_live
     if f.checkpointing:
@@ -455,6 +485,8 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         "outside": outside * n,
         "layer_saved": layer * n,
         "layer_ws": layer_ws * n,
+        # each part's working set (with the residual gradients, the largest sets layer_ws)
+        **{f"ws.{k}": v * n for k, v in (("mlp", mlp_ws), ("attention", attn_ws), ("norm", norm_ws))},
         "loss_fwd": loss_fwd,
         "loss_bwd": loss_bwd,
         **{f"layer.{k}": v * n for k, v in saved.items()},
