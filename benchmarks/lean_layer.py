@@ -1,8 +1,8 @@
 """Per-token slope of the peak step memory before and after the leaner recomputed layer (issue 23), and where it is set.
 
 On 2 gloo CPU ranks, the model and measurement of :mod:`hf_seqpar.tools.memcheck` (a Llama of hidden
-128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024, vocabulary 4096, one row; the second step's
-peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with checkpointing,
+128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024 or ``--intermediate``, vocabulary 4096, one row;
+the second step's peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with checkpointing,
 ``--tiles`` MLP tiles and loss chunks of 128 tokens, in ``--dtype``. The slope
 ``(peak(2S) - peak(S)) / S`` is the bytes per token of the row that the step's peak grows by (the
 constant part, the gradients, cancels).
