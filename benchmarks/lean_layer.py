@@ -1,8 +1,8 @@
 """Per-token slope of the peak step memory before and after the leaner recomputed layer (issue 23), and where it is set.
 
 On 2 gloo CPU ranks, the model and measurement of :mod:`hf_seqpar.tools.memcheck` (a Llama of hidden
-128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024, vocabulary 4096, one row; the second step's
-peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with checkpointing,
+128, 4 layers, 4 query / 2 kv heads of 32, MLP 1024 or ``--intermediate``, vocabulary 4096, one row;
+the second step's peak resident memory above the memory before it) at ``S`` and ``2 S`` tokens, with checkpointing,
 ``--tiles`` MLP tiles and loss chunks of 128 tokens, in ``--dtype``. The slope
 ``(peak(2S) - peak(S)) / S`` is the bytes per token of the row that the step's peak grows by (the
 constant part, the gradients, cancels).
@@ -29,7 +29,8 @@ bytes in fp32): below it the tiles' gradients come from the heap, whose free res
 what ran before, and the same case measured twice at ``S = 8192`` differed by up to 6 MiB.
 In bf16 the same holds from ``S = 32768``.
 
-    python benchmarks/lean_layer.py [--seq 16384] [--tiles 32] [--dtype float32] [--strategies ulysses,ring]
+    python benchmarks/lean_layer.py [--seq 16384] [--tiles 32] [--intermediate 1024] [--dtype float32]
+        [--strategies ulysses,ring]
 
 Prints two markdown tables; measures, asserts nothing.
 """
@@ -98,7 +99,17 @@ def _measure(jobs, world: int = 2) -> dict:
 def _case(strategy, norms, n, args):
     from hf_seqpar.tools.memcheck import MemCase
 
-    return MemCase(strategy, n, True, False, args.tiles, 128, lean_norms=norms == "lean", dtype=args.dtype)
+    return MemCase(
+        strategy,
+        n,
+        True,
+        False,
+        args.tiles,
+        128,
+        lean_norms=norms == "lean",
+        dtype=args.dtype,
+        intermediate_size=args.intermediate,
+    )
 
 
 def _rows(strategies) -> list[tuple]:
@@ -133,7 +144,7 @@ def _model_inputs(case, world: int = 2):
     from hf_seqpar.tools.memcheck import tiny_shape_config
     from hf_seqpar.tools.memmodel import MemoryModelInputs
 
-    shape = ModelShape.from_config(tiny_shape_config())
+    shape = ModelShape.from_config(tiny_shape_config(intermediate_size=case.intermediate_size))
     return MemoryModelInputs(shape, case.seq_len, case.strategy, world, case.features, 1, case.elem, case.elem)
 
 
@@ -164,6 +175,7 @@ def main() -> None:
         "--seq", type=int, default=16384, help="S (the second length is 2 S; above: the smallest clean S)"
     )
     ap.add_argument("--tiles", type=int, default=32, help="MLP tiles")
+    ap.add_argument("--intermediate", type=int, default=1024, help="MLP width (1024 = 8x hidden; 448 = 3.5x, as 8B)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
     ap.add_argument("--strategies", default="ulysses,ring", help="comma-separated: ulysses, ring")
     args = ap.parse_args()
@@ -175,7 +187,7 @@ def main() -> None:
         for n in (s, 2 * s):
             jobs.append(((row, n), _case(row[0], row[1], n, args), row[2], True))
     got = _measure(jobs)
-    print(f"{args.dtype}, {args.tiles} MLP tiles, S = {s}:\n")
+    print(f"{args.dtype}, MLP {args.intermediate}, {args.tiles} MLP tiles, S = {s}:\n")
     _step_table(rows, got, s, args)
     print()
     _attention_table(rows, got, s, args)

@@ -56,6 +56,8 @@ class MemCase:
     """hf_seqpar's lean RMSNorm (the plugin's default); False: transformers' own."""
     dtype: str = "float32"
     """Parameters and activations (``float32`` or ``bfloat16``: the model is cast, as a bf16 GPU run is)."""
+    intermediate_size: int = 1024
+    """The model's MLP width (:func:`tiny_shape_config`; 1024 = 8x hidden, 448 = the 3.5x of Llama-3.1-8B)."""
 
     @property
     def elem(self) -> int:
@@ -75,15 +77,16 @@ class MemCase:
         return f"{self.strategy}{sp} S={self.seq_len} {self.features.label}{dtype}"
 
 
-def tiny_shape_config(layers: int = 4, vocab_size: int = 4096):
-    """The measured model: Llama with hidden 128, 4 query / 2 kv heads of 32, MLP 1024, vocab 4096
-    (MLP and vocabulary wide enough for the tiles and the chunked loss to matter)."""
+def tiny_shape_config(layers: int = 4, vocab_size: int = 4096, intermediate_size: int = 1024):
+    """The measured model: Llama with hidden 128, 4 query / 2 kv heads of 32, MLP ``intermediate_size``
+    (1024 by default), vocab 4096 (MLP and vocabulary wide enough for the tiles and the chunked loss to
+    matter)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
-        intermediate_size=1024,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -118,7 +121,7 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
     states: the step's gradients are in the peak, as measured)."""
     from hf_seqpar.core.shape import ModelShape
 
-    shape = ModelShape.from_config(tiny_shape_config(layers))
+    shape = ModelShape.from_config(tiny_shape_config(layers, intermediate_size=case.intermediate_size))
     inputs = MemoryModelInputs(
         shape=shape,
         seq_len=case.seq_len,
@@ -194,7 +197,8 @@ def measure_case(case: MemCase, layers: int = 4, trace: bool = False) -> dict:
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(tiny_shape_config(layers)).to(getattr(torch, case.dtype)).train()
+    config = tiny_shape_config(layers, intermediate_size=case.intermediate_size)
+    model = LlamaForCausalLM(config).to(getattr(torch, case.dtype)).train()
     if case.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     world = case.sp or world
