@@ -126,26 +126,17 @@ def _rows(strategies) -> list[tuple]:
 def _predicted(case) -> tuple[float, float]:
     """The model's step peak and its peak while attention's backward runs (the last layer's backward
     with the attention working set in place of the largest one), bytes."""
-    from hf_seqpar.tools.memcheck import predict_case
+    from hf_seqpar.tools.memcheck import model_inputs
     from hf_seqpar.tools.memmodel import peak_memory
 
-    mem = peak_memory(_model_inputs(case))
+    mem = peak_memory(model_inputs(case))
     ws = mem.components
     largest = max(ws["ws.mlp"], ws["ws.attention"], ws["ws.norm"])
     attention = max(
         mem.phases[phase] - largest + ws["ws.attention"] + mem.grad_at_phase[phase]
         for phase in ("last layer backward", "first layer backward")
     )
-    return predict_case(case)["device_bytes"], attention
-
-
-def _model_inputs(case, world: int = 2):
-    from hf_seqpar.core.shape import ModelShape
-    from hf_seqpar.tools.memcheck import tiny_shape_config
-    from hf_seqpar.tools.memmodel import MemoryModelInputs
-
-    shape = ModelShape.from_config(tiny_shape_config(intermediate_size=case.intermediate_size))
-    return MemoryModelInputs(shape, case.seq_len, case.strategy, world, case.features, 1, case.elem, case.elem)
+    return mem.total, attention
 
 
 def _grads_label(strategy: str, old: bool) -> str:

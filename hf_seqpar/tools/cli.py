@@ -696,8 +696,8 @@ def _print_longest(shape, cluster, setup, shardings=None) -> dict | None:
         f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
         "attention time " + ("no limit (--max-step-s)" if cluster.max_step_s is None else f"{show(lim['time'])} tokens")
     )
-    if shardings or found.setup.sharding in SHARDING_LAUNCH:
-        print(f"  model states: {found.setup.sharding}: {SHARDING_LAUNCH.get(found.setup.sharding, 'as --sharding')}")
+    if found.setup.sharding in SHARDING_LAUNCH:
+        print(f"  model states: {found.setup.sharding}: {SHARDING_LAUNCH[found.setup.sharding]}")
     print("  plugin YAML:\n    " + found.plugin_yaml().strip().replace("\n", "\n    "))
     return {
         "seq_len": found.seq_len,

@@ -31,7 +31,7 @@ import torch
 from .bench import _PeakRSS, malloc_follows_tensors, status_bytes
 from .memmodel import Features, MemoryModelInputs, peak_memory
 
-__all__ = ["MemCase", "measure_case", "predict_case", "tiny_shape_config", "validation_cases"]
+__all__ = ["MemCase", "measure_case", "model_inputs", "predict_case", "tiny_shape_config", "validation_cases"]
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ def validation_cases(strategies=("ulysses", "ring"), seq_lens=(2048, 4096)) -> l
     return [MemCase(s, n, **kw) for s in strategies for n in seq_lens for kw in sets]
 
 
-def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
-    """The model's prediction for ``case`` on ``world`` ranks (in the case's dtype, no optimizer
+def model_inputs(case: MemCase, world: int = 2, layers: int = 4) -> MemoryModelInputs:
+    """The memory model's inputs for ``case`` on ``world`` ranks (in the case's dtype, no optimizer
     states: the step's gradients are in the peak, as measured)."""
     from hf_seqpar.core.shape import ModelShape
 
     shape = ModelShape.from_config(tiny_shape_config(layers, intermediate_size=case.intermediate_size))
-    inputs = MemoryModelInputs(
+    return MemoryModelInputs(
         shape=shape,
         seq_len=case.seq_len,
         strategy=case.strategy,
@@ -131,7 +131,11 @@ def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
         elem=case.elem,
         param_elem=case.elem,
     )
-    mem = peak_memory(inputs)
+
+
+def predict_case(case: MemCase, world: int = 2, layers: int = 4) -> dict:
+    """The model's prediction for ``case`` on ``world`` ranks (:func:`model_inputs`)."""
+    mem = peak_memory(model_inputs(case, world, layers))
     return {"device_bytes": mem.total, "host_bytes": mem.host_bytes, "phase": mem.peak_phase}
 
 
@@ -165,10 +169,9 @@ def _measured_step(model, batch, trace: bool = False) -> tuple[int, dict]:
     loss = model(**batch).loss
     nodes = NodePeaks(loss.grad_fn) if trace else None
     loss.backward()
-    peak = status_bytes("VmHWM")
     del loss
     if nodes is None:
-        return peak - before, {}
+        return status_bytes("VmHWM") - before, {}
     peaks = {name: p - before for name, p in nodes.close().items()}
     return max(peaks.values()), {"site": nodes.site, "node_peaks": peaks}
 
