@@ -31,7 +31,10 @@ def main() -> None:
     p.add_argument("--fault-step", type=int, default=3)
     args = p.parse_args(argv[:split])
     rank = int(os.environ.get("RANK", "0"))
-    print(f"fault_recipe rank={rank} pid={os.getpid()}", flush=True)
+    # one write call: print() under PYTHONUNBUFFERED writes the text and the newline separately, so
+    # two ranks starting together on one pipe could join their lines ("...pid=12fault_recipe rank=0 ...")
+    sys.stdout.write(f"fault_recipe rank={rank} pid={os.getpid()}\n")
+    sys.stdout.flush()
     if args.fault != "none" and rank == args.fault_rank:
         original, calls = torch.optim.AdamW.step, [0]
 

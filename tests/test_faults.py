@@ -97,8 +97,7 @@ def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None
     def read():
         for line in proc.stdout:
             lines.append(line)
-            m = re.match(r"fault_recipe rank=(\d+) pid=(\d+)", line)
-            if m:
+            for m in re.finditer(r"fault_recipe rank=(\d+) pid=(\d+)", line):  # anywhere in the line
                 pids[int(m.group(1))] = int(m.group(2))
             if re.search(
                 r"step +2/\d+ +loss", line
@@ -112,6 +111,7 @@ def _run_with_fault(launcher: str, fault: str, tmp_path, timeout_s: float | None
         while not started.wait(timeout=1) and proc.poll() is None and time.monotonic() < start_deadline:
             pass
         assert started.is_set(), f"training did not start (rc {proc.poll()}):\n" + "".join(lines[-40:])
+        assert sorted(pids) == [0, 1], f"ranks' pid lines not seen: {pids}\n" + "".join(lines[-40:])
         fault_time = time.monotonic()  # raise/hang: fault at step 3, i.e. within one step from now
         if fault == "kill":
             os.kill(pids[1], signal.SIGKILL)
