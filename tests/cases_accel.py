@@ -161,18 +161,22 @@ def accelerate_parity(
     return result
 
 
-def fsdp2_parity(steps: int = 3) -> dict:
+def fsdp2_parity(steps: int = 3, offload: bool = False) -> dict:
     """SP model sharded with torch's FSDP2 ``fully_shard`` (what accelerate's FSDP2 path applies)
-    against the unsharded model on the same global batches."""
-    from torch.distributed.fsdp import fully_shard
+    against the unsharded model on the same global batches. ``offload``: the states in host memory
+    (``CPUOffloadPolicy``, accelerate's ``fsdp_offload_params: true``) with every memory feature of
+    the longest-run recipes (checkpointing, offloaded checkpoints, MLP tiles, chunked loss)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     model = tiny_model(heads=4, kv_heads=2)
     reference = copy.deepcopy(model)
-    plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=5)
+    features = dict(gradient_checkpointing=True, offload_checkpoints=True, mlp_tiles=2) if offload else {}
+    plugin = hf_seqpar.SequenceParallelPlugin(loss_chunk_size=5, **features)
     hf_seqpar.integrations.accelerate.prepare_model(model, plugin)
+    policy = dict(offload_policy=CPUOffloadPolicy(pin_memory=False)) if offload else {}  # (no CUDA to pin for)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     data = rows(steps * 2)

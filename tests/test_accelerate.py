@@ -77,9 +77,11 @@ def test_hybrid_mixed_precision_on_4_ranks(pool4):
         )
 
 
-def test_fsdp2_sharded_sp_model_matches_unsharded(pool2):
-    """The SP model under torch's FSDP2 ``fully_shard`` (accelerate's FSDP2 path) stays exact."""
-    _check(pool2.run(cases_accel.fsdp2_parity))
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp2_sharded_sp_model_matches_unsharded(pool2, offload):
+    """The SP model under torch's FSDP2 ``fully_shard`` (accelerate's FSDP2 path) stays exact, also
+    with the states in host memory and every memory feature (what `plan --max-seq` recommends)."""
+    _check(pool2.run(cases_accel.fsdp2_parity, offload=offload))
 
 
 @pytest.mark.parametrize("lora", [False, True])

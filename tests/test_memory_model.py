@@ -16,6 +16,7 @@ import pytest
 
 from hf_seqpar.core.shape import ModelShape
 from hf_seqpar.tools import cli, memcheck
+from hf_seqpar.tools.cli import _states_launch
 from hf_seqpar.tools.memcheck import MemCase
 from hf_seqpar.tools.memmodel import Features, MemoryModelInputs, peak_memory, strategy_terms
 from hf_seqpar.tools.plan import Cluster, Setup, candidates, evaluate
@@ -162,19 +163,24 @@ def _longest(capsys, tmp_path, *flags):
 
 def test_max_seq_searches_state_sharding_and_bounds_time_only_when_asked(capsys, tmp_path):
     """Issue 23's commands: the longest 8B sequence on 8 (at least 4M tokens) and on 1 GPU of 80 GB
-    (at least 600K, bound by device memory). Without --sharding the search also keeps the states
-    in host memory where that is longer (one GPU: 122.6 GiB of states cannot be on it); without
+    (at least 600K), both bound by device memory at the default host memory (1900 GiB per node).
+    Without --sharding the search also keeps the states in host memory where that is longer (one
+    GPU: 122.6 GiB of states cannot be on it; 8 GPUs: 15 GiB each freed for activations); without
     --max-step-s no time limit binds, and the predicted attention time is printed; with one, the
     answer is the longest that keeps attention within it."""
     code, text, eight = _longest(capsys, tmp_path, "--gpus", "8")
-    assert code == 0 and eight["sharding"] == "fsdp" and eight["seq_len"] >= 4_000_000
+    assert code == 0 and eight["sharding"] == "fsdp_offload" and eight["seq_len"] >= 4_000_000
+    assert eight["binding"] == "device memory" and "gpu-8-offload.yaml" in text
     assert "no limit, --max-step-s" in text and eight["limits"]["time"] is None
     lim = eight["limits"]  # the binding named is the smaller memory limit
-    assert eight["binding"] == ("host memory" if lim["host"] < lim["device"] else "device memory")
-    assert eight["seq_len"] <= min(lim["host"], lim["device"]) < eight["seq_len"] + 1024
-    # with more host memory per node device memory binds, further out
-    code, text, roomy = _longest(capsys, tmp_path, "--gpus", "8", "--host-mem", "2048")
-    assert roomy["binding"] == "device memory" and roomy["seq_len"] > eight["seq_len"]
+    assert lim["device"] < lim["host"] and eight["seq_len"] <= lim["device"] < eight["seq_len"] + 1024
+    # with the states on the GPUs: shorter, still device-bound
+    code, text, on_gpus = _longest(capsys, tmp_path, "--gpus", "8", "--sharding", "fsdp")
+    assert on_gpus["binding"] == "device memory" and 4_000_000 <= on_gpus["seq_len"] < eight["seq_len"]
+    # on a node with 1 TiB the offloaded checkpoints (32 layers x 8 KB per token) bind first
+    code, text, tight = _longest(capsys, tmp_path, "--gpus", "8", "--host-mem", "1024")
+    assert tight["binding"] == "host memory" and tight["seq_len"] < on_gpus["seq_len"]
+    assert tight["seq_len"] <= tight["limits"]["host"] < tight["seq_len"] + 1024
     code, text, one = _longest(capsys, tmp_path, "--gpus", "1")
     assert code == 0 and one["binding"] == "device memory" and one["sharding"] == "fsdp_offload"
     assert one["seq_len"] >= 600_000 and "fsdp_offload_params: true" in text
@@ -182,7 +188,7 @@ def test_max_seq_searches_state_sharding_and_bounds_time_only_when_asked(capsys,
     code, text, kept = _longest(capsys, tmp_path, "--gpus", "1", "--sharding", "fsdp")
     assert code == 1 and kept is None and "nothing fits" in text
     # a time limit under the memory answer's attention time binds, and is kept
-    limit = eight["row"]["attention_seconds"] / 2
+    limit = eight["row"]["attention_seconds"] / 4  # (at / 2, 4.14M: a cheaper device-bound setup within 1%)
     code, text, timed = _longest(capsys, tmp_path, "--gpus", "8", "--max-step-s", str(limit))
     assert timed["binding"] == "attention time per step" and timed["seq_len"] < eight["seq_len"]
     assert timed["row"]["attention_seconds"] <= limit and f"limit {limit:g} s" in text
@@ -226,8 +232,8 @@ def test_single_gpu_mode(capsys):
 #: ``hf-seqpar plan --model M --gpus G --max-seq``.
 MAX_RECIPES = {
     "llama3-8b-1gpu-max": ("llama-3.1-8b", 1, "fsdp_offload"),
-    "llama3-8b-8gpu-max": ("llama-3.1-8b", 8, "fsdp"),
-    "llama3-8b-32gpu-max": ("llama-3.1-8b", 32, "fsdp"),
+    "llama3-8b-8gpu-max": ("llama-3.1-8b", 8, "fsdp_offload"),
+    "llama3-8b-32gpu-max": ("llama-3.1-8b", 32, "fsdp_offload"),
     "llama3-70b-32gpu-max": ("llama-3.1-70b", 32, "fsdp"),
 }
 
@@ -250,18 +256,29 @@ def test_longest_run_recipes_match_the_planner(name):
     assert found.setup.sharding == sharding
     assert yaml.safe_load(text) == yaml.safe_load(found.plugin_yaml())
     assert f"{found.seq_len:,} tokens" in text and found.binding in re.sub(r"\s+#\s*", " ", text)
+    launch = re.search(r"recipes/accelerate/[\w-]+\.yaml", _states_launch(sharding, gpus, 8)).group(0)
+    assert launch in text  # the accelerate config that puts the states where the planner assumed
     SequenceParallelPlugin.from_yaml(path)  # valid plugin file
 
 
-def test_single_gpu_accelerate_config_offloads_states():
+@pytest.mark.parametrize("sharding", ["fsdp", "fsdp_offload"])
+@pytest.mark.parametrize("gpus", [1, 4, 8, 16, 32])
+def test_accelerate_config_named_for_the_states_runs_that_many_ranks(gpus, sharding):
+    """The config `plan --max-seq` names for where the states live exists, offloads them or not as
+    said, and with the flags it names runs `gpus` ranks on the nodes they need."""
     import pathlib
+    import re
 
     from accelerate.commands.config.config_args import load_config_from_file
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cfg = load_config_from_file(str(root / "recipes/accelerate/gpu-1-offload.yaml"))
-    assert cfg.num_processes == 1 and cfg.distributed_type == "FSDP"
-    assert cfg.fsdp_config["fsdp_offload_params"] is True and cfg.fsdp_config["fsdp_version"] == 2
+    said = _states_launch(sharding, gpus, 8)
+    cfg = load_config_from_file(str(root / re.search(r"recipes/accelerate/[\w-]+\.yaml", said).group(0)))
+    flag = lambda name, default: int(m.group(1)) if (m := re.search(rf"--{name} (\d+)", said)) else default  # noqa: E731
+    assert flag("num_processes", cfg.num_processes) == gpus
+    assert flag("num_machines", cfg.num_machines) == -(-gpus // 8)
+    assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+    assert cfg.fsdp_config["fsdp_offload_params"] is (sharding == "fsdp_offload")
 
 
 def test_selftest_predicted_length_fits_its_budget():

@@ -562,7 +562,7 @@ def test_bfd_packing_keeps_documents_whole(recipe):
 # ---- configs: model-agnostic FSDP wrapping, one config file named once -------------------------
 
 
-@pytest.mark.parametrize("name", ["gpu-8", "gpu-multinode", "gpu-1-offload"])
+@pytest.mark.parametrize("name", ["gpu-8", "gpu-multinode", "gpu-1-offload", "gpu-8-offload", "gpu-multinode-offload"])
 def test_gpu_configs_wrap_any_models_decoder_layers(name):
     """No hard-coded layer class: accelerate's FSDP2 transformer wrap falls back to the model's
     _no_split_modules, so a Qwen2 model wraps its Qwen2DecoderLayers."""

@@ -224,8 +224,9 @@ def _plan_parser(sub) -> None:
     p.add_argument(
         "--host-mem",
         type=_positive_float,
-        default=1024.0,
-        help="GiB of host memory per node for offloaded checkpoints/states (default: %(default)s)",
+        default=1900.0,
+        help="GiB of host memory per node the job may fill with offloaded checkpoints/states (default: "
+        "%(default)s, a 2 TiB 8 x H100 node less ~150 GiB for the OS and data loading)",
     )
     p.add_argument(
         "--tflops",
@@ -661,12 +662,32 @@ def _post_training(args, post_flags):
 
 
 #: What each searched sharding asks of the accelerate config (printed with the longest sequence).
-SHARDING_LAUNCH = {
-    "fsdp": "states sharded over the GPUs (FSDP2: recipes/accelerate/gpu-8.yaml on one node, "
-    "gpu-multinode.yaml on several)",
-    "fsdp_offload": "states in host memory (FSDP2 with fsdp_offload_params: true, e.g. "
-    "recipes/accelerate/gpu-1-offload.yaml)",
+#: The accelerate configs the recipes ship, by (states in host memory, several nodes): file, ranks, nodes.
+_ACCELERATE_CONFIGS = {
+    (False, False): ("gpu-8", 8, 1),
+    (False, True): ("gpu-multinode", 32, 4),
+    (True, False): ("gpu-8-offload", 8, 1),
+    (True, True): ("gpu-multinode-offload", 32, 4),
 }
+
+
+def _states_launch(sharding: str, gpus: int, gpus_per_node: int) -> str | None:
+    """Where the model states live under ``sharding`` and the accelerate config that puts them there
+    (with the flags that change its rank and node counts when ``gpus`` differs from the file's)."""
+    if sharding not in ("fsdp", "fsdp_offload"):
+        return None
+    offload = sharding == "fsdp_offload"
+    if offload and gpus == 1:
+        config, ranks, nodes = "gpu-1-offload", 1, 1
+    else:
+        config, ranks, nodes = _ACCELERATE_CONFIGS[(offload, gpus > gpus_per_node)]
+    need_nodes = -(-gpus // gpus_per_node)
+    flags = (f" --num_processes {gpus}" if gpus != ranks else "") + (
+        f" --num_machines {need_nodes}" if need_nodes != nodes else ""
+    )
+    where = "in host memory (FSDP2 with fsdp_offload_params: true" if offload else "sharded over the GPUs (FSDP2"
+    cpu_step = "; the optimizer step runs on the CPU" if offload else ""
+    return f"states {where}: recipes/accelerate/{config}.yaml{flags}{cpu_step})"
 
 
 def _print_longest(shape, cluster, setup, shardings=None) -> dict | None:
@@ -696,8 +717,9 @@ def _print_longest(shape, cluster, setup, shardings=None) -> dict | None:
         f"  each limit alone: device memory {show(lim['device'])}, host memory {show(lim['host'])}, "
         "attention time " + ("no limit (--max-step-s)" if cluster.max_step_s is None else f"{show(lim['time'])} tokens")
     )
-    if found.setup.sharding in SHARDING_LAUNCH:
-        print(f"  model states: {found.setup.sharding}: {SHARDING_LAUNCH[found.setup.sharding]}")
+    launch = _states_launch(found.setup.sharding, cluster.gpus, cluster.gpus_per_node)
+    if launch:
+        print(f"  model states: {found.setup.sharding}: {launch}")
     print("  plugin YAML:\n    " + found.plugin_yaml().strip().replace("\n", "\n    "))
     return {
         "seq_len": found.seq_len,

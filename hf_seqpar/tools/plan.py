@@ -71,8 +71,10 @@ class Cluster:
     reserve_gib: float = 4.0
     """Memory kept free per GPU for the CUDA context, NCCL and kernel workspaces, GiB (``hf-seqpar
     plan --reserve``); the budget of a candidate is ``gpu_mem_gib - reserve_gib``."""
-    host_mem_gib: float = 1024.0
-    """Host memory per node for offloaded checkpoints and offloaded model states, GiB (``--host-mem``)."""
+    host_mem_gib: float = 1900.0
+    """Host memory per node the job may fill with offloaded checkpoints and offloaded model states, GiB
+    (``--host-mem``). Default: an 8 x H100 node's 2 TiB (DGX H100, AWS p5.48xlarge) less ~150 GiB for
+    the OS, data loading and pinned buffers, which is also what Azure's ND H100 v5 offers (1900 GiB)."""
     peak_tflops: float = 989.0
     """Dense bf16 TFLOP/s of one GPU (H100 SXM: 989), for the attention time per step."""
     attention_mfu: float = 0.5
