@@ -33,7 +33,9 @@ activation element, ``h`` hidden, ``h_q``/``h_kv`` heads of ``d``, ``I`` MLP wid
   accumulators travelling with it; on a GPU the CUDA kernel's own buffers
   (:func:`cuda_kernel_backward_bytes`: expanded K/V where the kernel needs them, its expanded dk/dv
   and fp32 dq accumulator; from ``hf_seqpar.kernels.gqa``); the lean norm's backward holds its
-  recomputed normalised input and the weight-gradient product (``2 e h``); Ulysses' exchange of the
+  recomputed normalised input and the weight-gradient product (``2 e h``), transformers' norm its
+  fp32 temporaries (:func:`hf_norm_backward_bytes`, less the ``2 e h`` it has released by then:
+  the larger side in bf16); Ulysses' exchange of the
   q/k/v gradients holds gradients, packed input and output once the kernel's accumulators are
   released.
 - **loss**: the plain loss keeps the fp32 log-softmax (``4 V``) and its backward holds two more
@@ -80,6 +82,7 @@ __all__ = [
     "MemoryPeak",
     "strategy_terms",
     "peak_memory",
+    "hf_norm_backward_bytes",
     "attention_flops",
     "trl_fused_head_terms",
     "TRL_TOKEN_TILE",
@@ -324,6 +327,24 @@ def _mlp_backward(m: ModelShape, e: int, tiles: int) -> float:
     return max(6 * e * I / tiles + e * h, 3 * e * h)
 
 
+def hf_norm_backward_bytes(m: ModelShape, e: int) -> float:
+    """Bytes per token transformers' RMSNorm backward holds at its peak beyond its saved tensors and
+    the incoming gradient, run on its own (``PowBackward0``, the gradient of ``x32.pow(2)``): four
+    fp32 ``n x h`` (the gradient of ``x32`` accumulated from the ``x32 * rstd`` branch, the mean's
+    expanded gradient, pow's temporaries), and in a lower dtype one ``e h`` more (measured:
+    ``tests/test_memory_model.py::test_transformers_norm_backward_working_set``)."""
+    return 4 * FP32 * m.hidden + (e * m.hidden if e < FP32 else 0)
+
+
+def _hf_norm_in_layer(m: ModelShape, e: int) -> float:
+    """The same inside a layer's backward, where the norm's normalised output and output (``2 e h``)
+    are released before that peak (the weight's product and the next module's backward have run).
+    In fp32 this ties the tiled MLP's side; in bf16 it is larger: the Ulysses step's peak is the
+    last layer's second norm's ``PowBackward0`` (CPU traces, BENCHMARKS.md, "The leaner recomputed
+    layer")."""
+    return hf_norm_backward_bytes(m, e) - 2 * e * m.hidden
+
+
 def _attention_backward(m: ModelShape, t: StrategyTerms, e: int, kernel: str | None = None) -> float:
     """Bytes per local token of attention's backward working set beyond its saved tensors."""
     d, hq, kv = m.head_dim, m.heads, t.kv_heads
@@ -441,7 +462,9 @@ def peak_memory(x: MemoryModelInputs) -> MemoryPeak:
         - (e * m.heads * m.head_dim if t.out_copy else 0)
         - saved["norms"] / 2
     )
-    norm_ws = 2 * e * h if f.lean_norms else 0.0  # the lean norm's recomputed n and the weight-gradient product
+    # a norm's backward: the lean norm's recomputed n and the weight-gradient product; transformers'
+    # norm's fp32 temporaries (the second norm's, once the MLP's saved tensors are released)
+    norm_ws = 2 * e * h if f.lean_norms else _hf_norm_in_layer(m, e) - saved["mlp"]
     # the residual gradients: during the MLP's backward only the layer output's (e h); from the second
     # norm's backward on, also the residual sum's (2 e h)
     layer_ws = max(e * h + mlp_ws, 2 * e * h + max(attn_ws, norm_ws))
