@@ -35,6 +35,7 @@ __all__ = [
     "pieces_forward",
     "pieces_backward",
     "pieces_gradients",
+    "pieces_output",
     "unpack_pieces",
     "varlen_attention",
     "PACK_SPAN",
@@ -369,6 +370,76 @@ def pieces_gradients(dout, q, k, v, out, lse, pieces, *, scale: float, backend: 
     return tuple(results)
 
 
+def pieces_output(q, k, v, pieces, *, scale: float, backend: str | None = None):
+    """``(out, lse)`` of every piece: ``out`` in q's dtype, fp32 ``lse``, with fp32 accumulators only
+    where pieces share query positions.
+
+    The same numbers as :func:`pieces_forward` into fp32 accumulators over the whole sequence cast
+    at the end: merging one block into an empty accumulator gives the block's output exactly (its
+    weight is ``exp(0) = 1``; 0 where its lse is ``-inf``), so a query position one piece writes gets
+    that piece's output as the kernel returned it, and positions several pieces write (window
+    bands, several key chunks, packed tiles) are merged in fp32, in the same order, in accumulators
+    spanning only those. One document needs no accumulator: the kernel's output is the result.
+    Memory: the output in the compute dtype plus fp32 over the shared ranges, instead of an fp32
+    ``(B, h_q, S_q, D)`` accumulator (twice the output in bf16) while the layer's attention runs.
+
+    Args:
+        q, k, v, pieces, scale, backend: as for :func:`pieces_forward`.
+
+    Returns:
+        ``(out, lse)``: ``(B, h_q, S_q, D)`` in q's dtype (0 where no piece reaches) and the fp32
+        ``(B, h_q, S_q)`` log-sum-exp (``-inf`` there).
+    """
+    from . import block_forward, merge_into
+
+    check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
+    pieces = _runnable(pieces, backend)
+
+    def run(p):
+        (qs,) = _views(p, q)
+        ks, vs = _views(p, k, v, keys=True)
+        o_b, l_b = block_forward(
+            qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend
+        )
+        return o_b.masked_fill_(torch.isneginf(l_b).unsqueeze(-1), 0), l_b.float()  # rows with no key: 0
+
+    if len(pieces) == 1 and pieces[0].rows == (0, q.shape[0]) and pieces[0].q == (0, q.shape[2]):
+        o_b, l_b = run(pieces[0])
+        return o_b.to(q.dtype), l_b
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    # fp32 accumulators over the shared query ranges only: (rows, range, out (b1 - b0, h, hi - lo, D), lse)
+    accs = [
+        (r, (a, b), torch.zeros(r[1] - r[0], q.shape[1], b - a, q.shape[3], dtype=torch.float32, device=q.device))
+        for r, (a, b) in _shared_ranges(pieces, keys=False)
+    ]
+    accs = [
+        (r, span, o, torch.full(o.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
+        for r, span, o in accs
+    ]
+    for p in pieces:
+        o_b, l_b = run(p)
+        (lo, hi), (b0, b1) = p.q, p.rows
+        mine = [acc for acc in accs if acc[0][0] <= b0 and b1 <= acc[0][1]]  # this piece's row group
+        for r, (a, b), o_acc, l_acc in mine:
+            s, e = max(lo, a), min(hi, b)
+            if s < e:  # merged in fp32 where other pieces write too ...
+                rows = slice(b0 - r[0], b1 - r[0])
+                merge_into(
+                    o_acc[rows, :, s - a : e - a],
+                    l_acc[rows, :, s - a : e - a],
+                    o_b[:, :, s - lo : e - lo],
+                    l_b[:, :, s - lo : e - lo],
+                )
+        for s, e in _outside(lo, hi, [acc[1] for acc in mine]):  # ... and the rest is this piece's alone
+            out[b0:b1, :, s:e].copy_(o_b[:, :, s - lo : e - lo])
+            lse[b0:b1, :, s:e].copy_(l_b[:, :, s - lo : e - lo])
+    for (b0, b1), (a, b), o_acc, l_acc in accs:
+        out[b0:b1, :, a:b].copy_(o_acc)
+        lse[b0:b1, :, a:b].copy_(l_acc)
+    return out, lse
+
+
 def _outside(lo: int, hi: int, ranges) -> list[tuple[int, int]]:
     """The parts of ``[lo, hi)`` outside the sorted, disjoint ``ranges``."""
     parts, at = [], lo
@@ -386,10 +457,7 @@ def _outside(lo: int, hi: int, ranges) -> list[tuple[int, int]]:
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pieces, scale, backend):
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        pieces_forward(q, k, v, pieces, out, lse, scale=scale, backend=backend)
-        out = out.to(q.dtype)  # saved in the compute dtype, as flash attention does
+        out, lse = pieces_output(q, k, v, pieces, scale=scale, backend=backend)  # out in the compute dtype
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pieces, ctx.scale, ctx.backend = pieces, scale, backend
         return out

@@ -16,7 +16,7 @@ from test_segments import KINDS, MASKS, structure
 
 from hf_seqpar.core import norm as lean
 from hf_seqpar.core.segments import TILE, build_segments, plan_pieces
-from hf_seqpar.kernels.varlen import _shared_ranges, pieces_backward, pieces_forward, pieces_gradients
+from hf_seqpar.kernels.varlen import _shared_ranges, pieces_backward, pieces_forward, pieces_gradients, pieces_output
 
 
 def _llama_norm(h=64, dtype=torch.float32, seed=0):
@@ -119,6 +119,44 @@ def test_piece_gradients_equal_fp32_accumulation(kind, causal, window, dtype):
     got = pieces_gradients(dout, q, k, v, out, lse, pieces, scale=0.3)
     for name, a, b in zip("qkv", accs, got):
         assert b.dtype == dtype and torch.equal(a.to(dtype), b), f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal,window", MASKS, ids=lambda x: str(x))
+@pytest.mark.parametrize("kind", KINDS)
+def test_piece_output_equals_fp32_accumulation(kind, causal, window, dtype):
+    """pieces_output gives exactly what the fp32 accumulators over the whole sequence, cast at the
+    end, gave: the output bit for bit in the compute dtype, the fp32 lse bit for bit."""
+    s = 48
+    valid, docs = structure(kind, s)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, s, 8, generator=g).to(dtype) for h in (4, 2, 2))
+    pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], causal, window)
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full(q.shape[:3], float("-inf"))
+    pieces_forward(q, k, v, pieces, out, lse, scale=0.3)
+    got_out, got_lse = pieces_output(q, k, v, pieces, scale=0.3)
+    assert got_out.dtype == dtype and torch.equal(out.to(dtype), got_out)
+    assert got_lse.dtype == torch.float32 and torch.equal(lse, got_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_piece_output_merges_shared_queries_in_fp32(dtype):
+    """Where several pieces write the same queries (a window over two tiles: the second tile's band
+    and diagonal; the zigzag shard's second chunk: its full and causal pieces) the merge runs in
+    fp32 accumulators over just those: still the whole-sequence accumulation's numbers, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    n = 1024
+    for chunks, window in (([(0, n)], 5), ([(0, n // 4), (3 * n // 4, n)], None)):
+        s = sum(b - a for a, b in chunks)
+        q, k, v = (torch.randn(1, h, s, 8, generator=g).to(dtype) for h in (4, 2, 2))
+        pieces = plan_pieces(build_segments(torch.ones(1, n, dtype=torch.bool), None), chunks, chunks, True, window)
+        assert _shared_ranges(pieces, False), "no shared query ranges: the case tests nothing"
+        out = torch.zeros(q.shape, dtype=torch.float32)
+        lse = torch.full(q.shape[:3], float("-inf"))
+        pieces_forward(q, k, v, pieces, out, lse, scale=0.3)
+        got_out, got_lse = pieces_output(q, k, v, pieces, scale=0.3)
+        assert torch.equal(out.to(dtype), got_out) and torch.equal(lse, got_lse)
 
 
 def test_one_document_needs_no_fp32_accumulator():
