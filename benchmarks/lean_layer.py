@@ -7,10 +7,12 @@ the second step's peak resident memory above the memory before it) at ``S`` and 
 ``(peak(2S) - peak(S)) / S`` is the bytes per token of the row that the step's peak grows by (the
 constant part, the gradients, cancels).
 
-Rows: transformers' RMSNorm or the lean one (``lean_norms``), and the attention gradients either as
-before (fp32 dq/dk/dv accumulators over the whole local sequence, cast at the end: this script's
-ranks replace :func:`hf_seqpar.kernels.varlen.pieces_gradients` by that code, the same numbers) or
-as now (the kernel's gradients when one piece covers the row). The ring's attention path is not
+Rows: transformers' RMSNorm or the lean one (``lean_norms``), and the variable-length attention
+either as before (fp32 accumulators over the whole local sequence, cast at the end: the output and
+lse in the forward, dq/dk/dv in the backward; this script's ranks replace
+:func:`hf_seqpar.kernels.varlen.pieces_output` and :func:`~hf_seqpar.kernels.varlen.pieces_gradients`
+by that code, the same numbers) or as now (the kernel's output and gradients where one piece covers
+the row). ``--variants`` picks the rows (``norms:before|now``). The ring's attention path is not
 changed by the second; its rows show the norm only. ``predicted`` is the memory model's slope
 (:func:`hf_seqpar.tools.memmodel.peak_memory`, which describes the code that runs now).
 
@@ -30,7 +32,7 @@ what ran before, and the same case measured twice at ``S = 8192`` differed by up
 In bf16 the same holds from ``S = 32768``.
 
     python benchmarks/lean_layer.py [--seq 16384] [--tiles 32] [--intermediate 1024] [--dtype float32]
-        [--strategies ulysses,ring]
+        [--strategies ulysses,ring] [--variants transformers:before,transformers:now,lean:now]
 
 Prints two markdown tables; measures, asserts nothing.
 """
@@ -58,6 +60,16 @@ def _whole_sequence_fp32(dout, q, k, v, out, lse, pieces, *, scale, backend=None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _whole_sequence_fp32_output(q, k, v, pieces, *, scale, backend=None):
+    """The attention output as computed before: fp32 out/lse accumulators over the whole sequence."""
+    from hf_seqpar.kernels.varlen import pieces_forward
+
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    pieces_forward(q, k, v, pieces, out, lse, scale=scale, backend=backend)
+    return out.to(q.dtype), lse
+
+
 def _rank(rank, world, port, jobs, queue):
     """Measure every job on this rank (``jobs``: ``(key, case, old_attention, trace)``)."""
     import torch.distributed as dist
@@ -68,10 +80,11 @@ def _rank(rank, world, port, jobs, queue):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    lean_grads = varlen.pieces_gradients
+    lean_grads, lean_output = varlen.pieces_gradients, varlen.pieces_output
     try:
         for key, case, old_attention, trace in jobs:
             varlen.pieces_gradients = _whole_sequence_fp32 if old_attention else lean_grads
+            varlen.pieces_output = _whole_sequence_fp32_output if old_attention else lean_output
             queue.put((key, measure_case(case, trace=trace)))
     finally:
         dist.destroy_process_group()
@@ -112,14 +125,14 @@ def _case(strategy, norms, n, args):
     )
 
 
-def _rows(strategies) -> list[tuple]:
+def _rows(strategies, variants) -> list[tuple]:
     """``(strategy, norms, old_attention)`` per row (the ring keeps its own accumulators: no "before")."""
     rows = []
     for strategy in strategies:
-        variants = [("transformers", True), ("transformers", False), ("lean", False)]
-        if strategy != "ulysses":
-            variants = [("transformers", False), ("lean", False)]
-        rows += [(strategy, norms, old) for norms, old in variants]
+        for variant in variants:
+            norms, when = variant.split(":")
+            if strategy == "ulysses" or when == "now":
+                rows.append((strategy, norms, when == "before"))
     return rows
 
 
@@ -145,7 +158,7 @@ def _predicted(case) -> tuple[float, float]:
 
 def _grads_label(strategy: str, old: bool) -> str:
     if old:
-        return "fp32 over the sequence (before)"
+        return "fp32 accumulators over the sequence (before)"
     return "per piece (now)" if strategy == "ulysses" else "ring's own"
 
 
@@ -166,16 +179,24 @@ def _site_label(results) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--seq", type=int, default=16384, help="S (the second length is 2 S; above: the smallest clean S)"
-    )
+    ap.add_argument("--seq", type=int, default=16384, help="S (the second length is 2 S; above: the smallest clean S)")
     ap.add_argument("--tiles", type=int, default=32, help="MLP tiles")
     ap.add_argument("--intermediate", type=int, default=1024, help="MLP width (1024 = 8x hidden; 448 = 3.5x, as 8B)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
     ap.add_argument("--strategies", default="ulysses,ring", help="comma-separated: ulysses, ring")
+    ap.add_argument(
+        "--variants",
+        default="transformers:before,transformers:now,lean:now",
+        help="comma-separated rows, norms:attention with norms transformers|lean and attention before|now "
+        "(before: fp32 output and gradient accumulators over the whole sequence; Ulysses only)",
+    )
     args = ap.parse_args()
     s = args.seq
-    rows = _rows(args.strategies.split(","))
+    for variant in args.variants.split(","):
+        norms, _, when = variant.partition(":")
+        if norms not in ("transformers", "lean") or when not in ("before", "now"):
+            ap.error(f"--variants: {variant!r} is not norms:attention (transformers|lean : before|now)")
+    rows = _rows(args.strategies.split(","), args.variants.split(","))
     first = rows[0]
     jobs = [(("warm-up", n), _case(first[0], first[1], n, args), first[2], False) for n in (2 * s, s)]
     for row in rows:
