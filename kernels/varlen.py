@@ -280,7 +280,9 @@ def pieces_backward(dout, q, k, v, out, lse, pieces, dq, dk, dv, *, scale: float
         g_q, g_k, g_v = _piece_backward(p, dout, q, k, v, out, lse, scale, backend)
         for acc, grad, keys in ((dq, g_q, False), (dk, g_k, True), (dv, g_v, True)):
             (view,) = _views(p, acc, keys=keys)
-            view.add_(grad.float())
+            # fp32 += the block's gradient in its own dtype: the numbers of adding grad.float(); CUDA
+            # casts inside the add, CPU's TensorIterator still makes the fp32 copy first
+            view.add_(grad)
 
 
 def _shared_ranges(pieces, keys: bool) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -360,7 +362,7 @@ def pieces_gradients(dout, q, k, v, out, lse, pieces, *, scale: float, backend: 
                 # the part of [lo, hi) inside a shared range [a, b) is summed in fp32 ...
                 s, e = max(lo, a), min(hi, b)
                 if s < e:
-                    buf[b0 - r[0] : b1 - r[0], :, s - a : e - a].add_(grad[:, :, s - lo : e - lo].float())
+                    buf[b0 - r[0] : b1 - r[0], :, s - a : e - a].add_(grad[:, :, s - lo : e - lo])  # (as above)
             # ... and the rest is this piece's alone: its gradient, as the kernel returned it
             for s, e in _outside(lo, hi, [span for _, span, _ in mine]):
                 result[b0:b1, :, s:e].copy_(grad[:, :, s - lo : e - lo])

@@ -355,6 +355,10 @@ def _attention_backward(m: ModelShape, t: StrategyTerms, e: int, kernel: str | N
         ws += FP32 * (hq + 2 * kv) * d  # the ring's fp32 dq/dk/dv accumulators over the local sequence
         ws += t.ring_kv_in_flight * 2 * e * kv * d  # K/V blocks in flight
         ws += 2 * FP32 * kv * d  # the dK/dV accumulators arriving with them
+        if kernel is None and e < FP32:
+            # on CPU the block's dq is copied to fp32 for its add into the accumulator (CUDA casts
+            # inside the add: no copy); dk and dv are added one after the other, each smaller
+            ws += FP32 * hq * d
     if t.exchange_elems:
         # Ulysses: after the kernel's backward (its accumulators and attention's saved q, k, v, out and
         # lse released) the gradients of q, k, v go back through one all-to-all: the gradients, the
