@@ -5,6 +5,7 @@ leaf: no hf_seqpar module and no transformers)."""
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -220,3 +221,28 @@ def test_a_fifth_strategy_is_one_class_and_one_table_line(monkeypatch):
     assert theory.comm_bytes("fifth", shape, 64, 4) == theory.comm_bytes("ulysses", shape, 64, 4)
     labels = [c.label for c in plan.candidates(shape, plan.Cluster(gpus=4))]
     assert "fifth 4" in labels and "ulysses 4" in labels
+
+
+def test_kernels_directory_defers_to_an_installed_kernels_package(tmp_path):
+    """From the repository root (on sys.path under ``python -m``/``-c``) ``import kernels`` is the
+    installed top-level ``kernels`` package (Hugging Face's, which transformers >= 5.25 imports), not
+    this repository's kernels/ directory, which is hf_seqpar.kernels (here a stand-in package on
+    PYTHONPATH, after the root)."""
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("MARK = 'installed'\nfrom .layer import LAYER\n")
+    (fake / "layer.py").write_text("LAYER = 'its own submodule'\n")
+    code = (
+        "import sys, kernels\n"
+        "assert sys.path[0] == '', sys.path[:2]\n"
+        "print(kernels.MARK, '|', kernels.LAYER, '|', hasattr(kernels, 'block_forward'), '|', kernels.__file__)\n"
+        "import hf_seqpar.kernels as ours\n"
+        "print(hasattr(ours, 'block_forward'), '|', ours.__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs, ours = proc.stdout.strip().splitlines()[-2:]
+    assert theirs.split(" | ")[:3] == ["installed", "its own submodule", "False"], theirs
+    assert theirs.split(" | ")[3] == str(fake / "__init__.py")
+    assert ours.split(" | ")[0] == "True" and ours.split(" | ")[1] == str(ROOT / "kernels" / "__init__.py")
