@@ -33,29 +33,17 @@ def rows() -> dict:
     lengths = torch.randint(1, 4, (DOCS,), generator=torch.Generator().manual_seed(SEED)).tolist()
     s = sum(lengths)
     three = [s // 3, s // 3, s - 2 * (s // 3)]
-    return {
-        f"{DOCS} docs": torch.cat([torch.arange(n) for n in lengths])[None],
-        "3 docs": torch.cat([torch.arange(n) for n in three])[None],
-    }
+    return {f"{DOCS} docs": torch.cat([torch.arange(n) for n in lengths])[None],
+            "3 docs": torch.cat([torch.arange(n) for n in three])[None]}
 
 
 def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=4096,
-            hidden_size=128,
-            intermediate_size=344,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            use_cache=False,
-            attn_implementation="sdpa",
-            max_position_embeddings=4096,
-        )
-    )
+    return LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                                        attn_implementation="sdpa", max_position_embeddings=4096))
 
 
 def step_seconds(m, batch, shard, steps: int, warmup: int = 2) -> float:
