@@ -126,14 +126,9 @@ def _case(strategy, norms, n, args):
 
 
 def _rows(strategies, variants) -> list[tuple]:
-    """``(strategy, norms, old_attention)`` per row (the ring keeps its own accumulators: no "before")."""
-    rows = []
-    for strategy in strategies:
-        for variant in variants:
-            norms, when = variant.split(":")
-            if strategy == "ulysses" or when == "now":
-                rows.append((strategy, norms, when == "before"))
-    return rows
+    """``(strategy, norms, old_attention)`` per row, ``variants`` as ``(norms, old_attention)`` (the
+    ring keeps its own accumulators: no "before")."""
+    return [(st, norms, old) for st in strategies for norms, old in variants if st == "ulysses" or not old]
 
 
 def _predicted(case) -> tuple[float, float]:
@@ -192,11 +187,13 @@ def main() -> None:
     )
     args = ap.parse_args()
     s = args.seq
+    variants = []
     for variant in args.variants.split(","):
         norms, _, when = variant.partition(":")
         if norms not in ("transformers", "lean") or when not in ("before", "now"):
             ap.error(f"--variants: {variant!r} is not norms:attention (transformers|lean : before|now)")
-    rows = _rows(args.strategies.split(","), args.variants.split(","))
+        variants.append((norms, when == "before"))
+    rows = _rows(args.strategies.split(","), variants)
     first = rows[0]
     jobs = [(("warm-up", n), _case(first[0], first[1], n, args), first[2], False) for n in (2 * s, s)]
     for row in rows:

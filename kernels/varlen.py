@@ -226,19 +226,24 @@ def pieces_forward(q, k, v, pieces, out, lse, *, scale: float, backend: str | No
         scale: softmax scale.
         backend: force a kernel backend by name.
     """
-    from . import block_forward, merge_into
+    from . import merge_into
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
     pieces = _runnable(pieces, backend)
     for p in pieces:
-        (qs,) = _views(p, q)
-        ks, vs = _views(p, k, v, keys=True)
-        o_b, l_b = block_forward(
-            qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend
-        )
+        o_b, l_b = _piece_forward(p, q, k, v, scale, backend)
         (o_acc,) = _views(p, out)
         (l_acc,) = _views(p, lse)
         merge_into(o_acc, l_acc, o_b, l_b)
+
+
+def _piece_forward(p, q, k, v, scale: float, backend):
+    """``(out, lse)`` of one piece: :func:`~hf_seqpar.kernels.block_forward` on the piece's views."""
+    from . import block_forward
+
+    (qs,) = _views(p, q)
+    ks, vs = _views(p, k, v, keys=True)
+    return block_forward(qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend)
 
 
 def _piece_backward(p, dout, q, k, v, out, lse, scale: float, backend):
@@ -392,17 +397,13 @@ def pieces_output(q, k, v, pieces, *, scale: float, backend: str | None = None):
         ``(out, lse)``: ``(B, h_q, S_q, D)`` in q's dtype (0 where no piece reaches) and the fp32
         ``(B, h_q, S_q)`` log-sum-exp (``-inf`` there).
     """
-    from . import block_forward, merge_into
+    from . import merge_into
 
     check_pieces(pieces, q.shape[0], q.shape[2], k.shape[2])
     pieces = _runnable(pieces, backend)
 
     def run(p):
-        (qs,) = _views(p, q)
-        ks, vs = _views(p, k, v, keys=True)
-        o_b, l_b = block_forward(
-            qs, ks, vs, scale=scale, causal=p.kind == CAUSAL, mask=_mask(p, q.device), backend=backend
-        )
+        o_b, l_b = _piece_forward(p, q, k, v, scale, backend)
         return o_b.masked_fill_(torch.isneginf(l_b).unsqueeze(-1), 0), l_b.float()  # rows with no key: 0
 
     if len(pieces) == 1 and pieces[0].rows == (0, q.shape[0]) and pieces[0].q == (0, q.shape[2]):
@@ -410,14 +411,16 @@ def pieces_output(q, k, v, pieces, *, scale: float, backend: str | None = None):
         return o_b.to(q.dtype), l_b
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-    # fp32 accumulators over the shared query ranges only: (rows, range, out (b1 - b0, h, hi - lo, D), lse)
+    # fp32 accumulators over the shared query ranges only: (rows, range, out (b1 - b0, h, b - a, D), lse)
+    f32 = dict(dtype=torch.float32, device=q.device)
     accs = [
-        (r, (a, b), torch.zeros(r[1] - r[0], q.shape[1], b - a, q.shape[3], dtype=torch.float32, device=q.device))
+        (
+            r,
+            (a, b),
+            torch.zeros(r[1] - r[0], q.shape[1], b - a, q.shape[3], **f32),
+            torch.full((r[1] - r[0], q.shape[1], b - a), float("-inf"), **f32),
+        )
         for r, (a, b) in _shared_ranges(pieces, keys=False)
-    ]
-    accs = [
-        (r, span, o, torch.full(o.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
-        for r, span, o in accs
     ]
     for p in pieces:
         o_b, l_b = run(p)

@@ -121,6 +121,14 @@ def test_piece_gradients_equal_fp32_accumulation(kind, causal, window, dtype):
         assert b.dtype == dtype and torch.equal(a.to(dtype), b), f"d{name}"
 
 
+def _whole_sequence_output(q, k, v, pieces):
+    """The attention output as before pieces_output: fp32 out/lse accumulators over the whole sequence."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full(q.shape[:3], float("-inf"))
+    pieces_forward(q, k, v, pieces, out, lse, scale=0.3)
+    return out, lse
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal,window", MASKS, ids=lambda x: str(x))
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,9 +140,7 @@ def test_piece_output_equals_fp32_accumulation(kind, causal, window, dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, s, 8, generator=g).to(dtype) for h in (4, 2, 2))
     pieces = plan_pieces(build_segments(valid, docs), [(0, s)], [(0, s)], causal, window)
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    lse = torch.full(q.shape[:3], float("-inf"))
-    pieces_forward(q, k, v, pieces, out, lse, scale=0.3)
+    out, lse = _whole_sequence_output(q, k, v, pieces)
     got_out, got_lse = pieces_output(q, k, v, pieces, scale=0.3)
     assert got_out.dtype == dtype and torch.equal(out.to(dtype), got_out)
     assert got_lse.dtype == torch.float32 and torch.equal(lse, got_lse)
@@ -152,9 +158,7 @@ def test_piece_output_merges_shared_queries_in_fp32(dtype):
         q, k, v = (torch.randn(1, h, s, 8, generator=g).to(dtype) for h in (4, 2, 2))
         pieces = plan_pieces(build_segments(torch.ones(1, n, dtype=torch.bool), None), chunks, chunks, True, window)
         assert _shared_ranges(pieces, False), "no shared query ranges: the case tests nothing"
-        out = torch.zeros(q.shape, dtype=torch.float32)
-        lse = torch.full(q.shape[:3], float("-inf"))
-        pieces_forward(q, k, v, pieces, out, lse, scale=0.3)
+        out, lse = _whole_sequence_output(q, k, v, pieces)
         got_out, got_lse = pieces_output(q, k, v, pieces, scale=0.3)
         assert torch.equal(out.to(dtype), got_out) and torch.equal(lse, got_lse)
 
